@@ -1,0 +1,116 @@
+"""Qwen2 architecture hyper-parameters, read from and written to Hugging Face `config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config:
+    """Shapes of a Qwen2/Qwen2.5 decoder plus how to run it (dtypes, remat)."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    # How to run it (not part of the HF architecture).
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # master copy of the weights
+    remat: str = "none"  # per-layer rematerialisation: none | full | dots | dots_no_batch
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads and self.head_dim is None:
+            raise ValueError("hidden_size must be divisible by num_attention_heads when head_dim is unset")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        for field in ("dtype", "param_dtype"):
+            jnp.dtype(getattr(self, field))  # raises on an unknown dtype name
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes) -> "Qwen2Config":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        d, f, v, h = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_size
+        q, kv = self.num_attention_heads * h, self.num_key_value_heads * h
+        attn = d * q + q + 2 * (d * kv + kv) + q * d
+        layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else d * v
+        return v * d + self.num_hidden_layers * layer + d + head
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], **overrides) -> "Qwen2Config":
+        """From a Hugging Face Qwen2 `config.json` dict (rope theta in `rope_theta` or `rope_parameters`)."""
+        rope_theta = hf.get("rope_theta")
+        rope_parameters = hf.get("rope_parameters") or {}
+        if rope_theta is None:
+            rope_theta = rope_parameters.get("rope_theta", 10000.0)
+        rope_type = rope_parameters.get("rope_type", (hf.get("rope_scaling") or {}).get("rope_type", "default"))
+        if rope_type not in (None, "default"):
+            raise NotImplementedError(f"rope scaling type {rope_type!r} is not supported (only default RoPE)")
+        fields = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+            head_dim=hf.get("head_dim"),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A `config.json` dict that transformers' Qwen2Config loads (both rope spellings written)."""
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_size,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "use_sliding_window": False,
+            "attention_dropout": 0.0,
+            "torch_dtype": self.param_dtype,
+        }

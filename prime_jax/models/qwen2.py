@@ -1,0 +1,232 @@
+"""Qwen2 / Qwen2.5 decoder in Flax NNX.
+
+The architecture matches Hugging Face's `Qwen2ForCausalLM`: token embedding, RMSNorm, rotary
+position embeddings, grouped-query attention with q/k/v biases (no o bias), SwiGLU MLP, tied or
+untied LM head. Layers are stored stacked (leading `layers` axis) and run with `lax.scan`, so
+compile time does not grow with depth. Every parameter names its logical axes; `parallel/`
+maps them to the mesh.
+
+Shapes: B batch, T new tokens, S cache slots, D hidden, N query heads, K kv heads, H head size,
+F MLP width, V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from prime_jax.models.config import Qwen2Config
+
+_INIT_STD = 0.02  # transformers' `initializer_range` default
+
+
+def _param(rngs: nnx.Rngs, shape, logical_axes, dtype, init: str = "normal") -> nnx.Param:
+    if init == "normal":
+        value = _INIT_STD * jax.random.normal(rngs.params(), shape, dtype=jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    else:  # ones
+        value = jnp.ones(shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), logical_axes=tuple(logical_axes))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer for B rows and S slots, filled left to right.
+
+    k, v: `[L, B, S, K, H]`; valid: `[B, S]` bool, slot holds a real (non-padding) token;
+    next_position: `[B]` int32, RoPE position of each row's next token; end: `[]` int32, first
+    free slot (the same for all rows: prompts are left-padded to a common length).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    next_position: jax.Array
+    end: jax.Array
+
+    @classmethod
+    def init(cls, config: Qwen2Config, batch_size: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = dtype or config.compute_dtype
+        shape = (config.num_hidden_layers, batch_size, max_len, config.num_key_value_heads, config.head_size)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch_size, max_len), bool),
+            next_position=jnp.zeros((batch_size,), jnp.int32),
+            end=jnp.zeros((), jnp.int32),
+        )
+
+    # Logical axes of each field, for `parallel.named_sharding`.
+    LOGICAL_AXES = {
+        "k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+        "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+        "valid": ("batch", "cache_seq"),
+        "next_position": ("batch",),
+        "end": (),
+    }
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype) -> jax.Array:
+    """RMSNorm in float32, as transformers does; `[..., D]` -> `[..., D]` in `dtype`."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * normed).astype(dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding (rotate-half convention). x `[B, T, heads, H]`, positions `[B, T]`."""
+    head_size = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_size, 2, dtype=jnp.float32) / head_size))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class DecoderLayers(nnx.Module):
+    """All L decoder layers, parameters stacked on a leading `layers` axis.
+
+    `Qwen2ForCausalLM` scans over the stack and hands `__call__` one layer's slice at a time.
+    """
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
+        c = config
+        L, D, F = c.num_hidden_layers, c.hidden_size, c.intermediate_size
+        N, K, H = c.num_attention_heads, c.num_key_value_heads, c.head_size
+        p = lambda shape, axes, init="normal": _param(rngs, (L, *shape), ("layers", *axes), c.weight_dtype, init)
+        self.config = config
+        self.input_norm = p((D,), ("norm",), "ones")
+        self.q_kernel = p((D, N, H), ("embed", "heads", "head_dim"))
+        self.q_bias = p((N, H), ("heads", "head_dim"), "zeros")
+        self.k_kernel = p((D, K, H), ("embed", "kv_heads", "head_dim"))
+        self.k_bias = p((K, H), ("kv_heads", "head_dim"), "zeros")
+        self.v_kernel = p((D, K, H), ("embed", "kv_heads", "head_dim"))
+        self.v_bias = p((K, H), ("kv_heads", "head_dim"), "zeros")
+        self.o_kernel = p((N, H, D), ("heads", "head_dim", "embed"))
+        self.post_norm = p((D,), ("norm",), "ones")
+        self.gate_kernel = p((D, F), ("embed", "mlp"))
+        self.up_kernel = p((D, F), ("embed", "mlp"))
+        self.down_kernel = p((F, D), ("mlp", "embed"))
+
+    def __call__(self, x, positions, mask, kv=None, end=None):
+        """One layer (params already sliced). x `[B, T, D]`, positions `[B, T]`, mask `[B, 1, T, S]`.
+
+        kv: optional (k, v) cache of this layer, each `[B, S, K, H]`; new keys/values are written at
+        slot `end`. Returns (x, (k, v)) with the updated cache, or (x, None) without one.
+        """
+        c, dt = self.config, self.config.compute_dtype
+        h = rms_norm(x, self.input_norm.value, c.rms_norm_eps, dt)
+        proj = lambda kernel, bias: (
+            jnp.einsum("btd,dnh->btnh", h, kernel.value.astype(dt)) + bias.value.astype(dt)
+        )
+        q = apply_rope(proj(self.q_kernel, self.q_bias), positions, c.rope_theta)
+        k = apply_rope(proj(self.k_kernel, self.k_bias), positions, c.rope_theta)
+        v = proj(self.v_kernel, self.v_bias)
+        if kv is not None:
+            k_cache = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), end, axis=1)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), end, axis=1)
+            k, v, new_kv = k_cache.astype(dt), v_cache.astype(dt), (k_cache, v_cache)
+        else:
+            new_kv = None
+        attn = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(c.head_size))
+        x = x + jnp.einsum("btnh,nhd->btd", attn, self.o_kernel.value.astype(dt)).astype(x.dtype)
+        h = rms_norm(x, self.post_norm.value, c.rms_norm_eps, dt)
+        gate = jnp.einsum("btd,df->btf", h, self.gate_kernel.value.astype(dt))
+        up = jnp.einsum("btd,df->btf", h, self.up_kernel.value.astype(dt))
+        mlp = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.down_kernel.value.astype(dt))
+        return x + mlp.astype(x.dtype), new_kv
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Qwen2ForCausalLM(nnx.Module):
+    """`logits = model(input_ids, attention_mask)`: `[B, T]` -> `[B, T, V]` float32."""
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
+        c = config
+        self.config = config
+        self.embed_tokens = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.weight_dtype)
+        self.layers = DecoderLayers(config, rngs=rngs)
+        self.final_norm = _param(rngs, (c.hidden_size,), ("norm",), c.weight_dtype, "ones")
+        if not c.tie_word_embeddings:
+            self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.weight_dtype)
+
+    def output_kernel(self) -> jax.Array:
+        """The `[D, V]` output projection (the embedding's transpose when tied), compute dtype."""
+        kernel = self.embed_tokens.value.T if self.config.tie_word_embeddings else self.lm_head.value
+        return kernel.astype(self.config.compute_dtype)
+
+    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None):
+        """Final-norm hidden states `[B, T, D]` (compute dtype), and the updated cache (or None).
+
+        attention_mask `[B, T]` marks real tokens (1) vs padding (0); left padding is expected.
+        Positions are `cumsum(mask) - 1`, continued from `cache.next_position` when decoding.
+        """
+        c, dt = self.config, self.config.compute_dtype
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, length), bool)
+        attention_mask = attention_mask.astype(bool)
+        new_positions = jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1
+        if cache is None:
+            positions = jnp.maximum(new_positions, 0)
+            key_valid, query_slot = attention_mask, jnp.arange(length)
+            num_slots, end = length, None
+        else:
+            positions = jnp.maximum(cache.next_position[:, None] + new_positions, 0)
+            key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, cache.end, axis=1)
+            query_slot = cache.end + jnp.arange(length)
+            num_slots, end = cache.valid.shape[1], cache.end
+        slots = jnp.arange(num_slots)
+        causal = slots[None, :] <= query_slot[:, None]  # [T, S]
+        own_slot = slots[None, :] == query_slot[:, None]  # padding queries attend to themselves (no NaN)
+        mask = ((causal[None] & key_valid[:, None, :]) | own_slot[None])[:, None]  # [B, 1, T, S]
+
+        x = self.embed_tokens.value[input_ids].astype(dt)
+        graphdef, layer_params = nnx.split(self.layers)
+
+        def one_layer(x, per_layer):
+            params, kv = per_layer
+            return nnx.merge(graphdef, params)(x, positions, mask, kv, end)
+
+        if c.remat != "none":
+            one_layer = jax.checkpoint(one_layer, policy=_REMAT[c.remat], prevent_cse=False)
+        kv_in = None if cache is None else (cache.k, cache.v)
+        x, kv_out = jax.lax.scan(one_layer, x, (layer_params, kv_in))
+        hidden = rms_norm(x, self.final_norm.value, c.rms_norm_eps, dt)
+        if cache is None:
+            return hidden, None
+        new_cache = KVCache(
+            k=kv_out[0],
+            v=kv_out[1],
+            valid=key_valid,
+            next_position=cache.next_position + attention_mask.sum(axis=1, dtype=jnp.int32),
+            end=cache.end + length,
+        )
+        return hidden, new_cache
+
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        """`[B, T, D]` -> `[B, T, V]` float32 logits."""
+        return jnp.einsum("btd,dv->btv", hidden, self.output_kernel(), preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None):
+        hidden, _ = self.hidden_states(input_ids, attention_mask)
+        return self.logits_from_hidden(hidden)
+
+    def forward_with_cache(self, input_ids, attention_mask, cache: KVCache):
+        """Prefill or decode: logits `[B, T, V]` of the new tokens and the cache holding them."""
+        hidden, cache = self.hidden_states(input_ids, attention_mask, cache)
+        return self.logits_from_hidden(hidden), cache
