@@ -7,6 +7,7 @@ unchanged in transformers and vLLM, and `Qwen/Qwen2.5-Math-7B` loads here.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -55,6 +56,15 @@ def _hf_to_ours(name: str, hf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray
     return hf.reshape(shape)
 
 
+def _hf_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The transformers shape of one layer's tensor whose shape is `shape` in our layout."""
+    if name == "o_kernel":
+        return (shape[-1], math.prod(shape[:-1]))  # [D, N*H]
+    if name.endswith("kernel"):
+        return (math.prod(shape[1:]), shape[0])  # Linear.weight: [out, in]
+    return (math.prod(shape),)  # biases [heads*H], norms [D]
+
+
 def _ours_to_hf(name: str, ours: np.ndarray) -> np.ndarray:
     if name == "o_kernel":
         return ours.reshape(-1, ours.shape[-1]).T
@@ -88,9 +98,11 @@ class _CheckpointReader:
             self._open[file] = safe_open(self.folder / file, "np")
         handle = self._open[file]
         array = handle.get_tensor(name)  # bfloat16 arrives as an ml_dtypes numpy array
-        if int(np.prod(array.shape)) != int(np.prod(expected_shape)):
+        # Exact shape, not just the element count: a transposed [in, out] weight must not load.
+        if tuple(array.shape) != tuple(expected_shape):
             raise ValueError(
-                f"tensor {name!r}: checkpoint shape {tuple(array.shape)} does not match the model's {expected_shape}"
+                f"tensor {name!r} in {self.folder / file}: checkpoint shape {tuple(array.shape)} does not match "
+                f"the shape {tuple(expected_shape)} that config.json implies"
             )
         return array
 
@@ -138,7 +150,7 @@ def from_pretrained(path_or_repo_id, *, dtype: str | None = None, param_dtype: s
     def load_stacked(name: str, variable):
         pattern, shape = _layer_tensors(config)[name]
         per_layer = [
-            _hf_to_ours(name, reader.get(pattern.format(i=i), shape), shape)
+            _hf_to_ours(name, reader.get(pattern.format(i=i), _hf_shape(name, shape)), shape)
             for i in range(config.num_hidden_layers)
         ]
         return place(np.stack(per_layer), variable.logical_axes)
@@ -225,4 +237,8 @@ def save_pretrained(model: Qwen2ForCausalLM, path, *, max_shard_bytes: int = 2 *
                                      "weight_map": {n: names[s] for n, s in weight_map.items()}}, indent=2))
     elif index.exists():
         index.unlink()
-    (folder / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    hf_config = config.to_hf_dict()
+    # The dtype the tensors were written in (transformers 5 reads `dtype`, older readers and vLLM
+    # `torch_dtype`); `dtype="auto"` loaders pick it from here.
+    hf_config["torch_dtype"] = hf_config["dtype"] = out_dtype.name
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))

@@ -1,0 +1,100 @@
+"""Tokenizer loading and chat rendering with the checkpoint's own chat template.
+
+The prompt a policy sees must be rendered exactly as the model was trained to see it, so the
+template always comes from the tokenizer files (`tokenizer_config.json` / `chat_template.jinja`),
+never from a string kept here. transformers is imported lazily: it is only needed on the host
+side that turns text into ids and back.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+# Files a tokenizer needs; what a hub download fetches (weights are not needed for a tokenizer).
+_TOKENIZER_FILES = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+    "generation_config.json",
+    "config.json",
+]
+
+# Tokens that end a response in the ChatML family (Qwen2/2.5/3), besides the tokenizer's eos.
+_END_OF_RESPONSE_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def _resolve_tokenizer_dir(path_or_repo_id: str | os.PathLike) -> Path:
+    path = Path(path_or_repo_id)
+    if path.is_dir():
+        return path
+    name = str(path_or_repo_id)
+    if path.exists() or name.startswith((".", "/")) or name.count("/") != 1:
+        raise FileNotFoundError(f"tokenizer path {name!r} is not a directory (nor a hub id like 'Qwen/Qwen2.5-Math-7B')")
+    from huggingface_hub import snapshot_download  # a hub id such as Qwen/Qwen2.5-Math-7B
+
+    return Path(snapshot_download(name, allow_patterns=_TOKENIZER_FILES))
+
+
+def load_tokenizer(path_or_repo_id: str | os.PathLike, *, padding_side: str = "left", **kwargs):
+    """A transformers tokenizer (AutoTokenizer) from a local folder or a Hugging Face hub id.
+
+    Hub ids are fetched with `huggingface_hub.snapshot_download` (tokenizer files only) and then
+    loaded from the local snapshot. `padding_side` defaults to "left": prompts are left-padded
+    so that every row's next token lands in the same column. Extra kwargs go to AutoTokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    folder = _resolve_tokenizer_dir(path_or_repo_id)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def render_chat(tokenizer, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                **template_kwargs) -> str:
+    """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]) per the tokenizer's template.
+
+    With `add_generation_prompt`, the text ends with the assistant header (for ChatML:
+    `<|im_start|>assistant\\n`) so the model's next tokens are the response.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template")
+    text = tokenizer.apply_chat_template(
+        [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs
+    )
+    if not isinstance(text, str):  # defensive: some versions return a list for batched input
+        raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
+    return text
+
+
+def encode_chat(tokenizer, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                **template_kwargs) -> list[int]:
+    """Token ids of `render_chat(...)`. The template already holds every special token, so none is added."""
+    text = render_chat(tokenizer, messages, add_generation_prompt, **template_kwargs)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def eos_token_ids(tokenizer) -> list[int]:
+    """Ids that end a response: the tokenizer's eos, then `<|im_end|>` / `<|endoftext|>` where they exist.
+
+    Order is kept and duplicates dropped; the first id is the tokenizer's own eos when it has one.
+    """
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for token in _END_OF_RESPONSE_TOKENS:
+        if token in vocab and int(vocab[token]) not in ids:
+            ids.append(int(vocab[token]))
+    if not ids:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no end-of-response token")
+    return ids
