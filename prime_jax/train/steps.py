@@ -1,0 +1,207 @@
+"""The jitted programs of one PRIME iteration: score, PRM update, policy (PPO) update.
+
+All three are pure functions of `(state or params, batch)` compiled with explicit shardings on
+a `(data, fsdp, tensor)` mesh. Batch (dict of arrays, rows grouped by prompt, n contiguous):
+
+    prompt_ids [B,P] int (left-padded)   prompt_mask [B,P]
+    response_ids [B,R] int (right-padded) response_mask [B,R]
+    old_logprobs [B,R]  advantages [B,R]  ref_logprobs [B,R]  outcome [B] float
+
+Each step reads only the keys it needs (score: the four id/mask arrays; prm: + ref_logprobs,
+outcome; policy: + old_logprobs, advantages). Rows are sharded over the mesh's data axes, so B
+(and B/micro_batches) should be a multiple of data*fsdp.
+
+Gradient accumulation: a mini-batch is split into `micro_batches` micro-batches of whole prompt
+groups and gradients are summed in a `lax.scan`. Each micro-batch's loss is weighted by its
+share of the mini-batch's averaging units, so the sum equals the whole mini-batch's loss:
+  seq-mean-token-mean (policy): units = responses with >= 1 real token; w_j = rows_j / rows
+  token-mean (policy):          units = real tokens;                     w_j = tokens_j / tokens
+  prm_loss (mean over rows):    units = rows;                            w_j = rows_j / rows
+(Averaging the k micro-batch losses instead would weight short responses' tokens differently
+from the full-batch loss whenever micro-batches hold different numbers of tokens or rows.)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from prime_jax.algo import dpo_accuracy, implicit_token_rewards, policy_loss, prm_loss
+from prime_jax.models import response_logprobs
+from prime_jax.parallel import batch_sharding, state_shardings
+from prime_jax.train.accumulate import accumulate_gradients, merge_micro_batches, split_micro_batches
+from prime_jax.train.state import TrainState, split_params, train_state_shardings
+
+SCORE_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
+PRM_KEYS = SCORE_KEYS + ("ref_logprobs", "outcome")
+POLICY_KEYS = SCORE_KEYS + ("old_logprobs", "advantages")
+
+
+def _select(batch, keys):
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"batch is missing {missing}")
+    return {k: batch[k] for k in keys}
+
+
+def sequence_logprobs(graphdef, params, batch, temperature: float, chunk_size: int) -> jax.Array:
+    """`[B,R]` log-probs of the response tokens under `params` (the shared chunked function)."""
+    model = nnx.merge(graphdef, params)
+    return response_logprobs(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                             batch["response_mask"], temperature=temperature, chunk_size=chunk_size)
+
+
+def apply_update(state: TrainState, grads, loss, optimizer: optax.GradientTransformation):
+    """One optimizer update, skipped (params and opt state kept) if loss or grad norm is not finite."""
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jnp.where(ok, new, old)
+    new_state = TrainState(
+        params=jax.tree.map(keep, params, state.params),
+        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+        step=state.step + ok.astype(jnp.int32),
+        nan_skips=state.nan_skips + (~ok).astype(jnp.int32),
+    )
+    return new_state, {"grad_norm": grad_norm, "nan_skipped": (~ok).astype(jnp.int32)}
+
+
+def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """Traces `fn` with `mesh` as the abstract mesh, so `parallel.constrain` calls in model code
+    (activation shardings) take effect inside the jitted step."""
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return wrapped
+
+
+class TrainSteps(NamedTuple):
+    """The jitted callables and the shardings they use (built by `make_train_steps`).
+
+    score(policy_params, prm_params, ref_params, batch) -> {old_logprobs, prm_logprobs, ref_logprobs}
+        `[B,R]` float32, 0 at padding. prm_params / ref_params may be None (outcome-only runs):
+        their key is then absent.
+    policy(policy_state, batch) -> (policy_state, metrics): one PPO mini-batch. The state is donated.
+        metrics: loss, grad_norm, clip_frac, approx_kl, ratio_max, nan_skipped.
+    prm(prm_state, batch) -> (prm_state, metrics): one PRM mini-batch. The state is donated.
+        metrics: loss, grad_norm, dpo_accuracy, nan_skipped (scalars) and q `[B,R]`: the implicit
+        token rewards of this mini-batch (from the forward pass that computed the gradient, i.e.
+        before the update; with double_forward, recomputed after it, and dpo_accuracy_after).
+        Pop q before logging. None if no prm optimizer was given.
+    """
+
+    score: Callable
+    policy: Callable
+    prm: Callable | None
+    policy_state_shardings: TrainState
+    prm_state_shardings: TrainState | None
+    param_shardings: Any
+    batch_sharding: NamedSharding
+
+
+def make_train_steps(model, policy_optimizer: optax.GradientTransformation,
+                     prm_optimizer: optax.GradientTransformation | None, mesh: Mesh, *, n: int,
+                     micro_batches: int = 1, score_micro_batches: int | None = None, beta: float = 0.05,
+                     clip_eps: float = 0.2, temperature: float = 1.0, chunk_size: int = 128,
+                     double_forward: bool = False, agg: str = "seq-mean-token-mean") -> TrainSteps:
+    """Builds the jitted score / PRM / policy steps.
+
+    model: a Qwen2ForCausalLM, real or abstract (`nnx.eval_shape`), or its `(graphdef, params)`;
+    only the graph (config: dtype, remat) and parameter shapes are used. Policy, PRM and
+    reference share this graph.
+    n: samples per prompt; micro_batches: gradient-accumulation micro-batches per mini-batch
+    (each holds whole groups); score_micro_batches: micro-batches of the scoring pass (default
+    micro_batches), which bound its activation memory.
+    """
+    if agg not in ("seq-mean-token-mean", "token-mean"):
+        raise ValueError(f"unknown agg {agg!r}")
+    graphdef, abstract_params = model if isinstance(model, tuple) else split_params(model)
+    k, k_score = micro_batches, score_micro_batches or micro_batches
+    param_sh = state_shardings(abstract_params, mesh)
+    rows_sh = batch_sharding(mesh, 1)  # a prefix: dim 0 of every batch array over the data axes
+    replicated = NamedSharding(mesh, PartitionSpec())
+    logprobs = functools.partial(sequence_logprobs, graphdef, temperature=temperature, chunk_size=chunk_size)
+    split = functools.partial(split_micro_batches, k=k, n=n, mesh=mesh)
+    merge = functools.partial(merge_micro_batches, k=k, n=n, mesh=mesh)
+
+    def score_fn(policy_params, prm_params, ref_params, batch):
+        mbs = split_micro_batches(_select(batch, SCORE_KEYS), k_score, n, mesh)
+        named = {"old_logprobs": policy_params, "prm_logprobs": prm_params, "ref_logprobs": ref_params}
+
+        def one(mb):
+            mask = mb["response_mask"].astype(jnp.float32)
+            return {key: logprobs(p, mb) * mask for key, p in named.items() if p is not None}
+
+        return merge_micro_batches(jax.lax.map(one, mbs), k_score, n, mesh)
+
+    score_variants = {}
+
+    def score(policy_params, prm_params, ref_params, batch):
+        variant = (prm_params is None, ref_params is None)
+        if variant not in score_variants:
+            shardings = tuple(None if skip else param_sh for skip in (False, *variant))
+            score_variants[variant] = jax.jit(_under_mesh(score_fn, mesh), in_shardings=(*shardings, rows_sh), out_shardings=rows_sh)
+        return score_variants[variant](policy_params, prm_params, ref_params, batch)
+
+    def policy_step(state: TrainState, batch):
+        batch = _select(batch, POLICY_KEYS)
+        tokens = jnp.sum(batch["response_mask"].astype(jnp.float32))
+        units = lambda mask: jnp.sum(mask) if agg == "token-mean" else jnp.sum(jnp.any(mask, axis=-1))
+        total_units = jnp.maximum(units(batch["response_mask"].astype(bool)).astype(jnp.float32), 1.0)
+
+        def loss_fn(params, mb):
+            mask = mb["response_mask"]
+            loss, m = policy_loss(logprobs(params, mb), mb["old_logprobs"], mb["advantages"], mask, clip_eps, agg)
+            token_share = jnp.sum(mask.astype(jnp.float32)) / jnp.maximum(tokens, 1.0)
+            aux = {"clip_frac": m["clip_frac"] * token_share, "approx_kl": m["approx_kl"] * token_share,
+                   "ratio_max": m["ratio_max"]}
+            return loss * units(mask.astype(bool)) / total_units, aux
+
+        loss, grads, aux = accumulate_gradients(loss_fn, state.params, split(batch), param_sh)
+        state, update_metrics = apply_update(state, grads, loss, policy_optimizer)
+        metrics = {"loss": loss, **update_metrics, "clip_frac": jnp.sum(aux["clip_frac"]),
+                   "approx_kl": jnp.sum(aux["approx_kl"]), "ratio_max": jnp.max(aux["ratio_max"])}
+        return state, metrics
+
+    def prm_step(state: TrainState, batch):
+        batch = _select(batch, PRM_KEYS)
+        rows = batch["outcome"].shape[0]
+
+        def loss_fn(params, mb):
+            lp = logprobs(params, mb)
+            loss = prm_loss(lp, mb["ref_logprobs"], mb["response_mask"], mb["outcome"], beta)
+            q = implicit_token_rewards(jax.lax.stop_gradient(lp), mb["ref_logprobs"], mb["response_mask"])
+            return loss * (mb["outcome"].shape[0] / rows), q
+
+        loss, grads, q = accumulate_gradients(loss_fn, state.params, split(batch), param_sh)
+        q = merge(q)
+        state, update_metrics = apply_update(state, grads, loss, prm_optimizer)
+        metrics = {"loss": loss, **update_metrics,
+                   "dpo_accuracy": dpo_accuracy(q, batch["response_mask"], batch["outcome"], n)}
+        if double_forward:  # the paper's variant: rewards from the updated PRM
+            after = jax.lax.map(lambda mb: logprobs(state.params, mb), split(batch))
+            q = implicit_token_rewards(merge(after), batch["ref_logprobs"], batch["response_mask"])
+            metrics["dpo_accuracy_after"] = dpo_accuracy(q, batch["response_mask"], batch["outcome"], n)
+        metrics["q"] = q
+        return state, metrics
+
+    policy_sh = train_state_shardings(abstract_params, policy_optimizer, mesh)
+    policy = jax.jit(_under_mesh(policy_step, mesh), in_shardings=(policy_sh, rows_sh), out_shardings=(policy_sh, replicated),
+                     donate_argnums=0)
+    prm, prm_sh = None, None
+    if prm_optimizer is not None:
+        prm_sh = train_state_shardings(abstract_params, prm_optimizer, mesh)
+        metrics_sh = replicated  # q [B,R] is small (B*R floats); replicate it with the scalars
+        prm = jax.jit(_under_mesh(prm_step, mesh), in_shardings=(prm_sh, rows_sh), out_shardings=(prm_sh, metrics_sh),
+                      donate_argnums=0)
+    return TrainSteps(score, policy, prm, policy_sh, prm_sh, param_sh, rows_sh)
