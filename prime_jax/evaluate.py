@@ -1,0 +1,470 @@
+"""Benchmark evaluation CLI: sample, grade, and report pass@k / maj@k / avg@k (and PRM best-of-n).
+
+    # greedy pass@1 of an HF checkpoint on two packaged benchmarks
+    python -m prime_jax.evaluate --config=configs/qwen7b.py --workdir=runs/eval_sft \\
+        --checkpoint=PRIME-RL/Eurus-2-7B-SFT --benchmarks=math500,aime24
+    # a training run's latest checkpoint, the config's data.eval benchmarks
+    python -m prime_jax.evaluate --config=configs/tiny.py --workdir=runs/tiny --checkpoint=runs/tiny
+    # 8 samples at temperature 1: pass@1/2/4/8, avg@8, maj@2/4/8, and best-of-8 by the run's implicit PRM
+    python -m prime_jax.evaluate --config=configs/qwen7b.py --workdir=runs/prime --checkpoint=runs/prime \\
+        --n=8 --temperature=1.0 --prm=runs/prime --limit=100
+
+Writes, under WORKDIR/eval/ (or WORKDIR/eval/<--tag>/):
+
+* ``<benchmark>.jsonl``: one record per sample (prompt, response, extracted answer, ground truth,
+  score, grading status, length, finished; with n > 1 whether its answer is the majority one;
+  with a PRM its summed implicit reward and whether it was picked);
+* ``scores.json``: settings, per-benchmark metrics, averages, the published numbers that match;
+* ``scores.md``: the same as markdown tables, beside PRIME_SPEC's published results.
+
+``--checkpoint`` is an HF folder (config.json + safetensors; also a hub id), a training workdir
+(its latest checkpoint under checkpoints/, else its hf_export/), a checkpoints/ folder, or one
+checkpoint step folder; empty: WORKDIR itself when it is a training run, else
+``config.model.path`` ("random" initialises the config's shape, for smoke tests only). ``--prm`` takes the same kinds of path (a training workdir gives its
+trained PRM, and its reference); ``--reference`` defaults to the run's reference or
+``config.model.path``. Other settings come from the config (``--config.section.field=value``):
+benchmarks ``data.eval`` (+ ``data.eval_max_problems``, ``data.system_prompt``,
+``data.max_prompt_tokens``), sampling ``rollout.eval_temperature`` / ``rollout.temperature`` (n > 1),
+``rollout.top_p``, ``rollout.top_k``, ``rollout.eval_max_new_tokens`` or ``rollout.max_new_tokens``,
+``rollout.eval_batch``; the mesh; ``model.dtype`` / ``param_dtype``; ``reward.workers`` and
+``reward.timeout_s``. See ``prime_jax.eval_lib`` for the metric definitions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging as py_logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+logger = py_logging.getLogger("prime_jax.evaluate")
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", DEFAULT_CONFIG, "Config file (the training configs); fields are overridden with "
+    "--config.section.field=value.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Results go to WORKDIR/eval/ (default ./runs/<config.name>).")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "", "What to evaluate: an HF folder or hub id, a training workdir (latest checkpoint), a "
+    "checkpoints/ folder or one step folder. Empty: WORKDIR when it holds a run, else config.model.path.")
+_TOKENIZER = flags.DEFINE_string("tokenizer_path", "", "Tokenizer folder or hub id (default: the checkpoint's own "
+                                 "tokenizer files, else config.tokenizer.path, else the model path).")
+_BENCHMARKS = flags.DEFINE_string("benchmarks", "", "Comma list of benchmarks (packaged names like math500,aime24, "
+                                  "'synthetic', or data files). Empty: config.data.eval.")
+_LIMIT = flags.DEFINE_integer("limit", None, "Only the first k problems of each benchmark (0: all; default "
+                              "config.data.eval_max_problems).")
+_N = flags.DEFINE_integer("n", 1, "Samples per problem (1: pass@1; >1: pass@k, avg@n, maj@k).")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature (0: greedy). Default: "
+                                  "rollout.eval_temperature, or rollout.temperature when n > 1 and that is 0.")
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling (default rollout.top_p).")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "Response length limit (default "
+                                       "rollout.eval_max_new_tokens or rollout.max_new_tokens).")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Prompts per generate call (default rollout.eval_batch).")
+_SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default config.seed).")
+_PRM = flags.DEFINE_string("prm", "", "Implicit PRM for best-of-n reranking (needs n > 1): an HF folder / hub id, "
+                           "or a training workdir (its trained PRM).")
+_REFERENCE = flags.DEFINE_string("reference", "", "Reference model of the PRM (HF folder / hub id, or a training "
+                                 "workdir: its reference). Default: the PRM run's reference, else config.model.path.")
+_TAG = flags.DEFINE_string("tag", "", "Write to WORKDIR/eval/<tag>/ instead of WORKDIR/eval/.")
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"prime_jax.evaluate: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ----------------------------------------------------------------------------------------------
+# What to load
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class CheckpointSpec:
+    """A resolved --checkpoint / --prm / --reference: an HF folder or hub id, a run checkpoint
+    (orbax, WORKDIR/checkpoints/<step>), or the config's own model ("config")."""
+
+    kind: str  # "hf" | "run" | "config"
+    path: str = ""  # hf: folder or hub id; run: the checkpoints/ folder
+    step: int | None = None
+    run_dir: Path | None = None  # the training workdir a run checkpoint (or hf_export) belongs to
+
+    def describe(self) -> str:
+        if self.kind == "run":
+            return f"{self.path}/{self.step} (orbax run checkpoint)"
+        if self.kind == "hf":
+            return f"{self.path} (Hugging Face)"
+        return "config.model.path"
+
+
+def _run_steps(checkpoints: Path) -> list[int]:
+    """Committed checkpoint steps of a checkpoints/ folder (orbax renames tmp folders on commit)."""
+    if not checkpoints.is_dir():
+        return []
+    return sorted(int(d.name) for d in checkpoints.iterdir() if d.name.isdigit() and (d / "state").is_dir())
+
+
+def resolve_checkpoint(spec: str) -> CheckpointSpec:
+    """Turns a path (or hub id) into a CheckpointSpec; raises FileNotFoundError with the reason."""
+    if not spec:
+        return CheckpointSpec("config")
+    p = Path(spec).expanduser()
+    if not p.exists():
+        if not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+            return CheckpointSpec("hf", spec)  # a hub id
+        raise FileNotFoundError(f"checkpoint {spec!r} does not exist")
+    if (p / "config.json").exists() and any(p.glob("*.safetensors")):
+        run_dir = p.parent if (p.parent / "checkpoints").is_dir() else None
+        return CheckpointSpec("hf", str(p), run_dir=run_dir)
+    steps = _run_steps(p / "checkpoints")
+    if steps:
+        return CheckpointSpec("run", str(p / "checkpoints"), steps[-1], run_dir=p)
+    if (p / "hf_export" / "config.json").exists():
+        return CheckpointSpec("hf", str(p / "hf_export"), run_dir=p)
+    if p.name.isdigit() and (p / "state").is_dir():
+        return CheckpointSpec("run", str(p.parent), int(p.name), run_dir=p.parent.parent)
+    steps = _run_steps(p)
+    if steps:
+        return CheckpointSpec("run", str(p), steps[-1], run_dir=p.parent)
+    raise FileNotFoundError(
+        f"checkpoint {spec!r} is neither an HF folder (config.json + *.safetensors), a training workdir with "
+        f"checkpoints/<step>/ or hf_export/, a checkpoints/ folder nor a step folder")
+
+
+def _run_config(run_dir: Path | None) -> dict:
+    """The training run's own config (WORKDIR/config.json written by the trainer), or {}."""
+    if run_dir is None or not (run_dir / "config.json").exists():
+        return {}
+    try:
+        return json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _model_fields(config, run_dir: Path | None) -> dict:
+    """The config's `model` section, overridden by the run's own (its checkpoints have that shape)."""
+    fields = dict(config.model.to_dict())
+    fields.update({k: v for k, v in _run_config(run_dir).get("model", {}).items() if k in fields})
+    return fields
+
+
+def _architecture(m: dict, vocab_size: int):
+    from prime_jax.config import RANDOM_MODEL
+    from prime_jax.models import Qwen2Config, load_config
+
+    if m["path"] != RANDOM_MODEL:
+        return load_config(m["path"], dtype=m["dtype"], param_dtype=m["param_dtype"])
+    return Qwen2Config(
+        vocab_size=m["vocab_size"] or vocab_size, hidden_size=m["hidden_size"],
+        intermediate_size=m["intermediate_size"], num_hidden_layers=m["num_layers"],
+        num_attention_heads=m["num_heads"], num_key_value_heads=m["num_kv_heads"], head_dim=m["head_dim"] or None,
+        rope_theta=m["rope_theta"], max_position_embeddings=m["max_position_embeddings"],
+        tie_word_embeddings=m["tie_word_embeddings"], dtype=m["dtype"], param_dtype=m["param_dtype"])
+
+
+def _abstract_params(arch, mesh):
+    import jax
+    from flax import nnx
+
+    from prime_jax.models import Qwen2ForCausalLM
+    from prime_jax.parallel import state_shardings
+
+    abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(arch, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+    shardings = state_shardings(params, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
+    return graphdef, target
+
+
+def restore_run_params(checkpoints_dir: str | Path, step: int, arch, mesh, which: str = "policy"):
+    """The `which` ("policy" | "prm") model of a run checkpoint, restoring only its params (no
+    optimizer state), placed on `mesh`."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    graphdef, target = _abstract_params(arch, mesh)
+    item = {which: {"params": target}}
+    path = (Path(checkpoints_dir) / str(step) / "state").absolute()
+    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    return nnx.merge(graphdef, restored[which]["params"])
+
+
+def _random_model(arch, mesh, seed: int):
+    """A random model of the config's shape, initialised as the trainer does (nnx.Rngs(seed))."""
+    from flax import nnx
+
+    from prime_jax.models import Qwen2ForCausalLM
+    from prime_jax.parallel import shard_state
+
+    graphdef, state = nnx.split(Qwen2ForCausalLM(arch, rngs=nnx.Rngs(seed)))
+    return nnx.merge(graphdef, shard_state(state, mesh))
+
+
+def load_model(spec: CheckpointSpec, config, mesh, *, vocab_size: int, which: str = "policy"):
+    """The model a CheckpointSpec names, on `mesh`, in the config's dtypes."""
+    from prime_jax.config import RANDOM_MODEL
+    from prime_jax.models import from_pretrained
+
+    m = _model_fields(config, spec.run_dir if spec.kind == "run" else None)
+    if spec.kind == "hf":
+        return from_pretrained(spec.path, dtype=m["dtype"], param_dtype=m["param_dtype"], mesh=mesh)
+    if spec.kind == "run":
+        return restore_run_params(spec.path, spec.step, _architecture(m, vocab_size), mesh, which)
+    if m["path"] == RANDOM_MODEL:
+        logger.warning("config.model.path is 'random' and no --checkpoint was given: evaluating a random model")
+        return _random_model(_architecture(m, vocab_size), mesh, config.seed)
+    return from_pretrained(m["path"], dtype=m["dtype"], param_dtype=m["param_dtype"], mesh=mesh)
+
+
+def load_reference(spec: CheckpointSpec, prm_spec: CheckpointSpec, config, mesh, *, vocab_size: int):
+    """The PRM's reference: --reference, else the PRM run's frozen reference (WORKDIR/reference,
+    or the start model it was taken from), else config.model.path."""
+    from prime_jax.config import RANDOM_MODEL
+
+    if spec.kind != "config":
+        if spec.kind == "run":  # a workdir given as --reference: its reference weights
+            return _run_reference(spec.run_dir, config, mesh, vocab_size)
+        return load_model(spec, config, mesh, vocab_size=vocab_size)
+    if prm_spec.kind == "run":
+        return _run_reference(prm_spec.run_dir, config, mesh, vocab_size)
+    if config.model.path == RANDOM_MODEL:
+        raise ValueError("--prm needs --reference (config.model.path is 'random')")
+    return load_model(CheckpointSpec("config"), config, mesh, vocab_size=vocab_size)
+
+
+def _run_reference(run_dir: Path, config, mesh, vocab_size: int):
+    from flax import nnx
+
+    from prime_jax.config import RANDOM_MODEL
+    from prime_jax.train import checkpoint as ckpt
+
+    m = _model_fields(config, run_dir)
+    arch = _architecture(m, vocab_size)
+    folder = run_dir / "reference"
+    if ckpt.params_saved(folder):
+        graphdef, target = _abstract_params(arch, mesh)
+        return nnx.merge(graphdef, ckpt.restore_params(folder, target))
+    if m["path"] == RANDOM_MODEL:  # no SFT: the reference is the start model, the seeded random init
+        seed = _run_config(run_dir).get("seed", config.seed)
+        return _random_model(arch, mesh, seed)
+    from prime_jax.models import from_pretrained
+
+    return from_pretrained(m["path"], dtype=m["dtype"], param_dtype=m["param_dtype"], mesh=mesh)
+
+
+def resolve_tokenizer_path(config, spec: CheckpointSpec, workdir: Path, override: str = "") -> str:
+    """--tokenizer_path, else the HF checkpoint's own tokenizer files, else the (run's)
+    config.tokenizer.path ("tiny": the run's WORKDIR/tokenizer, built into WORKDIR/tokenizer if
+    missing), else the model path."""
+    from prime_jax.config import RANDOM_MODEL, TINY_TOKENIZER
+
+    if override:
+        return override
+    if spec.kind == "hf":
+        folder = Path(spec.path)
+        if folder.is_dir() and ((folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()):
+            return str(folder)
+    run = _run_config(spec.run_dir)
+    path = run.get("tokenizer", {}).get("path", config.tokenizer.path) if run else config.tokenizer.path
+    model_path = _model_fields(config, spec.run_dir)["path"]
+    path = path or (spec.path if spec.kind == "hf" else model_path)
+    if path == TINY_TOKENIZER:
+        for d in (spec.run_dir / "tokenizer" if spec.run_dir else None, workdir / "tokenizer"):
+            if d is not None and (d / "tokenizer.json").exists():
+                return str(d)
+        from prime_jax.data import build_tiny_tokenizer
+
+        build_tiny_tokenizer(workdir / "tokenizer")
+        return str(workdir / "tokenizer")
+    if path == RANDOM_MODEL:
+        raise ValueError("no tokenizer: the model is 'random' and config.tokenizer.path is empty; "
+                         "set --tokenizer_path or --config.tokenizer.path")
+    return path
+
+
+def _system_prompt(config) -> str | None:
+    from prime_jax.data import EURUS2_SYSTEM_PROMPT
+
+    return {"keep": None, "none": "", "eurus2": EURUS2_SYSTEM_PROMPT}[config.data.system_prompt]
+
+
+def load_benchmarks(config, names: Sequence[str], limit: int) -> tuple[dict[str, list], dict[str, bool]]:
+    """{name: problems} (the first `limit` when > 0) and {name: whether the limit cut it}."""
+    from prime_jax.config import SYNTHETIC
+    from prime_jax.data import make_problems, read_problems
+
+    sets, limited = {}, {}
+    for source in names:
+        if source == SYNTHETIC:
+            s = config.data.synthetic
+            knobs = {k: s[k] for k in ("min_steps", "max_steps", "max_start", "max_operand", "max_factor") if s[k]}
+            problems = make_problems(s.num_eval, s.eval_seed, stream=1, unique=True,
+                                     system_prompt=_system_prompt(config), difficulty=s.difficulty,
+                                     max_value=s.max_value, **knobs)
+        else:
+            problems, stats = read_problems(source, split="test", system_prompt=_system_prompt(config))
+            if not problems:
+                raise ValueError(f"benchmark {source!r}: no usable problems ({stats.summary()})")
+        name = Path(source).stem if "/" in source else source
+        limited[name] = bool(limit) and len(problems) > limit
+        sets[name] = problems[:limit] if limit else problems
+    return sets, limited
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation
+# ----------------------------------------------------------------------------------------------
+def eval_settings(config, *, n: int = 1, temperature: float | None = None, top_p: float | None = None,
+                  max_new_tokens: int | None = None, batch_size: int | None = None, seed: int | None = None):
+    from prime_jax.eval_lib import EvalSettings
+
+    r = config.rollout
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    if temperature is None:
+        temperature = r.eval_temperature if (n == 1 or r.eval_temperature > 0) else r.temperature
+    if temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {temperature}")
+    if temperature == 0 and n > 1:
+        logger.warning("greedy decoding with n=%d: every sample of a problem is the same", n)
+    settings = EvalSettings(
+        n=n, temperature=float(temperature), top_p=float(r.top_p if top_p is None else top_p), top_k=int(r.top_k),
+        max_new_tokens=int(max_new_tokens or r.eval_max_new_tokens or r.max_new_tokens),
+        max_prompt_tokens=int(config.data.max_prompt_tokens) or None,
+        batch_size=int(batch_size or r.eval_batch), seed=int(config.seed if seed is None else seed))
+    if settings.max_new_tokens < 1 or settings.batch_size < 1:
+        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {settings}")
+    return settings
+
+
+def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: str | Sequence[str] = "",
+             limit: int | None = None, n: int = 1, temperature: float | None = None, top_p: float | None = None,
+             max_new_tokens: int | None = None, batch_size: int | None = None, seed: int | None = None,
+             tokenizer_path: str = "", prm: str = "", reference: str = "", tag: str = "", mesh=None) -> dict:
+    """Runs the evaluation (see the module docstring); returns the scores.json content."""
+    import jax
+
+    from prime_jax import eval_lib
+    from prime_jax.models.tokenizer import eos_token_ids, load_tokenizer
+    from prime_jax.parallel import is_logging_process, mesh_from_config
+    from prime_jax.rewards import RewardPool
+    from prime_jax.sampling import Sampler
+
+    t0 = time.perf_counter()
+    workdir = Path(workdir)
+    out_dir = workdir / "eval" / tag if tag else workdir / "eval"
+    mesh = mesh if mesh is not None else mesh_from_config(config)
+    settings = eval_settings(config, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, seed=seed)
+    if isinstance(benchmarks, str):
+        benchmarks = [b.strip() for b in (benchmarks or config.data.eval).split(",") if b.strip()]
+    if not benchmarks:
+        raise ValueError("no benchmarks: pass --benchmarks or set config.data.eval")
+    limit = config.data.eval_max_problems if limit is None else limit
+    problem_sets, limited = load_benchmarks(config, benchmarks, limit)
+
+    if not checkpoint and (_run_steps(workdir / "checkpoints") or (workdir / "hf_export" / "config.json").exists()):
+        checkpoint = str(workdir)  # the workdir is a training run: evaluate its latest policy
+    spec = resolve_checkpoint(checkpoint)
+    tok_path = resolve_tokenizer_path(config, spec, workdir, tokenizer_path)
+    tokenizer = load_tokenizer(tok_path)
+    model = load_model(spec, config, mesh, vocab_size=len(tokenizer))
+    if model.config.vocab_size < len(tokenizer):
+        raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
+                         f"{len(tokenizer)} tokens ({tok_path})")
+    stop_ids = eos_token_ids(tokenizer)
+    logger.info("model %s, tokenizer %s, mesh %s, %s", spec.describe(), tok_path, dict(mesh.shape), settings)
+
+    prm_scorer, prm_info = None, {}
+    if prm:
+        if settings.n < 2:
+            raise ValueError("--prm (best-of-n) needs --n >= 2")
+        prm_spec = resolve_checkpoint(prm)
+        if prm_spec.kind == "hf" and Path(prm_spec.path).name == "hf_export":
+            raise ValueError(f"--prm={prm}: {prm_spec.path} is the exported policy, not a PRM (pass a workdir "
+                             "with checkpoints/, or an HF PRM folder)")
+        prm_model = load_model(prm_spec, config, mesh, vocab_size=len(tokenizer), which="prm")
+        ref_spec = resolve_checkpoint(reference)
+        ref_model = load_reference(ref_spec, prm_spec, config, mesh, vocab_size=len(tokenizer))
+        temperature_lp = float(_run_config(prm_spec.run_dir).get("rollout", {}).get(
+            "temperature", config.rollout.temperature))
+        prm_scorer = eval_lib.PRMScorer(prm_model, ref_model, mesh=mesh, temperature=temperature_lp,
+                                        chunk_size=config.model.logprob_chunk,
+                                        batch_size=max(1, min(config.batch.score_batch, 256)))
+        prm_info = {"prm": prm_spec.describe(), "reference": reference or "(default)",
+                    "prm_logprob_temperature": temperature_lp}
+
+    sampler = Sampler(mesh, min_prompt_bucket=16)
+    key = jax.random.PRNGKey(settings.seed)
+    results: dict[str, eval_lib.BenchmarkResult] = {}
+    with RewardPool(config.reward.workers, math_timeout=config.reward.timeout_s,
+                    code_timeout=config.reward.timeout_s) as pool:
+        for name, problems in problem_sets.items():
+            generate = eval_lib.sampler_generate_fn(sampler, model, tokenizer, settings, stop_token_ids=stop_ids,
+                                                    key=eval_lib.benchmark_key(key, name))
+            result = eval_lib.evaluate_benchmark(name, problems, tokenizer=tokenizer, pool=pool, settings=settings,
+                                                 generate=generate, prm_scorer=prm_scorer)
+            result.metrics["limited"] = limited[name]
+            results[name] = result
+            m = result.metrics
+            print(f"{name}: {eval_lib.headline_metric(settings.n)} {100 * m[eval_lib.headline_metric(settings.n)]:.1f}% "
+                  f"({m['num_problems']} problems, {m['time_total_s']:.1f}s)", flush=True)
+
+    info = {"config": config.name, "checkpoint": spec.describe(), "tokenizer": tok_path,
+            "benchmarks": ",".join(results), "limit": limit or "all", "devices": f"{jax.device_count()} x "
+            f"{jax.devices()[0].device_kind}", "model dtype": f"{config.model.dtype} (params {config.model.param_dtype})",
+            "system prompt": config.data.system_prompt, **prm_info,
+            "wall time (s)": round(time.perf_counter() - t0, 1)}
+    scores = {"settings": settings.as_dict(), "info": info,
+              "benchmarks": {k: r.metrics for k, r in results.items()}, "average": eval_lib.summarize(results)}
+    if is_logging_process():
+        paths = eval_lib.write_results(out_dir, results, settings, info=info, prm=prm_scorer is not None,
+                                       title=f"{config.name}: {spec.describe()}")
+        logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+        print(f"wrote {out_dir}/scores.md, scores.json and <benchmark>.jsonl", flush=True)
+    return scores
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    from prime_jax.config import ConfigError, validate
+    from prime_jax.parallel import initialize_distributed, mesh_from_config
+
+    config = _CONFIG.value
+    try:
+        initialize_distributed(config)
+        validate(config)
+    except ConfigError as e:
+        # Typos and wrong types are fatal; checks of training-only relations (batch sizes, the
+        # random model's shape, ...) need not hold for an evaluation.
+        if any(s in str(e) for s in ("unknown field", "missing field", "expected ")):
+            fail(f"config {e}")
+        print(f"prime_jax.evaluate: warning: config {e} (ignored for evaluation)", file=sys.stderr)
+    except ValueError as e:
+        fail(str(e))
+    logging.set_verbosity(logging.WARNING)
+    py_logging.getLogger("prime_jax").setLevel(py_logging.INFO)
+    py_logging.getLogger("prime_jax.data").setLevel(py_logging.WARNING)
+    workdir = Path(_WORKDIR.value or Path("runs") / config.name)
+    try:
+        evaluate(config, workdir, checkpoint=_CHECKPOINT.value, benchmarks=_BENCHMARKS.value, limit=_LIMIT.value,
+                 n=_N.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
+                 max_new_tokens=_MAX_NEW_TOKENS.value, batch_size=_BATCH.value, seed=_SEED.value,
+                 tokenizer_path=_TOKENIZER.value, prm=_PRM.value, reference=_REFERENCE.value, tag=_TAG.value,
+                 mesh=mesh_from_config(config))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        fail(str(e).strip("'\""))
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
