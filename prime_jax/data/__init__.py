@@ -1,0 +1,54 @@
+"""Data: problems and their readers, packaged benchmarks, prompt rendering, the resumable
+iterator, the synthetic arithmetic task and its tiny tokenizer. No model code (no jax) here."""
+from .iterator import ShuffledIterator, epoch_permutation
+from .problems import (
+    BENCHMARKS,
+    CODE_TASK_SUFFIX,
+    EURUS2_SYSTEM_PROMPT,
+    FORMATS,
+    MATH_EVAL_BENCHMARKS,
+    MATH_TASK_SUFFIX,
+    Problem,
+    SkipStats,
+    apply_system_prompt,
+    benchmark_path,
+    benchmarks_dir,
+    detect_format,
+    gsm8k_answer,
+    last_boxed,
+    load_benchmark,
+    read_problems,
+    write_verl_parquet,
+)
+from .render import render_prompt_texts, render_prompts
+from .synthetic import demonstration, make_problems, sft_messages
+from .tiny_tokenizer import CHATML_TEMPLATE, build_tiny_tokenizer
+
+__all__ = [
+    "BENCHMARKS",
+    "CHATML_TEMPLATE",
+    "CODE_TASK_SUFFIX",
+    "EURUS2_SYSTEM_PROMPT",
+    "FORMATS",
+    "MATH_EVAL_BENCHMARKS",
+    "MATH_TASK_SUFFIX",
+    "Problem",
+    "ShuffledIterator",
+    "SkipStats",
+    "apply_system_prompt",
+    "benchmark_path",
+    "benchmarks_dir",
+    "build_tiny_tokenizer",
+    "demonstration",
+    "detect_format",
+    "epoch_permutation",
+    "gsm8k_answer",
+    "last_boxed",
+    "load_benchmark",
+    "make_problems",
+    "read_problems",
+    "render_prompt_texts",
+    "render_prompts",
+    "sft_messages",
+    "write_verl_parquet",
+]
