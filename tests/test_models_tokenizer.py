@@ -101,3 +101,17 @@ def test_hub_id_goes_through_snapshot_download(monkeypatch, tmp_path):
 def test_missing_tokenizer_path_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "nope")
+
+
+def test_plain_tokenizer_beside_a_qwen2_config_keeps_its_own_class(tmp_path):
+    """The tiny demo tokenizer saved in a model export folder must not turn into Qwen2Tokenizer."""
+    import json
+
+    from prime_jax.data import build_tiny_tokenizer
+    from prime_jax.models.tokenizer import load_tokenizer
+
+    build_tiny_tokenizer(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    tokenizer = load_tokenizer(tmp_path)
+    text = "Compute (3+4)*2\n3+4=7\nthe answer is \\boxed{14}"
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text

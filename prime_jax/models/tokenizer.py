@@ -28,6 +28,9 @@ _TOKENIZER_FILES = [
     "config.json",
 ]
 
+# Classes that mean "exactly what tokenizer.json says", with no model-specific behaviour.
+_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
 # Tokens that end a response in the ChatML family (Qwen2/2.5/3), besides the tokenizer's eos.
 _END_OF_RESPONSE_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -51,10 +54,20 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, padding_side: str = "l
     loaded from the local snapshot. `padding_side` defaults to "left": prompts are left-padded
     so that every row's next token lands in the same column. Extra kwargs go to AutoTokenizer.
     """
-    from transformers import AutoTokenizer
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     folder = _resolve_tokenizer_dir(path_or_repo_id)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    config_file = folder / "tokenizer_config.json"
+    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.exists() else None
+    if declared in _GENERIC_TOKENIZER_CLASSES:
+        # A plain tokenizer.json tokenizer (e.g. the tiny demo's) saved beside a model's config.json:
+        # AutoTokenizer would pick the model type's class (Qwen2Tokenizer), whose pre-tokenizer and
+        # decoder replace ours and drop spaces. Honour the class the files declare.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder), **kwargs)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
     tokenizer.padding_side = padding_side
     return tokenizer
 
