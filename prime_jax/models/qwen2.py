@@ -119,8 +119,9 @@ class DecoderLayers(nnx.Module):
     def __call__(self, x, positions, mask, kv=None, end=None):
         """One layer (params already sliced). x `[B, T, D]`, positions `[B, T]`, mask `[B, 1, T, S]`.
 
-        kv: optional (k, v) cache of this layer, each `[B, S, K, H]`; new keys/values are written at
-        slot `end`. Returns (x, (k, v)) with the updated cache, or (x, None) without one.
+        kv: optional (k, v, layer): the stacked cache of all layers, each `[L, B, S, K, H]`, and this
+        layer's index. Only the new keys/values are written, in place, at `[layer, :, end]`; attention
+        reads this layer's slice. Returns (x, (k, v)) with the updated stacked cache, or (x, None).
         """
         c, dt = self.config, self.config.compute_dtype
         h = rms_norm(x, self.input_norm.value, c.rms_norm_eps, dt)
@@ -131,9 +132,13 @@ class DecoderLayers(nnx.Module):
         k = apply_rope(proj(self.k_kernel, self.k_bias), positions, c.rope_theta)
         v = proj(self.v_kernel, self.v_bias)
         if kv is not None:
-            k_cache = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), end, axis=1)
-            v_cache = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), end, axis=1)
-            k, v, new_kv = k_cache.astype(dt), v_cache.astype(dt), (k_cache, v_cache)
+            k_all, v_all, layer = kv
+            start = (layer, 0, end, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False).astype(dt)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False).astype(dt)
+            new_kv = (k_all, v_all)
         else:
             new_kv = None
         attn = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(c.head_size))
@@ -198,14 +203,18 @@ class Qwen2ForCausalLM(nnx.Module):
         x = self.embed_tokens.value[input_ids].astype(dt)
         graphdef, layer_params = nnx.split(self.layers)
 
-        def one_layer(x, per_layer):
-            params, kv = per_layer
-            return nnx.merge(graphdef, params)(x, positions, mask, kv, end)
+        # The stacked cache rides in the scan carry and each layer writes only its new slots in place
+        # (as scan inputs/outputs it would be copied whole every step and held twice in memory).
+        def one_layer(carry, params):
+            x, kv, layer = carry
+            layer_kv = None if kv is None else (*kv, layer)
+            x, kv = nnx.merge(graphdef, params)(x, positions, mask, layer_kv, end)
+            return (x, kv, layer + 1), None
 
         if c.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=_REMAT[c.remat], prevent_cse=False)
         kv_in = None if cache is None else (cache.k, cache.v)
-        x, kv_out = jax.lax.scan(one_layer, x, (layer_params, kv_in))
+        (x, kv_out, _), _ = jax.lax.scan(one_layer, (x, kv_in, jnp.int32(0)), layer_params)
         hidden = rms_norm(x, self.final_norm.value, c.rms_norm_eps, dt)
         if cache is None:
             return hidden, None
