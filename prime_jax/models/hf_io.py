@@ -163,7 +163,7 @@ def from_pretrained(path_or_repo_id, *, dtype: str | None = None, param_dtype: s
     flat = dict(nnx.to_flat_state(abstract_state))
     loaded = {}
     for path, variable in flat.items():
-        shape = tuple(variable.value.shape)
+        shape = tuple(variable.get_value().shape)
         if path[0] == "layers":
             value = load_stacked(path[1], variable)
         else:
@@ -192,15 +192,15 @@ def save_pretrained(model: Qwen2ForCausalLM, path, *, max_shard_bytes: int = 2 *
     def host(x) -> np.ndarray:
         return np.asarray(jax.device_get(jnp.asarray(x, out_dtype)))
 
-    tensors: list[tuple[str, callable]] = [("model.embed_tokens.weight", lambda: host(model.embed_tokens.value))]
+    tensors: list[tuple[str, callable]] = [("model.embed_tokens.weight", lambda: host(model.embed_tokens.get_value()))]
     layer_names = _layer_tensors(config)
     for i in range(config.num_hidden_layers):
         for name, (pattern, _) in layer_names.items():
             tensors.append((pattern.format(i=i),
-                            lambda name=name, i=i: _ours_to_hf(name, host(getattr(model.layers, name).value[i]))))
-    tensors.append(("model.norm.weight", lambda: host(model.final_norm.value)))
+                            lambda name=name, i=i: _ours_to_hf(name, host(getattr(model.layers, name).get_value()[i]))))
+    tensors.append(("model.norm.weight", lambda: host(model.final_norm.get_value())))
     if not config.tie_word_embeddings:
-        tensors.append(("lm_head.weight", lambda: host(model.lm_head.value).T))
+        tensors.append(("lm_head.weight", lambda: host(model.lm_head.get_value()).T))
 
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prime_jax.models.config import Qwen2Config
+from prime_jax.parallel import constrain
 
 _INIT_STD = 0.02  # transformers' `initializer_range` default
 
@@ -124,9 +125,9 @@ class DecoderLayers(nnx.Module):
         reads this layer's slice. Returns (x, (k, v)) with the updated stacked cache, or (x, None).
         """
         c, dt = self.config, self.config.compute_dtype
-        h = rms_norm(x, self.input_norm.value, c.rms_norm_eps, dt)
+        h = rms_norm(x, self.input_norm.get_value(), c.rms_norm_eps, dt)
         proj = lambda kernel, bias: (
-            jnp.einsum("btd,dnh->btnh", h, kernel.value.astype(dt)) + bias.value.astype(dt)
+            jnp.einsum("btd,dnh->btnh", h, kernel.get_value().astype(dt)) + bias.get_value().astype(dt)
         )
         q = apply_rope(proj(self.q_kernel, self.q_bias), positions, c.rope_theta)
         k = apply_rope(proj(self.k_kernel, self.k_bias), positions, c.rope_theta)
@@ -142,13 +143,15 @@ class DecoderLayers(nnx.Module):
         else:
             new_kv = None
         attn = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(c.head_size))
-        x = x + jnp.einsum("btnh,nhd->btd", attn, self.o_kernel.value.astype(dt)).astype(x.dtype)
-        h = rms_norm(x, self.post_norm.value, c.rms_norm_eps, dt)
-        gate = jnp.einsum("btd,df->btf", h, self.gate_kernel.value.astype(dt))
-        up = jnp.einsum("btd,df->btf", h, self.up_kernel.value.astype(dt))
-        mlp = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.down_kernel.value.astype(dt))
+        x = x + jnp.einsum("btnh,nhd->btd", attn, self.o_kernel.get_value().astype(dt)).astype(x.dtype)
+        h = rms_norm(x, self.post_norm.get_value(), c.rms_norm_eps, dt)
+        gate = jnp.einsum("btd,df->btf", h, self.gate_kernel.get_value().astype(dt))
+        up = jnp.einsum("btd,df->btf", h, self.up_kernel.get_value().astype(dt))
+        mlp = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.down_kernel.get_value().astype(dt))
         return x + mlp.astype(x.dtype), new_kv
 
+
+_HIDDEN_AXES = ("batch", "seq", "embed")
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -171,7 +174,7 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def output_kernel(self) -> jax.Array:
         """The `[D, V]` output projection (the embedding's transpose when tied), compute dtype."""
-        kernel = self.embed_tokens.value.T if self.config.tie_word_embeddings else self.lm_head.value
+        kernel = self.embed_tokens.get_value().T if self.config.tie_word_embeddings else self.lm_head.get_value()
         return kernel.astype(self.config.compute_dtype)
 
     def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None):
@@ -200,22 +203,24 @@ class Qwen2ForCausalLM(nnx.Module):
         own_slot = slots[None, :] == query_slot[:, None]  # padding queries attend to themselves (no NaN)
         mask = ((causal[None] & key_valid[:, None, :]) | own_slot[None])[:, None]  # [B, 1, T, S]
 
-        x = self.embed_tokens.value[input_ids].astype(dt)
+        x = self.embed_tokens.get_value()[input_ids].astype(dt)
         graphdef, layer_params = nnx.split(self.layers)
 
         # The stacked cache rides in the scan carry and each layer writes only its new slots in place
         # (as scan inputs/outputs it would be copied whole every step and held twice in memory).
+        # Rows stay split over the data axes between layers; without the constraint the compiler
+        # follows the FSDP split of the weights and every device computes the whole batch.
         def one_layer(carry, params):
             x, kv, layer = carry
             layer_kv = None if kv is None else (*kv, layer)
-            x, kv = nnx.merge(graphdef, params)(x, positions, mask, layer_kv, end)
-            return (x, kv, layer + 1), None
+            x, kv = nnx.merge(graphdef, params)(constrain(x, _HIDDEN_AXES), positions, mask, layer_kv, end)
+            return (constrain(x, _HIDDEN_AXES), kv, layer + 1), None
 
         if c.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=_REMAT[c.remat], prevent_cse=False)
         kv_in = None if cache is None else (cache.k, cache.v)
         (x, kv_out, _), _ = jax.lax.scan(one_layer, (x, kv_in, jnp.int32(0)), layer_params)
-        hidden = rms_norm(x, self.final_norm.value, c.rms_norm_eps, dt)
+        hidden = rms_norm(x, self.final_norm.get_value(), c.rms_norm_eps, dt)
         if cache is None:
             return hidden, None
         new_cache = KVCache(

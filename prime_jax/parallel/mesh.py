@@ -114,3 +114,97 @@ def shard_state(state, mesh: Mesh):
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Sharding of a `[batch, ...]` array: rows over the data axes, the rest replicated."""
     return named_sharding(mesh, ("batch",) + (None,) * (ndim - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation constraints (for model code): a no-op unless a mesh is set with `jax.set_mesh`.
+# ---------------------------------------------------------------------------------------------
+def constrain(x, logical_axes: Sequence[str | None]):
+    """`with_sharding_constraint(x, <logical_axes mapped by the rules>)` under `jax.set_mesh(mesh)`.
+
+    Model code calls this on activations (e.g. the hidden states `("batch", "seq", "embed")`)
+    so that GSPMD keeps rows split over the data axes instead of inheriting the FSDP split of a
+    weight (which replicates every activation's batch on every device). Without a mesh context
+    (plain single-device use, tests) it returns `x` unchanged.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, mesh, x.shape))
+
+
+def under_mesh(fn, mesh: Mesh):
+    """`fn` traced with `mesh` as the abstract mesh, so `constrain` calls in model code (activation
+    shardings) take effect inside a jitted program built from it."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware presets and meshes from config
+# ---------------------------------------------------------------------------------------------
+# HBM per device (GiB) of each accelerator; a "device" is what jax.devices() lists (one TPU chip
+# for v4/v5p megacore chips and v5e, one GPU).
+HBM_GIB: dict[str, float] = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "h100": 80.0, "cpu": 16.0}
+
+# Slices/node groups the 7B recipe targets. `devices` = jax.device_count(); TPU names count
+# TensorCores for v4/v5p (2 per chip, so v5p-32 = 16 chips) and chips for v5e.
+# `data`/`fsdp`/`tensor`: the mesh (see docs/scale_out.md for how it was chosen with the plan).
+MESH_PRESETS: dict[str, dict[str, Any]] = {
+    "v5p-32": dict(accelerator="v5p", devices=16, hosts=4, data=1, fsdp=16, tensor=1,
+                   gcloud_type="v5p-32", runtime="v2-alpha-tpuv5"),
+    "v4-64": dict(accelerator="v4", devices=32, hosts=8, data=1, fsdp=32, tensor=1,
+                  gcloud_type="v4-64", runtime="tpu-ubuntu2204-base"),
+    "v5e-64": dict(accelerator="v5e", devices=64, hosts=16, data=1, fsdp=64, tensor=1,
+                   gcloud_type="v5litepod-64", runtime="v2-alpha-tpuv5-lite"),
+    "8xh100": dict(accelerator="h100", devices=8, hosts=1, data=1, fsdp=8, tensor=1,
+                   gcloud_type="", runtime=""),
+    "16xh100": dict(accelerator="h100", devices=16, hosts=2, data=1, fsdp=16, tensor=1,
+                    gcloud_type="", runtime=""),
+}
+
+
+def mesh_preset(name: str) -> dict[str, Any]:
+    """The preset called `name` (case-insensitive; `8xH100` == `8xh100`), with `hbm_gib` added."""
+    key = name.strip().lower().replace("×", "x")
+    if key not in MESH_PRESETS:
+        raise ValueError(f"unknown mesh preset {name!r}; known: {sorted(MESH_PRESETS)}")
+    preset = dict(MESH_PRESETS[key], name=key)
+    preset["hbm_gib"] = HBM_GIB[preset["accelerator"]]
+    return preset
+
+
+def _mesh_section(config):
+    mesh = config["mesh"] if "mesh" in config else config
+    return mesh
+
+
+def mesh_sizes_from_config(config, num_devices: int | None = None) -> tuple[int, int, int]:
+    """`(data, fsdp, tensor)` from `config.mesh` (or a preset named by `config.mesh.preset`, if that
+    field exists and is set), with a -1 resolved against `num_devices` when given."""
+    mesh = _mesh_section(config)
+    preset = mesh.get("preset", "") if hasattr(mesh, "get") else ""
+    if preset:
+        p = mesh_preset(preset)
+        sizes = [p["data"], p["fsdp"], p["tensor"]]
+    else:
+        sizes = [int(mesh["data"]), int(mesh["fsdp"]), int(mesh["tensor"])]
+    if num_devices is not None and -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if num_devices % known:
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes {sizes}")
+        sizes[sizes.index(-1)] = num_devices // known
+    return tuple(sizes)
+
+
+def mesh_from_config(config, devices: Sequence[Any] | None = None) -> Mesh:
+    """The `(data, fsdp, tensor)` mesh of `config.mesh` over `devices` (default: all devices of
+    all processes), ordered by `mesh_utils` for the physical topology."""
+    data, fsdp, tensor = mesh_sizes_from_config(config)
+    return make_mesh(data, fsdp, tensor, devices=devices)

@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prime_jax.models.qwen2 import KVCache
-from prime_jax.parallel import batch_sharding, logical_to_spec, named_sharding, state_shardings
+from prime_jax.parallel import batch_sharding, logical_to_spec, named_sharding, state_shardings, under_mesh
 from prime_jax.sampling import strategies
 from prime_jax.sampling.rollouts import Rollouts
 
@@ -205,8 +205,9 @@ class Sampler:
     def _compile(self, fn, args, shardings, donate):
         if shardings is None:
             jitted = jax.jit(fn, donate_argnums=donate)
-        else:
-            jitted = jax.jit(fn, in_shardings=shardings[0], out_shardings=shardings[1], donate_argnums=donate)
+        else:  # traced under the mesh so the model's activation constraints apply
+            jitted = jax.jit(under_mesh(fn, self.mesh), in_shardings=shardings[0], out_shardings=shardings[1],
+                             donate_argnums=donate)
         compiled = jitted.lower(*args).compile()
         self._num_compilations += 1
         return compiled

@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prime_jax.algo import dpo_accuracy, implicit_token_rewards, policy_loss, prm_loss
 from prime_jax.models import response_logprobs
-from prime_jax.parallel import batch_sharding, state_shardings
+from prime_jax.parallel import batch_sharding, state_shardings, under_mesh
 from prime_jax.train.accumulate import accumulate_gradients, merge_micro_batches, split_micro_batches
 from prime_jax.train.state import TrainState, split_params, train_state_shardings
 
@@ -71,18 +71,6 @@ def apply_update(state: TrainState, grads, loss, optimizer: optax.GradientTransf
         nan_skips=state.nan_skips + (~ok).astype(jnp.int32),
     )
     return new_state, {"grad_norm": grad_norm, "nan_skipped": (~ok).astype(jnp.int32)}
-
-
-def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:
-    """Traces `fn` with `mesh` as the abstract mesh, so `parallel.constrain` calls in model code
-    (activation shardings) take effect inside the jitted step."""
-
-    @functools.wraps(fn)
-    def wrapped(*args):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return fn(*args)
-
-    return wrapped
 
 
 class TrainSteps(NamedTuple):
@@ -150,7 +138,7 @@ def make_train_steps(model, policy_optimizer: optax.GradientTransformation,
         variant = (prm_params is None, ref_params is None)
         if variant not in score_variants:
             shardings = tuple(None if skip else param_sh for skip in (False, *variant))
-            score_variants[variant] = jax.jit(_under_mesh(score_fn, mesh), in_shardings=(*shardings, rows_sh), out_shardings=rows_sh)
+            score_variants[variant] = jax.jit(under_mesh(score_fn, mesh), in_shardings=(*shardings, rows_sh), out_shardings=rows_sh)
         return score_variants[variant](policy_params, prm_params, ref_params, batch)
 
     def policy_step(state: TrainState, batch):
@@ -196,12 +184,12 @@ def make_train_steps(model, policy_optimizer: optax.GradientTransformation,
         return state, metrics
 
     policy_sh = train_state_shardings(abstract_params, policy_optimizer, mesh)
-    policy = jax.jit(_under_mesh(policy_step, mesh), in_shardings=(policy_sh, rows_sh), out_shardings=(policy_sh, replicated),
+    policy = jax.jit(under_mesh(policy_step, mesh), in_shardings=(policy_sh, rows_sh), out_shardings=(policy_sh, replicated),
                      donate_argnums=0)
     prm, prm_sh = None, None
     if prm_optimizer is not None:
         prm_sh = train_state_shardings(abstract_params, prm_optimizer, mesh)
         metrics_sh = replicated  # q [B,R] is small (B*R floats); replicate it with the scalars
-        prm = jax.jit(_under_mesh(prm_step, mesh), in_shardings=(prm_sh, rows_sh), out_shardings=(prm_sh, metrics_sh),
+        prm = jax.jit(under_mesh(prm_step, mesh), in_shardings=(prm_sh, rows_sh), out_shardings=(prm_sh, metrics_sh),
                       donate_argnums=0)
     return TrainSteps(score, policy, prm, policy_sh, prm_sh, param_sh, rows_sh)
