@@ -40,7 +40,7 @@ QWEN25_MATH_7B = dict(
 # each 256-response mini-batch for gradient accumulation: 256 / micro_batches rows per
 # micro-batch, i.e. (256 / micro_batches) / (data * fsdp) rows per device; the loop scores
 # score_batch rows per forward pass (score_batch / (data * fsdp) rows per device). Chosen with
-# `python -m prime_jax.plan --activation_sharding=constrain`; the tables are in docs/scale_out.md.
+# `python -m prime_jax.plan --config=configs/qwen7b.py:PRESET`; the tables are in docs/scale_out.md.
 PRESET_OVERRIDES = {
     # 16 chips, 95 GiB: 4 rows/device per micro-batch and per scoring call
     "v5p-32": {"batch.micro_batches": 4, "batch.score_batch": 64},

@@ -1,0 +1,158 @@
+"""prime_jax.plan: AOT-compiled memory plan of the iteration's five programs (tiny shapes here)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from prime_jax.plan import GIB, PROGRAMS, PlanDoesNotFit, PlanReport, check_fits, model_config, plan_memory, suggest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = """
+from prime_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.name = "tiny-plan"
+    c.model.vocab_size = 128
+    c.model.hidden_size = 32
+    c.model.intermediate_size = 64
+    c.model.num_layers = 2
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 2
+    c.model.dtype = "float32"
+    c.tokenizer.path = "tiny"
+    c.data.train = "synthetic"
+    c.data.eval = "synthetic"
+    c.data.max_prompt_tokens = 16
+    c.rollout.max_new_tokens = 16
+    c.batch.prompts_per_step = 8
+    c.batch.mini_batch = 32
+    c.batch.prm_mini_batch = 32
+    c.batch.score_batch = 32
+    c.batch.micro_batches = 2
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = {data}, {fsdp}, 1
+    return c
+"""
+
+
+def tiny_config(data=2, fsdp=4):
+    namespace = {}
+    exec(TINY.format(data=data, fsdp=fsdp), namespace)
+    return namespace["get_config"]()
+
+
+@pytest.fixture(scope="module")
+def report():
+    return plan_memory(tiny_config(), jax.devices())
+
+
+def test_report_has_every_phase_with_consistent_components(report):
+    config = tiny_config()
+    assert [p.name for p in report.phases] == list(PROGRAMS)
+    assert report.devices == 8 and report.mesh == {"data": 2, "fsdp": 4, "tensor": 1}
+    mc = model_config(config)
+    assert report.model_params == mc.num_params()
+    # params are split 4 ways (fsdp; replicated over data); norms and biases are small extras
+    per_model = mc.num_params() * 4 / 4
+    assert per_model <= report.resident["policy_params"] <= 1.3 * per_model
+    assert set(report.resident) == {"policy_params", "policy_opt", "prm_params", "prm_opt", "ref_params"}
+    assert report.resident["policy_opt"] == pytest.approx(2 * report.resident["policy_params"], rel=0.01)
+    for p in report.phases:
+        assert p.peak > 0 and p.compiled["seconds"] > 0
+        total = p.params + p.opt_state + p.grads + p.kv_cache + p.activations
+        assert total == pytest.approx(p.peak)
+        assert p.params == pytest.approx(3 * report.resident["policy_params"])  # policy, PRM, reference
+        assert (p.grads > 0) == (p.name in ("prm", "policy"))
+        assert (p.kv_cache > 0) == (p.name in ("prefill", "decode"))
+    # KV cache: 16 prompts (bucket of 12) x n=4 = 64 rows over 8 data-parallel devices, 32 slots
+    kv = next(p for p in report.phases if p.name == "decode").kv_cache
+    L, K, H, slots, rows = 2, 2, 8, 32, 64 // 8
+    assert kv == 2 * L * rows * slots * K * H * 4 + rows * slots + rows * 4 + 4
+    assert all(report.fits(t) for t in report.targets)
+    text = report.format()
+    for needle in ("policy update", "PRM update", "sample/decode", "v5e 16G", "H100 80G", "fits"):
+        assert needle in text
+
+
+def test_json_round_trip(report):
+    again = PlanReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert again.format() == report.format()
+
+
+def test_check_fits_refuses_and_suggests(report, monkeypatch):
+    import prime_jax.plan as plan
+
+    monkeypatch.setattr(plan, "plan_memory", lambda *a, **k: PlanReport.from_dict(
+        dict(report.to_dict(), targets=k["targets"])))
+    tiny = report.peak() / GIB / 2
+    with pytest.raises(PlanDoesNotFit) as error:
+        check_fits(tiny_config(), jax.devices(), hbm_gib=tiny)
+    assert "does not fit" in str(error.value) and "policy update" in str(error.value)
+    assert check_fits(tiny_config(), jax.devices(), hbm_gib=1.0).fits("hbm")
+    small = PlanReport.from_dict(dict(report.to_dict(), targets={"small": tiny}))
+    hints = suggest(small, tiny_config(), dp=8)
+    assert hints["small"]  # something to change for every failing phase
+    with pytest.raises(ValueError, match="target"):
+        check_fits(tiny_config(), 8)  # a device count needs a target or a preset
+
+
+def test_plan_sees_the_models_activation_constraint(monkeypatch):
+    # The model constrains each decoder layer's hidden states to the batch rule, and the sampler and
+    # the train steps trace under their mesh (the plan sets no mesh context of its own), so rows stay
+    # split over fsdp=8. With the constraint made a no-op GSPMD follows the FSDP weight split and
+    # replicates the rows: the prefill's and the policy update's activations grow several-fold.
+    import prime_jax.models.qwen2 as qwen2
+
+    def activations():
+        r = plan_memory(tiny_config(1, 8), jax.devices(), programs=("prefill", "policy"))
+        assert [(p.name, p.rows_per_device) for p in r.phases] == [("prefill", 8), ("policy", 2)]
+        return {p.name: p.activations for p in r.phases}
+
+    constrained = activations()
+    monkeypatch.setattr(qwen2, "constrain", lambda x, axes: x)
+    replicated = activations()
+    for name in ("prefill", "policy"):
+        assert 2 * constrained[name] < replicated[name], (name, constrained, replicated)
+    with pytest.raises(ValueError, match="unknown programs"):
+        plan_memory(tiny_config(), jax.devices(), programs=("bogus",))
+
+
+def test_cli_on_fake_devices(tmp_path):
+    path = tmp_path / "tiny_plan.py"
+    path.write_text(TINY.format(data=1, fsdp=-1))
+    out = tmp_path / "plan.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prime_jax.plan", f"--config={path}", "--devices=4", "--programs=score,policy",
+         f"--json_out={out}", "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "memory plan" in proc.stdout and "policy update" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["devices"] == 4 and data["mesh"]["fsdp"] == 4
+
+
+@pytest.mark.skipif(not os.environ.get("PRIME_SLOW_TESTS"), reason="minutes of CPU; set PRIME_SLOW_TESTS=1")
+def test_qwen7b_plan_v4_64():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prime_jax.plan", "--config=configs/qwen7b.py:v4-64", "--quiet", "--strict",
+         "--targets=v4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]  # --strict: 1 unless it fits v4
+    assert "7.62B params/model" in proc.stdout and "on 32 cpu devices" in proc.stdout
+    assert "=> fits the preset's target v4 32G (*)" in proc.stdout
+
+
+def test_device_count_runs_in_a_subprocess():
+    # 4 != the 8 devices of this process: plan_memory re-executes on 4 fake CPU devices
+    r = plan_memory(tiny_config(1, -1), 4, programs=("score",), targets={"small": 1.0})
+    assert r.devices == 4 and r.mesh["fsdp"] == 4 and [p.name for p in r.phases] == ["score"]
+    assert r.targets == {"small": 1.0} and r.fits("small")
