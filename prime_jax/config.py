@@ -1,0 +1,465 @@
+"""The configuration schema of a PRIME run, and its validation.
+
+Every config file (``configs/*.py``) starts from :func:`base_config` and changes fields; it must
+not add new ones (a typo would otherwise be silently ignored). :func:`validate` checks every
+field before anything heavy starts and raises :class:`ConfigError` whose message names the field,
+e.g. ``batch.mini_batch: 6 is not divisible by rollout.n (4)``; ``prime_jax.main`` prints it as
+one line and exits with status 2.
+
+Sizes are counted in *responses* (rows) unless the name says prompts; a prompt's ``n`` responses
+are never split across mini- or micro-batches, so every response count must be a multiple of
+``rollout.n``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+import ml_collections
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
+RANDOM_MODEL = "random"
+TINY_TOKENIZER = "tiny"
+SYNTHETIC = "synthetic"
+
+
+class ConfigError(ValueError):
+    """A bad config value; ``str(error)`` is one line that starts with the field's name."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The full schema with the reference (Eurus-2-7B-PRIME) hyper-parameters as defaults."""
+    c = ml_collections.ConfigDict()
+    c.name = "base"  # run name; the default workdir is ./runs/<name>
+    c.seed = 0  # every random choice (init, data order, sampling, shuffles) derives from it
+    c.total_steps = 240  # PRIME iterations (0: only SFT + the step-0 eval)
+    c.eval_every = 16  # held-out eval after every k-th step (also at step 0 and the last); 0: start/end only
+    c.checkpoint_every = 16  # checkpoint after every k-th step (also the last); 0: only the last
+
+    # The policy (and PRM, and frozen reference): all three start from the same weights.
+    c.model = ml_collections.ConfigDict()
+    c.model.path = RANDOM_MODEL  # HF folder or hub id (config.json + safetensors), or "random" (shape below)
+    c.model.dtype = "bfloat16"  # compute dtype of activations/matmuls: float32 | bfloat16 | float16
+    c.model.param_dtype = "float32"  # master weights and optimizer state dtype
+    c.model.remat = "none"  # per-layer rematerialisation: none | full | dots | dots_no_batch
+    c.model.logprob_chunk = 128  # sequence chunk for log-probs (bounds the [B, chunk, V] logits)
+    # Shape of a "random" model (ignored when loading a checkpoint).
+    c.model.vocab_size = 0  # 0: the tokenizer's size (len(tokenizer))
+    c.model.hidden_size = 64  # D
+    c.model.intermediate_size = 256  # MLP width F
+    c.model.num_layers = 2  # decoder layers L
+    c.model.num_heads = 4  # query heads N
+    c.model.num_kv_heads = 2  # key/value heads K (N must be a multiple)
+    c.model.head_dim = 0  # 0: hidden_size // num_heads
+    c.model.rope_theta = 10000.0  # RoPE base
+    c.model.max_position_embeddings = 4096  # written to config.json on export
+    c.model.tie_word_embeddings = True  # share the embedding and the output projection
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""  # "" = model.path; "tiny" = build the tiny ChatML tokenizer in WORKDIR/tokenizer; or a folder / hub id
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "PRIME-RL/Eurus-2-RL-Data"  # "synthetic", a file/folder (veRL schema), a packaged benchmark or a HF dataset
+    c.data.train_split = "train"  # split of a HF dataset / file stem in a folder
+    c.data.eval = "aime24,amc23,math500,minerva_math,olympiadbench"  # comma list of eval sources ("synthetic" or as data.train)
+    c.data.eval_max_problems = 0  # per eval source: 0 = all, k = the first k
+    c.data.max_prompt_tokens = 1024  # prompts longer than this are dropped (and counted)
+    c.data.system_prompt = "keep"  # "keep": rows' own system message; "none": remove; "eurus2": Eurus-2's action-tag prompt
+    # The synthetic multi-step arithmetic task (data.train / data.eval = "synthetic").
+    c.data.synthetic = ml_collections.ConfigDict()
+    c.data.synthetic.num_train = 20000  # size of the training pool (seeded from seed)
+    c.data.synthetic.num_eval = 200  # held-out problems (a fixed set, seeded from eval_seed)
+    c.data.synthetic.eval_seed = 12345  # seed of the held-out set (the same for every run seed; excluded from training)
+    c.data.synthetic.difficulty = "medium"  # preset of prime_jax.data.synthetic.DIFFICULTY: easy | medium | hard
+    c.data.synthetic.min_steps = 0  # fewest operations per problem (0: the preset's)
+    c.data.synthetic.max_steps = 0  # most operations per problem (0: the preset's)
+    c.data.synthetic.max_start = 0  # largest start value (0: the preset's)
+    c.data.synthetic.max_operand = 0  # largest +/- operand (0: the preset's)
+    c.data.synthetic.max_factor = 0  # largest multiplier (0: the preset's)
+    c.data.synthetic.max_value = 999  # every intermediate value and answer lies in [0, max_value]
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.n = 4  # samples per prompt (>= 2 for leave-one-out baselines)
+    c.rollout.temperature = 1.0  # sampling temperature of training rollouts (> 0)
+    c.rollout.top_p = 1.0  # nucleus sampling (1.0: off)
+    c.rollout.top_k = 0  # top-k sampling (0: off)
+    c.rollout.max_new_tokens = 3072  # response length limit
+    c.rollout.oversample = 1.5  # prompts sampled per attempt = ceil(oversample * batch.prompts_per_step)
+    c.rollout.max_refill = 3  # extra sampling attempts per step when too few groups survive the filter
+    c.rollout.eval_temperature = 0.0  # 0: greedy held-out eval
+    c.rollout.eval_max_new_tokens = 0  # 0: rollout.max_new_tokens
+    c.rollout.eval_batch = 256  # prompts per generate call during eval
+    c.rollout.overlap_scoring = True  # score every sampled row while the graders run (overlap); False: only kept rows, after
+
+    c.algo = ml_collections.ConfigDict()
+    c.algo.estimator = "prime_rloo"  # advantage estimator: prime_rloo | outcome_rloo | prime_grpo | prime_reinforce
+    c.algo.beta = 0.05  # implicit-PRM scale in the PRM's cross-entropy
+    c.algo.clip_eps = 0.2  # PPO clip range
+    c.algo.process_coef = 1.0  # weight of the process (implicit) returns
+    c.algo.outcome_coef = 1.0  # weight of the verifier's outcome returns
+    c.algo.filter = True  # accuracy filter on; False keeps every group
+    c.algo.filter_low = 0.2  # keep prompts whose mean outcome is >= this ...
+    c.algo.filter_high = 0.8  # ... and <= this
+    c.algo.double_forward = False  # True: recompute q after each PRM update (paper); False: q from the update's forward (code)
+    c.algo.agg = "seq-mean-token-mean"  # policy-loss aggregation: seq-mean-token-mean | token-mean
+    c.algo.update_prm = True  # False: keep the PRM frozen at the start weights (ablation)
+    c.algo.recompute_old_logprobs = True  # True: old log-probs from a trainer forward pass; False: the sampler's own
+
+    def optim(lr, wd, clip):
+        o = ml_collections.ConfigDict()
+        o.lr = lr  # AdamW learning rate (constant after warm-up)
+        o.weight_decay = wd  # decoupled weight decay
+        o.clip_norm = clip  # global grad-norm clip (0: off)
+        o.b1 = 0.9  # Adam beta1
+        o.b2 = 0.999  # Adam beta2
+        o.eps = 1e-8  # Adam epsilon
+        o.warmup_steps = 0  # linear warm-up, in optimizer updates
+        return o
+
+    c.policy_optim = optim(5e-7, 0.01, 1.0)  # policy optimizer
+    c.prm_optim = optim(1e-6, 0.0, 10.0)  # implicit PRM optimizer
+
+    c.batch = ml_collections.ConfigDict()
+    c.batch.prompts_per_step = 256  # prompt groups that survive the filter and are trained on per step
+    c.batch.mini_batch = 256  # responses per PPO update (multiple of rollout.n)
+    c.batch.prm_mini_batch = 256  # responses per PRM update (multiple of rollout.n)
+    c.batch.micro_batches = 1  # gradient-accumulation splits of each mini-batch
+    c.batch.score_batch = 256  # responses per log-prob (scoring) forward pass (multiple of n and of mesh data*fsdp)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel axis size (-1: the devices left over)
+    c.mesh.fsdp = 1  # parameter-sharding axis size
+    c.mesh.tensor = 1  # tensor-parallel axis size
+    c.mesh.preset = ""  # a prime_jax.parallel.MESH_PRESETS name (e.g. "v5p-32"); set: overrides the three sizes
+
+    # Multi-host start-up (jax.distributed); single-host runs leave it alone.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.mode = "auto"  # auto: start when a coordinator / several processes / a cluster is found; on | off
+    c.distributed.coordinator_address = ""  # host:port of process 0 ("": env PRIME_/JAX_COORDINATOR_ADDRESS or auto-detect)
+    c.distributed.num_processes = 0  # 0: from the env or auto-detect
+    c.distributed.process_id = -1  # -1: from the env or auto-detect
+    c.distributed.local_device_ids = ""  # comma list of this process's device ids ("": all)
+    c.distributed.initialization_timeout = 300  # seconds to wait for the other processes
+
+    # Supervised warm start on demonstrations before RL (the synthetic task's step-by-step ones).
+    c.sft = ml_collections.ConfigDict()
+    c.sft.steps = 0  # optimizer steps (0: no SFT; start from model.path as is)
+    c.sft.lr = 1e-3  # AdamW peak learning rate (linear warm-up, then cosine decay to 10%)
+    c.sft.weight_decay = 0.0  # AdamW weight decay
+    c.sft.batch = 32  # demonstrations per step
+    c.sft.warmup_steps = 20  # linear warm-up steps
+    c.sft.clip_norm = 1.0  # global grad-norm clip (0: off)
+    c.sft.num_examples = 4096  # demonstrations used (generated, seeded, for "synthetic"; the first k of a file)
+    c.sft.data = SYNTHETIC  # "synthetic" (step-by-step demonstrations) or a JSONL of {"messages": [..., assistant]}
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 3  # keep the last k checkpoints
+    c.checkpoint.async_save = True  # write checkpoints in the background
+    c.checkpoint.export_hf = True  # export the policy (HF format) to WORKDIR/hf_export at the end
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.workers = 4  # grader processes
+    c.reward.timeout_s = 10.0  # time budget per graded response (timeout -> 0.0)
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.tensorboard = True  # TensorBoard events in WORKDIR/tb
+    c.logging.wandb = False  # Weights & Biases (needs `wandb` installed)
+    c.logging.wandb_project = "prime-jax"  # W&B project
+    c.logging.html_samples = 6  # responses shown in WORKDIR/rollouts/step_N.html per eval
+    c.logging.progress_bar = True  # tqdm bar on stderr
+
+    c.debug = ml_collections.ConfigDict()
+    c.debug.inject_nan_step = 0  # fault injection for tests: NaN old log-probs in this step's batch (0: off)
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _flatten(cfg, prefix=""):
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _looks_like_local_path(s: str) -> bool:
+    return s.startswith((".", "/", "~")) or s.count("/") != 1 or Path(s).exists()
+
+
+def _check_model_dir(field: str, path: str, what: str) -> None:
+    """A local folder must exist (holding config.json for models); a hub id must be reachable."""
+    if _looks_like_local_path(path):
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            raise ConfigError(field, f"{what} path {path!r} does not exist")
+        if what == "model" and not (p / "config.json").exists():
+            raise ConfigError(field, f"model path {path!r} has no config.json")
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(path, "config.json" if what == "model" else "tokenizer_config.json")
+        except Exception:
+            hit = None
+        if not isinstance(hit, str):
+            raise ConfigError(field, f"{what} {path!r} is not a local folder and not in the offline Hugging Face cache")
+
+
+def validate(config, *, num_devices: int | None = None) -> None:
+    """Checks every field of ``config``; raises ConfigError naming the first bad one.
+
+    num_devices: the device count the mesh must match (default: ``jax.device_count()``).
+    """
+    schema = _flatten(base_config())
+    values = _flatten(config)
+    for name in values:
+        if name not in schema:
+            raise ConfigError(name, "unknown field (not in prime_jax.config.base_config())")
+    for name in schema:
+        if name not in values:
+            raise ConfigError(name, "missing field")
+    for name, default in schema.items():
+        value = values[name]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = _is_int(value)
+        elif isinstance(default, float):
+            ok = _is_num(value)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ConfigError(name, f"expected {type(default).__name__}, got {value!r}")
+
+    c = config
+
+    def check(field: str, ok: bool, message: str):
+        if not ok:
+            raise ConfigError(field, message)
+
+    def positive(field: str, value):
+        check(field, value > 0, f"must be > 0, got {value!r}")
+
+    def non_negative(field: str, value):
+        check(field, value >= 0, f"must be >= 0, got {value!r}")
+
+    def one_of(field: str, value, choices):
+        check(field, value in choices, f"must be one of {list(choices)}, got {value!r}")
+
+    # top level
+    check("name", bool(re.fullmatch(r"[A-Za-z0-9_.+-]+", c.name)), f"must be a non-empty file-name-safe word, got {c.name!r}")
+    non_negative("seed", c.seed)
+    non_negative("total_steps", c.total_steps)
+    non_negative("eval_every", c.eval_every)
+    non_negative("checkpoint_every", c.checkpoint_every)
+
+    # model
+    m = c.model
+    if m.path != RANDOM_MODEL:
+        check("model.path", bool(m.path.strip()), "is empty (use a checkpoint folder, a hub id or 'random')")
+        _check_model_dir("model.path", m.path, "model")
+    one_of("model.dtype", m.dtype, DTYPES)
+    one_of("model.param_dtype", m.param_dtype, DTYPES)
+    one_of("model.remat", m.remat, REMAT_POLICIES)
+    positive("model.logprob_chunk", m.logprob_chunk)
+    non_negative("model.vocab_size", m.vocab_size)
+    for f in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_position_embeddings"):
+        positive(f"model.{f}", m[f])
+    non_negative("model.head_dim", m.head_dim)
+    positive("model.rope_theta", m.rope_theta)
+    check("model.num_heads", m.num_heads % m.num_kv_heads == 0,
+          f"{m.num_heads} is not a multiple of model.num_kv_heads ({m.num_kv_heads})")
+    if m.head_dim == 0:
+        check("model.hidden_size", m.hidden_size % m.num_heads == 0,
+              f"{m.hidden_size} is not divisible by model.num_heads ({m.num_heads}); set model.head_dim")
+    head = m.head_dim or m.hidden_size // m.num_heads
+    check("model.head_dim", head % 2 == 0, f"head size {head} must be even (rotary embedding)")
+
+    # tokenizer
+    t = c.tokenizer.path
+    if t == "":
+        check("tokenizer.path", m.path != RANDOM_MODEL, "is empty but model.path is 'random': name a tokenizer or 'tiny'")
+    elif t != TINY_TOKENIZER:
+        _check_model_dir("tokenizer.path", t, "tokenizer")
+
+    # data
+    d = c.data
+    for field, sources in (("data.train", [d.train]), ("data.eval", [s.strip() for s in d.eval.split(",")])):
+        for s in sources:
+            check(field, bool(s), f"has an empty source in {getattr(d, field.split('.')[1])!r}")
+            if s != SYNTHETIC and (s.startswith((".", "/", "~")) or s.lower().endswith((".parquet", ".jsonl", ".json"))):
+                check(field, Path(s).expanduser().exists(), f"data file {s!r} does not exist")
+    check("data.train_split", bool(d.train_split), "is empty")
+    non_negative("data.eval_max_problems", d.eval_max_problems)
+    positive("data.max_prompt_tokens", d.max_prompt_tokens)
+    one_of("data.system_prompt", d.system_prompt, ("keep", "none", "eurus2"))
+    s = d.synthetic
+    positive("data.synthetic.num_train", s.num_train)
+    positive("data.synthetic.num_eval", s.num_eval)
+    non_negative("data.synthetic.eval_seed", s.eval_seed)
+    from prime_jax.data.synthetic import DIFFICULTY
+
+    one_of("data.synthetic.difficulty", s.difficulty, sorted(DIFFICULTY))
+    for f in ("min_steps", "max_steps", "max_start", "max_operand", "max_factor"):
+        non_negative(f"data.synthetic.{f}", s[f])
+    lo = s.min_steps or DIFFICULTY[s.difficulty]["min_steps"]
+    hi = s.max_steps or DIFFICULTY[s.difficulty]["max_steps"]
+    check("data.synthetic.max_steps", lo <= hi, f"{hi} < data.synthetic.min_steps ({lo})")
+    check("data.synthetic.max_value", s.max_value >= (s.max_start or DIFFICULTY[s.difficulty]["max_start"]),
+          f"{s.max_value} is below the largest start value")
+
+    # rollout
+    r = c.rollout
+    check("rollout.n", r.n >= 2, f"must be >= 2 (leave-one-out baselines need two samples), got {r.n}")
+    positive("rollout.temperature", r.temperature)
+    check("rollout.top_p", 0 < r.top_p <= 1, f"must be in (0, 1], got {r.top_p}")
+    non_negative("rollout.top_k", r.top_k)
+    positive("rollout.max_new_tokens", r.max_new_tokens)
+    check("rollout.oversample", r.oversample >= 1.0, f"must be >= 1.0, got {r.oversample}")
+    non_negative("rollout.max_refill", r.max_refill)
+    non_negative("rollout.eval_temperature", r.eval_temperature)
+    non_negative("rollout.eval_max_new_tokens", r.eval_max_new_tokens)
+    positive("rollout.eval_batch", r.eval_batch)
+    check("data.max_prompt_tokens", d.max_prompt_tokens + max(r.max_new_tokens, r.eval_max_new_tokens) <= m.max_position_embeddings
+          or m.path != RANDOM_MODEL,
+          f"{d.max_prompt_tokens} + rollout.max_new_tokens exceeds model.max_position_embeddings ({m.max_position_embeddings})")
+
+    # algo
+    a = c.algo
+    from prime_jax.algo import ADVANTAGE_ESTIMATORS  # jax-only module; cheap
+
+    one_of("algo.estimator", a.estimator, sorted(ADVANTAGE_ESTIMATORS))
+    positive("algo.beta", a.beta)
+    check("algo.clip_eps", 0 < a.clip_eps < 1, f"must be in (0, 1), got {a.clip_eps}")
+    non_negative("algo.process_coef", a.process_coef)
+    non_negative("algo.outcome_coef", a.outcome_coef)
+    check("algo.filter_low", 0 <= a.filter_low <= 1, f"must be in [0, 1], got {a.filter_low}")
+    check("algo.filter_high", a.filter_low <= a.filter_high <= 1,
+          f"must be in [algo.filter_low, 1] = [{a.filter_low}, 1], got {a.filter_high}")
+    one_of("algo.agg", a.agg, AGGREGATIONS)
+
+    # optimizers
+    for o in ("policy_optim", "prm_optim"):
+        opt = c[o]
+        non_negative(f"{o}.lr", opt.lr)
+        non_negative(f"{o}.weight_decay", opt.weight_decay)
+        non_negative(f"{o}.clip_norm", opt.clip_norm)
+        check(f"{o}.b1", 0 <= opt.b1 < 1, f"must be in [0, 1), got {opt.b1}")
+        check(f"{o}.b2", 0 <= opt.b2 < 1, f"must be in [0, 1), got {opt.b2}")
+        positive(f"{o}.eps", opt.eps)
+        non_negative(f"{o}.warmup_steps", opt.warmup_steps)
+
+    # batch
+    b = c.batch
+    positive("batch.prompts_per_step", b.prompts_per_step)
+    positive("batch.micro_batches", b.micro_batches)
+    rows = b.prompts_per_step * r.n
+    for f in ("mini_batch", "prm_mini_batch", "score_batch"):
+        size = b[f]
+        positive(f"batch.{f}", size)
+        check(f"batch.{f}", size % r.n == 0, f"{size} is not divisible by rollout.n ({r.n}): a prompt's samples must stay together")
+        if f != "score_batch":
+            check(f"batch.{f}", rows % size == 0,
+                  f"{size} does not divide the batch of batch.prompts_per_step * rollout.n = {rows} responses")
+            check(f"batch.{f}", size % b.micro_batches == 0 and (size // b.micro_batches) % r.n == 0,
+                  f"{size} responses cannot be cut into batch.micro_batches = {b.micro_batches} micro-batches of whole groups of {r.n}")
+
+    # mesh
+    if c.mesh.preset:
+        from prime_jax.parallel import MESH_PRESETS
+
+        key = c.mesh.preset.strip().lower().replace("\u00d7", "x")
+        one_of("mesh.preset", key, sorted(MESH_PRESETS))
+        preset = MESH_PRESETS[key]
+        sizes = {"data": preset["data"], "fsdp": preset["fsdp"], "tensor": preset["tensor"]}
+    else:
+        sizes = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
+    for axis, size in sizes.items():
+        check(f"mesh.{axis}", size == -1 or size >= 1, f"must be a positive size or -1, got {size}")
+    check("mesh", sum(v == -1 for v in sizes.values()) <= 1, f"at most one axis may be -1, got {sizes}")
+    if num_devices is None:
+        import jax
+
+        num_devices = jax.device_count()
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if -1 in sizes.values():
+        check("mesh", num_devices % fixed == 0,
+              f"the fixed axes {sizes} (product {fixed}) do not divide the {num_devices} devices")
+    else:
+        check("mesh", fixed == num_devices,
+              f"data*fsdp*tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']} = {fixed} "
+              f"does not match the {num_devices} devices")
+    resolved = dict(sizes)
+    for axis, size in sizes.items():
+        if size == -1:
+            resolved[axis] = num_devices // fixed
+    data_parallel = resolved["data"] * resolved["fsdp"]  # rows of every batch are split this many ways
+    for f in ("mini_batch", "prm_mini_batch"):
+        per_micro = b[f] // b.micro_batches
+        check(f"batch.{f}", per_micro % data_parallel == 0,
+              f"{b[f]} / batch.micro_batches = {per_micro} rows per micro-batch is not divisible by the "
+              f"data-parallel size mesh.data*mesh.fsdp = {data_parallel}")
+    check("batch.score_batch", b.score_batch % data_parallel == 0,
+          f"{b.score_batch} is not divisible by the data-parallel size mesh.data*mesh.fsdp = {data_parallel}")
+    one_of("distributed.mode", c.distributed.mode, ("auto", "on", "off"))
+    check("distributed.local_device_ids", bool(re.fullmatch(r"(\d+(,\d+)*)?", c.distributed.local_device_ids.replace(" ", ""))),
+          f"must be a comma list of device ids, got {c.distributed.local_device_ids!r}")
+    non_negative("distributed.num_processes", c.distributed.num_processes)
+    check("distributed.process_id", c.distributed.process_id >= -1, f"must be >= -1, got {c.distributed.process_id}")
+    positive("distributed.initialization_timeout", c.distributed.initialization_timeout)
+
+    # sft
+    non_negative("sft.steps", c.sft.steps)
+    positive("sft.lr", c.sft.lr)
+    non_negative("sft.weight_decay", c.sft.weight_decay)
+    positive("sft.batch", c.sft.batch)
+    non_negative("sft.warmup_steps", c.sft.warmup_steps)
+    non_negative("sft.clip_norm", c.sft.clip_norm)
+    positive("sft.num_examples", c.sft.num_examples)
+    if c.sft.steps and c.sft.data != SYNTHETIC:
+        check("sft.data", Path(c.sft.data).expanduser().is_file(), f"SFT data file {c.sft.data!r} does not exist")
+    non_negative("debug.inject_nan_step", c.debug.inject_nan_step)
+
+    # checkpoint, reward, logging
+    positive("checkpoint.keep", c.checkpoint.keep)
+    positive("reward.workers", c.reward.workers)
+    positive("reward.timeout_s", c.reward.timeout_s)
+    check("logging.wandb_project", bool(c.logging.wandb_project) or not c.logging.wandb, "is empty")
+    non_negative("logging.html_samples", c.logging.html_samples)
+
+
+def field_names() -> list[str]:
+    """Every field of the schema, dotted (e.g. ``algo.beta``)."""
+    return sorted(_flatten(base_config()))
+
+
+def check_all(config, **kwargs) -> str | None:
+    """None if valid, else the one-line error message (for scripts that must not raise)."""
+    try:
+        validate(config, **kwargs)
+    except ConfigError as e:
+        return str(e)
+    return None
+

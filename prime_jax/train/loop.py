@@ -1,0 +1,738 @@
+"""The PRIME training loop: one iteration of PRIME_SPEC.md per step, top to bottom.
+
+    draw prompts ─▶ sample n each ─▶ grade (process pool) ─▶ accuracy filter ──(too few? refill)
+        ─▶ score (old / ref log-probs) ─▶ PRM mini-batches ─▶ normalise q ─▶ advantages
+        ─▶ shuffled PPO mini-batches ─▶ metrics ─▶ (eval) ─▶ (checkpoint)
+
+`Trainer.step` is that list; each phase is a method below it. Everything random derives from
+the config's seed: the base PRNG key (saved in checkpoints), `fold_in(key, step)` for sampling,
+and numpy generators seeded with `(seed, step)` for shuffles, so a resumed run repeats an
+uninterrupted one exactly. The sampler reads the policy's parameters in place (same arrays,
+same mesh); nothing is copied to another engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from prime_jax import algo
+from prime_jax.config import RANDOM_MODEL, SYNTHETIC, TINY_TOKENIZER
+from prime_jax.data import Problem, ShuffledIterator, render_prompts
+from prime_jax.models import Qwen2Config, Qwen2ForCausalLM, from_pretrained
+from prime_jax.models.tokenizer import eos_token_ids, load_tokenizer
+from prime_jax.parallel import batch_sharding, is_logging_process, shard_state
+from prime_jax.rewards import RewardPool
+from prime_jax.sampling import PAD_ID, Rollouts, Sampler
+from prime_jax.train import checkpoint as ckpt
+from prime_jax.train.metrics import MetricsLogger, masked_stats
+from prime_jax.train.report import write_rollouts_html
+from prime_jax.train.sft import encode_examples, run_sft
+from prime_jax.train.state import (
+    TrainState,
+    abstract_train_state,
+    create_train_state,
+    make_optimizer,
+    split_params,
+    train_state_shardings,
+)
+from prime_jax.train.steps import make_train_steps, sequence_logprobs
+
+logger = logging.getLogger(__name__)
+
+
+# ==============================================================================================
+# Data: the prompts of a step, and the held-out sets
+# ==============================================================================================
+def synthetic_kwargs(config) -> dict:
+    s = config.data.synthetic
+    knobs = {k: s[k] for k in ("min_steps", "max_steps", "max_start", "max_operand", "max_factor") if s[k]}
+    return dict(difficulty=s.difficulty, max_value=s.max_value, **knobs)
+
+
+def _system_prompt(config) -> str | None:
+    from prime_jax.data import EURUS2_SYSTEM_PROMPT
+
+    return {"keep": None, "none": "", "eurus2": EURUS2_SYSTEM_PROMPT}[config.data.system_prompt]
+
+
+def load_eval_sets(config) -> dict[str, list[Problem]]:
+    """{source name: problems} of every `data.eval` source (the synthetic one is fixed by eval_seed)."""
+    from prime_jax.data import make_problems, read_problems
+
+    sets = {}
+    for source in [s.strip() for s in config.data.eval.split(",") if s.strip()]:
+        if source == SYNTHETIC:
+            problems = make_problems(config.data.synthetic.num_eval, config.data.synthetic.eval_seed, stream=1,
+                                     unique=True, system_prompt=_system_prompt(config), **synthetic_kwargs(config))
+        else:
+            problems, _ = read_problems(source, split="test", system_prompt=_system_prompt(config))
+        if config.data.eval_max_problems:
+            problems = problems[: config.data.eval_max_problems]
+        sets[Path(source).stem if "/" in source else source] = problems
+    return sets
+
+
+def load_train_problems(config, exclude: set[str]) -> list[Problem]:
+    from prime_jax.data import make_problems, read_problems
+
+    if config.data.train == SYNTHETIC:
+        return make_problems(config.data.synthetic.num_train, config.seed, stream=0, exclude=exclude,
+                             system_prompt=_system_prompt(config), **synthetic_kwargs(config))
+    problems, stats = read_problems(config.data.train, split=config.data.train_split,
+                                    system_prompt=_system_prompt(config))
+    if not problems:
+        raise ValueError(f"data.train: no usable problems in {config.data.train!r} ({stats.summary()})")
+    return problems
+
+
+def sft_pairs(config, exclude: set[str]) -> list[tuple[list[dict], str]]:
+    """(prompt messages, demonstration) pairs for the SFT warm start."""
+    from prime_jax.data import demonstration, make_problems
+
+    if config.sft.data == SYNTHETIC:
+        problems = make_problems(config.sft.num_examples, config.seed, stream=2, exclude=exclude,
+                                 system_prompt=_system_prompt(config), **synthetic_kwargs(config))
+        return [(p.messages, demonstration(p)) for p in problems]
+    pairs = []
+    with open(config.sft.data, encoding="utf-8") as f:  # JSONL: {"messages": [..., {"role": "assistant", ...}]}
+        for line in f:
+            if not line.strip():
+                continue
+            messages = json.loads(line)["messages"]
+            if messages and messages[-1]["role"] == "assistant":
+                pairs.append((messages[:-1], messages[-1]["content"]))
+            if len(pairs) >= config.sft.num_examples:
+                break
+    return pairs
+
+
+class PromptSource:
+    """Training prompts: the surplus buffer first, then the seeded, resumable iterator.
+
+    Prompts longer than `max_prompt_tokens` are dropped (and counted). `state()` is JSON and
+    goes into checkpoints.
+    """
+
+    def __init__(self, problems: Sequence[Problem], tokenizer, max_prompt_tokens: int, seed: int):
+        self.iterator = ShuffledIterator(problems, seed)
+        self.tokenizer = tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+        self.buffer: list[Problem] = []
+        self.dropped = 0
+
+    def take(self, k: int) -> list[tuple[Problem, list[int]]]:
+        out: list[tuple[Problem, list[int]]] = []
+        while len(out) < k:
+            need = k - len(out)
+            from_buffer, self.buffer = self.buffer[:need], self.buffer[need:]
+            problems = from_buffer + self.iterator.next_batch(need - len(from_buffer))
+            ids, kept, stats = render_prompts(problems, self.tokenizer, self.max_prompt_tokens)
+            self.dropped += stats.n_skipped
+            if stats.n_skipped and stats.n_skipped >= 10 * k and not out:
+                raise RuntimeError(f"almost every training prompt is longer than data.max_prompt_tokens ({stats.summary()})")
+            out.extend(zip(kept, ids))
+        return out
+
+    def put_back(self, problems: Sequence[Problem]) -> None:
+        """Surplus prompts: drawn first next step."""
+        self.buffer = list(problems) + self.buffer
+
+    def state(self) -> dict:
+        return {"iterator": self.iterator.get_state(), "buffer": [p.to_dict() for p in self.buffer],
+                "dropped": self.dropped}
+
+    def set_state(self, state: dict) -> None:
+        self.iterator.set_state(state["iterator"])
+        self.buffer = [Problem.from_dict(d) for d in state["buffer"]]
+        self.dropped = int(state["dropped"])
+
+
+# ==============================================================================================
+# Groups: a prompt's n rollouts with everything the updates need
+# ==============================================================================================
+@dataclasses.dataclass
+class Group:
+    """One prompt's n samples: host arrays with n rows each (prompt_ids/prompt_mask [n, P] left-padded,
+    response_ids/response_mask [n, R] right-padded, outcome [n], and old_logprobs / ref_logprobs
+    [n, R] once scored)."""
+
+    problem: Problem
+    rows: dict[str, np.ndarray]
+    texts: list[str]
+
+    @property
+    def outcome(self) -> np.ndarray:
+        return self.rows["outcome"]
+
+
+def _bucket(length: int, lo: int, hi: int) -> int:
+    """Power of two >= length, within [lo, hi] (few distinct shapes, so few compilations)."""
+    return int(min(hi, max(lo, 1 << max(0, int(length) - 1).bit_length())))
+
+
+def fit_prompts(prompt_ids: np.ndarray, prompt_mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompts cropped or padded on the left to `width` columns (all prompts must fit)."""
+    have = prompt_ids.shape[1]
+    if have > width:
+        if prompt_mask[:, : have - width].any():
+            raise ValueError(f"a prompt is longer than {width} tokens")
+        return prompt_ids[:, have - width:], prompt_mask[:, have - width:]
+    pad = ((0, 0), (width - have, 0))
+    return np.pad(prompt_ids, pad), np.pad(prompt_mask, pad)
+
+
+def assemble_batch(groups: Sequence[Group], max_new_tokens: int) -> dict[str, np.ndarray]:
+    """Stacks groups into the batch dict of `steps.py` (rows grouped by prompt). Long responses are
+    cut to a power-of-two bucket (>= 128) of the longest one (the columns beyond it are padding)."""
+    R = _bucket(max(int(g.rows["response_mask"].sum(1).max()) for g in groups), min(128, max_new_tokens),
+                max_new_tokens)
+    batch = {}
+    for key in groups[0].rows:
+        parts = [g.rows[key] for g in groups]
+        if key in ("response_ids", "response_mask", "old_logprobs", "ref_logprobs"):
+            parts = [x[:, :R] for x in parts]
+        batch[key] = np.concatenate(parts)
+    return batch
+
+
+@functools.partial(jax.jit, static_argnames=("estimator", "n", "process_coef", "outcome_coef", "normalize"))
+def process_rewards_and_advantages(q, outcome, response_mask, *, estimator: str, n: int, process_coef: float,
+                                   outcome_coef: float, normalize: bool = True):
+    """Normalised process rewards, advantages (estimator from config) and their summary numbers."""
+    q_norm = algo.normalize_process_rewards(q, response_mask) if normalize else q
+    advantages = algo.compute_advantages(estimator, process_rewards=q_norm, outcome=outcome,
+                                         response_mask=response_mask, n=n, process_coef=process_coef,
+                                         outcome_coef=outcome_coef)
+    mask = response_mask.astype(jnp.float32)
+    proc_returns = algo.revcumsum(algo.rloo(q_norm, mask, n) * mask) * mask
+    out_r, out_m = algo.outcome_token_rewards(outcome, response_mask)
+    out_returns = algo.revcumsum(algo.rloo(out_r, out_m, n) * mask) * mask
+    tokens = jnp.maximum(mask.sum(), 1.0)
+    stats = {
+        "returns/process_mean": (proc_returns * mask).sum() / tokens,
+        "returns/outcome_mean": (out_returns * mask).sum() / tokens,
+        "rewards/process_sum_mean": (q_norm * mask).sum(1).mean(),
+    }
+    return q_norm, advantages, stats
+
+
+# ==============================================================================================
+# The trainer
+# ==============================================================================================
+class Trainer:
+    """Holds the run: models, optimizers, sampler, grader pool, data, logs, checkpoints."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, mesh):
+        self.config = c = config
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.mesh = mesh
+        self.n = c.rollout.n
+        self.is_main = is_logging_process()
+        self.groups_per_step = c.batch.prompts_per_step
+        # Prompts sampled per attempt: oversampled, rounded up so the rows split evenly over the
+        # data-parallel devices (every attempt has the same shapes: one compilation).
+        data_parallel = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+        self.prompts_per_attempt = math.ceil(c.rollout.oversample * c.batch.prompts_per_step)
+        while self.prompts_per_attempt * self.n % data_parallel:
+            self.prompts_per_attempt += 1
+        self.uses_process_rewards = c.algo.estimator != "outcome_rloo"
+        # Training batches hold prompts in a fixed number of columns (one compilation per program).
+        self.prompt_width = -(-c.data.max_prompt_tokens // 8) * 8
+
+        self.tokenizer = self._load_tokenizer()
+        self.stop_ids = eos_token_ids(self.tokenizer)
+        self.eval_sets = load_eval_sets(c)
+        held_out = {p.meta["expression"] for problems in self.eval_sets.values() for p in problems
+                    if "expression" in p.meta}
+        self.eval_prompts = {name: render_prompts(problems, self.tokenizer, c.data.max_prompt_tokens)[:2]
+                             for name, problems in self.eval_sets.items()}
+        self.prompts = PromptSource(load_train_problems(c, held_out if c.data.train == SYNTHETIC else set()),
+                                    self.tokenizer, c.data.max_prompt_tokens, c.seed)
+        self._held_out = held_out
+
+        model = self._initial_model()
+        self.graphdef, initial_params = split_params(model)
+        self.policy_optimizer = self._optimizer(c.policy_optim)
+        self.prm_optimizer = self._optimizer(c.prm_optim)
+        self.steps = make_train_steps(
+            model, self.policy_optimizer, self.prm_optimizer, mesh, n=self.n, micro_batches=c.batch.micro_batches,
+            score_micro_batches=1, beta=c.algo.beta, clip_eps=c.algo.clip_eps,
+            temperature=c.rollout.temperature, chunk_size=c.model.logprob_chunk,
+            double_forward=c.algo.double_forward, agg=c.algo.agg)
+        self.sampler = Sampler(mesh, min_prompt_bucket=16)
+        self.checkpointer = ckpt.RunCheckpointer(self.workdir / "checkpoints", keep=c.checkpoint.keep,
+                                                 async_save=c.checkpoint.async_save)
+        self.start_step = self.checkpointer.latest_step() or 0
+        self.ref_params = self._reference_params(model, initial_params)
+        del model, initial_params
+        if self.start_step:
+            self._restore(self.start_step)
+        else:
+            self.policy = create_train_state(self.ref_params, self.policy_optimizer, mesh)
+            self.prm = create_train_state(self.ref_params, self.prm_optimizer, mesh)
+            self.key = jax.random.PRNGKey(c.seed)
+        self.pool = None
+        self.log = None
+        self._score_q = jax.jit(self._q_fn)
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _load_tokenizer(self):
+        path = self.config.tokenizer.path or self.config.model.path
+        if path == TINY_TOKENIZER:
+            from prime_jax.data import build_tiny_tokenizer
+
+            folder = self.workdir / "tokenizer"
+            if not (folder / "tokenizer.json").exists() and self.is_main:
+                build_tiny_tokenizer(folder)
+            path = str(folder)
+        return load_tokenizer(path)
+
+    def _initial_model(self) -> Qwen2ForCausalLM:
+        m = self.config.model
+        if m.path != RANDOM_MODEL:
+            return from_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=self.mesh, remat=m.remat)
+        config = Qwen2Config(
+            vocab_size=m.vocab_size or len(self.tokenizer), hidden_size=m.hidden_size,
+            intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+            num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim or None, rope_theta=m.rope_theta,
+            max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=m.tie_word_embeddings,
+            dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+        model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(self.config.seed))
+        graphdef, state = nnx.split(model)
+        return nnx.merge(graphdef, shard_state(state, self.mesh))
+
+    @staticmethod
+    def _optimizer(o) -> optax.GradientTransformation:
+        lr = optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps else o.lr
+        return make_optimizer(lr, weight_decay=o.weight_decay, clip_norm=o.clip_norm or None, b1=o.b1, b2=o.b2,
+                              eps=o.eps)
+
+    def _reference_params(self, model, initial_params):
+        """The frozen reference = the SFT result (trained once, saved in WORKDIR/reference)."""
+        c = self.config
+        folder = self.workdir / "reference"
+        if c.sft.steps == 0:
+            return initial_params
+        if ckpt.params_saved(folder):
+            logger.info("reference (SFT) weights: restoring %s", folder)
+            return ckpt.restore_params(folder, ckpt.abstract_like(initial_params))
+        pairs = sft_pairs(c, self._held_out)
+        examples, dropped = encode_examples(self.tokenizer, pairs, max_prompt_tokens=c.data.max_prompt_tokens,
+                                            max_response_tokens=c.rollout.max_new_tokens)
+        logger.info("SFT: %d examples (%d too long), %d steps", len(examples), dropped, c.sft.steps)
+        sft_log = (self.workdir / "sft_metrics.jsonl").open("w") if self.is_main else None
+
+        def log_fn(step, row):
+            if sft_log:
+                sft_log.write(json.dumps({"sft_step": step, **{k: float(v) for k, v in row.items()}}) + "\n")
+                sft_log.flush()
+            logger.info("SFT step %d: loss %.4f", step, row["loss"])
+
+        model = run_sft(model, examples, steps=c.sft.steps, lr=c.sft.lr, batch_size=c.sft.batch, mesh=self.mesh,
+                        seed=c.seed, warmup_steps=c.sft.warmup_steps, weight_decay=c.sft.weight_decay,
+                        clip_norm=c.sft.clip_norm, pad_id=PAD_ID, chunk_size=c.model.logprob_chunk, log_fn=log_fn)
+        if sft_log:
+            sft_log.close()
+        _, params = split_params(model)
+        ckpt.save_params(folder, params)
+        return params
+
+    def _abstract_run_state(self):
+        params = self.ref_params
+        shapes = lambda opt: jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_train_state(params, opt), train_state_shardings(params, opt, self.mesh))
+        key = jax.random.PRNGKey(0)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return {"policy": shapes(self.policy_optimizer), "prm": shapes(self.prm_optimizer),
+                "key": jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)}
+
+    def _restore(self, step: int) -> None:
+        state, meta = self.checkpointer.restore(step, self._abstract_run_state())
+        self.policy, self.prm, self.key = state["policy"], state["prm"], state["key"]
+        self.prompts.set_state(meta["prompts"])
+        logger.info("resumed from the checkpoint of step %d", step)
+
+    def _save(self, step: int) -> None:
+        self.checkpointer.save(step, {"policy": self.policy, "prm": self.prm, "key": self.key},
+                               {"step": step, "prompts": self.prompts.state()})
+
+    @property
+    def policy_model(self) -> Qwen2ForCausalLM:
+        return nnx.merge(self.graphdef, self.policy.params)
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        """Steps start_step+1 .. total_steps, with evals and checkpoints; returns the last eval row."""
+        c = self.config
+        self.pool = RewardPool(c.reward.workers, math_timeout=c.reward.timeout_s, code_timeout=c.reward.timeout_s)
+        self.log = MetricsLogger(self.workdir, resume_step=self.start_step or None, tensorboard=c.logging.tensorboard,
+                                 wandb=c.logging.wandb, wandb_project=c.logging.wandb_project, run_name=c.name,
+                                 config=c.to_dict(), enabled=self.is_main)
+        if self.is_main:
+            (self.workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+        bar = None
+        if c.logging.progress_bar and self.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=c.total_steps, initial=self.start_step, desc=c.name, dynamic_ncols=True)
+        last_eval = {}
+        try:
+            if self.start_step == 0:
+                last_eval = self.evaluate(0)
+            for step in range(self.start_step + 1, c.total_steps + 1):
+                row = self.step(step)
+                if self._due(step, c.eval_every):
+                    last_eval = self.evaluate(step)
+                if self._due(step, c.checkpoint_every):
+                    self._save(step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{row['train/reward']:.2f}", kept=f"{row['filter/kept_group_frac']:.2f}",
+                                    dpo=f"{row.get('prm/dpo_accuracy', float('nan')):.2f}",
+                                    eval=f"{last_eval.get('eval/accuracy', float('nan')):.3f}")
+            self.checkpointer.wait()
+            if c.checkpoint.export_hf and self.is_main:
+                self.export_hf()
+        finally:
+            if bar is not None:
+                bar.close()
+            self.close()
+        return last_eval
+
+    def _due(self, step: int, every: int) -> bool:
+        return step == self.config.total_steps or (every > 0 and step % every == 0)
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def export_hf(self) -> Path:
+        folder = ckpt.export_hf(self.policy_model, self.tokenizer, self.workdir / "hf_export")
+        logger.info("exported the policy (Hugging Face format) to %s", folder)
+        return folder
+
+    # ------------------------------------------------------------------ one PRIME iteration
+    def step(self, step: int) -> dict:
+        c = self.config
+        t0 = time.perf_counter()
+        key = jax.random.fold_in(self.key, step)
+
+        groups, collect = self.collect_groups(step, key)  # draw, sample, grade, filter (+ refill)
+        row = {"step": step, **collect}
+        if groups:
+            batch = assemble_batch(groups, c.rollout.max_new_tokens)
+            if "ref_logprobs" not in batch:  # not scored while grading: score the kept rows only
+                t = time.perf_counter()
+                self.score(batch)
+                row["time/score_s"] += time.perf_counter() - t
+            if step == c.debug.inject_nan_step:  # test hook: the NaN guard must skip this step's updates
+                batch["old_logprobs"][:] = np.nan
+            mask = batch["response_mask"]
+            q, prm_metrics = self.update_prm(batch, step)  # PRM mini-batches; q from the same forward
+            q_norm, advantages, adv_stats = process_rewards_and_advantages(
+                jnp.asarray(q), jnp.asarray(batch["outcome"]), jnp.asarray(mask), estimator=c.algo.estimator,
+                n=self.n, process_coef=float(c.algo.process_coef), outcome_coef=float(c.algo.outcome_coef),
+                normalize=self.uses_process_rewards)
+            batch["advantages"] = np.asarray(advantages, np.float32)
+            policy_metrics = self.update_policy(batch, step)  # shuffled PPO mini-batches
+            row.update(prm_metrics)
+            row.update(policy_metrics)
+            row.update({k: float(v) for k, v in jax.device_get(adv_stats).items()})
+            row.update(masked_stats(batch["advantages"], mask, "advantages"))
+            row["response/length_kept_mean"] = float(mask.sum(1).mean())
+            row["nan_skipped"] = row.get("policy/nan_skipped", 0) + row.get("prm/nan_skipped", 0)
+        else:
+            logger.warning("step %d: no prompt group survived the accuracy filter; no update", step)
+        row["nan_skipped_total"] = int(jax.device_get(self.policy.nan_skips + self.prm.nan_skips))
+        row["data/prompts_dropped_total"] = self.prompts.dropped
+        row["time/step_s"] = time.perf_counter() - t0
+        row["time/wall"] = time.time()
+        return self.log.write(row) if self.log else row
+
+    # ---------------------------------------------------------------- draw, sample, grade, filter
+    def collect_groups(self, step: int, key) -> tuple[list[Group], dict]:
+        """Samples attempts of `prompts_per_attempt` prompts until `prompts_per_step` groups survive
+        the accuracy filter, or `rollout.max_refill` extra attempts are spent. Surplus survivors'
+        prompts go back to the buffer for the next step."""
+        c = self.config
+        kept: list[Group] = []
+        all_outcomes, all_lengths, truncated = [], [], 0
+        timing = {"sample": 0.0, "grade": 0.0, "score": 0.0}
+        tokens_sampled, attempts, grading_errors, grading_timeouts = 0, 0, 0, 0
+        for attempt in range(c.rollout.max_refill + 1):
+            attempts += 1
+            items = self.prompts.take(self.prompts_per_attempt)
+            problems = [p for p, _ in items]
+            t = time.perf_counter()
+            rollouts = self.sampler.generate(
+                (self.graphdef, self.policy.params), [ids for _, ids in items], max_new_tokens=c.rollout.max_new_tokens,
+                n=self.n, temperature=c.rollout.temperature, top_p=c.rollout.top_p, top_k=c.rollout.top_k,
+                stop_token_ids=self.stop_ids, key=jax.random.fold_in(key, attempt))
+            timing["sample"] += time.perf_counter() - t
+            tokens_sampled += int(rollouts.lengths.sum())
+            rows = self.rollout_rows(rollouts)
+
+            t = time.perf_counter()
+            # Device work dispatched before grading runs in the pool: the two overlap.
+            pending = self.score_async(rows) if c.rollout.overlap_scoring else None
+            texts = self.decode(rollouts)
+            graded = self.pool.score([(text, problems[r // self.n].ground_truth, problems[r // self.n].ability)
+                                      for r, text in enumerate(texts)])
+            rows["outcome"] = np.asarray(graded.scores, np.float32)
+            timing["grade"] += time.perf_counter() - t
+            grading_errors += graded.errors
+            grading_timeouts += graded.timeouts
+            if pending is not None:
+                t = time.perf_counter()
+                rows.update(self.fetch_scores(pending))
+                if "ref_logprobs" not in rows:
+                    rows["ref_logprobs"] = np.zeros(rows["response_mask"].shape, np.float32)
+                timing["score"] += time.perf_counter() - t
+
+            all_outcomes.append(rows["outcome"])
+            all_lengths.append(rollouts.lengths)
+            truncated += int((~rollouts.finished).sum())
+            survive = (np.asarray(algo.accuracy_filter(rows["outcome"], self.n, c.algo.filter_low, c.algo.filter_high))
+                       if c.algo.filter else np.ones(len(items), bool))
+            for g in np.flatnonzero(survive):
+                sl = slice(g * self.n, (g + 1) * self.n)
+                kept.append(Group(problems[g], {k: v[sl] for k, v in rows.items()}, texts[sl]))
+            if len(kept) >= self.groups_per_step:
+                break
+        survivors = len(kept)
+        surplus = kept[self.groups_per_step:]
+        kept = kept[: self.groups_per_step]
+        self.prompts.put_back([g.problem for g in surplus])
+        # Mini-batches hold whole groups and have fixed sizes: train on a multiple of them.
+        unit = math.lcm(c.batch.mini_batch // self.n, c.batch.prm_mini_batch // self.n)
+        usable = len(kept) // unit * unit
+        if usable < self.groups_per_step:
+            logger.warning("step %d: only %d/%d prompt groups survived the filter after %d attempts; "
+                           "training on %d", step, len(kept), self.groups_per_step, attempts, usable)
+            self.prompts.put_back([g.problem for g in kept[usable:]])
+            kept = kept[:usable]
+        outcomes = np.concatenate(all_outcomes)
+        lengths = np.concatenate(all_lengths)
+        sampled_groups = attempts * self.prompts_per_attempt
+        row = {
+            "train/reward": float(outcomes.mean()),
+            "verifier/accuracy_before_filter": float(outcomes.mean()),
+            "verifier/accuracy_after_filter": float(np.mean([g.outcome.mean() for g in kept])) if kept else 0.0,
+            "verifier/errors": grading_errors,
+            "verifier/timeouts": grading_timeouts,
+            "filter/kept_group_frac": survivors / sampled_groups,
+            "filter/groups_trained": len(kept),
+            "filter/attempts": attempts,
+            "filter/surplus_groups": len(surplus),
+            "response/length_mean": float(lengths.mean()),
+            "response/length_max": int(lengths.max()),
+            "response/truncated_frac": truncated / len(lengths),
+            "perf/rollouts_per_s": len(lengths) / max(timing["sample"], 1e-9),
+            "perf/tokens_per_s": tokens_sampled / max(timing["sample"], 1e-9),
+            "time/sample_s": timing["sample"],
+            "time/grade_s": timing["grade"],
+            "time/score_s": timing["score"],
+        }
+        return kept, row
+
+    def rollout_rows(self, rollouts: Rollouts) -> dict[str, np.ndarray]:
+        """The rollouts as training rows: prompts fitted to the training prompt width; the
+        sampler's own log-probs as old_logprobs unless algo.recompute_old_logprobs."""
+        prompt_ids, prompt_mask = fit_prompts(rollouts.prompt_tokens, rollouts.prompt_mask, self.prompt_width)
+        rows = {"prompt_ids": prompt_ids.astype(np.int32), "prompt_mask": prompt_mask.astype(np.int32),
+                "response_ids": rollouts.tokens.astype(np.int32),
+                "response_mask": rollouts.response_mask.astype(np.int32)}
+        if not self.config.algo.recompute_old_logprobs:
+            rows["old_logprobs"] = rollouts.logprobs.astype(np.float32)
+        return rows
+
+    def score_async(self, rows: dict[str, np.ndarray]) -> tuple[list, int]:
+        """Dispatches the log-probs the updates need (old: the policy's, unless the sampler's are
+        used; ref: the frozen reference's, unless outcome-only) in fixed-size chunks of
+        batch.score_batch rows (the last one padded with repeated rows, so one compilation).
+        Returns the pending device results; `fetch_scores` collects them."""
+        wanted = {}
+        if "old_logprobs" not in rows:
+            wanted["old_logprobs"] = self.policy.params
+        if "ref_logprobs" not in rows and self.uses_process_rewards:
+            wanted["ref_logprobs"] = self.ref_params
+        keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
+        total, size = len(rows["response_mask"]), self.config.batch.score_batch
+        pending = []
+        for start in range(0, total, size if wanted else total):
+            index = np.arange(start, start + size) % total
+            chunk = jax.device_put({k: rows[k][index] for k in keys}, self.steps.batch_sharding)
+            # The score step's "old_logprobs" output scores whichever params it is given.
+            pending.append({name: self.steps.score(params, None, None, chunk)["old_logprobs"]
+                            for name, params in wanted.items()})
+        return pending, total
+
+    def fetch_scores(self, pending_and_total) -> dict[str, np.ndarray]:
+        pending, total = pending_and_total
+        chunks = jax.device_get(pending)
+        out = {name: np.concatenate([c[name] for c in chunks])[:total].astype(np.float32) for name in chunks[0]}
+        return out
+
+    def score(self, rows: dict[str, np.ndarray]) -> None:
+        """Adds old_logprobs and ref_logprobs to `rows` (zeros for ref in outcome-only runs)."""
+        rows.update(self.fetch_scores(self.score_async(rows)))
+        if "ref_logprobs" not in rows:
+            rows["ref_logprobs"] = np.zeros(rows["response_mask"].shape, np.float32)
+
+    def decode(self, rollouts: Rollouts) -> list[str]:
+        """Response texts without the stop token (what the verifier reads)."""
+        rows = [row[: length - int(done)] for row, length, done in
+                zip(rollouts.tokens.tolist(), rollouts.lengths.tolist(), rollouts.finished.tolist())]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    # ---------------------------------------------------------------- PRM and policy updates
+    def _device_batch(self, batch: dict, rows: np.ndarray, keys: Sequence[str]) -> dict:
+        return jax.device_put({k: batch[k][rows] for k in keys}, self.steps.batch_sharding)
+
+    def update_prm(self, batch: dict, step: int) -> tuple[np.ndarray, dict]:
+        """One pass of PRM mini-batches (in order); returns q [B, R] recorded from each mini-batch's
+        own forward pass (before its update; after it with algo.double_forward) and the metrics."""
+        c = self.config
+        mask = batch["response_mask"]
+        if not self.uses_process_rewards:
+            return np.zeros(mask.shape, np.float32), {}
+        t = time.perf_counter()
+        size = c.batch.prm_mini_batch
+        keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "ref_logprobs", "outcome")
+        pending = []
+        for start in range(0, len(mask), size):  # dispatched back to back; fetched once below
+            mb = self._device_batch(batch, np.arange(start, start + size), keys)
+            if c.algo.update_prm:
+                self.prm, m = self.steps.prm(self.prm, mb)
+            else:  # a frozen PRM still gives rewards
+                m = {"q": self._score_q(self.prm.params, self.ref_params, mb)}
+            pending.append(m)
+        metrics = jax.device_get(pending)
+        q = np.concatenate([np.asarray(m.pop("q")) for m in metrics]).astype(np.float32)
+        out = {"prm/" + k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+        if "prm/nan_skipped" in out:
+            out["prm/nan_skipped"] = int(sum(int(m["nan_skipped"]) for m in metrics))
+        if "prm/dpo_accuracy" not in out:  # frozen PRM: rank with the rewards it gave
+            out["prm/dpo_accuracy"] = float(algo.dpo_accuracy(q, mask, batch["outcome"], self.n))
+        sums = (q * mask).sum(1)
+        correct = batch["outcome"] >= 0.5
+        out["prm/q_sum_correct"] = float(sums[correct].mean()) if correct.any() else 0.0
+        out["prm/q_sum_wrong"] = float(sums[~correct].mean()) if (~correct).any() else 0.0
+        out["time/prm_s"] = time.perf_counter() - t
+        return q, out
+
+    def update_policy(self, batch: dict, step: int) -> dict:
+        """One epoch of PPO-clip over shuffled mini-batches of whole groups."""
+        c = self.config
+        t = time.perf_counter()
+        num_groups = len(batch["outcome"]) // self.n
+        rng = np.random.default_rng([c.seed, step, 1])
+        order = rng.permutation(num_groups)
+        per_mb = c.batch.mini_batch // self.n
+        keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "old_logprobs", "advantages")
+        metrics = []
+        for start in range(0, num_groups, per_mb):
+            groups = order[start:start + per_mb]
+            rows = (groups[:, None] * self.n + np.arange(self.n)[None, :]).reshape(-1)
+            self.policy, m = self.steps.policy(self.policy, self._device_batch(batch, rows, keys))
+            metrics.append(m)
+        metrics = jax.device_get(metrics)
+        out = {f"policy/{k}": float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+        out["policy/ratio_max"] = float(np.max([m["ratio_max"] for m in metrics]))
+        out["policy/nan_skipped"] = int(sum(int(m["nan_skipped"]) for m in metrics))
+        out["time/policy_s"] = time.perf_counter() - t
+        return out
+
+    # ---------------------------------------------------------------- held-out evaluation
+    def _q_fn(self, prm_params, ref_params, batch):
+        lp = functools.partial(sequence_logprobs, self.graphdef, temperature=self.config.rollout.temperature,
+                               chunk_size=self.config.model.logprob_chunk)
+        return algo.implicit_token_rewards(lp(prm_params, batch), lp(ref_params, batch), batch["response_mask"])
+
+    def evaluate(self, step: int) -> dict:
+        """Greedy (rollout.eval_temperature) pass@1 on every eval source; writes the HTML page."""
+        c = self.config
+        t0 = time.perf_counter()
+        max_new = c.rollout.eval_max_new_tokens or c.rollout.max_new_tokens
+        row: dict[str, Any] = {"step": step}
+        accuracies, lengths, truncated, html_rows = [], [], [], []
+        key = jax.random.fold_in(jax.random.PRNGKey(c.data.synthetic.eval_seed), step)
+        for name, (ids, kept) in self.eval_prompts.items():
+            scores = []
+            for start in range(0, len(ids), c.rollout.eval_batch):
+                chunk = ids[start:start + c.rollout.eval_batch]
+                rollouts = self.sampler.generate(
+                    (self.graphdef, self.policy.params), chunk, max_new_tokens=max_new, n=1,
+                    temperature=c.rollout.eval_temperature, top_p=c.rollout.top_p, top_k=c.rollout.top_k,
+                    stop_token_ids=self.stop_ids, key=key)
+                texts = self.decode(rollouts)
+                chunk_problems = kept[start:start + len(chunk)]
+                graded = self.pool.score([(t, p.ground_truth, p.ability) for t, p in zip(texts, chunk_problems)])
+                scores.extend(graded.scores)
+                lengths.extend(rollouts.lengths.tolist())
+                truncated.extend((~rollouts.finished).tolist())
+                if len(html_rows) < c.logging.html_samples:
+                    for r in range(min(len(chunk), c.logging.html_samples - len(html_rows))):
+                        html_rows.append((rollouts, r, chunk_problems[r], graded.scores[r], name))
+            accuracy = float(np.mean(scores)) if scores else 0.0
+            row[f"eval/{name}/accuracy"] = accuracy
+            accuracies.append(accuracy)
+        row["eval/accuracy"] = float(np.mean(accuracies)) if accuracies else 0.0
+        row["eval/response_length"] = float(np.mean(lengths)) if lengths else 0.0
+        row["eval/truncated_frac"] = float(np.mean(truncated)) if truncated else 0.0
+        if self.is_main and html_rows:
+            self._write_html(step, html_rows)
+        row["time/eval_s"] = time.perf_counter() - t0
+        return self.log.write(row) if self.log else row
+
+    def _write_html(self, step: int, html_rows) -> None:
+        samples = []
+        for rollouts, r, problem, outcome, source in html_rows:
+            length = int(rollouts.lengths[r])
+            R = _bucket(length, 8, rollouts.tokens.shape[1])
+            batch = {"prompt_ids": rollouts.prompt_tokens[r:r + 1], "prompt_mask": rollouts.prompt_mask[r:r + 1],
+                     "response_ids": rollouts.tokens[r:r + 1, :R], "response_mask": rollouts.response_mask[r:r + 1, :R]}
+            q = np.asarray(self._score_q(self.prm.params, self.ref_params, batch))[0, :length]
+            token_ids = rollouts.tokens[r, :length].tolist()
+            samples.append({
+                "prompt": self.tokenizer.decode(rollouts.prompt_tokens[r][rollouts.prompt_mask[r] > 0].tolist()),
+                "tokens": [self.tokenizer.decode([t]) for t in token_ids],
+                "q": q.tolist(), "outcome": float(outcome), "ground_truth": problem.ground_truth, "source": source,
+            })
+        write_rollouts_html(self.workdir / "rollouts" / f"step_{step}.html", samples,
+                            title=f"{self.config.name}: held-out responses at step {step}")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> dict:
+    """Runs (or resumes) PRIME; returns the last eval row."""
+    return Trainer(config, workdir, mesh).run()
+
+
+def export_latest(config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> Path:
+    """Exports the policy of the latest checkpoint (or the start policy) to WORKDIR/hf_export."""
+    trainer = Trainer(config, workdir, mesh)
+    try:
+        return trainer.export_hf()
+    finally:
+        trainer.close()

@@ -1,0 +1,166 @@
+"""The PRIME trainer end to end on a very small config: resume after kill -9, the NaN guard,
+metrics/eval rows, the HTML report and the Hugging Face export."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prime_jax.train.metrics import WALL_CLOCK_PREFIXES, read_metrics, truncate_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A very small run of the tiny config: 1-layer model, 4 prompts x 4 samples per step, short responses.
+# The accuracy filter is off so every step trains (a barely fine-tuned model is rarely right).
+SHORT = {
+    "total_steps": 6, "eval_every": 3, "checkpoint_every": 2,
+    "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 1, "model.num_heads": 2,
+    "model.num_kv_heads": 1,
+    "sft.steps": 8, "sft.batch": 8, "sft.num_examples": 64, "sft.warmup_steps": 2,
+    "data.synthetic.num_train": 200, "data.synthetic.num_eval": 8,
+    "batch.prompts_per_step": 4, "batch.mini_batch": 8, "batch.prm_mini_batch": 16, "batch.score_batch": 16,
+    "rollout.max_new_tokens": 16, "rollout.eval_max_new_tokens": 16,
+    "algo.filter": False, "reward.workers": 1, "logging.progress_bar": False, "checkpoint.keep": 2,
+}
+
+
+def overrides(values: dict) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def deterministic(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(WALL_CLOCK_PREFIXES)}
+
+
+def _env(cache_dir: Path) -> dict:
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
+
+def _command(workdir: Path) -> list[str]:
+    return [sys.executable, "-m", "prime_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+            *overrides(SHORT)]
+
+
+def _finalized_checkpoints(workdir: Path) -> list[int]:
+    folder = workdir / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+@pytest.mark.slow
+def test_kill9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    cache = tmp_path / "xla_cache"
+    reference_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    log_a = open(tmp_path / "a.log", "w")
+    uninterrupted = subprocess.Popen(_command(reference_dir), cwd=ROOT, env=_env(cache), stdout=log_a,
+                                     stderr=subprocess.STDOUT)
+    log_b = open(tmp_path / "b.log", "w")
+    victim = subprocess.Popen(_command(killed_dir), cwd=ROOT, env=_env(cache), stdout=log_b, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while not _finalized_checkpoints(killed_dir) and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert _finalized_checkpoints(killed_dir), (tmp_path / "b.log").read_text()[-3000:]
+    time.sleep(random.uniform(0.0, 3.0))  # a random moment after the first checkpoint
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = [r["step"] for r in read_metrics(killed_dir / "metrics.jsonl")]
+    resumed = subprocess.run(_command(killed_dir), cwd=ROOT, env=_env(cache), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "a.log").read_text()[-3000:]
+
+    expected = [deterministic(r) for r in read_metrics(reference_dir / "metrics.jsonl")]
+    got = [deterministic(r) for r in read_metrics(killed_dir / "metrics.jsonl")]
+    steps = [r["step"] for r in expected]
+    assert steps == [0, 1, 2, 3, 3, 4, 5, 6, 6], steps  # eval rows at 0, 3 and the last step
+    assert [r["step"] for r in got] == steps, (killed_at, [r["step"] for r in got])
+    for a, b in zip(expected, got):
+        assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    assert any(r.get("policy/loss") for r in expected)  # the policy did train
+    assert _finalized_checkpoints(killed_dir) == [4, 6]  # keep-last-2
+    assert (killed_dir / "hf_export" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_nan_guard_metrics_html_and_hf_export(tmp_path):
+    """In-process on the 8 fake CPU devices of conftest (mesh data=8)."""
+    import importlib.util
+
+    import jax
+    import torch
+    import transformers
+
+    from prime_jax.config import validate
+    from prime_jax.parallel import mesh_from_config
+    from prime_jax.train.loop import Trainer
+
+    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    values = dict(SHORT, total_steps=3, eval_every=0, checkpoint_every=0)
+    values["debug.inject_nan_step"] = 2
+    values["rollout.overlap_scoring"] = False
+    for key, value in values.items():
+        *path, name = key.split(".")
+        section = config
+        for p in path:
+            section = section[p]
+        section[name] = value
+    validate(config)
+    mesh = mesh_from_config(config)
+    assert mesh.shape["data"] == jax.device_count() == 8
+    trainer = Trainer(config, tmp_path, mesh)
+    trainer.run()
+
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    train = {r["step"]: r for r in rows if "train/reward" in r}
+    evals = {r["step"]: r for r in rows if "eval/accuracy" in r}
+    assert sorted(train) == [1, 2, 3] and sorted(evals) == [0, 3]
+    assert all(0.0 <= r["eval/accuracy"] <= 1.0 for r in evals.values())
+    mini_batches = config.batch.prompts_per_step * config.rollout.n // config.batch.mini_batch
+    assert train[1]["nan_skipped"] == 0 and np.isfinite(train[1]["policy/loss"])
+    assert train[2]["policy/nan_skipped"] == mini_batches  # every PPO update of the poisoned batch skipped
+    assert train[2]["nan_skipped_total"] == mini_batches
+    assert train[3]["policy/nan_skipped"] == 0 and np.isfinite(train[3]["policy/loss"])  # training went on
+    assert train[3]["nan_skipped_total"] == mini_batches
+    for key in ("verifier/accuracy_before_filter", "verifier/accuracy_after_filter", "filter/kept_group_frac",
+                "prm/loss", "prm/dpo_accuracy", "returns/process_mean", "returns/outcome_mean", "advantages/mean",
+                "advantages/std", "policy/loss", "policy/clip_frac", "policy/approx_kl", "policy/grad_norm",
+                "prm/grad_norm", "response/length_mean", "perf/rollouts_per_s", "perf/tokens_per_s", "time/wall"):
+        assert key in train[3], key
+    page = (tmp_path / "rollouts" / "step_0.html").read_text()
+    assert "q=" in page and "outcome" in page
+    assert (tmp_path / "rollouts" / "step_3.html").exists()
+    assert (tmp_path / "tb").is_dir()
+
+    # The exported checkpoint loads in transformers and gives the policy's logits.
+    export = tmp_path / "hf_export"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(export), torch_dtype=torch.float32)
+    hf.eval()
+    ids = np.array([[1, 60, 40, 41, 42, 5, 2, 1, 70, 71]], np.int32)
+    with torch.no_grad():
+        expected = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    got = np.asarray(jax.device_get(trainer.policy_model(ids)))
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4)
+    assert (export / "tokenizer.json").exists()
+
+
+def test_truncate_metrics_drops_later_and_partial_rows(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0, "eval/accuracy": 0.1}, {"step": 1, "x": 1}, {"step": 2, "x": 2}, {"step": 2, "eval/accuracy": 0.2},
+            {"step": 3, "x": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "x"')
+    assert truncate_metrics(path, 2) == 2
+    assert read_metrics(path) == rows[:4]
+    assert path.read_text().endswith("\n")
+    assert truncate_metrics(path, None) == 4
+    assert read_metrics(path) == []
