@@ -1,15 +1,18 @@
-"""PRIME on a 2-core CPU: a tiny Qwen2 on synthetic multi-step arithmetic (the default config).
+"""PRIME on a 2-core CPU: a tiny Qwen2 on synthetic arithmetic (the default config).
 
     python -m prime_jax.main --config=configs/tiny.py
 
 A random-init Qwen2-architecture model with the tiny character tokenizer is first warm-started
 by SFT on step-by-step demonstrations (so it starts partially correct, like Eurus-2-SFT), then
 trained with PRIME; policy, PRM and reference all start from the SFT weights. Held-out accuracy
-is greedy pass@1 on a fixed seeded set of problems. The outcome-only baseline is
-`--config.algo.estimator=outcome_rloo` (benchmarks/ablation.py runs both).
+is greedy pass@1 on a fixed seeded set of 200 problems. The outcome-only baseline is
+`--config.algo.estimator=outcome_rloo` (benchmarks/ablation.py runs both with the same seed).
 
-Following PRIME_SPEC's pitfall, the PRM's learning rate is 10x the policy's: with equal rates the
-barely trained PRM's rewards (rescaled to O(1) by the normalisation) are noise at full strength.
+Following PRIME_SPEC's pitfall, the PRM's learning rate is 10x the policy's. Even so, on this task
+the implicit PRM ranks fresh correct samples *below* wrong ones (prm/dpo_accuracy ~0.3): wrong
+samples are rare tokens whose probability the RL updates raised, and the PRM, trained on the same
+batches, raises them too. Other settings tried (beta 0.5, double forward, PRM lr 0.1x-25x, no PRM
+momentum, top-p 0.9) did not change that, so the process rewards are damped (process_coef 0.2).
 """
 
 from prime_jax.config import base_config
@@ -19,53 +22,70 @@ def get_config():
     c = base_config()
     c.name = "tiny"
     c.seed = 0
-    c.total_steps = 120
-    c.eval_every = 20
-    c.checkpoint_every = 20
+    c.total_steps = 300
+    c.eval_every = 25
+    c.checkpoint_every = 50
 
+    # A 0.4M-parameter Qwen2 (2 layers, width 128), random init, float32 (bf16 matmuls are slow on CPUs).
     c.model.path = "random"
-    c.model.dtype = "float32"  # bf16 matmuls are slow on CPUs
+    c.model.dtype = "float32"
     c.model.param_dtype = "float32"
     c.model.hidden_size = 128
     c.model.intermediate_size = 384
     c.model.num_layers = 2
     c.model.num_heads = 4
     c.model.num_kv_heads = 2
+    c.model.rope_theta = 10000.0
     c.model.max_position_embeddings = 256
     c.model.tie_word_embeddings = True
 
-    c.tokenizer.path = "tiny"  # built into WORKDIR/tokenizer
+    c.tokenizer.path = "tiny"  # the character tokenizer with a ChatML template, built into WORKDIR/tokenizer
 
+    # Synthetic arithmetic: exactly two operations on one-digit numbers ("easy" preset), e.g. (4+7)*2,
+    # answered in two lines and a \boxed{}. (With the preset's one-operation problems mixed in, whose
+    # prompt has no parentheses, the tiny model copied operands wrongly there, and RL on the mix moved
+    # held-out accuracy by only ~5 points.) The 200 held-out problems are excluded from training and SFT.
     c.data.train = "synthetic"
     c.data.eval = "synthetic"
-    c.data.max_prompt_tokens = 64
-    c.data.synthetic.num_train = 20000
+    c.data.max_prompt_tokens = 40
+    c.data.synthetic.difficulty = "easy"
+    c.data.synthetic.min_steps = 2
+    c.data.synthetic.num_train = 2000
     c.data.synthetic.num_eval = 200
-    c.data.synthetic.difficulty = "medium"
+
+    # SFT warm start on 2000 step-by-step demonstrations: ~45% held-out greedy accuracy.
+    c.sft.steps = 300
+    c.sft.lr = 3e-3
+    c.sft.batch = 32
+    c.sft.warmup_steps = 20
+    c.sft.num_examples = 2000
 
     c.rollout.n = 4
-    c.rollout.temperature = 1.0
-    c.rollout.max_new_tokens = 64
-    c.rollout.oversample = 1.5
+    c.rollout.temperature = 0.7  # at T=1.0 RL here mostly sharpened sampling; greedy accuracy moved less
+    c.rollout.max_new_tokens = 24
+    c.rollout.oversample = 2.0  # 32 prompts per attempt, 16 groups trained
     c.rollout.max_refill = 2
     c.rollout.eval_batch = 256
+    c.rollout.overlap_scoring = False  # grading is ~free here: score only the kept rows
+    c.algo.recompute_old_logprobs = False  # the sampler's log-probs (same function, same tokens)
 
     c.algo.estimator = "prime_rloo"
+    # The implicit PRM's ranking of fresh samples (prm/dpo_accuracy) stayed below chance on this task
+    # in every setting tried (see the module docstring); at process_coef 1.0 held-out accuracy first
+    # fell 12 points and ended +12.5 after 300 steps, at 0.2 it rose +22.5. So its rewards are damped.
+    c.algo.process_coef = 0.2
+    c.algo.outcome_coef = 1.0
 
-    c.policy_optim.lr = 1e-4
+    c.policy_optim.lr = 2e-4
     c.policy_optim.weight_decay = 0.0
-    c.prm_optim.lr = 1e-3  # 10x the policy's (see the module docstring)
+    c.policy_optim.warmup_steps = 20
+    c.prm_optim.lr = 2e-3  # 10x the policy's (PRIME_SPEC pitfall)
+    c.prm_optim.warmup_steps = 20
 
     c.batch.prompts_per_step = 16
-    c.batch.mini_batch = 32
-    c.batch.prm_mini_batch = 64
-    c.batch.score_batch = 96
-
-    c.sft.steps = 400
-    c.sft.lr = 2e-3
-    c.sft.batch = 64
-    c.sft.warmup_steps = 40
-    c.sft.num_examples = 8192
+    c.batch.mini_batch = 32  # 2 PPO updates per step
+    c.batch.prm_mini_batch = 32  # 2 PRM updates per step
+    c.batch.score_batch = 64
 
     c.checkpoint.keep = 2
     c.reward.workers = 2

@@ -34,7 +34,7 @@ from prime_jax.config import RANDOM_MODEL, SYNTHETIC, TINY_TOKENIZER
 from prime_jax.data import Problem, ShuffledIterator, render_prompts
 from prime_jax.models import Qwen2Config, Qwen2ForCausalLM, from_pretrained
 from prime_jax.models.tokenizer import eos_token_ids, load_tokenizer
-from prime_jax.parallel import batch_sharding, is_logging_process, shard_state
+from prime_jax.parallel import is_logging_process, shard_state
 from prime_jax.rewards import RewardPool
 from prime_jax.sampling import PAD_ID, Rollouts, Sampler
 from prime_jax.train import checkpoint as ckpt
@@ -42,7 +42,6 @@ from prime_jax.train.metrics import MetricsLogger, masked_stats
 from prime_jax.train.report import write_rollouts_html
 from prime_jax.train.sft import encode_examples, run_sft
 from prime_jax.train.state import (
-    TrainState,
     abstract_train_state,
     create_train_state,
     make_optimizer,
