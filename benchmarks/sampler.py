@@ -1,6 +1,7 @@
 """Sampler throughput: `prime_jax.sampling.Sampler` vs transformers' PyTorch `generate`, same weights.
 
-    python benchmarks/sampler.py            # ~2-4 minutes on a 2-core CPU
+    python benchmarks/sampler.py              # ~25 s on a quiet 2-core CPU
+    python benchmarks/sampler.py --model=tiny # the CPU demo's model (configs/tiny.py)
 
 Model: a random Qwen2 built with transformers (hidden 256, 4 layers, 4 query / 2 kv heads of 64,
 MLP 1024, vocab 4096, untied; q/k/v biases randomised), saved with `save_pretrained` and loaded
@@ -71,8 +72,8 @@ def build_model(path: Path, args):
     torch.manual_seed(0)
     config = transformers.Qwen2Config(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64, num_key_value_heads=max(1, args.hidden // 128),
-        max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=False)
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=args.tied)
     hf = transformers.Qwen2ForCausalLM(config).eval()
     with torch.no_grad():
         for layer in hf.model.layers:
@@ -91,7 +92,23 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--mlp", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=0, help="query heads (default hidden / 64)")
+    parser.add_argument("--kv-heads", type=int, default=0, help="kv heads (default hidden / 128, at least 1)")
+    parser.add_argument("--tied", action="store_true", help="tie the LM head to the embedding")
+    parser.add_argument("--model", choices=("default", "tiny"), default="default",
+                        help="tiny: the shapes of configs/tiny.py's model (the CPU demo's policy) and its "
+                             "tokenizer's vocabulary; overrides --hidden/--layers/--mlp/--vocab/--heads")
     args = parser.parse_args()
+    if args.model == "tiny":
+        from configs.tiny import get_config
+        from prime_jax.data.tiny_tokenizer import tiny_vocab
+
+        m = get_config().model
+        args.hidden, args.layers, args.mlp = m.hidden_size, m.num_layers, m.intermediate_size
+        args.heads, args.kv_heads, args.tied = m.num_heads, m.num_kv_heads, m.tie_word_embeddings
+        args.vocab = len(tiny_vocab())
+    args.heads = args.heads or args.hidden // 64
+    args.kv_heads = args.kv_heads or max(1, args.hidden // 128)
 
     import torch
     import transformers

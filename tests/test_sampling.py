@@ -231,7 +231,7 @@ def test_sharded_matches_single_device(hf_dir, sampled):
     # the KV cache is split over the batch (data x fsdp) and kv-head (tensor) axes, not replicated
     (programs,) = sharded._programs.values()
     cache_sharding = programs.decode.input_shardings[0][1].k
-    assert cache_sharding.spec[1] == ("data", "fsdp") and cache_sharding.spec[3] == "tensor"
+    assert cache_sharding.spec[1] == ("data", "fsdp") and cache_sharding.spec[2] == "tensor"  # [L, B, K, S, H]
     assert not cache_sharding.is_fully_replicated
 
 

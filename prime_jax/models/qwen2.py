@@ -40,7 +40,10 @@ def _param(rngs: nnx.Rngs, shape, logical_axes, dtype, init: str = "normal") -> 
 class KVCache:
     """Keys and values of every layer for B rows and S slots, filled left to right.
 
-    k, v: `[L, B, S, K, H]`; valid: `[B, S]` bool, slot holds a real (non-padding) token;
+    k: `[L, B, K, S, H]` and v: `[L, B, K, H, S]`, so that both attention products of a decode step
+    contract the minor axes of contiguous per-(row, kv head) blocks, the layout small-matrix
+    kernels want (on CPU the `[L, B, S, K, H]` layout spent over half of each decode step copying
+    and transposing every layer's keys and values); valid: `[B, S]` bool, slot holds a real (non-padding) token;
     next_position: `[B]` int32, RoPE position of each row's next token; end: `[]` int32, first
     free slot (the same for all rows: prompts are left-padded to a common length).
     """
@@ -54,19 +57,29 @@ class KVCache:
     @classmethod
     def init(cls, config: Qwen2Config, batch_size: int, max_len: int, dtype=None) -> "KVCache":
         dtype = dtype or config.compute_dtype
-        shape = (config.num_hidden_layers, batch_size, max_len, config.num_key_value_heads, config.head_size)
+        shapes = cls.shapes(config, batch_size, max_len)
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
-            valid=jnp.zeros((batch_size, max_len), bool),
-            next_position=jnp.zeros((batch_size,), jnp.int32),
-            end=jnp.zeros((), jnp.int32),
+            k=jnp.zeros(shapes["k"], dtype),
+            v=jnp.zeros(shapes["v"], dtype),
+            valid=jnp.zeros(shapes["valid"], bool),
+            next_position=jnp.zeros(shapes["next_position"], jnp.int32),
+            end=jnp.zeros(shapes["end"], jnp.int32),
         )
+
+    @staticmethod
+    def shapes(config: Qwen2Config, batch_size: int, max_len: int) -> dict[str, tuple[int, ...]]:
+        """The shape of every field for B = `batch_size` rows and S = `max_len` slots."""
+        L, K, H = config.num_hidden_layers, config.num_key_value_heads, config.head_size
+        return {"k": (L, batch_size, K, max_len, H), "v": (L, batch_size, K, H, max_len),
+                "valid": (batch_size, max_len), "next_position": (batch_size,), "end": ()}
+
+    # The slot (S) axis of each field that has one.
+    SLOT_AXES = {"k": 3, "v": 4, "valid": 1}
 
     # Logical axes of each field, for `parallel.named_sharding`.
     LOGICAL_AXES = {
-        "k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
-        "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+        "k": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
+        "v": ("layers", "batch", "kv_heads", "head_dim", "cache_seq"),
         "valid": ("batch", "cache_seq"),
         "next_position": ("batch",),
         "end": (),
@@ -90,6 +103,22 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     first, second = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-second, first], axis=-1)
     return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Grouped-query attention over one layer of the cache; the result is `[B, T, N, H]`.
+
+    q `[B, T, N, H]` (query head n reads kv head n // (N / K), as transformers' `repeat_kv`),
+    k `[B, K, S, H]`, v `[B, K, H, S]`, mask `[B, 1, T, S]`. Scores and softmax in float32.
+    """
+    batch, length, heads, head_size = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_size)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # mask as [B, 1, 1, T, S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bkhs->btkgh", probs, v)
+    return out.reshape(batch, length, heads, head_size)
 
 
 class DecoderLayers(nnx.Module):
@@ -120,7 +149,7 @@ class DecoderLayers(nnx.Module):
     def __call__(self, x, positions, mask, kv=None, end=None):
         """One layer (params already sliced). x `[B, T, D]`, positions `[B, T]`, mask `[B, 1, T, S]`.
 
-        kv: optional (k, v, layer): the stacked cache of all layers, each `[L, B, S, K, H]`, and this
+        kv: optional (k, v, layer): the stacked cache of all layers (`KVCache` layouts), and this
         layer's index. Only the new keys/values are written, in place, at `[layer, :, end]`; attention
         reads this layer's slice. Returns (x, (k, v)) with the updated stacked cache, or (x, None).
         """
@@ -132,17 +161,21 @@ class DecoderLayers(nnx.Module):
         q = apply_rope(proj(self.q_kernel, self.q_bias), positions, c.rope_theta)
         k = apply_rope(proj(self.k_kernel, self.k_bias), positions, c.rope_theta)
         v = proj(self.v_kernel, self.v_bias)
+        scale = 1.0 / math.sqrt(c.head_size)
         if kv is not None:
             k_all, v_all, layer = kv
-            start = (layer, 0, end, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
-            k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False).astype(dt)
-            v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False).astype(dt)
+            # Write this step's keys as [B, K, T, H] and values as [B, K, H, T] at slot `end`.
+            k_all = jax.lax.dynamic_update_slice(
+                k_all, k.astype(k_all.dtype).transpose(0, 2, 1, 3)[None], (layer, 0, 0, end, 0))
+            v_all = jax.lax.dynamic_update_slice(
+                v_all, v.astype(v_all.dtype).transpose(0, 2, 3, 1)[None], (layer, 0, 0, 0, end))
+            layer_k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False).astype(dt)
+            layer_v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False).astype(dt)
+            attn = cached_attention(q, layer_k, layer_v, mask, scale)
             new_kv = (k_all, v_all)
         else:
+            attn = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
             new_kv = None
-        attn = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(c.head_size))
         x = x + jnp.einsum("btnh,nhd->btd", attn, self.o_kernel.get_value().astype(dt)).astype(x.dtype)
         h = rms_norm(x, self.post_norm.get_value(), c.rms_norm_eps, dt)
         gate = jnp.einsum("btd,df->btf", h, self.gate_kernel.get_value().astype(dt))

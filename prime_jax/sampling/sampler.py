@@ -243,9 +243,7 @@ class Sampler:
 
 def _cache_shapes(config, key: _ProgramKey) -> dict[str, tuple[int, ...]]:
     """Shapes of the decode cache's fields: B = G·n rows, S = P + max_new_tokens slots."""
-    rows, slots = key.num_prompts * key.n, key.prompt_len + key.max_new_tokens
-    kv = (config.num_hidden_layers, rows, slots, config.num_key_value_heads, config.head_size)
-    return {"k": kv, "v": kv, "valid": (rows, slots), "next_position": (rows,), "end": ()}
+    return KVCache.shapes(config, key.num_prompts * key.n, key.prompt_len + key.max_new_tokens)
 
 
 def _constrain(tree, shardings):
@@ -262,11 +260,12 @@ def _prefill_fn(key: _ProgramKey):
         hidden, cache = model.hidden_states(prompt_ids, prompt_mask, cache)
         logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]  # left padding: the last slot is real
         repeat = lambda x, axis: jnp.repeat(x, n, axis=axis)
-        pad_slots = lambda x, axis: jnp.pad(x, [(0, new_tokens if a == axis else 0) for a in range(x.ndim)])
+        pad_slots = lambda x, field: jnp.pad(
+            x, [(0, new_tokens if a == KVCache.SLOT_AXES[field] else 0) for a in range(x.ndim)])
         cache = KVCache(
-            k=pad_slots(repeat(cache.k, 1), 2),
-            v=pad_slots(repeat(cache.v, 1), 2),
-            valid=pad_slots(repeat(cache.valid, 0), 1),
+            k=pad_slots(repeat(cache.k, 1), "k"),
+            v=pad_slots(repeat(cache.v, 1), "v"),
+            valid=pad_slots(repeat(cache.valid, 0), "valid"),
             next_position=repeat(cache.next_position, 0),
             end=cache.end,
         )
