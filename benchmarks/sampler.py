@@ -5,7 +5,8 @@
 
 Model: a random Qwen2 built with transformers (hidden 256, 4 layers, 4 query / 2 kv heads of 64,
 MLP 1024, vocab 4096, untied; q/k/v biases randomised), saved with `save_pretrained` and loaded
-with `prime_jax.models.from_pretrained`, float32 on both sides.
+with `prime_jax.models.from_pretrained`, float32 on both sides (`--dtype=bfloat16`: weights and
+compute in bfloat16 on both sides; ours keeps softmax, sampling and log-probs in float32).
 Work: 16 prompts (lengths 8-24) x 4 samples x 128 new tokens, temperature 1 (no top-k/top-p),
 no stop token, so both run all 128 steps for all 64 rows (8,192 new tokens).
 HF: `generate(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=4)` on
@@ -95,6 +96,8 @@ def main():
     parser.add_argument("--heads", type=int, default=0, help="query heads (default hidden / 64)")
     parser.add_argument("--kv-heads", type=int, default=0, help="kv heads (default hidden / 128, at least 1)")
     parser.add_argument("--tied", action="store_true", help="tie the LM head to the embedding")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights and compute on both sides")
     parser.add_argument("--model", choices=("default", "tiny"), default="default",
                         help="tiny: the shapes of configs/tiny.py's model (the CPU demo's policy) and its "
                              "tokenizer's vocabulary; overrides --hidden/--layers/--mlp/--vocab/--heads")
@@ -120,7 +123,9 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         hf = build_model(Path(tmp), args)
-        model = from_pretrained(tmp)
+        model = from_pretrained(tmp, dtype=args.dtype, param_dtype=args.dtype)
+    if args.dtype == "bfloat16":
+        hf = hf.to(torch.bfloat16)
     config = model.config
     num_params = config.num_params()
 
@@ -157,9 +162,10 @@ def main():
     load_end = os.getloadavg()
 
     tokens = rows * new
-    param_bytes = num_params * 4
+    width = 2 if args.dtype == "bfloat16" else 4
+    param_bytes = num_params * width
     slots = sampler.last_stats["prompt_len_bucket"] + new
-    kv_bytes = 2 * config.num_hidden_layers * rows * slots * config.num_key_value_heads * config.head_size * 4
+    kv_bytes = 2 * config.num_hidden_layers * rows * slots * config.num_key_value_heads * config.head_size * width
     bw = max(bandwidth["copy_gbs"], bandwidth["read_gbs"]) * 1e9
     roofline_mem = rows * bw / (param_bytes + kv_bytes)
     embed = config.vocab_size * config.hidden_size
@@ -177,7 +183,7 @@ def main():
           f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} (1/5/15 min)")
     print(f"model: hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads}/"
           f"{config.num_key_value_heads} heads of {config.head_size}, MLP {config.intermediate_size}, vocab "
-          f"{config.vocab_size}, {num_params / 1e6:.2f} M params ({param_bytes / 2**20:.1f} MiB float32)")
+          f"{config.vocab_size}, {num_params / 1e6:.2f} M params ({param_bytes / 2**20:.1f} MiB {args.dtype})")
     print(f"work: {args.prompts} prompts x {args.n} samples x {new} new tokens = {tokens} tokens; "
           f"KV cache {rows} rows x {slots} slots = {kv_bytes / 2**20:.1f} MiB")
     print(f"ours: first call (compile + run) {first_wall:.1f} s; timed calls wall "

@@ -28,7 +28,7 @@ def get_config():
     c.eval_every = 25
     c.checkpoint_every = 50
 
-    # A 0.4M-parameter Qwen2 (2 layers, width 128), random init, float32 (bf16 matmuls are slow on CPUs).
+    # A 0.4M-parameter Qwen2 (2 layers, width 128), random init, float32 (bf16 compute is slower on XLA:CPU).
     c.model.path = "random"
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
