@@ -91,7 +91,7 @@ def make_sft_step(graphdef, optimizer: optax.GradientTransformation, *, chunk_si
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         new = TrainState(params=params, opt_state=opt_state, step=state.step + 1, nan_skips=state.nan_skips)
         return new, metrics
 
