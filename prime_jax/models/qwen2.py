@@ -66,17 +66,15 @@ class KVCache:
             end=jnp.zeros(shapes["end"], jnp.int32),
         )
 
-    @staticmethod
-    def shapes(config: Qwen2Config, batch_size: int, max_len: int) -> dict[str, tuple[int, ...]]:
-        """The shape of every field for B = `batch_size` rows and S = `max_len` slots."""
-        L, K, H = config.num_hidden_layers, config.num_key_value_heads, config.head_size
-        return {"k": (L, batch_size, K, max_len, H), "v": (L, batch_size, K, H, max_len),
-                "valid": (batch_size, max_len), "next_position": (batch_size,), "end": ()}
+    @classmethod
+    def shapes(cls, config: Qwen2Config, batch_size: int, max_len: int) -> dict[str, tuple[int, ...]]:
+        """The shape of every field for B = `batch_size` rows and S = `max_len` slots (its layout is
+        `LOGICAL_AXES`)."""
+        sizes = {"layers": config.num_hidden_layers, "batch": batch_size, "kv_heads": config.num_key_value_heads,
+                 "cache_seq": max_len, "head_dim": config.head_size}
+        return {field: tuple(sizes[axis] for axis in axes) for field, axes in cls.LOGICAL_AXES.items()}
 
-    # The slot (S) axis of each field that has one.
-    SLOT_AXES = {"k": 3, "v": 4, "valid": 1}
-
-    # Logical axes of each field, for `parallel.named_sharding`.
+    # Logical axes of each field, in order: the layout, and the names `parallel.named_sharding` maps.
     LOGICAL_AXES = {
         "k": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
         "v": ("layers", "batch", "kv_heads", "head_dim", "cache_seq"),

@@ -215,7 +215,7 @@ class Sampler:
     def _cache_shardings(self, config, key: _ProgramKey) -> KVCache | None:
         if self.mesh is None:
             return None
-        shapes = _cache_shapes(config, key)
+        shapes = KVCache.shapes(config, key.num_prompts * key.n, key.prompt_len + key.max_new_tokens)
         return KVCache(**{f: named_sharding(self.mesh, KVCache.LOGICAL_AXES[f], shapes[f]) for f in shapes})
 
     def _prefill_shardings(self, config, state, key: _ProgramKey):
@@ -241,11 +241,6 @@ class Sampler:
 # ---------------------------------------------------------------------- the programs
 
 
-def _cache_shapes(config, key: _ProgramKey) -> dict[str, tuple[int, ...]]:
-    """Shapes of the decode cache's fields: B = G·n rows, S = P + max_new_tokens slots."""
-    return KVCache.shapes(config, key.num_prompts * key.n, key.prompt_len + key.max_new_tokens)
-
-
 def _constrain(tree, shardings):
     return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
@@ -261,7 +256,7 @@ def _prefill_fn(key: _ProgramKey):
         logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]  # left padding: the last slot is real
         repeat = lambda x, axis: jnp.repeat(x, n, axis=axis)
         pad_slots = lambda x, field: jnp.pad(
-            x, [(0, new_tokens if a == KVCache.SLOT_AXES[field] else 0) for a in range(x.ndim)])
+            x, [(0, new_tokens if axis == "cache_seq" else 0) for axis in KVCache.LOGICAL_AXES[field]])
         cache = KVCache(
             k=pad_slots(repeat(cache.k, 1), "k"),
             v=pad_slots(repeat(cache.v, 1), "v"),

@@ -528,10 +528,9 @@ class Trainer:
         usable = len(kept) // unit * unit
         if usable < self.groups_per_step:
             # Routine on small batches (filter/groups_trained records it, the progress bar shows the kept
-            # fraction); a warning only when nothing trains.
-            log = logger.warning if usable == 0 else logger.debug
-            log("step %d: only %d/%d prompt groups survived the filter after %d attempts; training on %d",
-                step, len(kept), self.groups_per_step, attempts, usable)
+            # fraction); `step` warns when nothing trains.
+            logger.debug("step %d: only %d/%d prompt groups survived the filter after %d attempts; training on %d",
+                         step, len(kept), self.groups_per_step, attempts, usable)
             self.prompts.put_back([g.problem for g in kept[usable:]])
             kept = kept[:usable]
         outcomes = np.concatenate(all_outcomes)
