@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,6 +36,8 @@ import numpy as np  # noqa: E402
 
 from prime_jax.models import from_pretrained  # noqa: E402
 from prime_jax.sampling import Sampler  # noqa: E402
+
+from forward import cpu_model  # noqa: E402  (benchmarks/, the script's folder, is on sys.path)
 
 
 def timed(fn):
@@ -172,12 +173,7 @@ def main():
     flops_per_token = 2 * (num_params - embed) + 4 * config.num_hidden_layers * config.num_attention_heads * config.head_size * slots
     roofline_compute = gflops * 1e9 / flops_per_token
 
-    cpu_name = platform.processor() or platform.machine()
-    try:
-        cpu_name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"machine: {cpu_name}, nproc {os.cpu_count()}, jax {jax.__version__} ({jax.default_backend()}), "
+    print(f"machine: {cpu_model()}, nproc {os.cpu_count()}, jax {jax.__version__} ({jax.default_backend()}), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
     print(f"load average at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f}, "
           f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} (1/5/15 min)")
