@@ -148,6 +148,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.process_id = -1  # -1: from the env or auto-detect
     c.distributed.local_device_ids = ""  # comma list of this process's device ids ("": all)
     c.distributed.initialization_timeout = 300  # seconds to wait for the other processes
+    # Seconds without a heartbeat after which a process counts as dead; the coordination service then
+    # fails every other process (exit non-zero with a message naming the lost task) instead of letting
+    # them wait forever in a collective. 0: env PRIME_HEARTBEAT_TIMEOUT, else 100.
+    c.distributed.heartbeat_timeout = 0
 
     # Supervised warm start on demonstrations before RL (the synthetic task's step-by-step ones).
     c.sft = ml_collections.ConfigDict()
@@ -429,6 +433,7 @@ def validate(config, *, num_devices: int | None = None) -> None:
     non_negative("distributed.num_processes", c.distributed.num_processes)
     check("distributed.process_id", c.distributed.process_id >= -1, f"must be >= -1, got {c.distributed.process_id}")
     positive("distributed.initialization_timeout", c.distributed.initialization_timeout)
+    non_negative("distributed.heartbeat_timeout", c.distributed.heartbeat_timeout)
 
     # sft
     non_negative("sft.steps", c.sft.steps)

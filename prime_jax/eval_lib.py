@@ -280,7 +280,9 @@ class PRMScorer:
         if mesh is None:
             self._q_sums = jax.jit(q_sums)
         else:  # the [B] sums come back replicated (readable on every host)
-            self._q_sums = jax.jit(q_sums, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+            from prime_jax.parallel import replicated
+
+            self._q_sums = jax.jit(q_sums, out_shardings=replicated(mesh))
             from prime_jax.parallel import logical_to_spec
 
             spec = logical_to_spec(("batch",), mesh)[0]
@@ -289,8 +291,7 @@ class PRMScorer:
 
     def __call__(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """`[B]` float32 summed q of each (prompt, response) pair (responses need >= 1 token)."""
-        import jax
-
+        from prime_jax.parallel import to_host
         from prime_jax.sampling import PAD_ID
 
         if len(prompt_ids) != len(response_ids):
@@ -316,10 +317,10 @@ class PRMScorer:
                 batch["prompt_mask"][j, -1] = 1
                 batch["response_mask"][j, 0] = 1
             if self.mesh is not None:
-                from prime_jax.parallel import batch_sharding
+                from prime_jax.parallel import put_rows
 
-                batch = jax.device_put(batch, batch_sharding(self.mesh, 2))
-            sums = np.asarray(jax.device_get(self._q_sums(self.prm_state, self.ref_state, batch)))
+                batch = put_rows(batch, self.mesh)
+            sums = to_host(self._q_sums(self.prm_state, self.ref_state, batch))
             out[idx] = sums[:len(idx)]
         return out
 

@@ -54,11 +54,12 @@ def main(argv) -> None:
     mesh = mesh_from_config(config)  # the run's one mesh: policy, PRM, reference and sampler share it
     workdir = Path(_WORKDIR.value or Path("runs") / config.name)
     logging.set_verbosity(logging.WARNING)  # orbax/absl chatter
-    py_logging.getLogger("prime_jax").setLevel(py_logging.INFO)
+    import jax
+
+    # Several processes: process 0 logs progress; the others only warnings and errors.
+    py_logging.getLogger("prime_jax").setLevel(py_logging.INFO if jax.process_index() == 0 else py_logging.WARNING)
     py_logging.getLogger("prime_jax.data").setLevel(py_logging.WARNING)  # per-batch rendering stats
     logging.info("workdir %s, mesh %s", workdir, dict(mesh.shape))
-
-    import jax
 
     if jax.default_backend() != "cpu" and not _SKIP_MEMORY_CHECK.value and not _EXPORT_HF.value:
         # Compile every program of an iteration from abstract shapes and refuse a run that cannot
@@ -70,14 +71,18 @@ def main(argv) -> None:
         except PlanDoesNotFit as e:
             fail(f"memory plan does not fit (rerun with a bigger mesh or more micro-batches):\n{e}")
 
-    from prime_jax.train.loop import export_latest, train
+    from prime_jax.train.loop import Trainer, export_latest
 
     if _EXPORT_HF.value:
         folder = export_latest(config, workdir, mesh)
         print(f"exported {folder}")
         return
-    last_eval = train(config, workdir, mesh)
-    if last_eval:
+    trainer = Trainer(config, workdir, mesh)
+    last_eval = trainer.run()
+    if trainer.preempted_at is not None:  # SIGTERM on some host: a checkpoint was saved, exit 0
+        print(f"preempted: stopped after step {trainer.preempted_at} with a checkpoint in {workdir}; "
+              "rerun the same command to resume")
+    elif last_eval:
         print(f"final eval/accuracy {last_eval.get('eval/accuracy', float('nan')):.4f} (workdir {workdir})")
 
 

@@ -6,6 +6,9 @@
 #
 # jax.distributed finds the coordinator (worker 0) and every worker's id from the TPU metadata;
 # PRIME_DISTRIBUTED=on makes prime_jax call jax.distributed.initialize() on every worker.
+# HEARTBEAT_TIMEOUT (default 100 s): after that long without a heartbeat from a worker the others
+# exit with an error instead of hanging (docs/scale_out.md). Relaunching the same RUN resumes, also
+# on another slice (RUN=<RUN> PRESET=v4-64 tpu_scripts/launch.sh configs/qwen7b.py:v4-64).
 # Each worker logs to ~/REMOTE_DIR/logs/RUN-<hostname>.log and writes its pid next to it;
 # tpu_scripts/logs.sh follows worker 0's log, tpu_scripts/stop.sh --processes stops the run.
 set -euo pipefail
@@ -32,7 +35,7 @@ for arg in "$@"; do
 done
 
 remote="cd ~/${REMOTE_DIR} && mkdir -p logs && \
-export PRIME_DISTRIBUTED=on TF_CPP_MIN_LOG_LEVEL=1 && \
+export PRIME_DISTRIBUTED=on PRIME_HEARTBEAT_TIMEOUT=${HEARTBEAT_TIMEOUT:-100} TF_CPP_MIN_LOG_LEVEL=1 && \
 log=logs/${RUN}-\$(hostname).log && \
 nohup python3 -m prime_jax.main --config=$(printf '%q' "${CONFIG}") --workdir=$(printf '%q' "${WORKDIR}")${extra} \
 > \"\${log}\" 2>&1 < /dev/null & \

@@ -42,6 +42,7 @@ for i in "${!HOST_LIST[@]}"; do
   fi
   # Use (almost) all of each GPU's memory: XLA preallocates 75% by default.
   env_vars="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PRIME_NUM_PROCESSES=${NUM_HOSTS} PRIME_PROCESS_ID=${i}"
+  env_vars+=" PRIME_HEARTBEAT_TIMEOUT=${HEARTBEAT_TIMEOUT:-100}"
   if [[ "${NUM_HOSTS}" -gt 1 ]]; then
     env_vars+=" PRIME_DISTRIBUTED=on PRIME_COORDINATOR_ADDRESS=${COORDINATOR}"
   fi
@@ -53,4 +54,4 @@ echo \$! > logs/${RUN}-${host}.pid && echo '${host}: process ${i} -> ${log}'"
 done
 mkdir -p "$(dirname "${LAST_RUN_FILE}")"
 echo "${RUN}" > "${LAST_RUN_FILE}"
-echo "stop it with: kill \$(cat logs/${RUN}-<host>.pid) on each node"
+echo "stop it with: kill \$(cat logs/${RUN}-<host>.pid) on each node (SIGTERM: a checkpoint, then exit 0)"

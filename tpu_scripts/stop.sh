@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stops a run and/or deletes the slice.
 #
-#   tpu_scripts/stop.sh --processes [RUN]   # stop the training processes of RUN (default: the last)
+#   tpu_scripts/stop.sh --processes [RUN]   # SIGTERM the training processes of RUN (default: the last):
+#                                           # they checkpoint at the next step boundary and exit 0
 #   tpu_scripts/stop.sh                     # delete the slice (queued resource and TPU VM)
 #   tpu_scripts/stop.sh --direct            # delete a slice made with create.sh --direct
 set -euo pipefail
@@ -15,7 +16,7 @@ for arg in "$@"; do
   case "${arg}" in
     --processes) MODE="processes" ;;
     --direct) MODE="direct" ;;
-    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
     *) RUN="${arg}" ;;
   esac
 done

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from prime_jax.models.config import Qwen2Config
 from prime_jax.models.qwen2 import Qwen2ForCausalLM
-from prime_jax.parallel import named_sharding
+from prime_jax.parallel import is_logging_process, named_sharding, to_host
 
 _INDEX_FILE = "model.safetensors.index.json"
 _SINGLE_FILE = "model.safetensors"
@@ -186,11 +186,14 @@ def save_pretrained(model: Qwen2ForCausalLM, path, *, max_shard_bytes: int = 2 *
     """
     config = model.config
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+    # Several processes: all gather each tensor (a collective), process 0 alone writes.
+    writer = is_logging_process()
+    if writer:
+        folder.mkdir(parents=True, exist_ok=True)
     out_dtype = jnp.dtype(dtype or config.param_dtype)
 
-    def host(x) -> np.ndarray:
-        return np.asarray(jax.device_get(jnp.asarray(x, out_dtype)))
+    def host(x) -> np.ndarray:  # collective on several processes: every process calls save_pretrained
+        return to_host(jnp.asarray(x, out_dtype))
 
     tensors: list[tuple[str, callable]] = [("model.embed_tokens.weight", lambda: host(model.embed_tokens.get_value()))]
     layer_names = _layer_tensors(config)
@@ -210,8 +213,10 @@ def save_pretrained(model: Qwen2ForCausalLM, path, *, max_shard_bytes: int = 2 *
 
     def flush():
         files.append(f"shard-{len(files) + 1}")
-        save_file({k: np.ascontiguousarray(v) for k, v in shards[-1].items()}, str(folder / f"tmp-{len(files)}.safetensors"),
-                  metadata={"format": "pt"})
+        if writer:
+            save_file({k: np.ascontiguousarray(v) for k, v in shards[-1].items()},
+                      str(folder / f"tmp-{len(files)}.safetensors"), metadata={"format": "pt"})
+        shards[-1].clear()  # written: host memory holds one shard at a time
 
     for name, fetch in tensors:
         array = fetch()
@@ -225,6 +230,8 @@ def save_pretrained(model: Qwen2ForCausalLM, path, *, max_shard_bytes: int = 2 *
         size += nbytes
         total += nbytes
     flush()
+    if not writer:
+        return
     count = len(files)
     names = [_SINGLE_FILE] if count == 1 else [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
     for old in folder.glob("model*.safetensors"):

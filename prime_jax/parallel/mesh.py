@@ -111,6 +111,11 @@ def shard_state(state, mesh: Mesh):
     return jax.device_put(state, state_shardings(state, mesh))
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding of an array every device holds whole (scalars, PRNG keys, metrics)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Sharding of a `[batch, ...]` array: rows over the data axes, the rest replicated."""
     return named_sharding(mesh, ("batch",) + (None,) * (ndim - 1))

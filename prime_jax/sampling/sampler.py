@@ -33,10 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from prime_jax.models.qwen2 import KVCache
-from prime_jax.parallel import batch_sharding, logical_to_spec, named_sharding, state_shardings, under_mesh
+from prime_jax.parallel import (batch_sharding, logical_to_spec, named_sharding, put_replicated, put_rows, replicated,
+                                shard_state, state_shardings, to_host, under_mesh)
 from prime_jax.sampling import strategies
 from prime_jax.sampling.rollouts import Rollouts
 
@@ -141,14 +142,16 @@ class Sampler:
         for i, prompt in enumerate(prompts):
             prompt_ids[i, length - len(prompt):] = np.asarray(prompt, np.int32)
             prompt_mask[i, length - len(prompt):] = 1
+        host_prompt_ids, host_prompt_mask = prompt_ids, prompt_mask
         rows, real_rows = batch * n, num_prompts * n
         active = np.arange(rows) < real_rows
 
-        if self.mesh is not None:
-            state = jax.device_put(state, state_shardings(state, self.mesh))
-            replicated = NamedSharding(self.mesh, PartitionSpec())
-            key = jax.device_put(key, replicated)
         scalars = (np.float32(temperature if not greedy else 1.0), np.float32(top_p))
+        if self.mesh is not None:
+            # Global arrays on every process (multi-host: each process feeds only its devices' rows).
+            state = shard_state(state, self.mesh)
+            key, stop_ids, scalars = put_replicated((key, stop_ids, scalars), self.mesh)
+            prompt_ids, prompt_mask, active = put_rows((prompt_ids, prompt_mask, active), self.mesh)
 
         program_key = _ProgramKey(
             graphdef=graphdef,
@@ -178,7 +181,7 @@ class Sampler:
             compile_seconds += time.perf_counter() - compile_start
         tokens, logprobs, lengths, finished, steps, cache = programs.decode(*decode_args)
         del cache  # donated in, handed back, dropped
-        tokens, logprobs, lengths, finished, steps = map(_to_host, (tokens, logprobs, lengths, finished, steps))
+        tokens, logprobs, lengths, finished, steps = to_host((tokens, logprobs, lengths, finished, steps))
         seconds = time.perf_counter() - start - compile_seconds
 
         tokens, logprobs = tokens[:real_rows], logprobs[:real_rows]
@@ -193,8 +196,8 @@ class Sampler:
             logprobs=np.where(response_mask > 0, logprobs, 0.0).astype(np.float32),
             lengths=lengths.astype(np.int32),
             finished=finished.astype(bool),
-            prompt_tokens=np.repeat(prompt_ids[:num_prompts], n, axis=0),
-            prompt_mask=np.repeat(prompt_mask[:num_prompts], n, axis=0),
+            prompt_tokens=np.repeat(host_prompt_ids[:num_prompts], n, axis=0),
+            prompt_mask=np.repeat(host_prompt_mask[:num_prompts], n, axis=0),
             prompt_index=np.repeat(np.arange(num_prompts, dtype=np.int32), n),
             n=n,
             temperature=float(temperature),
@@ -222,7 +225,7 @@ class Sampler:
         if self.mesh is None:
             return None
         mesh, rows = self.mesh, batch_sharding(self.mesh, 1)
-        rep = NamedSharding(mesh, PartitionSpec())
+        rep = replicated(mesh)
         ins = (state_shardings(state, mesh), batch_sharding(mesh, 2), batch_sharding(mesh, 2), rep, rep, rep)
         outs = (self._cache_shardings(config, key), rows, rows)
         return ins, outs
@@ -231,7 +234,7 @@ class Sampler:
         if self.mesh is None:
             return None
         mesh, rows = self.mesh, batch_sharding(self.mesh, 1)
-        rep = NamedSharding(mesh, PartitionSpec())
+        rep = replicated(mesh)
         cache = self._cache_shardings(config, key)
         ins = (state_shardings(state, mesh), cache, rows, rows, rows, rep, rep, rep, rep)
         outs = (batch_sharding(mesh, 2), batch_sharding(mesh, 2), rows, rows, rep, cache)
@@ -307,17 +310,6 @@ def _decode_fn(key: _ProgramKey, cache_shardings: KVCache | None):
         return tokens, logprobs, lengths, finished, step, cache
 
     return decode
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    """A device array as numpy; on several hosts, batch-sharded rows are gathered from all of them."""
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    if x.is_fully_replicated:
-        return np.asarray(x.addressable_data(0))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _check_args(prompts, max_new_tokens, n, temperature, top_p, top_k, vocab) -> None:

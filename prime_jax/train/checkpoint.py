@@ -105,6 +105,6 @@ def export_hf(model, tokenizer, directory: str | Path, *, dtype: str | None = No
 
     directory = Path(directory)
     save_pretrained(model, directory, dtype=dtype)
-    if tokenizer is not None:
+    if tokenizer is not None and jax.process_index() == 0:
         tokenizer.save_pretrained(str(directory))
     return directory

@@ -34,10 +34,13 @@ from prime_jax.config import RANDOM_MODEL, SYNTHETIC, TINY_TOKENIZER
 from prime_jax.data import Problem, ShuffledIterator, render_prompts
 from prime_jax.models import Qwen2Config, Qwen2ForCausalLM, from_pretrained
 from prime_jax.models.tokenizer import eos_token_ids, load_tokenizer
-from prime_jax.parallel import is_logging_process, shard_state
+from prime_jax.parallel import (any_process, gather_shares, host_share, is_logging_process, put_replicated,
+                                replicated, shard_state, to_host)
 from prime_jax.rewards import RewardPool
 from prime_jax.sampling import PAD_ID, Rollouts, Sampler
 from prime_jax.train import checkpoint as ckpt
+from prime_jax.train.batch import PrimeBatch
+from prime_jax.train.preemption import PreemptionWatch
 from prime_jax.train.metrics import MetricsLogger, masked_stats
 from prime_jax.train.report import write_rollouts_html
 from prime_jax.train.sft import encode_examples, run_sft
@@ -48,7 +51,7 @@ from prime_jax.train.state import (
     split_params,
     train_state_shardings,
 )
-from prime_jax.train.steps import make_train_steps, sequence_logprobs
+from prime_jax.train.steps import SCORE_KEYS, make_train_steps, sequence_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -165,17 +168,15 @@ class PromptSource:
 # ==============================================================================================
 @dataclasses.dataclass
 class Group:
-    """One prompt's n samples: host arrays with n rows each (prompt_ids/prompt_mask [n, P] left-padded,
-    response_ids/response_mask [n, R] right-padded, outcome [n], and old_logprobs / ref_logprobs
-    [n, R] once scored)."""
+    """One prompt's n samples: a host `PrimeBatch` of n rows (outcome set; old_logprobs from the
+    sampler and ref_logprobs when scored while grading)."""
 
     problem: Problem
-    rows: dict[str, np.ndarray]
-    texts: list[str]
+    rows: PrimeBatch
 
     @property
     def outcome(self) -> np.ndarray:
-        return self.rows["outcome"]
+        return self.rows.outcome
 
 
 def _bucket(length: int, lo: int, hi: int) -> int:
@@ -194,18 +195,12 @@ def fit_prompts(prompt_ids: np.ndarray, prompt_mask: np.ndarray, width: int) -> 
     return np.pad(prompt_ids, pad), np.pad(prompt_mask, pad)
 
 
-def assemble_batch(groups: Sequence[Group], max_new_tokens: int) -> dict[str, np.ndarray]:
-    """Stacks groups into the batch dict of `steps.py` (rows grouped by prompt). Long responses are
-    cut to a power-of-two bucket (>= 128) of the longest one (the columns beyond it are padding)."""
-    R = _bucket(max(int(g.rows["response_mask"].sum(1).max()) for g in groups), min(128, max_new_tokens),
+def assemble_batch(groups: Sequence[Group], max_new_tokens: int) -> PrimeBatch:
+    """Stacks groups into one host batch (rows grouped by prompt). Long responses are cut to a
+    power-of-two bucket (>= 128) of the longest one (the columns beyond it are padding)."""
+    R = _bucket(max(int(g.rows.response_mask.sum(1).max()) for g in groups), min(128, max_new_tokens),
                 max_new_tokens)
-    batch = {}
-    for key in groups[0].rows:
-        parts = [g.rows[key] for g in groups]
-        if key in ("response_ids", "response_mask", "old_logprobs", "ref_logprobs"):
-            parts = [x[:, :R] for x in parts]
-        batch[key] = np.concatenate(parts)
-    return batch
+    return PrimeBatch.concatenate([g.rows for g in groups]).crop_responses(R)
 
 
 @functools.partial(jax.jit, static_argnames=("estimator", "n", "process_coef", "outcome_coef", "normalize"))
@@ -284,19 +279,29 @@ class Trainer:
         else:
             self.policy = create_train_state(self.ref_params, self.policy_optimizer, mesh)
             self.prm = create_train_state(self.ref_params, self.prm_optimizer, mesh)
-            self.key = jax.random.PRNGKey(c.seed)
+            self.key = put_replicated(jax.random.PRNGKey(c.seed), mesh)
         self.pool = None
         self.log = None
+        self.preempted_at: int | None = None
         self._score_q = jax.jit(self._q_fn)
+        # Rows of a device batch (mini-batches, scoring chunks), kept sharded by rows.
+        self._take_rows = jax.jit(lambda batch, index: jax.tree.map(lambda x: x[index], batch),
+                                  out_shardings=self.steps.batch_sharding)
+        self._concat_rows = jax.jit(lambda parts, total: jax.tree.map(lambda *xs: jnp.concatenate(xs)[:total], *parts),
+                                    static_argnums=1, out_shardings=self.steps.batch_sharding)
 
     # ------------------------------------------------------------------ set-up helpers
     def _load_tokenizer(self):
         path = self.config.tokenizer.path or self.config.model.path
         if path == TINY_TOKENIZER:
+            import tempfile
+
             from prime_jax.data import build_tiny_tokenizer
 
-            folder = self.workdir / "tokenizer"
-            if not (folder / "tokenizer.json").exists() and self.is_main:
+            # Deterministic: process 0 writes it into the workdir (for users and the export), the
+            # others build their own copy (a pod's hosts need not share a file system).
+            folder = self.workdir / "tokenizer" if self.is_main else Path(tempfile.mkdtemp(prefix="prime_tokenizer_"))
+            if not (folder / "tokenizer.json").exists():
                 build_tiny_tokenizer(folder)
             path = str(folder)
         return load_tokenizer(path)
@@ -357,9 +362,8 @@ class Trainer:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract_train_state(params, opt), train_state_shardings(params, opt, self.mesh))
         key = jax.random.PRNGKey(0)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         return {"policy": shapes(self.policy_optimizer), "prm": shapes(self.prm_optimizer),
-                "key": jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)}
+                "key": jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated(self.mesh))}
 
     def _restore(self, step: int) -> None:
         state, meta = self.checkpointer.restore(step, self._abstract_run_state())
@@ -390,24 +394,33 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=c.total_steps, initial=self.start_step, desc=c.name, dynamic_ncols=True)
-        last_eval = {}
+        last_eval, last_saved = {}, self.start_step
         try:
-            if self.start_step == 0:
-                last_eval = self.evaluate(0)
-            for step in range(self.start_step + 1, c.total_steps + 1):
-                row = self.step(step)
-                if self._due(step, c.eval_every):
-                    last_eval = self.evaluate(step)
-                if self._due(step, c.checkpoint_every):
-                    self._save(step)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{row['train/reward']:.2f}", kept=f"{row['filter/kept_group_frac']:.2f}",
-                                    dpo=f"{row.get('prm/dpo_accuracy', float('nan')):.2f}",
-                                    eval=f"{last_eval.get('eval/accuracy', float('nan')):.3f}")
+            with PreemptionWatch() as preemption:
+                if self.start_step == 0:
+                    last_eval = self.evaluate(0)
+                for step in range(self.start_step + 1, c.total_steps + 1):
+                    if preemption.should_stop():  # every host votes at every step boundary
+                        if step - 1 > last_saved:
+                            self._save(step - 1)
+                        self.preempted_at = step - 1
+                        logger.warning("preempted: stopped after step %d with a checkpoint; rerun the same command "
+                                       "to resume", step - 1)
+                        break
+                    row = self.step(step)
+                    if self._due(step, c.eval_every):
+                        last_eval = self.evaluate(step)
+                    if self._due(step, c.checkpoint_every):
+                        self._save(step)
+                        last_saved = step
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(reward=f"{row['train/reward']:.2f}", kept=f"{row['filter/kept_group_frac']:.2f}",
+                                        dpo=f"{row.get('prm/dpo_accuracy', float('nan')):.2f}",
+                                        eval=f"{last_eval.get('eval/accuracy', float('nan')):.3f}")
             self.checkpointer.wait()
-            if c.checkpoint.export_hf and self.is_main:
-                self.export_hf()
+            if c.checkpoint.export_hf and self.preempted_at is None:
+                self.export_hf()  # on every process: the export gathers the sharded weights
         finally:
             if bar is not None:
                 bar.close()
@@ -440,30 +453,29 @@ class Trainer:
         groups, collect = self.collect_groups(step, key)  # draw, sample, grade, filter (+ refill)
         row = {"step": step, **collect}
         if groups:
-            batch = assemble_batch(groups, c.rollout.max_new_tokens)
-            if "ref_logprobs" not in batch:  # not scored while grading: score the kept rows only
-                t = time.perf_counter()
-                self.score(batch)
-                row["time/score_s"] += time.perf_counter() - t
+            batch = assemble_batch(groups, c.rollout.max_new_tokens).to_device(self.mesh)  # stays on the devices
+            t = time.perf_counter()
+            batch = self.score(batch)  # old/ref log-probs not taken while grading: the kept rows only
+            row["time/score_s"] += time.perf_counter() - t
             if step == c.debug.inject_nan_step:  # test hook: the NaN guard must skip this step's updates
-                batch["old_logprobs"][:] = np.nan
-            mask = batch["response_mask"]
+                batch = batch.replace(old_logprobs=jnp.full_like(batch.old_logprobs, jnp.nan))
             q, prm_metrics = self.update_prm(batch, step)  # PRM mini-batches; q from the same forward
             q_norm, advantages, adv_stats = process_rewards_and_advantages(
-                jnp.asarray(q), jnp.asarray(batch["outcome"]), jnp.asarray(mask), estimator=c.algo.estimator,
-                n=self.n, process_coef=float(c.algo.process_coef), outcome_coef=float(c.algo.outcome_coef),
+                q, batch.outcome, batch.response_mask, estimator=c.algo.estimator, n=self.n,
+                process_coef=float(c.algo.process_coef), outcome_coef=float(c.algo.outcome_coef),
                 normalize=self.uses_process_rewards)
-            batch["advantages"] = np.asarray(advantages, np.float32)
+            batch = batch.replace(advantages=advantages)
             policy_metrics = self.update_policy(batch, step)  # shuffled PPO mini-batches
             row.update(prm_metrics)
             row.update(policy_metrics)
-            row.update({k: float(v) for k, v in jax.device_get(adv_stats).items()})
-            row.update(masked_stats(batch["advantages"], mask, "advantages"))
+            advantages, mask = to_host((advantages, batch.response_mask))
+            row.update({k: float(v) for k, v in to_host(adv_stats).items()})
+            row.update(masked_stats(advantages, mask, "advantages"))
             row["response/length_kept_mean"] = float(mask.sum(1).mean())
             row["nan_skipped"] = row.get("policy/nan_skipped", 0) + row.get("prm/nan_skipped", 0)
         else:
             logger.warning("step %d: no prompt group survived the accuracy filter; no update", step)
-        row["nan_skipped_total"] = int(jax.device_get(self.policy.nan_skips + self.prm.nan_skips))
+        row["nan_skipped_total"] = int(to_host(self.policy.nan_skips + self.prm.nan_skips))
         row["data/prompts_dropped_total"] = self.prompts.dropped
         row["time/step_s"] = time.perf_counter() - t0
         row["time/wall"] = time.time()
@@ -473,7 +485,11 @@ class Trainer:
     def collect_groups(self, step: int, key) -> tuple[list[Group], dict]:
         """Samples attempts of `prompts_per_attempt` prompts until `prompts_per_step` groups survive
         the accuracy filter, or `rollout.max_refill` extra attempts are spent. Surplus survivors'
-        prompts go back to the buffer for the next step."""
+        prompts go back to the buffer for the next step.
+
+        Every process draws the same prompts and takes the same decisions; the sampler decodes
+        each process's rows on its own devices, each process grades its share of the responses
+        in its own pool, and the outcomes are gathered before the filter."""
         c = self.config
         kept: list[Group] = []
         all_outcomes, all_lengths, truncated = [], [], 0
@@ -495,28 +511,23 @@ class Trainer:
             t = time.perf_counter()
             # Device work dispatched before grading runs in the pool: the two overlap.
             pending = self.score_async(rows) if c.rollout.overlap_scoring else None
-            texts = self.decode(rollouts)
-            graded = self.pool.score([(text, problems[r // self.n].ground_truth, problems[r // self.n].ability)
-                                      for r, text in enumerate(texts)])
-            rows["outcome"] = np.asarray(graded.scores, np.float32)
+            outcome, errors, timeouts = self.grade(rollouts, [problems[r // self.n] for r in range(rows.num_rows)])
+            rows = rows.replace(outcome=outcome)
             timing["grade"] += time.perf_counter() - t
-            grading_errors += graded.errors
-            grading_timeouts += graded.timeouts
+            grading_errors += errors
+            grading_timeouts += timeouts
             if pending is not None:
                 t = time.perf_counter()
-                rows.update(self.fetch_scores(pending))
-                if "ref_logprobs" not in rows:
-                    rows["ref_logprobs"] = np.zeros(rows["response_mask"].shape, np.float32)
+                rows = rows.replace(**to_host(self.gather_scores(*pending)))
                 timing["score"] += time.perf_counter() - t
 
-            all_outcomes.append(rows["outcome"])
+            all_outcomes.append(outcome)
             all_lengths.append(rollouts.lengths)
             truncated += int((~rollouts.finished).sum())
-            survive = (np.asarray(algo.accuracy_filter(rows["outcome"], self.n, c.algo.filter_low, c.algo.filter_high))
+            survive = (np.asarray(algo.accuracy_filter(outcome, self.n, c.algo.filter_low, c.algo.filter_high))
                        if c.algo.filter else np.ones(len(items), bool))
             for g in np.flatnonzero(survive):
-                sl = slice(g * self.n, (g + 1) * self.n)
-                kept.append(Group(problems[g], {k: v[sl] for k, v in rows.items()}, texts[sl]))
+                kept.append(Group(problems[g], rows.rows(slice(g * self.n, (g + 1) * self.n))))
             if len(kept) >= self.groups_per_step:
                 break
         survivors = len(kept)
@@ -557,108 +568,118 @@ class Trainer:
         }
         return kept, row
 
-    def rollout_rows(self, rollouts: Rollouts) -> dict[str, np.ndarray]:
-        """The rollouts as training rows: prompts fitted to the training prompt width; the
+    def rollout_rows(self, rollouts: Rollouts) -> PrimeBatch:
+        """The rollouts as host training rows: prompts fitted to the training prompt width; the
         sampler's own log-probs as old_logprobs unless algo.recompute_old_logprobs."""
         prompt_ids, prompt_mask = fit_prompts(rollouts.prompt_tokens, rollouts.prompt_mask, self.prompt_width)
-        rows = {"prompt_ids": prompt_ids.astype(np.int32), "prompt_mask": prompt_mask.astype(np.int32),
-                "response_ids": rollouts.tokens.astype(np.int32),
-                "response_mask": rollouts.response_mask.astype(np.int32)}
-        if not self.config.algo.recompute_old_logprobs:
-            rows["old_logprobs"] = rollouts.logprobs.astype(np.float32)
-        return rows
+        old = None if self.config.algo.recompute_old_logprobs else rollouts.logprobs.astype(np.float32)
+        return PrimeBatch(prompt_ids=prompt_ids.astype(np.int32), prompt_mask=prompt_mask.astype(np.int32),
+                          response_ids=rollouts.tokens.astype(np.int32),
+                          response_mask=rollouts.response_mask.astype(np.int32), old_logprobs=old)
 
-    def score_async(self, rows: dict[str, np.ndarray]) -> tuple[list, int]:
-        """Dispatches the log-probs the updates need (old: the policy's, unless the sampler's are
-        used; ref: the frozen reference's, unless outcome-only) in fixed-size chunks of
-        batch.score_batch rows (the last one padded with repeated rows, so one compilation).
-        Returns the pending device results; `fetch_scores` collects them."""
+    def grade(self, rollouts: Rollouts, problems: Sequence[Problem]) -> tuple[np.ndarray, int, int]:
+        """(outcome [B] on every process, grading errors, timeouts): this process decodes and grades
+        its share of the rows in its own pool; the scores are gathered from all processes."""
+        rows = len(problems)
+        share = host_share(rows)
+        texts = self.decode(rollouts, share)
+        graded = self.pool.score([(text, problems[r].ground_truth, problems[r].ability) for r, text in zip(share, texts)])
+        outcome = gather_shares(np.asarray(graded.scores, np.float32), rows)
+        counts = gather_shares(np.asarray([[graded.errors, graded.timeouts]], np.int64), jax.process_count()).sum(0)
+        return outcome, int(counts[0]), int(counts[1])
+
+    def _wanted_scores(self, batch: PrimeBatch) -> dict:
+        """{field: params} of the log-probs the updates still need: the policy's old_logprobs unless
+        the sampler's are used, the frozen reference's unless outcome-only."""
         wanted = {}
-        if "old_logprobs" not in rows:
+        if batch.old_logprobs is None:
             wanted["old_logprobs"] = self.policy.params
-        if "ref_logprobs" not in rows and self.uses_process_rewards:
+        if batch.ref_logprobs is None and self.uses_process_rewards:
             wanted["ref_logprobs"] = self.ref_params
-        keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
-        total, size = len(rows["response_mask"]), self.config.batch.score_batch
+        return wanted
+
+    def score_async(self, batch: PrimeBatch) -> tuple[list, int]:
+        """Dispatches the missing log-probs of a host or device batch in fixed-size chunks of
+        batch.score_batch rows (the last one padded with repeated rows, so one compilation);
+        returns the pending device results for `gather_scores`."""
+        wanted = self._wanted_scores(batch)
+        total, size = batch.num_rows, self.config.batch.score_batch
+        on_host = isinstance(batch.response_mask, np.ndarray)
         pending = []
         for start in range(0, total, size if wanted else total):
             index = np.arange(start, start + size) % total
-            chunk = jax.device_put({k: rows[k][index] for k in keys}, self.steps.batch_sharding)
+            chunk = batch.rows(index).to_device(self.mesh) if on_host else self._take_rows(
+                batch, put_replicated(index, self.mesh))
             # The score step's "old_logprobs" output scores whichever params it is given.
             pending.append({name: self.steps.score(params, None, None, chunk)["old_logprobs"]
                             for name, params in wanted.items()})
         return pending, total
 
-    def fetch_scores(self, pending_and_total) -> dict[str, np.ndarray]:
-        pending, total = pending_and_total
-        chunks = jax.device_get(pending)
-        out = {name: np.concatenate([c[name] for c in chunks])[:total].astype(np.float32) for name in chunks[0]}
-        return out
+    def gather_scores(self, pending: list, total: int) -> dict:
+        """{field: [total, R] device array} from `score_async`'s chunks."""
+        return self._concat_rows(pending, total) if pending and pending[0] else {}
 
-    def score(self, rows: dict[str, np.ndarray]) -> None:
-        """Adds old_logprobs and ref_logprobs to `rows` (zeros for ref in outcome-only runs)."""
-        rows.update(self.fetch_scores(self.score_async(rows)))
-        if "ref_logprobs" not in rows:
-            rows["ref_logprobs"] = np.zeros(rows["response_mask"].shape, np.float32)
+    def score(self, batch: PrimeBatch) -> PrimeBatch:
+        """`batch` (on the devices) with the log-probs the updates need."""
+        return batch.replace(**self.gather_scores(*self.score_async(batch)))
 
-    def decode(self, rollouts: Rollouts) -> list[str]:
-        """Response texts without the stop token (what the verifier reads)."""
-        rows = [row[: length - int(done)] for row, length, done in
-                zip(rollouts.tokens.tolist(), rollouts.lengths.tolist(), rollouts.finished.tolist())]
-        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+    def decode(self, rollouts: Rollouts, rows: Sequence[int] | None = None) -> list[str]:
+        """Response texts (of `rows`, default all) without the stop token (what the verifier reads)."""
+        rows = range(len(rollouts.lengths)) if rows is None else rows
+        tokens = [rollouts.tokens[r, : int(rollouts.lengths[r]) - int(rollouts.finished[r])].tolist() for r in rows]
+        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
     # ---------------------------------------------------------------- PRM and policy updates
-    def _device_batch(self, batch: dict, rows: np.ndarray, keys: Sequence[str]) -> dict:
-        return jax.device_put({k: batch[k][rows] for k in keys}, self.steps.batch_sharding)
+    def _mini_batch(self, batch: PrimeBatch, rows: np.ndarray) -> PrimeBatch:
+        return self._take_rows(batch, put_replicated(np.asarray(rows, np.int32), self.mesh))
 
-    def update_prm(self, batch: dict, step: int) -> tuple[np.ndarray, dict]:
-        """One pass of PRM mini-batches (in order); returns q [B, R] recorded from each mini-batch's
-        own forward pass (before its update; after it with algo.double_forward) and the metrics."""
+    def update_prm(self, batch: PrimeBatch, step: int) -> tuple[jax.Array, dict]:
+        """One pass of PRM mini-batches (in order); returns q [B, R] (on the devices) recorded from
+        each mini-batch's own forward pass (before its update; after it with algo.double_forward)
+        and the metrics."""
         c = self.config
-        mask = batch["response_mask"]
         if not self.uses_process_rewards:
-            return np.zeros(mask.shape, np.float32), {}
+            return jnp.zeros(batch.response_mask.shape, jnp.float32), {}
         t = time.perf_counter()
         size = c.batch.prm_mini_batch
-        keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "ref_logprobs", "outcome")
         pending = []
-        for start in range(0, len(mask), size):  # dispatched back to back; fetched once below
-            mb = self._device_batch(batch, np.arange(start, start + size), keys)
+        for start in range(0, batch.num_rows, size):  # dispatched back to back; fetched once below
+            mb = self._mini_batch(batch, np.arange(start, start + size))
             if c.algo.update_prm:
                 self.prm, m = self.steps.prm(self.prm, mb)
             else:  # a frozen PRM still gives rewards
-                m = {"q": self._score_q(self.prm.params, self.ref_params, mb)}
+                m = {"q": self._score_q(self.prm.params, self.ref_params, mb.select(SCORE_KEYS))}
             pending.append(m)
-        metrics = jax.device_get(pending)
-        q = np.concatenate([np.asarray(m.pop("q")) for m in metrics]).astype(np.float32)
+        q = jnp.concatenate([m.pop("q") for m in pending])
+        metrics = to_host(pending)
+        host_q, mask, outcome = to_host((q, batch.response_mask, batch.outcome))
         out = {"prm/" + k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
         if "prm/nan_skipped" in out:
             out["prm/nan_skipped"] = int(sum(int(m["nan_skipped"]) for m in metrics))
         if "prm/dpo_accuracy" not in out:  # frozen PRM: rank with the rewards it gave
-            out["prm/dpo_accuracy"] = float(algo.dpo_accuracy(q, mask, batch["outcome"], self.n))
-        sums = (q * mask).sum(1)
-        correct = batch["outcome"] >= 0.5
+            out["prm/dpo_accuracy"] = float(algo.dpo_accuracy(host_q, mask, outcome, self.n))
+        sums = (host_q * mask).sum(1)
+        correct = outcome >= 0.5
         out["prm/q_sum_correct"] = float(sums[correct].mean()) if correct.any() else 0.0
         out["prm/q_sum_wrong"] = float(sums[~correct].mean()) if (~correct).any() else 0.0
         out["time/prm_s"] = time.perf_counter() - t
         return q, out
 
-    def update_policy(self, batch: dict, step: int) -> dict:
+    def update_policy(self, batch: PrimeBatch, step: int) -> dict:
         """One epoch of PPO-clip over shuffled mini-batches of whole groups."""
         c = self.config
         t = time.perf_counter()
-        num_groups = len(batch["outcome"]) // self.n
+        num_groups = batch.num_rows // self.n
         rng = np.random.default_rng([c.seed, step, 1])
         order = rng.permutation(num_groups)
         per_mb = c.batch.mini_batch // self.n
-        keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "old_logprobs", "advantages")
         metrics = []
         for start in range(0, num_groups, per_mb):
             groups = order[start:start + per_mb]
             rows = (groups[:, None] * self.n + np.arange(self.n)[None, :]).reshape(-1)
-            self.policy, m = self.steps.policy(self.policy, self._device_batch(batch, rows, keys))
+            self.policy, m = self.steps.policy(self.policy, self._mini_batch(batch, rows))
             metrics.append(m)
-        metrics = jax.device_get(metrics)
+        metrics = to_host(metrics)
         out = {f"policy/{k}": float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
         out["policy/ratio_max"] = float(np.max([m["ratio_max"] for m in metrics]))
         out["policy/nan_skipped"] = int(sum(int(m["nan_skipped"]) for m in metrics))
@@ -687,42 +708,44 @@ class Trainer:
                     (self.graphdef, self.policy.params), chunk, max_new_tokens=max_new, n=1,
                     temperature=c.rollout.eval_temperature, top_p=c.rollout.top_p, top_k=c.rollout.top_k,
                     stop_token_ids=self.stop_ids, key=key)
-                texts = self.decode(rollouts)
                 chunk_problems = kept[start:start + len(chunk)]
-                graded = self.pool.score([(t, p.ground_truth, p.ability) for t, p in zip(texts, chunk_problems)])
-                scores.extend(graded.scores)
+                chunk_scores, _, _ = self.grade(rollouts, chunk_problems)
+                scores.extend(chunk_scores.tolist())
                 lengths.extend(rollouts.lengths.tolist())
                 truncated.extend((~rollouts.finished).tolist())
                 if len(html_rows) < c.logging.html_samples:
                     for r in range(min(len(chunk), c.logging.html_samples - len(html_rows))):
-                        html_rows.append((rollouts, r, chunk_problems[r], graded.scores[r], name))
+                        html_rows.append((rollouts, r, chunk_problems[r], chunk_scores[r], name))
             accuracy = float(np.mean(scores)) if scores else 0.0
             row[f"eval/{name}/accuracy"] = accuracy
             accuracies.append(accuracy)
         row["eval/accuracy"] = float(np.mean(accuracies)) if accuracies else 0.0
         row["eval/response_length"] = float(np.mean(lengths)) if lengths else 0.0
         row["eval/truncated_frac"] = float(np.mean(truncated)) if truncated else 0.0
-        if self.is_main and html_rows:
+        if html_rows:
             self._write_html(step, html_rows)
         row["time/eval_s"] = time.perf_counter() - t0
         return self.log.write(row) if self.log else row
 
     def _write_html(self, step: int, html_rows) -> None:
+        """The token-reward page of `html_rows` (q computed on every process, written by process 0)."""
         samples = []
         for rollouts, r, problem, outcome, source in html_rows:
             length = int(rollouts.lengths[r])
             R = _bucket(length, 8, rollouts.tokens.shape[1])
-            batch = {"prompt_ids": rollouts.prompt_tokens[r:r + 1], "prompt_mask": rollouts.prompt_mask[r:r + 1],
-                     "response_ids": rollouts.tokens[r:r + 1, :R], "response_mask": rollouts.response_mask[r:r + 1, :R]}
-            q = np.asarray(self._score_q(self.prm.params, self.ref_params, batch))[0, :length]
+            one = PrimeBatch(prompt_ids=rollouts.prompt_tokens[r:r + 1], prompt_mask=rollouts.prompt_mask[r:r + 1],
+                             response_ids=rollouts.tokens[r:r + 1, :R], response_mask=rollouts.response_mask[r:r + 1, :R])
+            one = one.to_device(self.mesh)
+            q = to_host(self._score_q(self.prm.params, self.ref_params, one.select(SCORE_KEYS)))[0, :length]
             token_ids = rollouts.tokens[r, :length].tolist()
             samples.append({
                 "prompt": self.tokenizer.decode(rollouts.prompt_tokens[r][rollouts.prompt_mask[r] > 0].tolist()),
                 "tokens": [self.tokenizer.decode([t]) for t in token_ids],
                 "q": q.tolist(), "outcome": float(outcome), "ground_truth": problem.ground_truth, "source": source,
             })
-        write_rollouts_html(self.workdir / "rollouts" / f"step_{step}.html", samples,
-                            title=f"{self.config.name}: held-out responses at step {step}")
+        if self.is_main:
+            write_rollouts_html(self.workdir / "rollouts" / f"step_{step}.html", samples,
+                                title=f"{self.config.name}: held-out responses at step {step}")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> dict:

@@ -24,7 +24,7 @@ from flax import nnx
 
 from prime_jax.models import response_logprobs
 from prime_jax.models.tokenizer import encode_chat, eos_token_ids
-from prime_jax.parallel import batch_sharding
+from prime_jax.parallel import put_rows, to_host
 from prime_jax.train.state import TrainState, create_train_state, make_optimizer, split_params
 
 
@@ -118,18 +118,17 @@ def run_sft(model: nnx.Module, examples: Sequence[tuple[Sequence[int], Sequence[
     data = pad_examples(examples, pad_id)
     rng = np.random.default_rng([int(seed), 7_001])
     order, pos = rng.permutation(len(examples)), 0
-    shard = batch_sharding(mesh, 2)
     start, acc = time.time(), []
     for k in range(1, steps + 1):
         if pos + batch_size > len(order):
             order, pos = rng.permutation(len(examples)), 0
         idx = order[pos:pos + batch_size] if batch_size <= len(order) else rng.choice(len(order), batch_size)
         pos += batch_size
-        batch = {key: jax.device_put(value[idx], shard) for key, value in data.items()}
+        batch = put_rows({key: value[idx] for key, value in data.items()}, mesh)
         state, metrics = step_fn(state, batch)
         acc.append(metrics)
         if log_fn is not None and (k % log_every == 0 or k == steps):
-            host = jax.device_get(acc)
+            host = to_host(acc)
             row = {key: float(np.mean([m[key] for m in host])) for key in host[0]}
             row["lr"] = float(schedule(k - 1))
             row["time_s"] = time.time() - start

@@ -30,11 +30,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from prime_jax.algo import dpo_accuracy, implicit_token_rewards, policy_loss, prm_loss
 from prime_jax.models import response_logprobs
 from prime_jax.parallel import batch_sharding, state_shardings, under_mesh
+from prime_jax.parallel import replicated as replicated_sharding
 from prime_jax.train.accumulate import accumulate_gradients, merge_micro_batches, split_micro_batches
 from prime_jax.train.state import TrainState, split_params, train_state_shardings
 
@@ -44,6 +45,8 @@ POLICY_KEYS = SCORE_KEYS + ("old_logprobs", "advantages")
 
 
 def _select(batch, keys):
+    if not isinstance(batch, dict):  # a PrimeBatch
+        return batch.select(keys)
     missing = [k for k in keys if k not in batch]
     if missing:
         raise KeyError(f"batch is missing {missing}")
@@ -117,7 +120,7 @@ def make_train_steps(model, policy_optimizer: optax.GradientTransformation,
     k, k_score = micro_batches, score_micro_batches or micro_batches
     param_sh = state_shardings(abstract_params, mesh)
     rows_sh = batch_sharding(mesh, 1)  # a prefix: dim 0 of every batch array over the data axes
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = replicated_sharding(mesh)
     logprobs = functools.partial(sequence_logprobs, graphdef, temperature=temperature, chunk_size=chunk_size)
     split = functools.partial(split_micro_batches, k=k, n=n, mesh=mesh)
     merge = functools.partial(merge_micro_batches, k=k, n=n, mesh=mesh)
