@@ -15,7 +15,8 @@ global `jax.Array`s here and nowhere else:
   are gathered so that every process takes the same decisions (filter, refill).
 * `any_process(flag)`: a step-boundary vote (preemption: one host got SIGTERM, all stop).
 
-All of these are collective when the run has several processes: every process must call them in
+Abstract leaves (`jax.ShapeDtypeStruct`) pass through with the sharding attached, so programs can
+be lowered from shapes alone (the memory plan). All of these are collective when the run has several processes: every process must call them in
 the same order with the same shapes.
 """
 
@@ -171,6 +172,9 @@ def put_rows(host_batch: Any, mesh: Mesh, logical_axes: Any = None) -> Any:
         if isinstance(x, jax.Array) and x.sharding == sharding:
             out.append(x)  # already placed
             continue
+        if isinstance(x, jax.ShapeDtypeStruct):  # abstract (planning): the placement without data
+            out.append(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding))
+            continue
         x = to_host(x)
         out.append(jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index]))
     return jax.tree.unflatten(treedef, out)
@@ -183,6 +187,8 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
     def one(x):
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
+        if isinstance(x, jax.ShapeDtypeStruct):  # abstract (planning): the placement without data
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
         if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):  # typed key: place its data
             return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
         x = to_host(x)
