@@ -24,7 +24,7 @@ from .problems import (
     write_verl_parquet,
 )
 from .render import render_prompt_texts, render_prompts
-from .sources import eval_source_names, read_sft_pairs
+from .sources import eval_source_names, read_sft_pairs, source_format
 from .synthetic import demonstration, make_problems, sft_messages
 from .tiny_tokenizer import CHATML_TEMPLATE, build_tiny_tokenizer
 
@@ -59,5 +59,6 @@ __all__ = [
     "render_prompt_texts",
     "render_prompts",
     "sft_messages",
+    "source_format",
     "write_verl_parquet",
 ]

@@ -68,6 +68,13 @@ def eval_source_names(sources: Sequence[str], synthetic: str = "synthetic") -> d
             raise DataError(f"evaluation sources {clashes[0]} cannot be told apart by name; rename one file")
 
 
+def source_format(data_format: str, source: str) -> str | None:
+    """The `fmt` to read `source` with under the config's ``data.format``: None (detect) for
+    "auto" and for packaged benchmarks (bare names that are not files), which keep their own."""
+    packaged = "/" not in source and not Path(source).expanduser().exists()
+    return None if data_format == "auto" or packaged else data_format
+
+
 def read_sft_pairs(path: str | Path, limit: int) -> tuple[list[tuple[list[dict], str]], SkipStats]:
     """(prompt messages, demonstration) pairs from a JSONL file of ``{"messages": [..., {"role":
     "assistant", "content": ...}]}`` rows, the first `limit` usable ones.

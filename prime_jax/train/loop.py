@@ -71,7 +71,7 @@ def _system_prompt(config) -> str | None:
 def load_eval_sets(config) -> dict[str, list[Problem]]:
     """{source name: problems} of every `data.eval` source (the synthetic one is fixed by eval_seed);
     names as `prime_jax.data.eval_source_names` gives them."""
-    from prime_jax.data import eval_source_names, make_problems, read_problems
+    from prime_jax.data import eval_source_names, make_problems, read_problems, source_format
 
     sets = {}
     for name, source in eval_source_names(config.data.eval.split(","), SYNTHETIC).items():
@@ -80,28 +80,21 @@ def load_eval_sets(config) -> dict[str, list[Problem]]:
                                      unique=True, system_prompt=_system_prompt(config), **synthetic_kwargs(config))
         else:
             problems, _ = read_problems(source, split="test", system_prompt=_system_prompt(config),
-                                        fmt=data_format(config, source))
+                                        fmt=source_format(config.data.format, source))
         if config.data.eval_max_problems:
             problems = problems[: config.data.eval_max_problems]
         sets[name] = problems
     return sets
 
 
-def data_format(config, source: str) -> str | None:
-    """`data.format` for a data file or hub dataset (None: detect); packaged benchmarks (bare names
-    that are not files) keep their own."""
-    packaged = "/" not in source and not Path(source).expanduser().exists()
-    return None if config.data.format == "auto" or packaged else config.data.format
-
-
 def load_train_problems(config, exclude: set[str]) -> list[Problem]:
-    from prime_jax.data import make_problems, read_problems
+    from prime_jax.data import make_problems, read_problems, source_format
 
     if config.data.train == SYNTHETIC:
         return make_problems(config.data.synthetic.num_train, config.seed, stream=0, exclude=exclude,
                              system_prompt=_system_prompt(config), **synthetic_kwargs(config))
-    problems, stats = read_problems(config.data.train, split=config.data.train_split,
-                                    system_prompt=_system_prompt(config), fmt=data_format(config, config.data.train))
+    problems, stats = read_problems(config.data.train, split=config.data.train_split, system_prompt=_system_prompt(config),
+                                    fmt=source_format(config.data.format, config.data.train))
     if not problems:
         raise DataError(f"data.train: no usable problems in {config.data.train!r} ({stats.summary()})")
     return problems
