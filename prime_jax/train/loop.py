@@ -39,7 +39,7 @@ from prime_jax.rewards import RewardPool
 from prime_jax.sampling import PAD_ID, Rollouts, Sampler
 from prime_jax.train import checkpoint as ckpt
 from prime_jax.train.metrics import MetricsLogger, masked_stats
-from prime_jax.train.report import write_rollouts_html
+from prime_jax.train.report import mix_outcomes, write_rollouts_html
 from prime_jax.train.sft import encode_examples, run_sft
 from prime_jax.train.state import (
     abstract_train_state,
@@ -716,8 +716,9 @@ class Trainer:
                 scores.extend(graded.scores)
                 lengths.extend(rollouts.lengths.tolist())
                 truncated.extend((~rollouts.finished).tolist())
-                if len(html_rows) < c.logging.html_samples:
-                    for r in range(min(len(chunk), c.logging.html_samples - len(html_rows))):
+                # Candidates for the HTML page: up to html_samples right and html_samples wrong ones.
+                for r in range(len(chunk)):
+                    if sum((x[3] >= 1.0) == (graded.scores[r] >= 1.0) for x in html_rows) < c.logging.html_samples:
                         html_rows.append((rollouts, r, chunk_problems[r], graded.scores[r], name))
             accuracy = float(np.mean(scores)) if scores else 0.0
             row[f"eval/{name}/accuracy"] = accuracy
@@ -726,7 +727,7 @@ class Trainer:
         row["eval/response_length"] = float(np.mean(lengths)) if lengths else 0.0
         row["eval/truncated_frac"] = float(np.mean(truncated)) if truncated else 0.0
         if self.is_main and html_rows:
-            self._write_html(step, html_rows)
+            self._write_html(step, mix_outcomes(html_rows, lambda x: x[3], c.logging.html_samples))
         row["time/eval_s"] = time.perf_counter() - t0
         return self.log.write(row) if self.log else row
 
