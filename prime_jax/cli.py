@@ -31,6 +31,32 @@ def fail(tool: str, message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+def _flag_error(error: BaseException, argv: Sequence[str]) -> str:
+    """One line for a mistake in the flags (see `flags_parser`)."""
+    if isinstance(error, (AttributeError, KeyError)):
+        field = str(error).strip("'\"")
+        bad = " ".join(a for a in argv[1:] if a.startswith("--config."))
+        return f"unknown config field {field!r} ({bad}); the fields are those of prime_jax/config.py base_config()"
+    return f"cannot load the flags/config: {' '.join(str(error).split())}"
+
+
+_FLAG_ERRORS = (AttributeError, KeyError, OSError, ImportError, SyntaxError, TypeError, ValueError)
+
+
+def define_config_flag(tool: str, default: str, help_text: str):
+    """`--config` (an ml_collections config file with `--config.section.field=value` overrides).
+
+    The default file and its overrides are parsed when the flag is defined, at import; a mistake
+    there (an unknown field, a value of the wrong type) ends with one line, like `flags_parser`.
+    """
+    from ml_collections import config_flags
+
+    try:
+        return config_flags.DEFINE_config_file("config", default, help_text, lock_config=True)
+    except _FLAG_ERRORS as e:
+        fail(tool, _flag_error(e, sys.argv))
+
+
 def flags_parser(tool: str) -> Callable[[Sequence[str]], list[str]]:
     """An `app.run(..., flags_parser=...)` parser that turns every flag mistake into one line.
 
@@ -46,12 +72,8 @@ def flags_parser(tool: str) -> Callable[[Sequence[str]], list[str]]:
             return flags.FLAGS(list(argv))
         except flags.Error as e:
             fail(tool, str(e))
-        except (AttributeError, KeyError) as e:
-            bad = [a for a in argv[1:] if a.startswith("--config.")]
-            fail(tool, f"unknown config field {str(e).strip(chr(39) + chr(34))!r} (in {' '.join(bad) or argv[1:]}); "
-                       "fields are listed in prime_jax/config.py")
-        except (OSError, ImportError, SyntaxError, TypeError, ValueError) as e:
-            fail(tool, f"cannot load the flags/config: {' '.join(str(e).split())}")
+        except _FLAG_ERRORS as e:
+            fail(tool, _flag_error(e, argv))
 
     return parse
 

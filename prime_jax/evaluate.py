@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Sequence
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from prime_jax import cli
 
@@ -58,9 +57,9 @@ logger = py_logging.getLogger("prime_jax.evaluate")
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Config file (the training configs); fields are overridden with "
-    "--config.section.field=value.", lock_config=True)
+_CONFIG = cli.define_config_flag(
+    "evaluate", DEFAULT_CONFIG, "Config file (the training configs); fields are overridden with "
+    "--config.section.field=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Results go to WORKDIR/eval/ (default ./runs/<config.name>).")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "", "What to evaluate: an HF folder or hub id, a training workdir (latest checkpoint), a "

@@ -18,15 +18,14 @@ import logging as py_logging
 from pathlib import Path
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from prime_jax import cli
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Config file (a get_config() returning prime_jax.config.base_config() with changes); "
-    "fields are overridden with --config.section.field=value.", lock_config=True)
+_CONFIG = cli.define_config_flag(
+    "main", DEFAULT_CONFIG, "Config file (a get_config() returning prime_jax.config.base_config() with changes); "
+    "fields are overridden with --config.section.field=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics.jsonl, tb/, rollouts/, hf_export/); "
                                "default ./runs/<config.name>. Resumed when it holds checkpoints.")
 _SKIP_MEMORY_CHECK = flags.DEFINE_bool("skip_memory_check", False, "Do not compile the memory plan before "

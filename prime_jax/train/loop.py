@@ -134,7 +134,13 @@ class PromptSource:
     def _check_pool_fits(self) -> None:
         """Renders the whole pool once; raises DataError when no prompt fits, with the numbers."""
         items = self.iterator.items
-        ids, _, stats = render_prompts(items, self.tokenizer, None)
+        transformers_log = logging.getLogger("transformers")
+        level = transformers_log.level
+        transformers_log.setLevel(logging.ERROR)  # not its "longer than model_max_length" note: we measure
+        try:
+            ids, _, stats = render_prompts(items, self.tokenizer, None)
+        finally:
+            transformers_log.setLevel(level)
         lengths = np.array([len(x) for x in ids] or [0])
         fits = int((lengths <= self.max_prompt_tokens).sum()) if ids else 0
         if not fits:
