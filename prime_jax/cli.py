@@ -57,6 +57,17 @@ def define_config_flag(tool: str, default: str, help_text: str):
         fail(tool, _flag_error(e, sys.argv))
 
 
+def config_value(tool: str, flag):
+    """The parsed config of `define_config_flag`'s flag. A config file that failed to load is only
+    reported when first used (ml_collections keeps a placeholder that raises): report it here."""
+    try:
+        config = flag.value
+        config.name  # noqa: B018 - raises for the placeholder of a config that did not load
+    except _FLAG_ERRORS as e:
+        fail(tool, _flag_error(e, sys.argv))
+    return config
+
+
 def flags_parser(tool: str) -> Callable[[Sequence[str]], list[str]]:
     """An `app.run(..., flags_parser=...)` parser that turns every flag mistake into one line.
 

@@ -454,7 +454,7 @@ def main(argv) -> None:
     from prime_jax.config import ConfigError, validate
     from prime_jax.parallel import initialize_distributed, mesh_from_config
 
-    config = _CONFIG.value
+    config = cli.config_value("evaluate", _CONFIG)
     try:
         initialize_distributed(config)
         validate(config)
