@@ -61,12 +61,17 @@ def test_misspelt_benchmark_fails_fast_without_hub_retries(tmp_path):
     assert "unknown data source 'aime2024'" in proc.stderr and "aime24" in proc.stderr
 
 
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder that cannot be created or written: under a 0555 folder, or (root writes through
+    modes) on the read-only /proc file system."""
+    if os.geteuid() == 0:
+        return Path("/proc") / f"prime_jax_{tmp_path.name}"
+    (tmp_path / "ro").mkdir(mode=0o555)
+    return tmp_path / "ro" / "w"
+
+
 def test_unwritable_workdir_fails_before_any_work(tmp_path):
-    if os.geteuid() == 0:  # root writes through chmod: use a read-only file system instead
-        workdir = Path("/proc/prime_jax_workdir")
-    else:
-        (tmp_path / "ro").mkdir(mode=0o555)
-        workdir = tmp_path / "ro" / "w"
+    workdir = unwritable_folder(tmp_path)
     proc = _main(tmp_path, f"--workdir={workdir}")
     _one_error_line(proc, "workdir", str(workdir), "not writable")
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_cli_errors import unwritable_folder
 from test_evaluate import _config, _ground_truth_generate, _save_tiny_model, one_device_mesh, tiny_model_dir  # noqa: F401
 
 from prime_jax import eval_lib
@@ -60,11 +61,7 @@ def test_same_named_files_get_unique_names_and_all_dropped_is_not_a_score(tmp_pa
 
 
 def test_unwritable_output_folder_is_refused_before_loading_anything(tmp_path):
-    if os.geteuid() == 0:  # root writes through chmod: use a read-only file system instead
-        workdir = Path("/proc/prime_jax_eval")
-    else:
-        (tmp_path / "ro").mkdir(mode=0o555)
-        workdir = tmp_path / "ro" / "wd"
+    workdir = unwritable_folder(tmp_path)
     cmd = [sys.executable, "-m", "prime_jax.evaluate", f"--config={ROOT / 'configs' / 'tiny.py'}",
            f"--workdir={workdir}", f"--checkpoint={tmp_path / 'no_such_model'}", "--benchmarks=math500"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
