@@ -306,16 +306,14 @@ def validate(config, *, num_devices: int | None = None) -> None:
         _check_model_dir("tokenizer.path", t, "tokenizer")
 
     # data
+    from prime_jax.data.problems import FORMATS, DataError, check_source_name
+
     d = c.data
     for field, sources in (("data.train", [d.train]), ("data.eval", [s.strip() for s in d.eval.split(",")])):
         for s in sources:
             check(field, bool(s), f"has an empty source in {getattr(d, field.split('.')[1])!r}")
             if s != SYNTHETIC and (s.startswith((".", "/", "~")) or s.lower().endswith((".parquet", ".jsonl", ".json"))):
                 check(field, Path(s).expanduser().exists(), f"data file {s!r} does not exist")
-    from prime_jax.data.problems import FORMATS, DataError, check_source_name
-
-    for field, sources in (("data.train", [d.train]), ("data.eval", [s.strip() for s in d.eval.split(",")])):
-        for s in sources:
             try:  # a misspelt benchmark fails here, not after the hub client's retries
                 if s != SYNTHETIC:
                     check_source_name(s)

@@ -178,8 +178,13 @@ def test_startup_prints_no_tpu_or_pytorch_noise(tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import transformers.utils as u; print(u.is_torch_available())"],
                            env=env, capture_output=True, text=True, timeout=120)
     assert probe.stdout.strip() == "False", probe.stderr[-2000:]  # torch is hidden indeed
-    values = dict(SHORT, total_steps=0, **{"sft.steps": 0, "data.synthetic.num_eval": 2})
+    # With an eval set whose prompts are all too long (item 11): said once, and no 0.0 "score" for it.
+    values = dict(SHORT, total_steps=0, **{"sft.steps": 0, "data.synthetic.num_eval": 2,
+                                            "data.eval": "synthetic,aime24"})
     proc = _main(tmp_path, f"--workdir={tmp_path / 'w'}", *overrides(values), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "libtpu" not in proc.stderr and "Unable to initialize backend" not in proc.stderr, proc.stderr
     assert "PyTorch was not found" not in proc.stderr, proc.stderr
+    assert "eval set aime24: all 30 problems dropped" in proc.stderr
+    row = json.loads((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "eval/synthetic/accuracy" in row and "eval/aime24/accuracy" not in row

@@ -283,6 +283,10 @@ class Trainer:
                     if "expression" in p.meta}
         self.eval_prompts = {name: render_prompts(problems, self.tokenizer, c.data.max_prompt_tokens)[:2]
                              for name, problems in self.eval_sets.items()}
+        for name, (ids, _) in self.eval_prompts.items():
+            if self.eval_sets[name] and not ids:  # no score to report for it, rather than a 0.0
+                logger.warning("eval set %s: all %d problems dropped (prompts longer than data.max_prompt_tokens=%d); "
+                               "it is not evaluated", name, len(self.eval_sets[name]), c.data.max_prompt_tokens)
         self.prompts = PromptSource(load_train_problems(c, held_out if c.data.train == SYNTHETIC else set()),
                                     self.tokenizer, c.data.max_prompt_tokens, c.seed)
         self._held_out = held_out
@@ -709,6 +713,8 @@ class Trainer:
         accuracies, lengths, truncated, html_rows = [], [], [], []
         key = jax.random.fold_in(jax.random.PRNGKey(c.data.synthetic.eval_seed), step)
         for name, (ids, kept) in self.eval_prompts.items():
+            if not ids:  # every problem dropped (warned at start): no accuracy, not a 0.0
+                continue
             scores = []
             for start in range(0, len(ids), c.rollout.eval_batch):
                 chunk = ids[start:start + c.rollout.eval_batch]
