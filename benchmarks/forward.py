@@ -23,15 +23,18 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `python benchmarks/forward.py`
 
-from prime_jax.models import Qwen2Config, Qwen2ForCausalLM
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from prime_jax.models import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 README = Path(__file__).with_name("README.md")
 SECTION = "## Forward pass"

@@ -18,16 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `python benchmarks/train_step.py`
 
-from prime_jax.models import Qwen2Config, Qwen2ForCausalLM
-from prime_jax.parallel import make_mesh
-from prime_jax.train import create_train_state, make_train_steps, policy_optimizer
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from prime_jax.models import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from prime_jax.parallel import make_mesh  # noqa: E402
+from prime_jax.train import create_train_state, make_train_steps, policy_optimizer  # noqa: E402
 
 
 def clock(fn) -> tuple[float, float]:

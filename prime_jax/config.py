@@ -69,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = "PRIME-RL/Eurus-2-RL-Data"  # "synthetic", a file/folder (veRL schema), a packaged benchmark or a HF dataset
     c.data.train_split = "train"  # split of a HF dataset / file stem in a folder
-    c.data.eval = "aime24,amc23,math500,minerva_math,olympiadbench"  # comma list of eval sources ("synthetic" or as data.train)
+    c.data.eval = "aime24,amc23,math500,minerva_math,olympiadbench"  # comma list of eval sources ("synthetic" or as data.train); named as prime_jax/data/sources.py says
+    c.data.format = "auto"  # row layout of data.train / data.eval files: auto (detect from the fields) or a prime_jax.data.FORMATS name
     c.data.eval_max_problems = 0  # per eval source: 0 = all, k = the first k
     c.data.max_prompt_tokens = 1024  # prompts longer than this are dropped (and counted)
     c.data.system_prompt = "keep"  # "keep": rows' own system message; "none": remove; "eurus2": Eurus-2's action-tag prompt
@@ -309,12 +310,20 @@ def validate(config, *, num_devices: int | None = None) -> None:
         _check_model_dir("tokenizer.path", t, "tokenizer")
 
     # data
+    from prime_jax.data.problems import FORMATS, DataError, check_source_name
+
     d = c.data
     for field, sources in (("data.train", [d.train]), ("data.eval", [s.strip() for s in d.eval.split(",")])):
         for s in sources:
             check(field, bool(s), f"has an empty source in {getattr(d, field.split('.')[1])!r}")
             if s != SYNTHETIC and (s.startswith((".", "/", "~")) or s.lower().endswith((".parquet", ".jsonl", ".json"))):
                 check(field, Path(s).expanduser().exists(), f"data file {s!r} does not exist")
+            try:  # a misspelt benchmark fails here, not after the hub client's retries
+                if s != SYNTHETIC:
+                    check_source_name(s)
+            except DataError as e:
+                raise ConfigError(field, str(e)) from None
+    one_of("data.format", d.format, ["auto", *sorted(FORMATS)])
     check("data.train_split", bool(d.train_split), "is empty")
     non_negative("data.eval_max_problems", d.eval_max_problems)
     positive("data.max_prompt_tokens", d.max_prompt_tokens)

@@ -336,17 +336,19 @@ def benchmark_key(key, name: str):
 
 
 def evaluate_benchmark(name: str, problems: Sequence, *, tokenizer, pool, settings: EvalSettings,
-                       generate: Callable[[list[list[int]]], Generation], prm_scorer: PRMScorer | None = None,
-                       extract: Callable[[str], str | None] | None = None) -> BenchmarkResult:
-    """Generate for, grade and score the problems of one benchmark.
+                       generate: Callable[[list[list[int]], int], Generation], prm_scorer: PRMScorer | None = None,
+                       extract: Callable[[str], str | None] | None = None, progress=None) -> BenchmarkResult:
+    """Generate for, grade and score the problems of one benchmark, `settings.batch_size` prompts
+    at a time.
 
-    generate(prompt_ids) -> Generation with len(prompt_ids) × settings.n rows (prompt-major).
+    generate(prompt_ids, chunk) -> Generation with len(prompt_ids) × settings.n rows (prompt-major);
+    `chunk` numbers the calls (0, 1, ...), for their PRNG keys.
     pool: a `RewardPool` (``.score([(response, ground_truth, ability), ...])``).
+    progress: a `prime_jax.eval_progress.ProgressFile`: each finished chunk's records are written
+    to it at once, and chunks it already holds are not generated again (resume).
     """
     from prime_jax.data import render_prompts
-    from prime_jax.rewards.math import extract_answer
 
-    extract = extract or extract_answer
     t0 = time.perf_counter()
     n = settings.n
     ids, kept, stats = render_prompts(list(problems), tokenizer, settings.max_prompt_tokens)
@@ -356,70 +358,43 @@ def evaluate_benchmark(name: str, problems: Sequence, *, tokenizer, pool, settin
         logger.warning("%s: %d of %d problems dropped (%s)", name, len(dropped), len(problems), stats.summary())
 
     records_by_problem: dict[int, list[dict]] = {}
-    per_problem: list[dict] = []
-    lengths, finished_all, statuses = [], [], collections.Counter()
-    gen_s = grade_s = prm_s = 0.0
-    if kept:
-        t = time.perf_counter()
-        gen = generate(ids)
-        gen_s = time.perf_counter() - t
-        if len(gen.texts) != len(kept) * n:
-            raise ValueError(f"{name}: generation returned {len(gen.texts)} rows for {len(kept)} prompts x n={n}")
-        t = time.perf_counter()
-        items = [(gen.texts[i * n + s], p.ground_truth, p.ability) for i, p in enumerate(kept) for s in range(n)]
-        graded = pool.score(items)
-        grade_s = time.perf_counter() - t
-        statuses.update(graded.statuses)
-        rewards = None
-        if prm_scorer is not None and n > 1:
-            t = time.perf_counter()
-            rewards = prm_scorer([ids[r // n] for r in range(len(gen.texts))], gen.response_ids)
-            prm_s = time.perf_counter() - t
-        prompt_texts = tokenizer.batch_decode([list(x) for x in ids], skip_special_tokens=False)
-        for i, p in enumerate(kept):
-            rows = range(i * n, (i + 1) * n)
-            scores = [float(graded[r]) for r in rows]
-            answers = [extract(gen.texts[r]) if p.ability == "math" else None for r in rows]
-            keys = [answer_key(a) for a in answers] if p.ability == "math" else None
-            problem_rewards = [float(rewards[r]) for r in rows] if rewards is not None else None
-            per_problem.append(problem_metrics(scores, keys, problem_rewards))
-            majority = majority_index(keys) if keys is not None and n > 1 else None
-            best = int(np.argmax(problem_rewards)) if problem_rewards is not None else None
-            recs = records_by_problem[id(p)] = []
-            for s, r in enumerate(rows):
-                rec = {
-                    "benchmark": name, "problem_id": p.id, "sample": s,
-                    "prompt": prompt_texts[i], "response": gen.texts[r], "extracted_answer": answers[s],
-                    "ground_truth": p.ground_truth, "score": scores[s], "correct": scores[s] >= CORRECT_THRESHOLD,
-                    "grading_status": graded.statuses[r], "num_tokens": len(gen.response_ids[r]),
-                    "finished": bool(gen.finished[r]),
-                }
-                if n > 1 and keys is not None:
-                    rec["majority"] = majority is not None and keys[s] is not None and keys[s] == keys[majority]
-                if problem_rewards is not None:
-                    rec["prm_reward"] = problem_rewards[s]
-                    rec["prm_best"] = s == best
-                recs.append(rec)
-                lengths.append(len(gen.response_ids[r]))
-                finished_all.append(bool(gen.finished[r]))
+    timing = collections.Counter()
+    order = sorted(range(len(kept)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+    for chunk, start in enumerate(range(0, len(kept), settings.batch_size)):
+        chunk_problems = [kept[i] for i in order[start:start + settings.batch_size]]
+        done = progress.done.get(chunk) if progress is not None else None
+        if done is None:
+            done = _chunk_records(name, chunk_problems, [ids[i] for i in order[start:start + settings.batch_size]],
+                                  chunk,
+                                  tokenizer=tokenizer, pool=pool, n=n, generate=generate, prm_scorer=prm_scorer,
+                                  extract=extract, timing=timing)
+            if progress is not None:
+                progress.add(chunk, done)
+        for p, recs in zip(chunk_problems, done):
+            records_by_problem[id(p)] = recs
     for p in dropped:
         records_by_problem[id(p)] = [{
             "benchmark": name, "problem_id": p.id, "sample": None, "prompt": None, "response": None,
             "extracted_answer": None, "ground_truth": p.ground_truth, "score": 0.0, "correct": False,
             "dropped": "prompt_too_long"}]
     records = [dict(rec, problem_index=k) for k, p in enumerate(problems) for rec in records_by_problem[id(p)]]
+    sampled = [r for r in records if r["sample"] is not None]
+    per_problem = [problem_metrics([r["score"] for r in recs],
+                                   [answer_key(r["extracted_answer"]) for r in recs] if p.ability == "math" else None,
+                                   [r["prm_reward"] for r in recs] if "prm_reward" in recs[0] else None)
+                   for p in kept for recs in [records_by_problem[id(p)]]]
 
     metrics: dict[str, Any] = aggregate(per_problem, len(dropped))
     if not per_problem:
         metrics.update({k: 0.0 for k in (f"pass@{k}" for k in k_values(n))})
+    statuses = collections.Counter(r["grading_status"] for r in sampled)
     metrics.update({
         "num_problems": len(problems), "num_dropped": len(dropped), "n": n,
-        "response_length": float(np.mean(lengths)) if lengths else 0.0,
-        "truncated_frac": float(1.0 - np.mean(finished_all)) if finished_all else 0.0,
-        "no_answer_frac": (float(np.mean([r["extracted_answer"] is None for r in records if r["sample"] is not None]))
-                           if lengths else 0.0),
+        "response_length": float(np.mean([r["num_tokens"] for r in sampled])) if sampled else 0.0,
+        "truncated_frac": float(1.0 - np.mean([r["finished"] for r in sampled])) if sampled else 0.0,
+        "no_answer_frac": float(np.mean([r["extracted_answer"] is None for r in sampled])) if sampled else 0.0,
         "grading_timeouts": statuses.get("timeout", 0), "grading_errors": statuses.get("error", 0),
-        "time_generate_s": gen_s, "time_grade_s": grade_s, "time_prm_s": prm_s,
+        "time_generate_s": timing["generate"], "time_grade_s": timing["grade"], "time_prm_s": timing["prm"],
         "time_total_s": time.perf_counter() - t0,
     })
     logger.info("%s: pass@1 %.4f over %d problems (n=%d) in %.1fs", name, metrics["pass@1"], len(problems), n,
@@ -427,12 +402,65 @@ def evaluate_benchmark(name: str, problems: Sequence, *, tokenizer, pool, settin
     return BenchmarkResult(name=name, metrics=metrics, records=records)
 
 
+def _chunk_records(name: str, problems: Sequence, ids: Sequence[Sequence[int]], chunk: int, *, tokenizer, pool,
+                   n: int, generate, prm_scorer, extract, timing: collections.Counter) -> list[list[dict]]:
+    """Generates, grades (and PRM-scores) one chunk of prompts; the records of each problem."""
+    from prime_jax.rewards.math import extract_answer
+
+    extract = extract or extract_answer
+    t = time.perf_counter()
+    gen = generate([list(x) for x in ids], chunk)
+    timing["generate"] += time.perf_counter() - t
+    if len(gen.texts) != len(problems) * n:
+        raise ValueError(f"{name}: generation returned {len(gen.texts)} rows for {len(problems)} prompts x n={n}")
+    t = time.perf_counter()
+    graded = pool.score([(gen.texts[i * n + s], p.ground_truth, p.ability) for i, p in enumerate(problems)
+                         for s in range(n)])
+    timing["grade"] += time.perf_counter() - t
+    rewards = None
+    if prm_scorer is not None and n > 1:
+        t = time.perf_counter()
+        rewards = prm_scorer([ids[r // n] for r in range(len(gen.texts))], gen.response_ids)
+        timing["prm"] += time.perf_counter() - t
+    prompt_texts = tokenizer.batch_decode([list(x) for x in ids], skip_special_tokens=False)
+    out = []
+    for i, p in enumerate(problems):
+        rows = range(i * n, (i + 1) * n)
+        scores = [float(graded[r]) for r in rows]
+        answers = [extract(gen.texts[r]) if p.ability == "math" else None for r in rows]
+        keys = [answer_key(a) for a in answers] if p.ability == "math" else None
+        problem_rewards = [float(rewards[r]) for r in rows] if rewards is not None else None
+        majority = majority_index(keys) if keys is not None and n > 1 else None
+        best = int(np.argmax(problem_rewards)) if problem_rewards is not None else None
+        recs = []
+        for s, r in enumerate(rows):
+            rec = {
+                "benchmark": name, "problem_id": p.id, "sample": s,
+                "prompt": prompt_texts[i], "response": gen.texts[r], "extracted_answer": answers[s],
+                "ground_truth": p.ground_truth, "score": scores[s], "correct": scores[s] >= CORRECT_THRESHOLD,
+                "grading_status": graded.statuses[r], "num_tokens": len(gen.response_ids[r]),
+                "finished": bool(gen.finished[r]),
+            }
+            if n > 1 and keys is not None:
+                rec["majority"] = majority is not None and keys[s] is not None and keys[s] == keys[majority]
+            if problem_rewards is not None:
+                rec["prm_reward"] = problem_rewards[s]
+                rec["prm_best"] = s == best
+            recs.append(rec)
+        out.append(recs)
+    return out
+
+
 def sampler_generate_fn(sampler, model, tokenizer, settings: EvalSettings, *, stop_token_ids, key):
-    """`generate(prompt_ids) -> Generation` for `evaluate_benchmark`, through `generate_responses`
-    (looked up at call time, so it can be replaced in tests)."""
-    def generate(prompt_ids):
+    """`generate(prompt_ids, chunk=0) -> Generation` for `evaluate_benchmark`, through
+    `generate_responses` (looked up at call time, so it can be replaced in tests); chunk k > 0
+    samples with `fold_in(key, k)`, so a resumed evaluation draws what an uninterrupted one would."""
+    def generate(prompt_ids, chunk: int = 0):
+        import jax
+
+        chunk_key = key if chunk == 0 else jax.random.fold_in(key, 1_000_003 + chunk)
         return globals()["generate_responses"](sampler, model, tokenizer, prompt_ids, settings,
-                                               stop_token_ids=stop_token_ids, key=key)
+                                               stop_token_ids=stop_token_ids, key=chunk_key)
     return generate
 
 
@@ -441,6 +469,22 @@ def sampler_generate_fn(sampler, model, tokenizer, settings: EvalSettings, *, st
 # ----------------------------------------------------------------------------------------------
 def headline_metric(n: int) -> str:
     return "pass@1" if n == 1 else f"avg@{n}"
+
+
+def all_dropped(metrics: Mapping[str, Any]) -> bool:
+    """Every problem was dropped (prompt too long): there is no score, only a count."""
+    return bool(metrics.get("num_problems")) and metrics.get("num_dropped") == metrics["num_problems"]
+
+
+def headline(name: str, metrics: Mapping[str, Any], settings: EvalSettings, *, max_prompt_tokens: int) -> str:
+    """The one line the CLI prints for a benchmark."""
+    if all_dropped(metrics):
+        return (f"{name}: all {metrics['num_problems']} problems dropped (prompts longer than "
+                f"data.max_prompt_tokens={max_prompt_tokens}); no score")
+    metric = headline_metric(settings.n)
+    dropped = f", {metrics['num_dropped']} dropped as wrong" if metrics.get("num_dropped") else ""
+    return (f"{name}: {metric} {100 * metrics[metric]:.1f}% ({metrics['num_problems']} problems{dropped}, "
+            f"{metrics['time_total_s']:.1f}s)")
 
 
 def summarize(results: Mapping[str, BenchmarkResult]) -> dict[str, Any]:
@@ -492,7 +536,8 @@ def scores_markdown(results: Mapping[str, BenchmarkResult], settings: EvalSettin
     for name, r in results.items():
         m = r.metrics
         problems = f"{m['num_problems']}" + (f" ({m['num_dropped']} dropped)" if m.get("num_dropped") else "")
-        row = [name, problems, *[_fmt(m.get(c, float("nan"))) for c in cols],
+        scores = (["all dropped"] * len(cols) if all_dropped(m) else [_fmt(m.get(c, float("nan"))) for c in cols])
+        row = [name, problems, *scores,
                _fmt(m["response_length"], percent=False), _fmt(m["truncated_frac"]), _fmt(m["no_answer_frac"])]
         lines.append("| " + " | ".join(row) + " |")
 
@@ -506,7 +551,7 @@ def scores_markdown(results: Mapping[str, BenchmarkResult], settings: EvalSettin
             head.append("math avg (5)")
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
-        ours = [_fmt(results[b].metrics[metric]) for b in compare]
+        ours = ["all dropped" if all_dropped(results[b].metrics) else _fmt(results[b].metrics[metric]) for b in compare]
         if five:
             ours.append(f"{np.mean([100 * results[b].metrics[metric] for b in MATH_FIVE]):.1f}")
         lines.append("| **this run** | " + " | ".join(ours) + " |")

@@ -9,8 +9,11 @@
     python -m prime_jax.evaluate --config=configs/qwen7b.py --workdir=runs/prime --checkpoint=runs/prime \\
         --n=8 --temperature=1.0 --prm=runs/prime --limit=100
 
-Writes, under WORKDIR/eval/ (or WORKDIR/eval/<--tag>/):
+Writes, under WORKDIR/eval/ (or WORKDIR/eval/<--tag>/), which is checked to be writable before
+anything is loaded:
 
+* ``progress/<benchmark>.jsonl`` while it runs: each chunk's records as soon as they are graded;
+  rerunning the same command after an interruption resumes from them (``prime_jax.eval_progress``);
 * ``<benchmark>.jsonl``: one record per sample (prompt, response, extracted answer, ground truth,
   score, grading status, length, finished; with n > 1 whether its answer is the majority one;
   with a PRM its summed implicit reward and whether it was picked);
@@ -28,6 +31,12 @@ benchmarks ``data.eval`` (+ ``data.eval_max_problems``, ``data.system_prompt``,
 ``rollout.top_p``, ``rollout.top_k``, ``rollout.eval_max_new_tokens`` or ``rollout.max_new_tokens``,
 ``rollout.eval_batch``; the mesh; ``model.dtype`` / ``param_dtype``; ``reward.workers`` and
 ``reward.timeout_s``. See ``prime_jax.eval_lib`` for the metric definitions.
+
+Benchmarks are named as ``prime_jax.data.eval_source_names`` says: a packaged benchmark by its
+name, a file by its name without the extension (``data/x.jsonl`` -> ``x``), and two files with
+the same name by their folders too (``a/test.jsonl,b/test.jsonl`` -> ``a-test``, ``b-test``).
+A benchmark whose every problem was dropped (prompt longer than ``data.max_prompt_tokens``)
+is reported as "all N dropped", not as a score.
 """
 
 from __future__ import annotations
@@ -41,15 +50,16 @@ from pathlib import Path
 from typing import Sequence
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from prime_jax import cli
 
 logger = py_logging.getLogger("prime_jax.evaluate")
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Config file (the training configs); fields are overridden with "
-    "--config.section.field=value.", lock_config=True)
+_CONFIG = cli.define_config_flag(
+    "evaluate", DEFAULT_CONFIG, "Config file (the training configs); fields are overridden with "
+    "--config.section.field=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Results go to WORKDIR/eval/ (default ./runs/<config.name>).")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "", "What to evaluate: an HF folder or hub id, a training workdir (latest checkpoint), a "
@@ -76,8 +86,7 @@ _TAG = flags.DEFINE_string("tag", "", "Write to WORKDIR/eval/<tag>/ instead of W
 
 
 def fail(message: str, code: int = 2) -> None:
-    print(f"prime_jax.evaluate: error: {message}", file=sys.stderr)
-    sys.exit(code)
+    cli.fail("evaluate", message, code)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,10 +305,10 @@ def _system_prompt(config) -> str | None:
 def load_benchmarks(config, names: Sequence[str], limit: int) -> tuple[dict[str, list], dict[str, bool]]:
     """{name: problems} (the first `limit` when > 0) and {name: whether the limit cut it}."""
     from prime_jax.config import SYNTHETIC
-    from prime_jax.data import make_problems, read_problems
+    from prime_jax.data import DataError, eval_source_names, make_problems, read_problems, source_format
 
     sets, limited = {}, {}
-    for source in names:
+    for name, source in eval_source_names(names, SYNTHETIC).items():
         if source == SYNTHETIC:
             s = config.data.synthetic
             knobs = {k: s[k] for k in ("min_steps", "max_steps", "max_start", "max_operand", "max_factor") if s[k]}
@@ -307,10 +316,10 @@ def load_benchmarks(config, names: Sequence[str], limit: int) -> tuple[dict[str,
                                      system_prompt=_system_prompt(config), difficulty=s.difficulty,
                                      max_value=s.max_value, **knobs)
         else:
-            problems, stats = read_problems(source, split="test", system_prompt=_system_prompt(config))
+            problems, stats = read_problems(source, split="test", system_prompt=_system_prompt(config),
+                                            fmt=source_format(config.data.format, source))
             if not problems:
-                raise ValueError(f"benchmark {source!r}: no usable problems ({stats.summary()})")
-        name = Path(source).stem if "/" in source else source
+                raise DataError(f"benchmark {source!r}: no usable problems ({stats.summary()})")
         limited[name] = bool(limit) and len(problems) > limit
         sets[name] = problems[:limit] if limit else problems
     return sets, limited
@@ -350,6 +359,7 @@ def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: s
     import jax
 
     from prime_jax import eval_lib
+    from prime_jax.eval_progress import ProgressFile
     from prime_jax.models.tokenizer import eos_token_ids, load_tokenizer
     from prime_jax.parallel import is_logging_process, mesh_from_config
     from prime_jax.rewards import RewardPool
@@ -358,6 +368,8 @@ def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: s
     t0 = time.perf_counter()
     workdir = Path(workdir)
     out_dir = workdir / "eval" / tag if tag else workdir / "eval"
+    if is_logging_process():  # before hours of work, not after
+        cli.ensure_writable(out_dir, "evaluation output folder")
     mesh = mesh if mesh is not None else mesh_from_config(config)
     settings = eval_settings(config, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, seed=seed)
@@ -402,18 +414,22 @@ def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: s
     sampler = Sampler(mesh, min_prompt_bucket=16)
     key = jax.random.PRNGKey(settings.seed)
     results: dict[str, eval_lib.BenchmarkResult] = {}
+    progress: dict[str, ProgressFile] = {}
     with RewardPool(config.reward.workers, math_timeout=config.reward.timeout_s,
                     code_timeout=config.reward.timeout_s) as pool:
         for name, problems in problem_sets.items():
             generate = eval_lib.sampler_generate_fn(sampler, model, tokenizer, settings, stop_token_ids=stop_ids,
                                                     key=eval_lib.benchmark_key(key, name))
+            progress[name] = ProgressFile(out_dir / "progress" / f"{name}.jsonl", {
+                "benchmark": name, "settings": settings.as_dict(), "checkpoint": spec.describe(), "prm": prm_info,
+                "problems": [p.id for p in problems]}) if is_logging_process() else None
             result = eval_lib.evaluate_benchmark(name, problems, tokenizer=tokenizer, pool=pool, settings=settings,
-                                                 generate=generate, prm_scorer=prm_scorer)
+                                                 generate=generate, prm_scorer=prm_scorer,
+                                                 progress=progress.get(name))
             result.metrics["limited"] = limited[name]
             results[name] = result
-            m = result.metrics
-            print(f"{name}: {eval_lib.headline_metric(settings.n)} {100 * m[eval_lib.headline_metric(settings.n)]:.1f}% "
-                  f"({m['num_problems']} problems, {m['time_total_s']:.1f}s)", flush=True)
+            print(eval_lib.headline(name, result.metrics, settings, max_prompt_tokens=config.data.max_prompt_tokens),
+                  flush=True)
 
     info = {"config": config.name, "checkpoint": spec.describe(), "tokenizer": tok_path,
             "benchmarks": ",".join(results), "limit": limit or "all", "devices": f"{jax.device_count()} x "
@@ -426,6 +442,8 @@ def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: s
         paths = eval_lib.write_results(out_dir, results, settings, info=info, prm=prm_scorer is not None,
                                        title=f"{config.name}: {spec.describe()}")
         logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+        for done in progress.values():
+            done.remove()
         print(f"wrote {out_dir}/scores.md, scores.json and <benchmark>.jsonl", flush=True)
     return scores
 
@@ -436,7 +454,7 @@ def main(argv) -> None:
     from prime_jax.config import ConfigError, validate
     from prime_jax.parallel import initialize_distributed, mesh_from_config
 
-    config = _CONFIG.value
+    config = cli.config_value("evaluate", _CONFIG)
     try:
         initialize_distributed(config)
         validate(config)
@@ -458,12 +476,13 @@ def main(argv) -> None:
                  max_new_tokens=_MAX_NEW_TOKENS.value, batch_size=_BATCH.value, seed=_SEED.value,
                  tokenizer_path=_TOKENIZER.value, prm=_PRM.value, reference=_REFERENCE.value, tag=_TAG.value,
                  mesh=mesh_from_config(config))
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        fail(str(e).strip("'\""))
+    except (FileNotFoundError, PermissionError, ValueError, KeyError) as e:
+        fail(" ".join(str(e).strip("'\"").split()))
 
 
 def run() -> None:
-    app.run(main)
+    cli.quiet_startup()
+    app.run(main, flags_parser=cli.flags_parser("evaluate"))
 
 
 if __name__ == "__main__":

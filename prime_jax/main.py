@@ -6,24 +6,26 @@
     python -m prime_jax.main --config=configs/qwen7b.py --workdir=gs://... --config.total_steps=100
     python -m prime_jax.main --config=configs/tiny.py --export_hf   # latest checkpoint -> WORKDIR/hf_export
 
-A workdir that holds checkpoints is resumed from the latest one. Every config field is checked
-before anything heavy starts; a bad value prints one line naming the field and exits with 2.
+A workdir that holds checkpoints is resumed from the latest intact one. Every config field is
+checked before anything heavy starts; a bad value, an unknown field, a missing config file, a
+workdir that cannot be written, data with no usable rows or no prompt that fits, or a workdir
+whose checkpoints are all damaged prints one line and exits with 2.
 """
 
 from __future__ import annotations
 
 import logging as py_logging
-import sys
 from pathlib import Path
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from prime_jax import cli
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Config file (a get_config() returning prime_jax.config.base_config() with changes); "
-    "fields are overridden with --config.section.field=value.", lock_config=True)
+_CONFIG = cli.define_config_flag(
+    "main", DEFAULT_CONFIG, "Config file (a get_config() returning prime_jax.config.base_config() with changes); "
+    "fields are overridden with --config.section.field=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics.jsonl, tb/, rollouts/, hf_export/); "
                                "default ./runs/<config.name>. Resumed when it holds checkpoints.")
 _SKIP_MEMORY_CHECK = flags.DEFINE_bool("skip_memory_check", False, "Do not compile the memory plan before "
@@ -33,8 +35,7 @@ _EXPORT_HF = flags.DEFINE_bool("export_hf", False, "Only export the latest check
 
 
 def fail(message: str, code: int = 2) -> None:
-    print(f"prime_jax.main: error: {message}", file=sys.stderr)
-    sys.exit(code)
+    cli.fail("main", message, code)
 
 
 def main(argv) -> None:
@@ -43,7 +44,7 @@ def main(argv) -> None:
     from prime_jax.config import ConfigError, validate
     from prime_jax.parallel import initialize_distributed, mesh_from_config
 
-    config = _CONFIG.value
+    config = cli.config_value("main", _CONFIG)
     try:
         initialize_distributed(config)  # multi-host start-up; a no-op on one host
         validate(config)
@@ -53,6 +54,10 @@ def main(argv) -> None:
         fail(str(e))
     mesh = mesh_from_config(config)  # the run's one mesh: policy, PRM, reference and sampler share it
     workdir = Path(_WORKDIR.value or Path("runs") / config.name)
+    try:
+        cli.ensure_writable(workdir, "workdir")
+    except PermissionError as e:
+        fail(str(e))
     logging.set_verbosity(logging.WARNING)  # orbax/absl chatter
     import jax
 
@@ -71,23 +76,35 @@ def main(argv) -> None:
         except PlanDoesNotFit as e:
             fail(f"memory plan does not fit (rerun with a bigger mesh or more micro-batches):\n{e}")
 
+    from prime_jax.data import DataError
+    from prime_jax.train.checkpoint import CheckpointError
     from prime_jax.train.loop import Trainer, export_latest
+    from prime_jax.train.metrics import last_eval_row
 
-    if _EXPORT_HF.value:
-        folder = export_latest(config, workdir, mesh)
-        print(f"exported {folder}")
-        return
-    trainer = Trainer(config, workdir, mesh)
-    last_eval = trainer.run()
+    try:
+        if _EXPORT_HF.value:
+            folder = export_latest(config, workdir, mesh)
+            print(f"exported {folder}")
+            return
+        trainer = Trainer(config, workdir, mesh)
+        last_eval = trainer.run()
+    except (DataError, CheckpointError, FileNotFoundError, PermissionError) as e:
+        fail(" ".join(str(e).split()))
     if trainer.preempted_at is not None:  # SIGTERM on some host: a checkpoint was saved, exit 0
         print(f"preempted: stopped after step {trainer.preempted_at} with a checkpoint in {workdir}; "
               "rerun the same command to resume")
-    elif last_eval:
-        print(f"final eval/accuracy {last_eval.get('eval/accuracy', float('nan')):.4f} (workdir {workdir})")
+        return
+    if not last_eval:  # a finished run rerun: nothing new was evaluated; report its last evaluation
+        last_eval = last_eval_row(workdir / "metrics.jsonl") or {}
+        print(f"run already finished (total_steps {config.total_steps}); nothing to do", flush=True)
+    if last_eval:
+        print(f"final eval/accuracy {last_eval.get('eval/accuracy', float('nan')):.4f} at step "
+              f"{last_eval.get('step', '?')} (workdir {workdir})")
 
 
 def run() -> None:
-    app.run(main)
+    cli.quiet_startup()
+    app.run(main, flags_parser=cli.flags_parser("main"))
 
 
 if __name__ == "__main__":

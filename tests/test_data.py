@@ -303,8 +303,10 @@ def test_unknown_sources_fail_clearly(tmp_path, monkeypatch):
         read_problems("./nope/train.parquet")
     p = tmp_path / "weird.jsonl"
     p.write_text(json.dumps({"foo": 1}) + "\n")
-    with pytest.raises(ValueError, match="fmt="):
+    with pytest.raises(ValueError, match=r"set data.format \(--config.data.format=NAME\) to one of: verl \(prompt"):
         read_problems(p)
+    with pytest.raises(ValueError, match="unknown data source 'math50' \\(did you mean 'math500'"):
+        read_problems("math50")  # a typo, not a hub id: no hub round trip
 
     import datasets
 

@@ -5,9 +5,12 @@ from .problems import (
     BENCHMARKS,
     CODE_TASK_SUFFIX,
     EURUS2_SYSTEM_PROMPT,
+    FORMAT_FIELDS,
     FORMATS,
     MATH_EVAL_BENCHMARKS,
     MATH_TASK_SUFFIX,
+    DataError,
+    DataUnavailableError,
     Problem,
     SkipStats,
     apply_system_prompt,
@@ -21,6 +24,7 @@ from .problems import (
     write_verl_parquet,
 )
 from .render import render_prompt_texts, render_prompts
+from .sources import eval_source_names, read_sft_pairs, source_format
 from .synthetic import demonstration, make_problems, sft_messages
 from .tiny_tokenizer import CHATML_TEMPLATE, build_tiny_tokenizer
 
@@ -28,7 +32,10 @@ __all__ = [
     "BENCHMARKS",
     "CHATML_TEMPLATE",
     "CODE_TASK_SUFFIX",
+    "DataError",
+    "DataUnavailableError",
     "EURUS2_SYSTEM_PROMPT",
+    "FORMAT_FIELDS",
     "FORMATS",
     "MATH_EVAL_BENCHMARKS",
     "MATH_TASK_SUFFIX",
@@ -42,13 +49,16 @@ __all__ = [
     "demonstration",
     "detect_format",
     "epoch_permutation",
+    "eval_source_names",
     "gsm8k_answer",
     "last_boxed",
     "load_benchmark",
     "make_problems",
     "read_problems",
+    "read_sft_pairs",
     "render_prompt_texts",
     "render_prompts",
     "sft_messages",
+    "source_format",
     "write_verl_parquet",
 ]

@@ -35,6 +35,15 @@ from typing import Any, Iterable, Iterator
 
 logger = logging.getLogger(__name__)
 
+
+class DataError(ValueError):
+    """Data a run cannot use (no usable rows, an unknown source, no prompt that fits, an
+    undetectable format); ``str(error)`` is one line that says what and how to fix it."""
+
+
+class DataUnavailableError(DataError, RuntimeError):
+    """A Hugging Face dataset that could not be loaded (network, cache, name)."""
+
 # --------------------------------------------------------------------------------------------
 # Prompt pieces (Eurus-2 / PRIME)
 # --------------------------------------------------------------------------------------------
@@ -480,6 +489,24 @@ def detect_format(row: Any) -> str | None:
     return None
 
 
+#: The fields each format reads (what `detect_format` looks for), for error messages and docs.
+FORMAT_FIELDS = {
+    "verl": "prompt (chat messages), ability, reward_model.ground_truth",
+    "eurus_raw": "instruction, reference, task",
+    "math": "problem, answer, unique_id",
+    "aime24": "problem or question, answer",
+    "amc23": "problem or question, answer (a number)",
+    "minerva": "problem, solution with \\boxed{}",
+    "olympiadbench": "question, final_answer",
+    "gsm8k": "question, answer ending '#### N'",
+}
+
+
+def format_layouts() -> str:
+    """'name (fields); ...' for every format, one line."""
+    return "; ".join(f"{name} ({fields})" for name, fields in FORMAT_FIELDS.items())
+
+
 def _canonical_fmt(fmt: str) -> str:
     f = fmt.lower()
     f = _FMT_ALIASES.get(f, f)
@@ -553,7 +580,7 @@ def _iter_hf(name: str, split: str) -> Iterator[tuple[int, Any]]:
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # network down, unknown name, missing split, ...
-        raise RuntimeError(
+        raise DataUnavailableError(
             f"could not load Hugging Face dataset {name!r} (split {split!r}): "
             f"{type(e).__name__}: {e}. It is not a local path or a packaged benchmark "
             f"({', '.join(BENCHMARKS)}); if the network is unavailable, download the data "
@@ -653,6 +680,20 @@ def _resolve_dir(d: Path, split: str) -> Path:
     )
 
 
+def check_source_name(s: str) -> None:
+    """Raises DataError when `s` is neither an existing path, a packaged benchmark, nor shaped like
+    a Hugging Face dataset id (owner/name): a typo, reported at once rather than after the hub
+    client's retries."""
+    if Path(s).expanduser().exists() or _benchmark_name(s) is not None or "/" in s.strip("/"):
+        return
+    import difflib
+
+    close = difflib.get_close_matches(s.lower(), [*BENCHMARKS, *_BENCH_ALIASES], n=2)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    raise DataError(f"unknown data source {s!r}{hint}: not a file or folder, not a packaged benchmark "
+                    f"({', '.join(BENCHMARKS)}), nor a Hugging Face dataset id (owner/name)")
+
+
 def read_problems(
     path_or_name: str | os.PathLike,
     *,
@@ -669,8 +710,10 @@ def read_problems(
         ``{split}.parquet`` (or ``.jsonl``/``.json``), or a single data file; the name of a
         packaged benchmark (:data:`BENCHMARKS`); otherwise a Hugging Face dataset name, read
         with ``datasets.load_dataset(name, split=split)`` (needs the network or the HF cache;
-        failure raises a ``RuntimeError`` saying so).
-      fmt: one of :data:`FORMATS`; ``None`` detects it from the first rows' fields.
+        failure raises a ``DataUnavailableError`` (a RuntimeError) saying so). Any other name
+        raises ``DataError`` at once (a typo, not a hub id).
+      fmt: one of :data:`FORMATS`; ``None`` detects it from the first rows' fields (a file
+        whose fields match no format raises ``DataError`` listing :data:`FORMAT_FIELDS`).
       split: the split of a HF dataset, or the file name stem inside a directory.
       system_prompt: ``None`` keeps the rows' messages as they are (benchmark rows get no
         system message); ``""`` removes system messages; any other text becomes the system
@@ -700,6 +743,7 @@ def read_problems(
         source = source or n
         rows, label = _iter_file(benchmark_path(n)), f"benchmark {n}"
     else:
+        check_source_name(s)
         rows, label = _iter_hf(s, split), f"hf:{s}[{split}]"
 
     rows = iter(rows)
@@ -711,7 +755,8 @@ def read_problems(
             fmt = votes.most_common(1)[0][0]
         elif any(isinstance(r, dict) for _, r in head):
             fields = next(sorted(r) for _, r in head if isinstance(r, dict))
-            raise ValueError(f"{label}: cannot detect the data format from fields {fields}; pass fmt=")
+            raise DataError(f"{label}: cannot detect the data format from the fields {fields}; set data.format "
+                            f"(--config.data.format=NAME) to one of: {format_layouts()}")
         else:
             fmt = "verl"  # nothing readable in the head: every row is skipped below anyway
     fmt = _canonical_fmt(fmt)

@@ -25,6 +25,11 @@ class Qwen2Config:
     rope_theta: float = 1_000_000.0
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
+    # Special token ids, as the checkpoint's config.json has them (None: not set); written back on
+    # export so that transformers' `generate` knows where a response ends.
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
     # How to run it (not part of the HF architecture).
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # master copy of the weights
@@ -88,13 +93,20 @@ class Qwen2Config:
             rope_theta=float(rope_theta),
             max_position_embeddings=hf.get("max_position_embeddings", 32768),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=tuple(hf["eos_token_id"]) if isinstance(hf.get("eos_token_id"), list) else hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
         )
         fields.update(overrides)
         return cls(**fields)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A `config.json` dict that transformers' Qwen2Config loads (both rope spellings written)."""
-        return {
+        """A `config.json` dict that transformers' Qwen2Config loads (both rope spellings written;
+        the special token ids when set)."""
+        ids = {k: list(v) if isinstance(v, tuple) else v for k, v in (
+            ("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id),
+            ("pad_token_id", self.pad_token_id)) if v is not None}
+        return {**ids,
             "architectures": ["Qwen2ForCausalLM"],
             "model_type": "qwen2",
             "vocab_size": self.vocab_size,

@@ -177,12 +177,21 @@ def from_pretrained(path_or_repo_id, *, dtype: str | None = None, param_dtype: s
     return nnx.merge(graphdef, state)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_pretrained(model: Qwen2ForCausalLM, path, *, max_shard_bytes: int = 2 * 1024**3,
-                    dtype: str | None = None) -> None:
-    """Writes `config.json` + safetensors shards (+ index when more than one) that transformers loads.
+                    dtype: str | None = None, generation_config: dict | None = None,
+                    token_ids: dict | None = None) -> None:
+    """Writes `config.json` + safetensors shards (+ index when more than one) that transformers loads,
+    and `generation_config.json` when `generation_config` is given.
 
     Tensors are gathered to the host one at a time. `dtype` (e.g. "bfloat16") defaults to the
-    model's param dtype.
+    model's param dtype. `token_ids` ({"eos_token_id": ..., ...}) fill ids the model's config
+    lacks. Every file gets the usual mode (0644 under umask 022).
     """
     config = model.config
     folder = Path(path)
@@ -238,6 +247,7 @@ def save_pretrained(model: Qwen2ForCausalLM, path, *, max_shard_bytes: int = 2 *
         old.unlink()
     for k, final in enumerate(names):
         os.replace(folder / f"tmp-{k + 1}.safetensors", folder / final)
+        os.chmod(folder / final, 0o666 & ~_umask())  # safetensors creates its files 0600
     index = folder / _INDEX_FILE
     if count > 1:
         index.write_text(json.dumps({"metadata": {"total_size": total},
@@ -245,7 +255,12 @@ def save_pretrained(model: Qwen2ForCausalLM, path, *, max_shard_bytes: int = 2 *
     elif index.exists():
         index.unlink()
     hf_config = config.to_hf_dict()
+    for key, value in (token_ids or {}).items():
+        if value is not None:
+            hf_config.setdefault(key, value)
     # The dtype the tensors were written in (transformers 5 reads `dtype`, older readers and vLLM
     # `torch_dtype`); `dtype="auto"` loaders pick it from here.
     hf_config["torch_dtype"] = hf_config["dtype"] = out_dtype.name
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    if generation_config is not None:
+        (folder / "generation_config.json").write_text(json.dumps(generation_config, indent=2))

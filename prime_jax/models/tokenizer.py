@@ -72,6 +72,39 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, padding_side: str = "l
     return tokenizer
 
 
+_TOKENIZER_MODULE = "tokenization_prime_jax"
+_TOKENIZER_MODULE_SOURCE = '''"""This folder's tokenizer: tokenizer.json exactly as saved (written by prime-jax)."""
+from transformers import TokenizersBackend
+
+
+class PrimeJaxTokenizer(TokenizersBackend):
+    """No model-specific pre-tokenizer or decoder: the ones in tokenizer.json."""
+'''
+
+
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
+    """`tokenizer.save_pretrained(folder)`, made to load back as the same tokenizer through
+    `AutoTokenizer.from_pretrained(folder)` beside a model's config.json.
+
+    For a plain tokenizer.json tokenizer (the tiny demo's), AutoTokenizer would otherwise pick the
+    model type's class (Qwen2Tokenizer for model_type qwen2), whose byte-level pre-tokenizer and
+    decoder replace the file's and drop its spaces. An `auto_map` entry makes transformers honour
+    the declared class; with `trust_remote_code=True` it loads the three-line subclass written
+    beside it, which changes nothing either.
+    """
+    import json
+
+    folder = Path(folder)
+    tokenizer.save_pretrained(str(folder))
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    if config.get("tokenizer_class") in _GENERIC_TOKENIZER_CLASSES:
+        config["tokenizer_class"] = "TokenizersBackend"
+        config["auto_map"] = {"AutoTokenizer": [None, f"{_TOKENIZER_MODULE}.PrimeJaxTokenizer"]}
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        (folder / f"{_TOKENIZER_MODULE}.py").write_text(_TOKENIZER_MODULE_SOURCE)
+
+
 def render_chat(tokenizer, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                 **template_kwargs) -> str:
     """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]) per the tokenizer's template.

@@ -11,19 +11,68 @@ Saves are asynchronous (training continues while arrays are written) and atomic:
 temporary folder and renames it to ``<step>`` only when complete, so a run killed mid-save
 restarts from the previous checkpoint; ``max_to_keep`` keeps the last k.
 
+A checkpoint that no longer restores (a truncated or deleted file) is reported in one line and
+moved aside to ``damaged_step_<step>``; the run resumes from the newest intact one, or refuses
+(:class:`CheckpointError`) when none is intact.
+
 The frozen reference (the SFT weights) is saved once, WORKDIR/reference/, since it never changes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
+import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from prime_jax.parallel import sync_hosts
+
 logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run can be used; the message is one line saying which and what to do."""
+
+
+@contextlib.contextmanager
+def _quiet_restore(details: Path):
+    """Sends what orbax, tensorstore and asyncio print while a damaged checkpoint fails to restore
+    (hundreds of lines of tracebacks from worker threads and unawaited coroutines, written to the
+    stderr file descriptor) to the file `details`; the caller reports the failure in one line."""
+    names = ("absl", "orbax", "asyncio")
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.CRITICAL)
+    sys.stderr.flush()
+    stderr_fd = os.dup(2)
+    try:
+        with open(details, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                gc.collect()  # unawaited coroutines of the failed read report now, into the file
+                sys.stderr.flush()
+                os.dup2(stderr_fd, 2)
+    finally:
+        os.close(stderr_fd)
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    """The root cause of a restore error, on one line (tensorstore's spec dump cut off)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split()).split(" See full TensorStore details")[0] or type(error).__name__
+    return text[:limit] + ("..." if len(text) > limit else "")
 
 
 def abstract_like(tree):
@@ -66,6 +115,43 @@ class RunCheckpointer:
         )
         return out.state, dict(out.meta)
 
+    def restore_latest_intact(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+        """(step, state, meta) of the newest checkpoint that restores, or None when there is none.
+
+        A damaged newer checkpoint is reported (one warning line naming its step) and, once an
+        intact one restored, moved aside to ``damaged_step_<step>`` so that later saves of that
+        step and `latest_step` do not meet it again. Raises CheckpointError when every checkpoint
+        is damaged (nothing is moved then).
+        """
+        damaged: list[tuple[int, str]] = []
+        details = Path(tempfile.mkstemp(prefix="restore_", suffix=".log")[1])
+        try:
+            for step in sorted(self.all_steps(), reverse=True):
+                try:
+                    with _quiet_restore(details):
+                        state, meta = self.restore(step, abstract_state)
+                except Exception as e:  # noqa: BLE001 - any read error means this step is unusable
+                    damaged.append((step, _one_line(e)))
+                    continue
+                if damaged:
+                    logger.warning("checkpoint of step %s in %s is damaged (%s); resuming from step %d, the newest "
+                                   "intact one (the damaged one moved to %s)",
+                                   ", ".join(str(d) for d, _ in damaged), self.directory, damaged[0][1], step,
+                                   ", ".join(f"damaged_step_{d}" for d, _ in damaged))
+                    if jax.process_index() == 0:
+                        for d, _ in damaged:
+                            os.replace(self.directory / str(d), self.directory / f"damaged_step_{d}")
+                    sync_hosts("damaged_checkpoints_moved")  # every process reloads after the move
+                    self._manager.reload()
+                return step, state, meta
+        finally:
+            details.unlink(missing_ok=True)
+        if damaged:
+            raise CheckpointError(
+                f"every checkpoint in {self.directory} is damaged (steps {', '.join(str(d) for d, _ in damaged)}; "
+                f"step {damaged[0][0]}: {damaged[0][1]}); move the folder away to start the run afresh")
+        return None
+
     def restore_meta(self, step: int) -> dict:
         out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out.meta)
@@ -99,12 +185,71 @@ def params_saved(directory: str | Path) -> bool:
     return d.is_dir() and (d / "_CHECKPOINT_METADATA").exists() and ocp.utils.is_checkpoint_finalized(d)
 
 
-def export_hf(model, tokenizer, directory: str | Path, *, dtype: str | None = None) -> Path:
-    """The policy in Hugging Face format (config.json + safetensors + tokenizer files)."""
+def _source_generation_config(source: str | None) -> dict:
+    """The start checkpoint's generation_config.json (a local folder, or a hub id in the HF cache), or {}."""
+    import json
+
+    if not source:
+        return {}
+    path = Path(source).expanduser() / "generation_config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "generation_config.json")
+        except Exception:  # noqa: BLE001 - not a hub id
+            cached = None
+        if not isinstance(cached, str):
+            return {}
+        path = Path(cached)
+    return json.loads(path.read_text())
+
+
+def generation_config(model_config, tokenizer, *, source: str | None = None, max_new_tokens: int | None = None,
+                      temperature: float = 0.0) -> tuple[dict, dict]:
+    """(config.json token ids, generation_config.json) of an export.
+
+    config.json keeps the start checkpoint's ids (else the tokenizer's eos/bos/pad). The
+    generation config is the start checkpoint's own, if it had one, with every end-of-response
+    id our sampler stops at added to `eos_token_id` (a PRIME policy answers in the chat template,
+    so it ends with <|im_end|> even where the base model's eos was <|endoftext|>); without one it
+    says what our evaluation does: greedy (or `temperature`) for up to `max_new_tokens` tokens.
+    """
+    from prime_jax.models.tokenizer import eos_token_ids
+
+    stops = eos_token_ids(tokenizer)
+    ids = {"bos_token_id": model_config.bos_token_id if model_config.bos_token_id is not None
+           else tokenizer.bos_token_id,
+           "eos_token_id": model_config.eos_token_id if model_config.eos_token_id is not None else stops[0],
+           "pad_token_id": model_config.pad_token_id if model_config.pad_token_id is not None
+           else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0])}
+    ids = {k: list(v) if isinstance(v, tuple) else v for k, v in ids.items() if v is not None}
+    gen = _source_generation_config(source)
+    if not gen:
+        gen = {"do_sample": temperature > 0, **({"temperature": temperature} if temperature > 0 else {})}
+        if max_new_tokens:
+            gen["max_new_tokens"] = int(max_new_tokens)
+    eos = gen.get("eos_token_id", ids["eos_token_id"])
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    gen["eos_token_id"] = eos + [i for i in stops if i not in eos]
+    for key in ("bos_token_id", "pad_token_id"):
+        if key in ids:
+            gen.setdefault(key, ids[key])
+    return ids, gen
+
+
+def export_hf(model, tokenizer, directory: str | Path, *, dtype: str | None = None, source: str | None = None,
+              max_new_tokens: int | None = None, temperature: float = 0.0) -> Path:
+    """The policy in Hugging Face format: config.json (with the special token ids) + safetensors +
+    generation_config.json + tokenizer files, loadable with AutoTokenizer / AutoModelForCausalLM,
+    whose plain `generate()` then stops where our sampler does (see `generation_config`)."""
     from prime_jax.models import save_pretrained
+    from prime_jax.models.tokenizer import save_tokenizer
 
     directory = Path(directory)
-    save_pretrained(model, directory, dtype=dtype)
-    if tokenizer is not None and jax.process_index() == 0:
-        tokenizer.save_pretrained(str(directory))
+    ids, gen = (generation_config(model.config, tokenizer, source=source, max_new_tokens=max_new_tokens,
+                                  temperature=temperature) if tokenizer is not None else ({}, None))
+    save_pretrained(model, directory, dtype=dtype, generation_config=gen, token_ids=ids)
+    if tokenizer is not None and jax.process_index() == 0:  # several processes: one writes
+        save_tokenizer(tokenizer, directory)
     return directory

@@ -31,7 +31,7 @@ from flax import nnx
 
 from prime_jax import algo
 from prime_jax.config import RANDOM_MODEL, SYNTHETIC, TINY_TOKENIZER
-from prime_jax.data import Problem, ShuffledIterator, render_prompts
+from prime_jax.data import DataError, Problem, ShuffledIterator, render_prompts
 from prime_jax.models import Qwen2Config, Qwen2ForCausalLM, from_pretrained
 from prime_jax.models.tokenizer import eos_token_ids, load_tokenizer
 from prime_jax.parallel import (any_process, gather_shares, host_share, is_logging_process, put_replicated,
@@ -42,7 +42,7 @@ from prime_jax.train import checkpoint as ckpt
 from prime_jax.train.batch import PrimeBatch
 from prime_jax.train.preemption import PreemptionWatch
 from prime_jax.train.metrics import MetricsLogger, masked_stats
-from prime_jax.train.report import write_rollouts_html
+from prime_jax.train.report import mix_outcomes, write_rollouts_html
 from prime_jax.train.sft import encode_examples, run_sft
 from prime_jax.train.state import (
     abstract_train_state,
@@ -72,61 +72,55 @@ def _system_prompt(config) -> str | None:
 
 
 def load_eval_sets(config) -> dict[str, list[Problem]]:
-    """{source name: problems} of every `data.eval` source (the synthetic one is fixed by eval_seed)."""
-    from prime_jax.data import make_problems, read_problems
+    """{source name: problems} of every `data.eval` source (the synthetic one is fixed by eval_seed);
+    names as `prime_jax.data.eval_source_names` gives them."""
+    from prime_jax.data import eval_source_names, make_problems, read_problems, source_format
 
     sets = {}
-    for source in [s.strip() for s in config.data.eval.split(",") if s.strip()]:
+    for name, source in eval_source_names(config.data.eval.split(","), SYNTHETIC).items():
         if source == SYNTHETIC:
             problems = make_problems(config.data.synthetic.num_eval, config.data.synthetic.eval_seed, stream=1,
                                      unique=True, system_prompt=_system_prompt(config), **synthetic_kwargs(config))
         else:
-            problems, _ = read_problems(source, split="test", system_prompt=_system_prompt(config))
+            problems, _ = read_problems(source, split="test", system_prompt=_system_prompt(config),
+                                        fmt=source_format(config.data.format, source))
         if config.data.eval_max_problems:
             problems = problems[: config.data.eval_max_problems]
-        sets[Path(source).stem if "/" in source else source] = problems
+        sets[name] = problems
     return sets
 
 
 def load_train_problems(config, exclude: set[str]) -> list[Problem]:
-    from prime_jax.data import make_problems, read_problems
+    from prime_jax.data import make_problems, read_problems, source_format
 
     if config.data.train == SYNTHETIC:
         return make_problems(config.data.synthetic.num_train, config.seed, stream=0, exclude=exclude,
                              system_prompt=_system_prompt(config), **synthetic_kwargs(config))
-    problems, stats = read_problems(config.data.train, split=config.data.train_split,
-                                    system_prompt=_system_prompt(config))
+    problems, stats = read_problems(config.data.train, split=config.data.train_split, system_prompt=_system_prompt(config),
+                                    fmt=source_format(config.data.format, config.data.train))
     if not problems:
-        raise ValueError(f"data.train: no usable problems in {config.data.train!r} ({stats.summary()})")
+        raise DataError(f"data.train: no usable problems in {config.data.train!r} ({stats.summary()})")
     return problems
 
 
 def sft_pairs(config, exclude: set[str]) -> list[tuple[list[dict], str]]:
     """(prompt messages, demonstration) pairs for the SFT warm start."""
-    from prime_jax.data import demonstration, make_problems
+    from prime_jax.data import demonstration, make_problems, read_sft_pairs
 
     if config.sft.data == SYNTHETIC:
         problems = make_problems(config.sft.num_examples, config.seed, stream=2, exclude=exclude,
                                  system_prompt=_system_prompt(config), **synthetic_kwargs(config))
         return [(p.messages, demonstration(p)) for p in problems]
-    pairs = []
-    with open(config.sft.data, encoding="utf-8") as f:  # JSONL: {"messages": [..., {"role": "assistant", ...}]}
-        for line in f:
-            if not line.strip():
-                continue
-            messages = json.loads(line)["messages"]
-            if messages and messages[-1]["role"] == "assistant":
-                pairs.append((messages[:-1], messages[-1]["content"]))
-            if len(pairs) >= config.sft.num_examples:
-                break
-    return pairs
+    return read_sft_pairs(config.sft.data, config.sft.num_examples)[0]  # bad rows counted and skipped
 
 
 class PromptSource:
     """Training prompts: the surplus buffer first, then the seeded, resumable iterator.
 
-    Prompts longer than `max_prompt_tokens` are dropped (and counted). `state()` is JSON and
-    goes into checkpoints.
+    Prompts longer than `max_prompt_tokens` are dropped (and counted). A pool in which no prompt
+    fits raises DataError (checked on a sample at construction, and over the whole pool once an
+    epoch's worth of prompts in a row was dropped), instead of drawing forever. `state()` is JSON
+    and goes into checkpoints.
     """
 
     def __init__(self, problems: Sequence[Problem], tokenizer, max_prompt_tokens: int, seed: int):
@@ -135,6 +129,33 @@ class PromptSource:
         self.max_prompt_tokens = max_prompt_tokens
         self.buffer: list[Problem] = []
         self.dropped = 0
+        self._dropped_in_a_row = 0  # prompts dropped since the last kept one (None: the pool was checked)
+        sample = [problems[i] for i in self.iterator.host_indices(0)[:256]]
+        if not any(len(x) <= max_prompt_tokens for x in render_prompts(sample, tokenizer, None)[0]):
+            self._check_pool_fits()
+
+    def _check_pool_fits(self) -> None:
+        """Renders the whole pool once; raises DataError when no prompt fits, with the numbers."""
+        items = self.iterator.items
+        transformers_log = logging.getLogger("transformers")
+        level = transformers_log.level
+        transformers_log.setLevel(logging.ERROR)  # not its "longer than model_max_length" note: we measure
+        try:
+            ids, _, stats = render_prompts(items, self.tokenizer, None)
+        finally:
+            transformers_log.setLevel(level)
+        lengths = np.array([len(x) for x in ids] or [0])
+        fits = int((lengths <= self.max_prompt_tokens).sum()) if ids else 0
+        if not fits:
+            rendered = f"lengths {lengths.min()} to {lengths.max()} tokens" if ids else "none rendered"
+            raise DataError(
+                f"no training prompt fits data.max_prompt_tokens={self.max_prompt_tokens}: all {len(items)} "
+                f"prompts examined ({rendered}, {stats.n_skipped} template errors); raise data.max_prompt_tokens "
+                f"or train on shorter prompts")
+        if fits < len(items) / 2:
+            logger.warning("only %d of %d training prompts fit data.max_prompt_tokens=%d (lengths %d to %d)", fits,
+                           len(items), self.max_prompt_tokens, lengths.min(), lengths.max())
+        self._dropped_in_a_row = None
 
     def take(self, k: int) -> list[tuple[Problem, list[int]]]:
         out: list[tuple[Problem, list[int]]] = []
@@ -144,8 +165,10 @@ class PromptSource:
             problems = from_buffer + self.iterator.next_batch(need - len(from_buffer))
             ids, kept, stats = render_prompts(problems, self.tokenizer, self.max_prompt_tokens)
             self.dropped += stats.n_skipped
-            if stats.n_skipped and stats.n_skipped >= 10 * k and not out:
-                raise RuntimeError(f"almost every training prompt is longer than data.max_prompt_tokens ({stats.summary()})")
+            if self._dropped_in_a_row is not None:
+                self._dropped_in_a_row = 0 if kept else self._dropped_in_a_row + len(problems)
+                if self._dropped_in_a_row >= self.iterator.epoch_size:
+                    self._check_pool_fits()
             out.extend(zip(kept, ids))
         return out
 
@@ -255,6 +278,10 @@ class Trainer:
                     if "expression" in p.meta}
         self.eval_prompts = {name: render_prompts(problems, self.tokenizer, c.data.max_prompt_tokens)[:2]
                              for name, problems in self.eval_sets.items()}
+        for name, (ids, _) in self.eval_prompts.items():
+            if self.eval_sets[name] and not ids:  # no score to report for it, rather than a 0.0
+                logger.warning("eval set %s: all %d problems dropped (prompts longer than data.max_prompt_tokens=%d); "
+                               "it is not evaluated", name, len(self.eval_sets[name]), c.data.max_prompt_tokens)
         self.prompts = PromptSource(load_train_problems(c, held_out if c.data.train == SYNTHETIC else set()),
                                     self.tokenizer, c.data.max_prompt_tokens, c.seed)
         self._held_out = held_out
@@ -271,11 +298,11 @@ class Trainer:
         self.sampler = Sampler(mesh, min_prompt_bucket=16)
         self.checkpointer = ckpt.RunCheckpointer(self.workdir / "checkpoints", keep=c.checkpoint.keep,
                                                  async_save=c.checkpoint.async_save)
-        self.start_step = self.checkpointer.latest_step() or 0
+        self.start_step = 0
         self.ref_params = self._reference_params(model, initial_params)
         del model, initial_params
-        if self.start_step:
-            self._restore(self.start_step)
+        if self.checkpointer.latest_step():
+            self._restore()
         else:
             self.policy = create_train_state(self.ref_params, self.policy_optimizer, mesh)
             self.prm = create_train_state(self.ref_params, self.prm_optimizer, mesh)
@@ -365,8 +392,10 @@ class Trainer:
         return {"policy": shapes(self.policy_optimizer), "prm": shapes(self.prm_optimizer),
                 "key": jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated(self.mesh))}
 
-    def _restore(self, step: int) -> None:
-        state, meta = self.checkpointer.restore(step, self._abstract_run_state())
+    def _restore(self) -> None:
+        """The newest intact checkpoint (damaged newer ones are reported and moved aside)."""
+        step, state, meta = self.checkpointer.restore_latest_intact(self._abstract_run_state())
+        self.start_step = step
         self.policy, self.prm, self.key = state["policy"], state["prm"], state["key"]
         self.prompts.set_state(meta["prompts"])
         logger.info("resumed from the checkpoint of step %d", step)
@@ -440,7 +469,11 @@ class Trainer:
             self.log = None
 
     def export_hf(self) -> Path:
-        folder = ckpt.export_hf(self.policy_model, self.tokenizer, self.workdir / "hf_export")
+        c = self.config
+        folder = ckpt.export_hf(self.policy_model, self.tokenizer, self.workdir / "hf_export",
+                                source=None if c.model.path == RANDOM_MODEL else c.model.path,
+                                max_new_tokens=c.rollout.eval_max_new_tokens or c.rollout.max_new_tokens,
+                                temperature=c.rollout.eval_temperature)
         logger.info("exported the policy (Hugging Face format) to %s", folder)
         return folder
 
@@ -701,6 +734,8 @@ class Trainer:
         accuracies, lengths, truncated, html_rows = [], [], [], []
         key = jax.random.fold_in(jax.random.PRNGKey(c.data.synthetic.eval_seed), step)
         for name, (ids, kept) in self.eval_prompts.items():
+            if not ids:  # every problem dropped (warned at start): no accuracy, not a 0.0
+                continue
             scores = []
             for start in range(0, len(ids), c.rollout.eval_batch):
                 chunk = ids[start:start + c.rollout.eval_batch]
@@ -713,8 +748,9 @@ class Trainer:
                 scores.extend(chunk_scores.tolist())
                 lengths.extend(rollouts.lengths.tolist())
                 truncated.extend((~rollouts.finished).tolist())
-                if len(html_rows) < c.logging.html_samples:
-                    for r in range(min(len(chunk), c.logging.html_samples - len(html_rows))):
+                # Candidates for the HTML page: up to html_samples right and html_samples wrong ones.
+                for r in range(len(chunk)):
+                    if sum((x[3] >= 1.0) == (chunk_scores[r] >= 1.0) for x in html_rows) < c.logging.html_samples:
                         html_rows.append((rollouts, r, chunk_problems[r], chunk_scores[r], name))
             accuracy = float(np.mean(scores)) if scores else 0.0
             row[f"eval/{name}/accuracy"] = accuracy
@@ -722,8 +758,8 @@ class Trainer:
         row["eval/accuracy"] = float(np.mean(accuracies)) if accuracies else 0.0
         row["eval/response_length"] = float(np.mean(lengths)) if lengths else 0.0
         row["eval/truncated_frac"] = float(np.mean(truncated)) if truncated else 0.0
-        if html_rows:
-            self._write_html(step, html_rows)
+        if html_rows:  # q is computed on every process; process 0 writes the page
+            self._write_html(step, mix_outcomes(html_rows, lambda x: x[3], c.logging.html_samples))
         row["time/eval_s"] = time.perf_counter() - t0
         return self.log.write(row) if self.log else row
 
@@ -754,7 +790,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> dict:
 
 
 def export_latest(config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> Path:
-    """Exports the policy of the latest checkpoint (or the start policy) to WORKDIR/hf_export."""
+    """Exports the policy of the newest intact checkpoint to WORKDIR/hf_export; refuses (CheckpointError)
+    a workdir without checkpoints rather than training a start policy to export."""
+    folder = Path(workdir) / "checkpoints"
+    if not (folder.is_dir() and any(d.name.isdigit() for d in folder.iterdir())):
+        raise ckpt.CheckpointError(f"--export_hf: {folder} holds no checkpoint to export; train first "
+                                   "(the same command without --export_hf)")
     trainer = Trainer(config, workdir, mesh)
     try:
         return trainer.export_hf()

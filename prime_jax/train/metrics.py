@@ -61,6 +61,12 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
+def last_eval_row(path: str | Path) -> dict | None:
+    """The last held-out evaluation row (one with ``eval/accuracy``) of a metrics file, or None."""
+    evals = [r for r in read_metrics(path) if "eval/accuracy" in r]
+    return evals[-1] if evals else None
+
+
 def truncate_metrics(path: str | Path, max_step: int | None) -> int:
     """Keeps only complete rows with ``step <= max_step`` (None: keep nothing). Atomic; returns rows dropped."""
     p = Path(path)

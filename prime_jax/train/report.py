@@ -1,8 +1,11 @@
 """WORKDIR/rollouts/step_N.html: a few responses, each token coloured by its implicit process reward.
 
 Green tokens have q > 0 (the PRM likes them more than the reference does), red ones q < 0; the
-intensity is |q| relative to the largest |q| on the page, and hovering a token shows its value.
-Each response shows the prompt, the verifier's outcome and the ground truth.
+intensity is |q| relative to the 90th percentile of |q| on the page (larger values are shown at
+full colour), so that one outlier token does not wash out all the others; a legend shows the
+scale, and hovering a token shows its value. At step 0 the PRM equals the reference, so every q
+is 0 and the page says so. Each response shows the prompt, the verifier's outcome and the
+ground truth; `mix_outcomes` picks a mix of correct and wrong responses to show.
 """
 
 from __future__ import annotations
@@ -10,7 +13,11 @@ from __future__ import annotations
 import html
 import os
 from pathlib import Path
-from typing import Sequence, TypedDict
+from typing import Callable, Sequence, TypeVar, TypedDict
+
+import numpy as np
+
+T = TypeVar("T")
 
 
 class Sample(TypedDict, total=False):
@@ -28,13 +35,44 @@ def _colour(q: float, scale: float) -> str:
     return f"rgba({rgb},{0.08 + 0.8 * a:.3f})"
 
 
+def colour_scale(samples: Sequence[Sample], percentile: float = 90.0) -> float:
+    """|q| shown at full colour: the `percentile` of |q| over the page's nonzero values (0: all q are 0)."""
+    values = np.abs(np.asarray([float(v) for s in samples for v in s.get("q", ())], np.float64))
+    values = values[values > 0]
+    return float(np.percentile(values, percentile)) if values.size else 0.0
+
+
+def mix_outcomes(items: Sequence[T], outcome: Callable[[T], float], k: int) -> list[T]:
+    """Up to `k` items alternating correct (outcome >= 1) and not, in their order, filling up with
+    whichever kind is left, so a page shows both what the PRM rewards and what it penalises."""
+    right = [x for x in items if outcome(x) >= 1.0]
+    wrong = [x for x in items if outcome(x) < 1.0]
+    out = []
+    while len(out) < k and (right or wrong):
+        for group in (right, wrong):
+            if group and len(out) < k:
+                out.append(group.pop(0))
+    return out
+
+
+def _legend(scale: float) -> str:
+    if scale <= 0:
+        return ("<p>Every q is 0: the PRM still equals the reference (this is the start of the run, before any "
+                "PRM update), so no token is coloured yet.</p>")
+    stops = [-scale, -scale / 2, 0.0, scale / 2, scale]
+    cells = "".join(f"<span class='tok' style='background:{_colour(v, scale)};padding:0 .6em'>{v:+.3g}</span>"
+                    for v in stops)
+    return (f"<p>Legend (q per token): {cells} &nbsp; |q| &ge; {scale:.3g} (the page's 90th percentile of |q|) is "
+            "shown at full colour.</p>")
+
+
 def _piece(text: str) -> str:
     shown = text.replace("\n", "\u21b5\n").replace("\t", "\u21e5")
     return html.escape(shown)
 
 
 def render_html(samples: Sequence[Sample], *, title: str) -> str:
-    scale = max((abs(float(v)) for s in samples for v in s.get("q", ())), default=0.0)
+    scale = colour_scale(samples)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
@@ -44,8 +82,9 @@ def render_html(samples: Sequence[Sample], *, title: str) -> str:
         ".tok{border-radius:2px}.ok{color:#1a7f37}.bad{color:#c0392b}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         "<p>Each response token is coloured by its implicit process reward "
-        "q = log &pi;<sub>PRM</sub> &minus; log &pi;<sub>ref</sub>: green q &gt; 0, red q &lt; 0, "
-        f"full colour at |q| = {scale:.4g}. Hover a token for its value.</p>",
+        "q = log &pi;<sub>PRM</sub> &minus; log &pi;<sub>ref</sub>: green q &gt; 0, red q &lt; 0. "
+        "Hover a token for its value.</p>",
+        _legend(scale),
     ]
     for i, s in enumerate(samples):
         outcome = float(s.get("outcome", 0.0))
