@@ -223,7 +223,10 @@ def load_model(spec: CheckpointSpec, config, mesh, *, vocab_size: int, which: st
     if spec.kind == "hf":
         return from_pretrained(spec.path, dtype=m["dtype"], param_dtype=m["param_dtype"], mesh=mesh)
     if spec.kind == "run":
-        return restore_run_params(spec.path, spec.step, _architecture(m, vocab_size), mesh, which)
+        from prime_jax.train.checkpoint import restore_or_raise
+
+        return restore_or_raise(lambda: restore_run_params(spec.path, spec.step, _architecture(m, vocab_size), mesh,
+                                                           which), f"checkpoint {spec.path}/{spec.step}")
     if m["path"] == RANDOM_MODEL:
         logger.warning("config.model.path is 'random' and no --checkpoint was given: evaluating a random model")
         return _random_model(_architecture(m, vocab_size), mesh, config.seed)
@@ -453,6 +456,7 @@ def main(argv) -> None:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     from prime_jax.config import ConfigError, validate
     from prime_jax.parallel import initialize_distributed, mesh_from_config
+    from prime_jax.train.checkpoint import CheckpointError
 
     config = cli.config_value("evaluate", _CONFIG)
     try:
@@ -476,7 +480,7 @@ def main(argv) -> None:
                  max_new_tokens=_MAX_NEW_TOKENS.value, batch_size=_BATCH.value, seed=_SEED.value,
                  tokenizer_path=_TOKENIZER.value, prm=_PRM.value, reference=_REFERENCE.value, tag=_TAG.value,
                  mesh=mesh_from_config(config))
-    except (FileNotFoundError, PermissionError, ValueError, KeyError) as e:
+    except (FileNotFoundError, PermissionError, ValueError, KeyError, CheckpointError) as e:
         fail(" ".join(str(e).strip("'\"").split()))
 
 

@@ -26,8 +26,9 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -39,6 +40,21 @@ logger = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a run can be used; the message is one line saying which and what to do."""
+
+
+def restore_or_raise(restore: Callable[[], Any], what: str) -> Any:
+    """`restore()`, with what orbax prints while a damaged checkpoint fails muted; the failure
+    becomes one CheckpointError line, ``<what> is damaged (<root cause>)`` (`.cause` holds the cause)."""
+    details = Path(tempfile.mkstemp(prefix="restore_", suffix=".log")[1])
+    try:
+        with _quiet_restore(details):
+            return restore()
+    except Exception as e:  # noqa: BLE001 - any read error means the checkpoint is unusable
+        error = CheckpointError(f"{what} is damaged ({_one_line(e)})")
+        error.cause = _one_line(e)
+        raise error from e
+    finally:
+        details.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -57,6 +73,9 @@ def _quiet_restore(details: Path):
             os.dup2(sink.fileno(), 2)
             try:
                 yield
+            except BaseException:
+                _settle(details)  # the failed read's worker threads finish printing, into the file
+                raise
             finally:
                 gc.collect()  # unawaited coroutines of the failed read report now, into the file
                 sys.stderr.flush()
@@ -65,6 +84,17 @@ def _quiet_restore(details: Path):
         os.close(stderr_fd)
         for n, level in saved.items():
             logging.getLogger(n).setLevel(level)
+
+
+def _settle(details: Path, timeout_s: float = 5.0) -> None:
+    """Waits until nothing more is written to `details` for half a second (at most `timeout_s`)."""
+    deadline, size, quiet = time.monotonic() + timeout_s, -1, 0
+    while time.monotonic() < deadline and quiet < 2:
+        gc.collect()
+        time.sleep(0.25)
+        new_size = details.stat().st_size
+        quiet = quiet + 1 if new_size == size else 0
+        size = new_size
 
 
 def _one_line(error: BaseException, limit: int = 200) -> str:
@@ -124,28 +154,23 @@ class RunCheckpointer:
         is damaged (nothing is moved then).
         """
         damaged: list[tuple[int, str]] = []
-        details = Path(tempfile.mkstemp(prefix="restore_", suffix=".log")[1])
-        try:
-            for step in sorted(self.all_steps(), reverse=True):
-                try:
-                    with _quiet_restore(details):
-                        state, meta = self.restore(step, abstract_state)
-                except Exception as e:  # noqa: BLE001 - any read error means this step is unusable
-                    damaged.append((step, _one_line(e)))
-                    continue
-                if damaged:
-                    logger.warning("checkpoint of step %s in %s is damaged (%s); resuming from step %d, the newest "
-                                   "intact one (the damaged one moved to %s)",
-                                   ", ".join(str(d) for d, _ in damaged), self.directory, damaged[0][1], step,
-                                   ", ".join(f"damaged_step_{d}" for d, _ in damaged))
-                    if jax.process_index() == 0:
-                        for d, _ in damaged:
-                            os.replace(self.directory / str(d), self.directory / f"damaged_step_{d}")
-                    sync_hosts("damaged_checkpoints_moved")  # every process reloads after the move
-                    self._manager.reload()
-                return step, state, meta
-        finally:
-            details.unlink(missing_ok=True)
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, meta = restore_or_raise(lambda: self.restore(step, abstract_state), f"checkpoint {step}")
+            except CheckpointError as e:
+                damaged.append((step, e.cause))
+                continue
+            if damaged:
+                logger.warning("checkpoint of step %s in %s is damaged (%s); resuming from step %d, the newest "
+                               "intact one (the damaged one moved to %s)",
+                               ", ".join(str(d) for d, _ in damaged), self.directory, damaged[0][1], step,
+                               ", ".join(f"damaged_step_{d}" for d, _ in damaged))
+                if jax.process_index() == 0:
+                    for d, _ in damaged:
+                        os.replace(self.directory / str(d), self.directory / f"damaged_step_{d}")
+                sync_hosts("damaged_checkpoints_moved")  # every process reloads after the move
+                self._manager.reload()
+            return step, state, meta
         if damaged:
             raise CheckpointError(
                 f"every checkpoint in {self.directory} is damaged (steps {', '.join(str(d) for d, _ in damaged)}; "
