@@ -28,20 +28,13 @@ import numpy as np
 import pytest
 
 from prime_jax.train.metrics import read_metrics, truncate_metrics
+from test_trainer import SHORT
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# 4 prompts x 4 samples = 16 rows per step (divisible by the 4 devices of both topologies).
-SMALL = {
-    "total_steps": 4, "eval_every": 3, "checkpoint_every": 2,
-    "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 1, "model.num_heads": 2,
-    "model.num_kv_heads": 1,
-    "sft.steps": 8, "sft.batch": 8, "sft.num_examples": 64, "sft.warmup_steps": 2,
-    "data.synthetic.num_train": 200, "data.synthetic.num_eval": 8,
-    "batch.prompts_per_step": 4, "batch.mini_batch": 8, "batch.prm_mini_batch": 16, "batch.score_batch": 16,
-    "rollout.max_new_tokens": 16, "rollout.eval_max_new_tokens": 16,
-    "algo.filter": False, "reward.workers": 1, "logging.progress_bar": False, "checkpoint.keep": 2,
-}
+# test_trainer's very small run, 4 steps: 4 prompts x 4 samples = 16 rows per step (divisible by the 4
+# devices of both topologies).
+SMALL = {**SHORT, "total_steps": 4}
 TOPOLOGIES = {"2x2": (2, 2), "1x4": (1, 4)}
 
 
