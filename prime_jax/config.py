@@ -149,10 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.process_id = -1  # -1: from the env or auto-detect
     c.distributed.local_device_ids = ""  # comma list of this process's device ids ("": all)
     c.distributed.initialization_timeout = 300  # seconds to wait for the other processes
-    # Seconds without a heartbeat after which a process counts as dead; the coordination service then
-    # fails every other process (exit non-zero with a message naming the lost task) instead of letting
-    # them wait forever in a collective. 0: env PRIME_HEARTBEAT_TIMEOUT, else 100.
-    c.distributed.heartbeat_timeout = 0
+    # A process silent this long counts as dead: the coordination service then fails every other process
+    # (exit non-zero, naming the lost task) instead of letting them wait forever in a collective.
+    c.distributed.heartbeat_timeout = 0  # seconds; 0: env PRIME_HEARTBEAT_TIMEOUT, else 100
 
     # Supervised warm start on demonstrations before RL (the synthetic task's step-by-step ones).
     c.sft = ml_collections.ConfigDict()
