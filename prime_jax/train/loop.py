@@ -39,6 +39,7 @@ from prime_jax.rewards import RewardPool
 from prime_jax.sampling import PAD_ID, Rollouts, Sampler
 from prime_jax.train import checkpoint as ckpt
 from prime_jax.train.metrics import MetricsLogger, masked_stats
+from prime_jax.train.prm_phase import run_prm_phase
 from prime_jax.train.report import write_rollouts_html
 from prime_jax.train.sft import encode_examples, run_sft
 from prime_jax.train.state import (
@@ -272,7 +273,7 @@ class Trainer:
             model, self.policy_optimizer, self.prm_optimizer, mesh, n=self.n, micro_batches=c.batch.micro_batches,
             score_micro_batches=1, beta=c.algo.beta, clip_eps=c.algo.clip_eps,
             temperature=c.rollout.temperature, chunk_size=c.model.logprob_chunk,
-            double_forward=c.algo.double_forward, agg=c.algo.agg)
+            prm_loss_type=c.algo.prm_loss, agg=c.algo.agg)
         self.sampler = Sampler(mesh, min_prompt_bucket=16)
         self.checkpointer = ckpt.RunCheckpointer(self.workdir / "checkpoints", keep=c.checkpoint.keep,
                                                  async_save=c.checkpoint.async_save)
@@ -448,7 +449,7 @@ class Trainer:
             if step == c.debug.inject_nan_step:  # test hook: the NaN guard must skip this step's updates
                 batch["old_logprobs"][:] = np.nan
             mask = batch["response_mask"]
-            q, prm_metrics = self.update_prm(batch, step)  # PRM mini-batches; q from the same forward
+            q, prm_metrics = self.update_prm(batch, step)  # PRM phase; q as algo.prm_update says
             q_norm, advantages, adv_stats = process_rewards_and_advantages(
                 jnp.asarray(q), jnp.asarray(batch["outcome"]), jnp.asarray(mask), estimator=c.algo.estimator,
                 n=self.n, process_coef=float(c.algo.process_coef), outcome_coef=float(c.algo.outcome_coef),
@@ -577,16 +578,16 @@ class Trainer:
         if "old_logprobs" not in rows:
             wanted["old_logprobs"] = self.policy.params
         if "ref_logprobs" not in rows and self.uses_process_rewards:
-            wanted["ref_logprobs"] = self.ref_params
+            wanted["ref_logprobs"] = self.prm_reference_params
         keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
         total, size = len(rows["response_mask"]), self.config.batch.score_batch
         pending = []
         for start in range(0, total, size if wanted else total):
             index = np.arange(start, start + size) % total
             chunk = jax.device_put({k: rows[k][index] for k in keys}, self.steps.batch_sharding)
-            # The score step's "old_logprobs" output scores whichever params it is given.
-            pending.append({name: self.steps.score(params, None, None, chunk)["old_logprobs"]
-                            for name, params in wanted.items()})
+            # old_logprobs at the rollout temperature, ref_logprobs from the raw logits (score step)
+            pending.append(self.steps.score(wanted.get("old_logprobs"), None, wanted.get("ref_logprobs"), chunk)
+                           if wanted else {})
         return pending, total
 
     def fetch_scores(self, pending_and_total) -> dict[str, np.ndarray]:
@@ -612,36 +613,20 @@ class Trainer:
         return jax.device_put({k: batch[k][rows] for k in keys}, self.steps.batch_sharding)
 
     def update_prm(self, batch: dict, step: int) -> tuple[np.ndarray, dict]:
-        """One pass of PRM mini-batches (in order); returns q [B, R] recorded from each mini-batch's
-        own forward pass (before its update; after it with algo.double_forward) and the metrics."""
-        c = self.config
-        mask = batch["response_mask"]
+        """The PRM phase (`prm_phase.run_prm_phase`, mode algo.prm_update); returns the q [B, R] the
+        policy gets and the metrics."""
         if not self.uses_process_rewards:
-            return np.zeros(mask.shape, np.float32), {}
-        t = time.perf_counter()
-        size = c.batch.prm_mini_batch
-        keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "ref_logprobs", "outcome")
-        pending = []
-        for start in range(0, len(mask), size):  # dispatched back to back; fetched once below
-            mb = self._device_batch(batch, np.arange(start, start + size), keys)
-            if c.algo.update_prm:
-                self.prm, m = self.steps.prm(self.prm, mb)
-            else:  # a frozen PRM still gives rewards
-                m = {"q": self._score_q(self.prm.params, self.ref_params, mb)}
-            pending.append(m)
-        metrics = jax.device_get(pending)
-        q = np.concatenate([np.asarray(m.pop("q")) for m in metrics]).astype(np.float32)
-        out = {"prm/" + k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
-        if "prm/nan_skipped" in out:
-            out["prm/nan_skipped"] = int(sum(int(m["nan_skipped"]) for m in metrics))
-        if "prm/dpo_accuracy" not in out:  # frozen PRM: rank with the rewards it gave
-            out["prm/dpo_accuracy"] = float(algo.dpo_accuracy(q, mask, batch["outcome"], self.n))
-        sums = (q * mask).sum(1)
-        correct = batch["outcome"] >= 0.5
-        out["prm/q_sum_correct"] = float(sums[correct].mean()) if correct.any() else 0.0
-        out["prm/q_sum_wrong"] = float(sums[~correct].mean()) if (~correct).any() else 0.0
-        out["time/prm_s"] = time.perf_counter() - t
-        return q, out
+            return np.zeros(batch["response_mask"].shape, np.float32), {}
+        self.prm, q, metrics = run_prm_phase(
+            self.steps, self.prm, batch, mode=self.config.algo.prm_update, mini_batch=self.config.batch.prm_mini_batch,
+            n=self.n, to_device=functools.partial(self._device_batch, batch))
+        return q, metrics
+
+    @property
+    def prm_reference_params(self):
+        """The implicit PRM's reference: the frozen start (SFT) model, or with algo.prm_ref =
+        "policy" the current (rollout) policy."""
+        return self.ref_params if self.config.algo.prm_ref == "freeze" else self.policy.params
 
     def update_policy(self, batch: dict, step: int) -> dict:
         """One epoch of PPO-clip over shuffled mini-batches of whole groups."""
@@ -667,7 +652,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- held-out evaluation
     def _q_fn(self, prm_params, ref_params, batch):
-        lp = functools.partial(sequence_logprobs, self.graphdef, temperature=self.config.rollout.temperature,
+        # raw logits for the PRM and its reference, as in training (PRIME_SPEC: no temperature)
+        lp = functools.partial(sequence_logprobs, self.graphdef, temperature=1.0,
                                chunk_size=self.config.model.logprob_chunk)
         return algo.implicit_token_rewards(lp(prm_params, batch), lp(ref_params, batch), batch["response_mask"])
 
@@ -714,7 +700,7 @@ class Trainer:
             R = _bucket(length, 8, rollouts.tokens.shape[1])
             batch = {"prompt_ids": rollouts.prompt_tokens[r:r + 1], "prompt_mask": rollouts.prompt_mask[r:r + 1],
                      "response_ids": rollouts.tokens[r:r + 1, :R], "response_mask": rollouts.response_mask[r:r + 1, :R]}
-            q = np.asarray(self._score_q(self.prm.params, self.ref_params, batch))[0, :length]
+            q = np.asarray(self._score_q(self.prm.params, self.prm_reference_params, batch))[0, :length]
             token_ids = rollouts.tokens[r, :length].tolist()
             samples.append({
                 "prompt": self.tokenizer.decode(rollouts.prompt_tokens[r][rollouts.prompt_mask[r] > 0].tolist()),
