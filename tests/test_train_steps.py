@@ -226,3 +226,47 @@ def test_bf16_compute_keeps_fp32_master_params_and_remat(model, meshes):
     step = np.concatenate([(p - q).ravel() for p, q in zip(host(params), host(state.params))])
     fp32_step = np.concatenate([(p - q).ravel() for p, q in zip(host(params), host(fp32_state.params))])
     assert np.dot(step, fp32_step) / (np.linalg.norm(step) * np.linalg.norm(fp32_step)) > 0.99
+
+
+@pytest.mark.parametrize("mode", ["after", "before", "reverse", "none"])
+def test_prm_phase_modes(model, meshes, mode):
+    """prm_phase.run_prm_phase: which q the policy gets (and which are 'fresh') in each algo.prm_update mode,
+    two PRM mini-batches per phase."""
+    from prime_jax import algo
+    from prime_jax.train.prm_phase import run_prm_phase
+
+    mesh = meshes["8dev"]
+    steps = steps_for(model, mesh, ADAM, 2)
+    batch = make_batch()
+    to_device = lambda rows, keys: jax.device_put({k: batch[k][rows] for k in keys}, steps.batch_sharding)
+    state = create_train_state(model, ADAM, mesh)
+    start = host(state.params)
+    q_of = lambda params: (np.asarray(steps.score(None, params, None, batch)["prm_logprobs"])
+                           - batch["ref_logprobs"]) * batch["response_mask"]
+    q_start = q_of(state.params)
+    state, q_given, metrics = run_prm_phase(steps, state, batch, mode=mode, mini_batch=B // 2, n=N,
+                                            to_device=to_device)
+    updates = 0 if mode == "none" else 2
+    assert int(state.step) == updates
+    moved = any(np.abs(a - b).max() > 0 for a, b in zip(host(state.params), start))
+    assert moved == (mode != "none")
+    if mode in ("reverse", "none"):  # scored before any update
+        np.testing.assert_allclose(q_given, q_start, atol=1e-5)
+    elif mode == "before":  # scored by the updated PRM
+        np.testing.assert_allclose(q_given, q_of(state.params), atol=1e-5)
+    else:  # after: each mini-batch's own forward; the first one is the start PRM's
+        np.testing.assert_allclose(q_given[: B // 2], q_start[: B // 2], atol=1e-5)
+        assert np.abs(q_given[B // 2:] - q_start[B // 2:]).max() > 1e-6
+    fresh_acc = float(algo.dpo_accuracy(q_given if mode != "before" else q_start, batch["response_mask"],
+                                        batch["outcome"], N))
+    if mode == "before":  # fresh = the updates' own forwards; the first mini-batch's is the start PRM's
+        assert metrics["prm/dpo_accuracy_given"] == pytest.approx(
+            float(algo.dpo_accuracy(q_given, batch["response_mask"], batch["outcome"], N)), abs=1e-6)
+    else:
+        assert metrics["prm/dpo_accuracy"] == pytest.approx(fresh_acc, abs=1e-6)
+        assert metrics["prm/dpo_accuracy_given"] == metrics["prm/dpo_accuracy"]
+    for key in ("prm/dpo_abs_accuracy", "prm/q_sum_correct", "prm/q_sum_wrong", "time/prm_s"):
+        assert key in metrics
+    assert ("prm/loss" in metrics) == (mode != "none")
+    with pytest.raises(ValueError, match="unknown PRM update mode"):
+        run_prm_phase(steps, state, batch, mode="double", mini_batch=B // 2, n=N, to_device=to_device)
