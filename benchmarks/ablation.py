@@ -50,8 +50,9 @@ def command(config: str, workdir: Path, estimator: str, seed: int, extra: list[s
             f"--config.algo.estimator={estimator}", f"--config.seed={seed}", *extra]
 
 
-def run_all(config: str, out: Path, seeds: list[int], extra: list[str], parallel: bool) -> dict:
-    jobs = [(e, s) for s in seeds for e in ESTIMATORS]
+def run_all(config: str, out: Path, seeds: list[int], extra: list[str], parallel: bool,
+            estimators: tuple[str, ...] = ESTIMATORS) -> dict:
+    jobs = [(e, s) for s in seeds for e in estimators]
     wall = {}
     running = []
     for estimator, seed in jobs:
@@ -141,6 +142,8 @@ def _common(runs: list[dict], key_steps: str, key_values: str) -> tuple[list[int
 def summarize(out: Path, seeds: list[int], wall: dict) -> dict:
     summary = {}
     for estimator in ESTIMATORS:
+        if not all((run_dir(out, estimator, s) / "metrics.jsonl").exists() for s in seeds):
+            continue
         per_seed = [curves(run_dir(out, estimator, s)) for s in seeds]
         if not all(c["eval_accuracy"] for c in per_seed):
             continue
@@ -261,6 +264,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--seeds", default="0", help="comma list; every estimator runs with each")
     parser.add_argument("--parallel", action="store_true", help="run all jobs at once")
+    parser.add_argument("--estimators", default=",".join(ESTIMATORS), help="comma list of the estimators to run")
     parser.add_argument("--report_only", action="store_true", help="only re-read the runs and redraw")
     parser.add_argument("--smooth", type=int, default=10, help="training-reward moving-average window")
     parser.add_argument("--probe", action="store_true",
@@ -270,7 +274,11 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    wall = {} if args.report_only else run_all(args.config, out, seeds, args.extra, args.parallel)
+    estimators = tuple(e.strip() for e in args.estimators.split(",") if e.strip())
+    unknown = set(estimators) - set(ESTIMATORS)
+    if unknown:
+        raise SystemExit(f"unknown estimators {sorted(unknown)}; expected some of {ESTIMATORS}")
+    wall = {} if args.report_only else run_all(args.config, out, seeds, args.extra, args.parallel, estimators)
     if args.probe:
         for seed in seeds:
             workdir = run_dir(out, "prime_rloo", seed)

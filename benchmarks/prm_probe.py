@@ -11,7 +11,9 @@ run's rollout temperature), grades them, and scores every response with three si
   the policy; raw logits, as in training);
 * ``policy_log_ratio``: the policy's own Σ_t (log π_θ − log π_ref) (the implicit reward the RL'd
   policy defines);
-* ``ref_logprob``: Σ_t log π_ref alone (the SFT model's confidence: the baseline any PRM must beat).
+* ``ref_logprob``: Σ_t log π_ref alone (the SFT model's confidence: the baseline any PRM must beat);
+* ``prm_per_token``: the PRM's Σq divided by the response length (a diagnostic: summed scores favour
+  short responses in a top-1 pick).
 
 For each signal it reports the ranking accuracy on groups with both correct and wrong samples
 (``algo.dpo_accuracy``: the fraction of correct/wrong pairs ordered correctly; chance 0.5) and the
@@ -112,13 +114,14 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
             prompts = [ids[r // n] for r in range(len(gen.texts))]
             signals = {k: np.asarray(s(prompts, gen.response_ids), np.float64).reshape(len(kept), n)
                        for k, s in scorers.items()}
+            lengths = np.asarray([max(len(r), 1) for r in gen.response_ids], np.float64).reshape(len(kept), n)
+            signals["prm_per_token"] = signals["prm"] / lengths  # a length-free variant (not PRIME's)
             majority = []
             for i in range(len(kept)):
                 keys = [eval_lib.answer_key(extract_answer(gen.texts[i * n + s])) for s in range(n)]
                 m = eval_lib.majority_index(keys)
                 majority.append(scores[i, m] if m is not None else 0.0)
             mixed = scores.max(1) > scores.min(1)
-            lengths = np.asarray([len(r) for r in gen.response_ids], np.float64).reshape(len(kept), n)
             result = {"problems": len(kept), "mixed_groups": int(mixed.sum()),
                       "mean_length_correct": float(lengths[scores >= 0.5].mean()) if (scores >= 0.5).any() else None,
                       "mean_length_wrong": float(lengths[scores < 0.5].mean()) if (scores < 0.5).any() else None,
