@@ -153,7 +153,8 @@ def summarize(out: Path, seeds: list[int], wall: dict) -> dict:
         last_reward = [float(np.mean(c["train_reward"][-10:])) for c in per_seed]
         dpo = [float(np.mean(c["dpo_accuracy"])) for c in per_seed if c["dpo_accuracy"]]
         dpo_half = [second_half_mean(c["dpo_steps"], c["dpo_accuracy"]) for c in per_seed if c["dpo_accuracy"]]
-        probes = [_probe(run_dir(out, estimator, s)) for s in seeds]
+        # the probe ranks by the trained PRM: meaningless for outcome-only runs (their PRM never trains)
+        probes = [_probe(run_dir(out, estimator, s)) if estimator != "outcome_rloo" else None for s in seeds]
         summary[estimator] = {
             "label": LABELS[estimator],
             "seeds": seeds,
