@@ -39,12 +39,14 @@ from prime_jax.train.metrics import read_metrics  # noqa: E402
 # The base of every PRIME setting: the reference recipe's ratio on this model (PRM lr 2x the
 # policy's 2e-4, no warm-up; ce, beta 0.05, q after the update, two PRM updates per step),
 # process_coef 1.0. Each setting changes some of these (the names say which).
-BASE = ["--config.algo.process_coef=1.0", "--config.prm_optim.lr=4e-4", "--config.prm_optim.warmup_steps=0"]
+BASE = ["--config.algo.process_coef=1.0", "--config.prm_optim.lr=4e-4", "--config.prm_optim.warmup_steps=0",
+        "--config.algo.prm_loss=ce", "--config.algo.prm_update=after", "--config.algo.beta=0.05",
+        "--config.batch.prm_mini_batch=32"]  # explicit: configs/tiny.py now sets the sweep's choice
 COMBINED = ["--config.algo.prm_loss=dpo", "--config.algo.prm_update=before", "--config.algo.beta=1.0",
             "--config.batch.prm_mini_batch=64"]  # dpo, q before, beta 1 (~20x for ~18-token answers), one update
 PAIR = ["--config.algo.prm_loss=pairwise"] + COMBINED[1:]
 SETTINGS: dict[str, list[str]] = {
-    "outcome": ["--config.algo.estimator=outcome_rloo"],
+    "outcome": ["--config.algo.estimator=outcome_rloo", "--config.batch.prm_mini_batch=32"],
     "comb_lr4e-4": BASE + COMBINED,
     "comb_lr2e-5": BASE + COMBINED + ["--config.prm_optim.lr=2e-5"],
     "comb_lr1e-4_eps1e-2": BASE + COMBINED + ["--config.prm_optim.lr=1e-4", "--config.prm_optim.eps=1e-2"],
