@@ -119,9 +119,10 @@ def get_config(preset: str | None = None):
     a.filter = True
     a.filter_low = 0.2
     a.filter_high = 0.8
-    a.double_forward = False
+    a.prm_update = "after"  # the released run (run_prime_main.sh: update=after)
+    a.prm_loss = "ce"
+    a.prm_ref = "freeze"
     a.agg = "seq-mean-token-mean"
-    a.update_prm = True
 
     c.policy_optim.lr = 5e-7
     c.policy_optim.weight_decay = 0.01

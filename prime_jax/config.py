@@ -22,6 +22,7 @@ import ml_collections
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
+PRM_UPDATE_MODES = ("after", "before", "reverse", "none")  # see prime_jax/train/prm_phase.py
 RANDOM_MODEL = "random"
 TINY_TOKENIZER = "tiny"
 SYNTHETIC = "synthetic"
@@ -109,9 +110,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.algo.filter = True  # accuracy filter on; False keeps every group
     c.algo.filter_low = 0.2  # keep prompts whose mean outcome is >= this ...
     c.algo.filter_high = 0.8  # ... and <= this
-    c.algo.double_forward = False  # True: recompute q after each PRM update (paper); False: q from the update's forward (code)
+    # When the policy's q is taken relative to the PRM update (PRIME_SPEC "One iteration" 6): "after" (each PRM
+    # mini-batch's q from its own update's forward: the released run), "before" (all PRM updates, then one scoring
+    # pass: the veRL port's default), "reverse" (one scoring pass, then the updates), "none" (frozen PRM, ablation)
+    c.algo.prm_update = "after"  # after | before | reverse | none (see above and prime_jax/train/prm_phase.py)
+    # PRM loss (PRIME_SPEC "PRM loss types"): "ce" (BCE of sigmoid(beta*sum q) on the outcome: the released run),
+    # "dpo" (each response against its group's other-outcome responses), "bon_acc" / "bon_rm" (best-of-n weighted dpo),
+    # "pairwise" (Bradley-Terry on each group's better/worse pairs, both sides with gradient; not in the reference)
+    c.algo.prm_loss = "ce"  # ce | dpo | bon_acc | bon_rm | pairwise (algo.prm_loss, prm_dpo_loss, prm_pairwise_loss)
+    c.algo.prm_ref = "freeze"  # the PRM's reference: "freeze" (the start/SFT model) | "policy" (the rollout policy)
     c.algo.agg = "seq-mean-token-mean"  # policy-loss aggregation: seq-mean-token-mean | token-mean
-    c.algo.update_prm = True  # False: keep the PRM frozen at the start weights (ablation)
     c.algo.recompute_old_logprobs = True  # True: old log-probs from a trainer forward pass; False: the sampler's own
 
     def optim(lr, wd, clip):
@@ -360,7 +368,7 @@ def validate(config, *, num_devices: int | None = None) -> None:
 
     # algo
     a = c.algo
-    from prime_jax.algo import ADVANTAGE_ESTIMATORS  # jax-only module; cheap
+    from prime_jax.algo import ADVANTAGE_ESTIMATORS, PRM_LOSS_TYPES  # jax-only module; cheap
 
     one_of("algo.estimator", a.estimator, sorted(ADVANTAGE_ESTIMATORS))
     positive("algo.beta", a.beta)
@@ -371,6 +379,9 @@ def validate(config, *, num_devices: int | None = None) -> None:
     check("algo.filter_high", a.filter_low <= a.filter_high <= 1,
           f"must be in [algo.filter_low, 1] = [{a.filter_low}, 1], got {a.filter_high}")
     one_of("algo.agg", a.agg, AGGREGATIONS)
+    one_of("algo.prm_update", a.prm_update, PRM_UPDATE_MODES)
+    one_of("algo.prm_loss", a.prm_loss, PRM_LOSS_TYPES)
+    one_of("algo.prm_ref", a.prm_ref, ("freeze", "policy"))
 
     # optimizers
     for o in ("policy_optim", "prm_optim"):

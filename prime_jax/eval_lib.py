@@ -249,8 +249,9 @@ class PRMScorer:
     """Summed implicit process reward of responses: ``Σ_t (log π_prm − log π_ref)(y_t | x, y_<t)``
     (``algo.implicit_token_rewards`` summed over the response, EOS included).
 
-    prm_model / ref_model: `Qwen2ForCausalLM`s (same tokenizer). Log-probs use ``temperature``
-    (the rollout temperature the PRM was trained with). Rows are scored ``batch_size`` at a time,
+    prm_model / ref_model: `Qwen2ForCausalLM`s (same tokenizer); ref_model None scores
+    ``Σ_t log π_prm`` alone. Log-probs use ``temperature``; 1.0 (the raw logits) is how the trainer
+    scores the PRM and its reference. Rows are scored ``batch_size`` at a time,
     padded to power-of-two buckets (few compilations) and, with a mesh, split over its data axes.
     """
 
@@ -265,14 +266,14 @@ class PRMScorer:
         self.mesh = mesh
         self.batch_size = int(batch_size)
         prm_graphdef, self.prm_state = nnx.split(prm_model)
-        ref_graphdef, self.ref_state = nnx.split(ref_model)
+        ref_graphdef, self.ref_state = nnx.split(ref_model) if ref_model is not None else (None, None)
 
         def q_sums(prm_state, ref_state, batch):
             args = (batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"])
             lp_prm = response_logprobs(nnx.merge(prm_graphdef, prm_state), *args, temperature=temperature,
                                        chunk_size=chunk_size)
-            lp_ref = response_logprobs(nnx.merge(ref_graphdef, ref_state), *args, temperature=temperature,
-                                       chunk_size=chunk_size)
+            lp_ref = 0.0 if ref_state is None else response_logprobs(
+                nnx.merge(ref_graphdef, ref_state), *args, temperature=temperature, chunk_size=chunk_size)
             q = algo.implicit_token_rewards(lp_prm, lp_ref, batch["response_mask"])
             return q.sum(axis=-1)
 

@@ -406,13 +406,12 @@ def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: s
         prm_model = load_model(prm_spec, config, mesh, vocab_size=len(tokenizer), which="prm")
         ref_spec = resolve_checkpoint(reference)
         ref_model = load_reference(ref_spec, prm_spec, config, mesh, vocab_size=len(tokenizer))
-        temperature_lp = float(_run_config(prm_spec.run_dir).get("rollout", {}).get(
-            "temperature", config.rollout.temperature))
-        prm_scorer = eval_lib.PRMScorer(prm_model, ref_model, mesh=mesh, temperature=temperature_lp,
+        # raw logits, as the trainer scores the PRM and its reference (PRIME_SPEC: no temperature)
+        prm_scorer = eval_lib.PRMScorer(prm_model, ref_model, mesh=mesh,
                                         chunk_size=config.model.logprob_chunk,
                                         batch_size=max(1, min(config.batch.score_batch, 256)))
         prm_info = {"prm": prm_spec.describe(), "reference": reference or "(default)",
-                    "prm_logprob_temperature": temperature_lp}
+                    "prm_logprobs": "raw logits (temperature 1)"}
 
     sampler = Sampler(mesh, min_prompt_bucket=16)
     key = jax.random.PRNGKey(settings.seed)

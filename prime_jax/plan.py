@@ -300,7 +300,7 @@ def _build_and_compile(config, devices, targets, headroom, programs, sample_prom
     n = c.rollout.n
     P, R = c.data.max_prompt_tokens, c.rollout.max_new_tokens
     uses_prm = c.algo.estimator != "outcome_rloo"
-    updates_prm = uses_prm and c.algo.update_prm
+    updates_prm = uses_prm and c.algo.prm_update != "none"
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
 
     abstract_model = nnx.eval_shape(lambda: Qwen2ForCausalLM(mcfg, rngs=nnx.Rngs(0)))
@@ -311,7 +311,7 @@ def _build_and_compile(config, devices, targets, headroom, programs, sample_prom
         micro_batches=c.batch.micro_batches, score_micro_batches=score_micro_batches, beta=c.algo.beta,
         clip_eps=c.algo.clip_eps,
         temperature=c.rollout.temperature, chunk_size=c.model.logprob_chunk,
-        double_forward=c.algo.double_forward, agg=c.algo.agg)
+        prm_loss_type=c.algo.prm_loss, agg=c.algo.agg)
     params_sds = _with_shardings(params, steps.param_shardings)
     policy_state = _with_shardings(abstract_train_state(params, policy_opt), steps.policy_state_shardings)
     prm_state = _with_shardings(abstract_train_state(params, prm_opt), steps.prm_state_shardings) if updates_prm else None

@@ -156,6 +156,56 @@ def np_dpo_accuracy(q, mask, outcome, n):
     return float(np.mean(accs))
 
 
+def np_prm_dpo_loss(prm, ref, mask, outcome, group_scores, n, beta=0.05, bon_mode="none"):
+    """veRL's compute_detach_dpo_loss_rm as loops; rows without a contrast row skipped (spec)."""
+    q = np_implicit_token_rewards(prm, ref, mask)
+    y = np.asarray(outcome, np.float64)
+    Q = np.asarray(group_scores, np.float64)
+    total, used = 0.0, 0
+    for i in range(len(y)):
+        g = range(i // n * n, i // n * n + n)
+        cur = beta * q[i].sum()
+        chosen = [Q[j] for j in g if (y[j] < y[i] if y[i] > 0 else y[j] > y[i])]
+        if not chosen:
+            continue
+        z = (cur - beta * np.mean(chosen)) * (1.0 if y[i] > 0 else -1.0)
+        loss = _softplus(-z)  # -log sigmoid(z)
+        if bon_mode == "bon_acc":
+            loss *= n * np.mean([float(y[j] <= y[i]) for j in g]) ** (n - 1)
+        elif bon_mode == "bon_rm":
+            loss *= n * np.mean([float(beta * Q[j] <= cur) for j in g]) ** (n - 1)
+        total += loss
+        used += 1
+    if bon_mode == "none":
+        return total / max(used, 1)
+    return total
+
+
+def np_prm_pairwise_loss(prm, ref, mask, outcome, n, beta=0.05):
+    s = beta * np_implicit_token_rewards(prm, ref, mask).sum(1)
+    y = np.asarray(outcome, np.float64)
+    num = den = 0.0
+    for g in range(len(y) // n):
+        for i in range(g * n, (g + 1) * n):
+            for j in range(g * n, (g + 1) * n):
+                if y[i] > y[j]:
+                    num += (y[i] - y[j]) * _softplus(-(s[i] - s[j]))
+                    den += y[i] - y[j]
+    return num / den if den else 0.0
+
+
+def np_dpo_abs_accuracy(q, mask, outcome):
+    s = (np.asarray(q, np.float64) * np.asarray(mask, np.float64)).sum(1)
+    return float(np.mean([np.sign(a) == np.sign(2 * o - 1) for a, o in zip(s, outcome)]))
+
+
+def np_q_sums_by_outcome(q, mask, outcome):
+    s = (np.asarray(q, np.float64) * np.asarray(mask, np.float64)).sum(1)
+    right = [v for v, o in zip(s, outcome) if o >= 0.5]
+    wrong = [v for v, o in zip(s, outcome) if o < 0.5]
+    return (np.mean(right) if right else 0.0), (np.mean(wrong) if wrong else 0.0)
+
+
 def np_adv_prime_rloo(q, outcome, mask, n, pc=1.0, oc=1.0):
     return np_masked_whiten(np_prime_returns(q, outcome, mask, n, pc, oc), mask)
 
@@ -455,6 +505,84 @@ def test_dpo_accuracy_edge_cases():
     mp = np.array([[1, 0], [1, 0], [1, 0], [1, 1]], np.float32)
     o = np.array([0.2, 0.9, 0.6, 0.0], np.float32)
     assert_close(algo.dpo_accuracy(qp, mp, o, 4), np_dpo_accuracy(qp, mp, o, 4))
+
+
+# ----------------------------------------------------------------------------------------------
+# PRM loss types and diagnostics
+# ----------------------------------------------------------------------------------------------
+J_DPO_LOSS = jax.jit(algo.prm_dpo_loss, static_argnames=("n", "bon_mode"))
+
+
+@pytest.mark.parametrize("bon_mode", ["none", "bon_acc", "bon_rm"])
+@pytest.mark.parametrize("name", ["basic", "n2", "n8", "padrows", "equal", "frac"])
+def test_prm_dpo_loss(name, bon_mode):
+    c = make_case(name)
+    # detached scores of a scoring pass: the rows' own sums, perturbed (the PRM moved since)
+    scores = np.asarray(c["q"], np.float64).sum(1) + c["rng"].normal(size=len(c["outcome"]))
+    for beta in (0.05, 0.5):
+        got = J_DPO_LOSS(c["prm"], c["ref"], c["mask"], c["outcome"], scores.astype(np.float32), n=c["n"],
+                         beta=beta, bon_mode=bon_mode)
+        assert got.shape == () and got.dtype == jnp.float32
+        want = np_prm_dpo_loss(c["prm"], c["ref"], c["mask"], c["outcome"], scores, c["n"], beta, bon_mode)
+        assert_close(got, want, tol=1e-5)
+
+
+def test_prm_dpo_loss_properties():
+    c = make_case("basic")
+    n, B = c["n"], len(c["outcome"])
+    scores = np.asarray(c["q"]).sum(1)
+    loss = lambda prm, sc: float(algo.prm_dpo_loss(prm, c["ref"], c["mask"], c["outcome"], sc, n, beta=0.5))
+    # a shift of sum q common to a group (current and detached scores alike) costs nothing
+    lengths = c["mask"].sum(1)
+    shift = np.repeat(np.arange(B // n, dtype=np.float32) * 3.0, n)
+    prm_shifted = c["prm"] + (shift / np.maximum(lengths, 1))[:, None] * c["mask"]
+    assert abs(loss(prm_shifted, scores + shift) - loss(c["prm"], scores)) < 1e-5
+    # gradients flow only through the PRM's log-probs, not the reference or the detached scores
+    g = jax.grad(lambda p, r, sc: algo.prm_dpo_loss(p, r, c["mask"], c["outcome"], sc, n), argnums=(0, 1, 2))(
+        jnp.asarray(c["prm"]), jnp.asarray(c["ref"]), jnp.asarray(scores))
+    assert np.any(np.asarray(g[0]) != 0) and not np.any(np.asarray(g[1])) and not np.any(np.asarray(g[2]))
+    # raising a correct row's sum lowers the loss, raising a wrong row's raises it
+    grad_rows = np.asarray(g[0]).sum(1)
+    used = np.asarray(algo.prm_contrast_rows(c["outcome"], n))
+    assert np.all(grad_rows[used & (c["outcome"] > 0)] < 0) and np.all(grad_rows[used & (c["outcome"] == 0)] > 0)
+    # no contrast row anywhere: loss 0
+    assert float(algo.prm_dpo_loss(c["prm"], c["ref"], c["mask"], np.ones(B, np.float32), scores, n)) == 0.0
+    with pytest.raises(ValueError):
+        algo.prm_dpo_loss(c["prm"], c["ref"], c["mask"], c["outcome"], scores, n, bon_mode="best")
+
+
+@pytest.mark.parametrize("name", ["basic", "n2", "n8", "padrows", "equal", "frac", "large"])
+def test_prm_pairwise_loss(name):
+    c = make_case(name)
+    for beta in (0.05, 0.5):
+        got = algo.prm_pairwise_loss(c["prm"], c["ref"], c["mask"], c["outcome"], c["n"], beta)
+        assert got.shape == () and got.dtype == jnp.float32
+        assert_close(got, np_prm_pairwise_loss(c["prm"], c["ref"], c["mask"], c["outcome"], c["n"], beta), tol=1e-5)
+    # balanced: the gradient of a shift of sum q common to a group is 0 (here 3 right vs 1 wrong)
+    mask = np.ones((4, 3), np.float32)
+    y = np.array([1, 1, 1, 0], np.float32)
+    g = jax.grad(lambda p: algo.prm_pairwise_loss(p, np.zeros((4, 3)), mask, y, 4, 0.5))(jnp.zeros((4, 3)))
+    assert abs(float(jnp.sum(g))) < 1e-7 and float(g[3].sum()) > 0 > float(g[0].sum())
+    g_ce = jax.grad(lambda p: algo.prm_loss(p, np.zeros((4, 3)), mask, y, 0.5))(jnp.zeros((4, 3)))
+    assert float(jnp.sum(g_ce)) < 0  # ce pushes the whole group's likelihood up here
+
+
+def test_prm_contrast_rows():
+    o = np.array([1, 0, 1, 1, 1, 1, 0.5, 0.2], np.float32)
+    # groups of 2: both labels (both used); all correct (neither); fractional [0.5, 0.2]: both count as
+    # positive (> 0) and compare with lower scores, which only 0.5 has
+    np.testing.assert_array_equal(np.asarray(algo.prm_contrast_rows(o, 2)),
+                                  [True, True, False, False, False, False, True, False])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_dpo_abs_accuracy_and_sums(name):
+    c = make_case(name)
+    assert_close(algo.dpo_abs_accuracy(c["q"], c["mask"], c["outcome"]),
+                 np_dpo_abs_accuracy(c["q"], c["mask"], c["outcome"]))
+    right, wrong = algo.q_sums_by_outcome(c["q"], c["mask"], c["outcome"])
+    want = np_q_sums_by_outcome(c["q"], c["mask"], c["outcome"])
+    assert_close(np.array([right, wrong]), np.array(want), tol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -217,6 +217,9 @@ def test_prm_scorer_matches_unpadded_logprobs(one_device_mesh):
         return (q * b[3]).sum(-1)
 
     np.testing.assert_allclose(got, np.asarray(direct(prm, ref, *batch)), atol=1e-4)
+    alone = eval_lib.PRMScorer(prm, None, mesh=one_device_mesh, batch_size=2)(prompts, responses)  # Σ log π_prm
+    want = nnx.jit(lambda m, *b: (response_logprobs(m, *b) * b[3]).sum(-1))(prm, *batch)
+    np.testing.assert_allclose(alone, np.asarray(want), atol=1e-4)
 
 
 # ------------------------------------------------------------------------------ checkpoints of a training run

@@ -75,7 +75,7 @@ def test_reference_hyperparameters():
     assert c.prm_optim.lr == 1e-6 and c.prm_optim.weight_decay == 0.0 and c.prm_optim.clip_norm == 10.0
     assert c.algo.clip_eps == 0.2 and c.algo.beta == 0.05
     assert (c.algo.filter, c.algo.filter_low, c.algo.filter_high) == (True, 0.2, 0.8)
-    assert c.algo.estimator == "prime_rloo" and not c.algo.double_forward
+    assert c.algo.estimator == "prime_rloo" and c.algo.prm_update == "after" and c.algo.prm_loss == "ce"
     assert c.model.dtype == "bfloat16" and c.model.param_dtype == "float32" and c.model.remat == "full"
 
 

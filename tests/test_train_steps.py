@@ -66,7 +66,7 @@ _STEPS = {}
 
 
 def steps_for(model, mesh, opt, k=1, **kw):
-    kw = {"agg": "seq-mean-token-mean", "double_forward": False, **kw}
+    kw = {"agg": "seq-mean-token-mean", "prm_loss_type": "ce", **kw}
     key = (id(mesh), id(opt), k, tuple(sorted(kw.items())))
     if key not in _STEPS:
         _STEPS[key] = make_train_steps(model, opt, opt, mesh, n=N, micro_batches=k, **kw)
@@ -115,11 +115,14 @@ def test_sharded_step_matches_single_device(model, meshes, step_name):
     assert state8.params["layers"]["gate_kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
 
 
-@pytest.mark.parametrize("step_name,agg", [("policy", "seq-mean-token-mean"), ("policy", "token-mean"),
-                                           ("prm", "seq-mean-token-mean")])
-def test_accumulation_equals_whole_mini_batch(model, meshes, step_name, agg):
-    whole, m_whole = run(model, meshes["1dev"], step_name, k=1, agg=agg)
-    accum, m_accum = run(model, meshes["1dev"], step_name, k=2, agg=agg)
+@pytest.mark.parametrize("step_name,agg,prm_loss_type", [
+    ("policy", "seq-mean-token-mean", "ce"), ("policy", "token-mean", "ce"), ("prm", "seq-mean-token-mean", "ce"),
+    ("prm", "seq-mean-token-mean", "dpo"), ("prm", "seq-mean-token-mean", "bon_rm"),
+    ("prm", "seq-mean-token-mean", "pairwise")])
+def test_accumulation_equals_whole_mini_batch(model, meshes, step_name, agg, prm_loss_type):
+    kw = {"agg": agg, "prm_loss_type": prm_loss_type}
+    whole, m_whole = run(model, meshes["1dev"], step_name, k=1, **kw)
+    accum, m_accum = run(model, meshes["1dev"], step_name, k=2, **kw)
     assert_trees_close(whole.params, accum.params)
     assert_trees_close(m_whole, m_accum)
     assert m_whole["grad_norm"] > 1e-3  # the comparison is not vacuous
@@ -155,9 +158,10 @@ def test_score_matches_direct_logprobs(model, meshes):
         np.testing.assert_allclose(out[key], direct, atol=1e-5)
 
 
-def test_prm_learns_outcomes(model, meshes):
+@pytest.mark.parametrize("prm_loss_type", ["ce", "dpo", "pairwise"])
+def test_prm_learns_outcomes(model, meshes, prm_loss_type):
     mesh = meshes["8dev"]
-    steps = steps_for(model, mesh, ADAM, 2)
+    steps = steps_for(model, mesh, ADAM, 2, prm_loss_type=prm_loss_type)
     _, params = split_params(model)
     batch = make_batch()
     score = steps_for(model, mesh, SGD, 2).score
@@ -174,15 +178,21 @@ def test_prm_learns_outcomes(model, meshes):
     assert int(state.step) == 15 and int(state.nan_skips) == 0
 
 
-def test_prm_double_forward_returns_updated_rewards(model, meshes):
+def test_prm_and_reference_logprobs_ignore_the_temperature(model, meshes):
+    """PRIME_SPEC: the policy's log-probs use logits / temperature, the PRM's and the reference's the raw
+    logits; the PRM step's q are those of its forward before the update."""
     mesh = meshes["8dev"]
-    steps = steps_for(model, mesh, SGD, 2, double_forward=True)
+    hot = steps_for(model, mesh, SGD, 2, temperature=0.5)
+    _, params = split_params(model)
     batch = make_batch()
-    state, metrics = steps.prm(create_train_state(model, SGD, mesh), batch)
-    after = steps_for(model, mesh, SGD, 2).score(state.params, None, None, batch)["old_logprobs"]
-    expected = (np.asarray(after) - batch["ref_logprobs"]) * batch["response_mask"]
-    np.testing.assert_allclose(np.asarray(metrics["q"]), expected, atol=1e-5)
-    assert "dpo_accuracy_after" in metrics
+    raw = jax.device_get(steps_for(model, mesh, SGD, 2).score(params, None, None, batch))["old_logprobs"]
+    out = jax.device_get(hot.score(params, params, params, batch))
+    np.testing.assert_allclose(out["prm_logprobs"], raw, atol=1e-5)
+    np.testing.assert_allclose(out["ref_logprobs"], raw, atol=1e-5)
+    assert np.abs(out["old_logprobs"] - raw).max() > 1e-2  # the policy's do use it
+    state, metrics = hot.prm(create_train_state(model, SGD, mesh), batch)
+    np.testing.assert_allclose(np.asarray(metrics["q"]), (raw - batch["ref_logprobs"]) * batch["response_mask"],
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("step_name,key", [("policy", "advantages"), ("policy", "old_logprobs"),
@@ -216,3 +226,49 @@ def test_bf16_compute_keeps_fp32_master_params_and_remat(model, meshes):
     step = np.concatenate([(p - q).ravel() for p, q in zip(host(params), host(state.params))])
     fp32_step = np.concatenate([(p - q).ravel() for p, q in zip(host(params), host(fp32_state.params))])
     assert np.dot(step, fp32_step) / (np.linalg.norm(step) * np.linalg.norm(fp32_step)) > 0.99
+
+
+@pytest.mark.parametrize("mode", ["after", "before", "reverse", "none"])
+def test_prm_phase_modes(model, meshes, mode):
+    """prm_phase.run_prm_phase: which q the policy gets (and which are 'fresh') in each algo.prm_update mode,
+    two PRM mini-batches per phase."""
+    from prime_jax import algo
+    from prime_jax.train.batch import PrimeBatch
+    from prime_jax.train.prm_phase import run_prm_phase
+
+    mesh = meshes["8dev"]
+    steps = steps_for(model, mesh, ADAM, 2)
+    batch = make_batch()
+    prime_batch = PrimeBatch(**batch)
+    take_rows = lambda rows: prime_batch.rows(rows).to_device(mesh)
+    state = create_train_state(model, ADAM, mesh)
+    start = host(state.params)
+    q_of = lambda params: (np.asarray(steps.score(None, params, None, batch)["prm_logprobs"])
+                           - batch["ref_logprobs"]) * batch["response_mask"]
+    q_start = q_of(state.params)
+    state, q_given, metrics = run_prm_phase(steps, state, prime_batch, mode=mode, mini_batch=B // 2, n=N,
+                                            take_rows=take_rows)
+    updates = 0 if mode == "none" else 2
+    assert int(state.step) == updates
+    moved = any(np.abs(a - b).max() > 0 for a, b in zip(host(state.params), start))
+    assert moved == (mode != "none")
+    if mode in ("reverse", "none"):  # scored before any update
+        np.testing.assert_allclose(q_given, q_start, atol=1e-5)
+    elif mode == "before":  # scored by the updated PRM
+        np.testing.assert_allclose(q_given, q_of(state.params), atol=1e-5)
+    else:  # after: each mini-batch's own forward; the first one is the start PRM's
+        np.testing.assert_allclose(q_given[: B // 2], q_start[: B // 2], atol=1e-5)
+        assert np.abs(q_given[B // 2:] - q_start[B // 2:]).max() > 1e-6
+    fresh_acc = float(algo.dpo_accuracy(q_given if mode != "before" else q_start, batch["response_mask"],
+                                        batch["outcome"], N))
+    if mode == "before":  # fresh = the updates' own forwards; the first mini-batch's is the start PRM's
+        assert metrics["prm/dpo_accuracy_given"] == pytest.approx(
+            float(algo.dpo_accuracy(q_given, batch["response_mask"], batch["outcome"], N)), abs=1e-6)
+    else:
+        assert metrics["prm/dpo_accuracy"] == pytest.approx(fresh_acc, abs=1e-6)
+        assert metrics["prm/dpo_accuracy_given"] == metrics["prm/dpo_accuracy"]
+    for key in ("prm/dpo_abs_accuracy", "prm/q_sum_correct", "prm/q_sum_wrong", "time/prm_s"):
+        assert key in metrics
+    assert ("prm/loss" in metrics) == (mode != "none")
+    with pytest.raises(ValueError, match="unknown PRM update mode"):
+        run_prm_phase(steps, state, prime_batch, mode="double", mini_batch=B // 2, n=N, take_rows=take_rows)

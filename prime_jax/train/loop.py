@@ -34,7 +34,7 @@ from prime_jax.config import RANDOM_MODEL, SYNTHETIC, TINY_TOKENIZER
 from prime_jax.data import DataError, Problem, ShuffledIterator, render_prompts
 from prime_jax.models import Qwen2Config, Qwen2ForCausalLM, from_pretrained
 from prime_jax.models.tokenizer import eos_token_ids, load_tokenizer
-from prime_jax.parallel import (any_process, gather_shares, host_share, is_logging_process, put_replicated,
+from prime_jax.parallel import (any_process, gather_shares, host_share, is_logging_process, put_replicated, put_rows,
                                 replicated, shard_state, to_host)
 from prime_jax.rewards import RewardPool
 from prime_jax.sampling import PAD_ID, Rollouts, Sampler
@@ -42,6 +42,7 @@ from prime_jax.train import checkpoint as ckpt
 from prime_jax.train.batch import PrimeBatch
 from prime_jax.train.preemption import PreemptionWatch
 from prime_jax.train.metrics import MetricsLogger, masked_stats
+from prime_jax.train.prm_phase import run_prm_phase
 from prime_jax.train.report import mix_outcomes, write_rollouts_html
 from prime_jax.train.sft import encode_examples, run_sft
 from prime_jax.train.state import (
@@ -294,7 +295,7 @@ class Trainer:
             model, self.policy_optimizer, self.prm_optimizer, mesh, n=self.n, micro_batches=c.batch.micro_batches,
             score_micro_batches=1, beta=c.algo.beta, clip_eps=c.algo.clip_eps,
             temperature=c.rollout.temperature, chunk_size=c.model.logprob_chunk,
-            double_forward=c.algo.double_forward, agg=c.algo.agg)
+            prm_loss_type=c.algo.prm_loss, agg=c.algo.agg)
         self.sampler = Sampler(mesh, min_prompt_bucket=16)
         self.checkpointer = ckpt.RunCheckpointer(self.workdir / "checkpoints", keep=c.checkpoint.keep,
                                                  async_save=c.checkpoint.async_save)
@@ -492,7 +493,7 @@ class Trainer:
             row["time/score_s"] += time.perf_counter() - t
             if step == c.debug.inject_nan_step:  # test hook: the NaN guard must skip this step's updates
                 batch = batch.replace(old_logprobs=jnp.full_like(batch.old_logprobs, jnp.nan))
-            q, prm_metrics = self.update_prm(batch, step)  # PRM mini-batches; q from the same forward
+            q, prm_metrics = self.update_prm(batch, step)  # PRM phase; q as algo.prm_update says
             q_norm, advantages, adv_stats = process_rewards_and_advantages(
                 q, batch.outcome, batch.response_mask, estimator=c.algo.estimator, n=self.n,
                 process_coef=float(c.algo.process_coef), outcome_coef=float(c.algo.outcome_coef),
@@ -628,7 +629,7 @@ class Trainer:
         if batch.old_logprobs is None:
             wanted["old_logprobs"] = self.policy.params
         if batch.ref_logprobs is None and self.uses_process_rewards:
-            wanted["ref_logprobs"] = self.ref_params
+            wanted["ref_logprobs"] = self.prm_reference_params
         return wanted
 
     def score_async(self, batch: PrimeBatch) -> tuple[list, int]:
@@ -643,9 +644,9 @@ class Trainer:
             index = np.arange(start, start + size) % total
             chunk = batch.rows(index).to_device(self.mesh) if on_host else self._take_rows(
                 batch, put_replicated(index, self.mesh))
-            # The score step's "old_logprobs" output scores whichever params it is given.
-            pending.append({name: self.steps.score(params, None, None, chunk)["old_logprobs"]
-                            for name, params in wanted.items()})
+            # old_logprobs at the rollout temperature, ref_logprobs from the raw logits (score step)
+            pending.append(self.steps.score(wanted.get("old_logprobs"), None, wanted.get("ref_logprobs"), chunk)
+                           if wanted else {})
         return pending, total
 
     def gather_scores(self, pending: list, total: int) -> dict:
@@ -667,36 +668,20 @@ class Trainer:
         return self._take_rows(batch, put_replicated(np.asarray(rows, np.int32), self.mesh))
 
     def update_prm(self, batch: PrimeBatch, step: int) -> tuple[jax.Array, dict]:
-        """One pass of PRM mini-batches (in order); returns q [B, R] (on the devices) recorded from
-        each mini-batch's own forward pass (before its update; after it with algo.double_forward)
-        and the metrics."""
-        c = self.config
+        """The PRM phase (`prm_phase.run_prm_phase`, mode algo.prm_update); returns the q [B, R] the
+        policy gets (on the devices) and the metrics."""
         if not self.uses_process_rewards:
-            return jnp.zeros(batch.response_mask.shape, jnp.float32), {}
-        t = time.perf_counter()
-        size = c.batch.prm_mini_batch
-        pending = []
-        for start in range(0, batch.num_rows, size):  # dispatched back to back; fetched once below
-            mb = self._mini_batch(batch, np.arange(start, start + size))
-            if c.algo.update_prm:
-                self.prm, m = self.steps.prm(self.prm, mb)
-            else:  # a frozen PRM still gives rewards
-                m = {"q": self._score_q(self.prm.params, self.ref_params, mb.select(SCORE_KEYS))}
-            pending.append(m)
-        q = jnp.concatenate([m.pop("q") for m in pending])
-        metrics = to_host(pending)
-        host_q, mask, outcome = to_host((q, batch.response_mask, batch.outcome))
-        out = {"prm/" + k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
-        if "prm/nan_skipped" in out:
-            out["prm/nan_skipped"] = int(sum(int(m["nan_skipped"]) for m in metrics))
-        if "prm/dpo_accuracy" not in out:  # frozen PRM: rank with the rewards it gave
-            out["prm/dpo_accuracy"] = float(algo.dpo_accuracy(host_q, mask, outcome, self.n))
-        sums = (host_q * mask).sum(1)
-        correct = outcome >= 0.5
-        out["prm/q_sum_correct"] = float(sums[correct].mean()) if correct.any() else 0.0
-        out["prm/q_sum_wrong"] = float(sums[~correct].mean()) if (~correct).any() else 0.0
-        out["time/prm_s"] = time.perf_counter() - t
-        return q, out
+            return put_rows(np.zeros(batch.response_mask.shape, np.float32), self.mesh), {}
+        self.prm, q, metrics = run_prm_phase(
+            self.steps, self.prm, batch, mode=self.config.algo.prm_update, mini_batch=self.config.batch.prm_mini_batch,
+            n=self.n, take_rows=functools.partial(self._mini_batch, batch))
+        return put_rows(q, self.mesh), metrics
+
+    @property
+    def prm_reference_params(self):
+        """The implicit PRM's reference: the frozen start (SFT) model, or with algo.prm_ref =
+        "policy" the current (rollout) policy."""
+        return self.ref_params if self.config.algo.prm_ref == "freeze" else self.policy.params
 
     def update_policy(self, batch: PrimeBatch, step: int) -> dict:
         """One epoch of PPO-clip over shuffled mini-batches of whole groups."""
@@ -721,7 +706,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- held-out evaluation
     def _q_fn(self, prm_params, ref_params, batch):
-        lp = functools.partial(sequence_logprobs, self.graphdef, temperature=self.config.rollout.temperature,
+        # raw logits for the PRM and its reference, as in training (PRIME_SPEC: no temperature)
+        lp = functools.partial(sequence_logprobs, self.graphdef, temperature=1.0,
                                chunk_size=self.config.model.logprob_chunk)
         return algo.implicit_token_rewards(lp(prm_params, batch), lp(ref_params, batch), batch["response_mask"])
 
@@ -772,7 +758,7 @@ class Trainer:
             one = PrimeBatch(prompt_ids=rollouts.prompt_tokens[r:r + 1], prompt_mask=rollouts.prompt_mask[r:r + 1],
                              response_ids=rollouts.tokens[r:r + 1, :R], response_mask=rollouts.response_mask[r:r + 1, :R])
             one = one.to_device(self.mesh)
-            q = to_host(self._score_q(self.prm.params, self.ref_params, one.select(SCORE_KEYS)))[0, :length]
+            q = to_host(self._score_q(self.prm.params, self.prm_reference_params, one.select(SCORE_KEYS)))[0, :length]
             token_ids = rollouts.tokens[r, :length].tolist()
             samples.append({
                 "prompt": self.tokenizer.decode(rollouts.prompt_tokens[r][rollouts.prompt_mask[r] > 0].tolist()),

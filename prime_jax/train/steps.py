@@ -16,7 +16,10 @@ groups and gradients are summed in a `lax.scan`. Each micro-batch's loss is weig
 share of the mini-batch's averaging units, so the sum equals the whole mini-batch's loss:
   seq-mean-token-mean (policy): units = responses with >= 1 real token; w_j = rows_j / rows
   token-mean (policy):          units = real tokens;                     w_j = tokens_j / tokens
-  prm_loss (mean over rows):    units = rows;                            w_j = rows_j / rows
+  prm ce (mean over rows):      units = rows;                            w_j = rows_j / rows
+  prm dpo (mean over used rows): units = rows with a contrast row;        w_j = used_j / used
+  prm bon_acc / bon_rm (sums):  w_j = 1
+  prm pairwise:                 units = summed pair weights;           w_j = pairs_j / pairs
 (Averaging the k micro-batch losses instead would weight short responses' tokens differently
 from the full-batch loss whenever micro-batches hold different numbers of tokens or rows.)
 """
@@ -32,7 +35,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from prime_jax.algo import dpo_accuracy, implicit_token_rewards, policy_loss, prm_loss
+from prime_jax.algo import (PRM_LOSS_TYPES, dpo_accuracy, implicit_token_rewards, policy_loss, prm_contrast_rows,
+                             prm_dpo_loss, prm_loss, prm_pair_weights, prm_pairwise_loss)
 from prime_jax.models import response_logprobs
 from prime_jax.parallel import batch_sharding, state_shardings, under_mesh
 from prime_jax.parallel import replicated as replicated_sharding
@@ -80,15 +84,17 @@ class TrainSteps(NamedTuple):
     """The jitted callables and the shardings they use (built by `make_train_steps`).
 
     score(policy_params, prm_params, ref_params, batch) -> {old_logprobs, prm_logprobs, ref_logprobs}
-        `[B,R]` float32, 0 at padding. prm_params / ref_params may be None (outcome-only runs):
-        their key is then absent.
+        `[B,R]` float32, 0 at padding. old_logprobs use the rollout temperature; prm_logprobs and
+        ref_logprobs the raw logits (as the reference code: q does not depend on the temperature).
+        Any of the params may be None: its key is then absent.
     policy(policy_state, batch) -> (policy_state, metrics): one PPO mini-batch. The state is donated.
         metrics: loss, grad_norm, clip_frac, approx_kl, ratio_max, nan_skipped.
     prm(prm_state, batch) -> (prm_state, metrics): one PRM mini-batch. The state is donated.
         metrics: loss, grad_norm, dpo_accuracy, nan_skipped (scalars) and q `[B,R]`: the implicit
-        token rewards of this mini-batch (from the forward pass that computed the gradient, i.e.
-        before the update; with double_forward, recomputed after it, and dpo_accuracy_after).
-        Pop q before logging. None if no prm optimizer was given.
+        token rewards of this mini-batch from the forward pass that computed the gradient, i.e.
+        before the update (dpo_accuracy is taken on them). Pop q before logging. The loss is
+        `prm_loss_type` (algo.PRM_LOSS_TYPES); the dpo types use the detached sums of that same
+        forward as the group scores. None if no prm optimizer was given.
     """
 
     score: Callable
@@ -104,7 +110,7 @@ def make_train_steps(model, policy_optimizer: optax.GradientTransformation,
                      prm_optimizer: optax.GradientTransformation | None, mesh: Mesh, *, n: int,
                      micro_batches: int = 1, score_micro_batches: int | None = None, beta: float = 0.05,
                      clip_eps: float = 0.2, temperature: float = 1.0, chunk_size: int = 128,
-                     double_forward: bool = False, agg: str = "seq-mean-token-mean") -> TrainSteps:
+                     prm_loss_type: str = "ce", agg: str = "seq-mean-token-mean") -> TrainSteps:
     """Builds the jitted score / PRM / policy steps.
 
     model: a Qwen2ForCausalLM, real or abstract (`nnx.eval_shape`), or its `(graphdef, params)`;
@@ -116,12 +122,15 @@ def make_train_steps(model, policy_optimizer: optax.GradientTransformation,
     """
     if agg not in ("seq-mean-token-mean", "token-mean"):
         raise ValueError(f"unknown agg {agg!r}")
+    if prm_loss_type not in PRM_LOSS_TYPES:
+        raise ValueError(f"unknown prm_loss_type {prm_loss_type!r}; expected one of {PRM_LOSS_TYPES}")
     graphdef, abstract_params = model if isinstance(model, tuple) else split_params(model)
     k, k_score = micro_batches, score_micro_batches or micro_batches
     param_sh = state_shardings(abstract_params, mesh)
     rows_sh = batch_sharding(mesh, 1)  # a prefix: dim 0 of every batch array over the data axes
     replicated = replicated_sharding(mesh)
     logprobs = functools.partial(sequence_logprobs, graphdef, temperature=temperature, chunk_size=chunk_size)
+    raw_logprobs = functools.partial(sequence_logprobs, graphdef, temperature=1.0, chunk_size=chunk_size)
     split = functools.partial(split_micro_batches, k=k, n=n, mesh=mesh)
     merge = functools.partial(merge_micro_batches, k=k, n=n, mesh=mesh)
 
@@ -131,16 +140,17 @@ def make_train_steps(model, policy_optimizer: optax.GradientTransformation,
 
         def one(mb):
             mask = mb["response_mask"].astype(jnp.float32)
-            return {key: logprobs(p, mb) * mask for key, p in named.items() if p is not None}
+            return {key: (logprobs if key == "old_logprobs" else raw_logprobs)(p, mb) * mask
+                    for key, p in named.items() if p is not None}
 
         return merge_micro_batches(jax.lax.map(one, mbs), k_score, n, mesh)
 
     score_variants = {}
 
     def score(policy_params, prm_params, ref_params, batch):
-        variant = (prm_params is None, ref_params is None)
+        variant = (policy_params is None, prm_params is None, ref_params is None)
         if variant not in score_variants:
-            shardings = tuple(None if skip else param_sh for skip in (False, *variant))
+            shardings = tuple(None if skip else param_sh for skip in variant)
             score_variants[variant] = jax.jit(under_mesh(score_fn, mesh), in_shardings=(*shardings, rows_sh), out_shardings=rows_sh)
         return score_variants[variant](policy_params, prm_params, ref_params, batch)
 
@@ -164,26 +174,43 @@ def make_train_steps(model, policy_optimizer: optax.GradientTransformation,
                    "approx_kl": jnp.sum(aux["approx_kl"]), "ratio_max": jnp.max(aux["ratio_max"])}
         return state, metrics
 
+    def prm_units(outcome):
+        """What the PRM loss averages over (None: it is a sum): ce all rows, dpo the rows with a
+        contrast row, bon_* sums."""
+        if prm_loss_type == "ce":
+            return outcome.shape[0]
+        if prm_loss_type == "pairwise":  # a weighted mean over the groups' ordered pairs
+            return jnp.sum(prm_pair_weights(outcome, n))
+        return jnp.sum(prm_contrast_rows(outcome, n)) if prm_loss_type == "dpo" else None
+
+    def prm_loss_fn(lp, mb):
+        """The configured PRM loss of one micro-batch (dpo types: the detached sums of this forward
+        are the group scores)."""
+        mask, outcome = mb["response_mask"], mb["outcome"]
+        if prm_loss_type == "ce":
+            return prm_loss(lp, mb["ref_logprobs"], mask, outcome, beta)
+        if prm_loss_type == "pairwise":
+            return prm_pairwise_loss(lp, mb["ref_logprobs"], mask, outcome, n, beta)
+        scores = jnp.sum(implicit_token_rewards(jax.lax.stop_gradient(lp), mb["ref_logprobs"], mask), axis=-1)
+        bon_mode = "none" if prm_loss_type == "dpo" else prm_loss_type
+        return prm_dpo_loss(lp, mb["ref_logprobs"], mask, outcome, scores, n, beta, bon_mode)
+
     def prm_step(state: TrainState, batch):
         batch = _select(batch, PRM_KEYS)
-        rows = batch["outcome"].shape[0]
+        total_units = prm_units(batch["outcome"])
 
         def loss_fn(params, mb):
-            lp = logprobs(params, mb)
-            loss = prm_loss(lp, mb["ref_logprobs"], mb["response_mask"], mb["outcome"], beta)
+            lp = raw_logprobs(params, mb)
+            units = prm_units(mb["outcome"])
+            share = 1.0 if units is None else units / jnp.maximum(total_units, 1e-12)
             q = implicit_token_rewards(jax.lax.stop_gradient(lp), mb["ref_logprobs"], mb["response_mask"])
-            return loss * (mb["outcome"].shape[0] / rows), q
+            return prm_loss_fn(lp, mb) * share, q
 
         loss, grads, q = accumulate_gradients(loss_fn, state.params, split(batch), param_sh)
         q = merge(q)
         state, update_metrics = apply_update(state, grads, loss, prm_optimizer)
         metrics = {"loss": loss, **update_metrics,
-                   "dpo_accuracy": dpo_accuracy(q, batch["response_mask"], batch["outcome"], n)}
-        if double_forward:  # the paper's variant: rewards from the updated PRM
-            after = jax.lax.map(lambda mb: logprobs(state.params, mb), split(batch))
-            q = implicit_token_rewards(merge(after), batch["ref_logprobs"], batch["response_mask"])
-            metrics["dpo_accuracy_after"] = dpo_accuracy(q, batch["response_mask"], batch["outcome"], n)
-        metrics["q"] = q
+                   "dpo_accuracy": dpo_accuracy(q, batch["response_mask"], batch["outcome"], n), "q": q}
         return state, metrics
 
     policy_sh = train_state_shardings(abstract_params, policy_optimizer, mesh)

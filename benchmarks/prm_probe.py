@@ -1,0 +1,186 @@
+"""How well does a run's implicit PRM rank fresh samples, and does it pick better than chance?
+
+    python benchmarks/prm_probe.py --workdir=runs/tiny                 # latest checkpoint, held-out set
+    python benchmarks/prm_probe.py --workdir=runs/tiny --n=8 --limit=100 --temperature=0.7
+
+From the run's checkpoint (policy, PRM; its frozen reference in WORKDIR/reference) it samples n
+responses per held-out problem from the policy (the config's data.eval; default temperature: the
+run's rollout temperature), grades them, and scores every response with three signals:
+
+* ``prm``: the trained PRM's summed implicit reward Σ_t (log π_φ − log π_ref) (what PRIME feeds
+  the policy; raw logits, as in training);
+* ``policy_log_ratio``: the policy's own Σ_t (log π_θ − log π_ref) (the implicit reward the RL'd
+  policy defines);
+* ``ref_logprob``: Σ_t log π_ref alone (the SFT model's confidence: the baseline any PRM must beat);
+* ``prm_per_token``: the PRM's Σq divided by the response length (a diagnostic: summed scores favour
+  short responses in a top-1 pick).
+
+For each signal it reports the ranking accuracy on groups with both correct and wrong samples
+(``algo.dpo_accuracy``: the fraction of correct/wrong pairs ordered correctly; chance 0.5) and the
+best-of-n accuracy when picking the top-scored sample, beside majority vote (maj@n), a random pick
+(avg@n, its expectation) and pass@n. None of these problems was trained on (the synthetic held-out
+set is excluded from training and SFT). Writes WORKDIR/prm_probe.json (and --out, if given) and
+prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def load_run_config(config_path: str, workdir: Path):
+    """The config file's get_config(), overridden by the run's own WORKDIR/config.json values."""
+    spec = importlib.util.spec_from_file_location("probe_config", config_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    run = json.loads((workdir / "config.json").read_text()) if (workdir / "config.json").exists() else {}
+
+    def overlay(cfg, values):
+        for key, value in values.items():
+            if key not in cfg:
+                continue
+            if isinstance(value, dict):
+                overlay(cfg[key], value)
+            else:
+                cfg[key] = type(cfg[key])(value) if cfg[key] is not None and value is not None else value
+
+    overlay(config, run)
+    return config
+
+
+def signal_metrics(scores: np.ndarray, signal: np.ndarray, n: int) -> dict:
+    """scores, signal: `[P, n]`. Ranking accuracy on mixed groups and top-pick accuracy."""
+    from prime_jax import algo
+
+    mixed = (scores.max(1) > scores.min(1))
+    ranking = (float(algo.dpo_accuracy(signal[mixed].reshape(-1, 1), np.ones((int(mixed.sum()) * n, 1)),
+                                       scores[mixed].reshape(-1), n)) if mixed.any() else float("nan"))
+    picked = scores[np.arange(len(scores)), np.argmax(signal, axis=1)]
+    return {"ranking_accuracy": ranking, f"best_of_{n}": float(picked.mean())}
+
+
+def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: float | None, seed: int) -> dict:
+    import jax
+
+    from prime_jax import eval_lib
+    from prime_jax.data import render_prompts
+    from prime_jax.evaluate import (_run_reference, eval_settings, load_benchmarks, load_model, resolve_checkpoint,
+                                    resolve_tokenizer_path)
+    from prime_jax.models.tokenizer import eos_token_ids, load_tokenizer
+    from prime_jax.parallel import mesh_from_config
+    from prime_jax.rewards import RewardPool
+    from prime_jax.rewards.math import extract_answer
+    from prime_jax.sampling import Sampler
+
+    t0 = time.perf_counter()
+    config = load_run_config(config_path, workdir)
+    spec = resolve_checkpoint(str(workdir))
+    if spec.kind != "run":
+        raise SystemExit(f"{workdir}: no training checkpoint (checkpoints/<step>/) to probe")
+    mesh = mesh_from_config(config)
+    tokenizer = load_tokenizer(resolve_tokenizer_path(config, spec, workdir))
+    vocab = len(tokenizer)
+    policy = load_model(spec, config, mesh, vocab_size=vocab, which="policy")
+    prm = load_model(spec, config, mesh, vocab_size=vocab, which="prm")
+    ref = _run_reference(workdir, config, mesh, vocab)
+    settings = eval_settings(config, n=n, temperature=config.rollout.temperature if temperature is None else temperature,
+                             seed=seed)
+    sets, _ = load_benchmarks(config, [s.strip() for s in config.data.eval.split(",") if s.strip()], limit)
+    scorers = {"prm": eval_lib.PRMScorer(prm, ref, mesh=mesh), "policy_log_ratio": eval_lib.PRMScorer(policy, ref, mesh=mesh),
+               "ref_logprob": eval_lib.PRMScorer(ref, None, mesh=mesh)}
+    out = {"workdir": str(workdir), "checkpoint_step": spec.step, "n": n, "temperature": settings.temperature,
+           "seed": settings.seed, "benchmarks": {}}
+    with RewardPool(config.reward.workers, math_timeout=config.reward.timeout_s,
+                    code_timeout=config.reward.timeout_s) as pool:
+        for name, problems in sets.items():
+            ids, kept, _ = render_prompts(problems, tokenizer, settings.max_prompt_tokens)
+            gen = eval_lib.generate_responses(Sampler(mesh, min_prompt_bucket=16), policy, tokenizer, ids, settings,
+                                              stop_token_ids=eos_token_ids(tokenizer),
+                                              key=eval_lib.benchmark_key(jax.random.PRNGKey(settings.seed), name))
+            graded = pool.score([(gen.texts[r], kept[r // n].ground_truth, kept[r // n].ability)
+                                 for r in range(len(gen.texts))])
+            scores = np.asarray(graded.scores, np.float64).reshape(len(kept), n)
+            prompts = [ids[r // n] for r in range(len(gen.texts))]
+            signals = {k: np.asarray(s(prompts, gen.response_ids), np.float64).reshape(len(kept), n)
+                       for k, s in scorers.items()}
+            lengths = np.asarray([max(len(r), 1) for r in gen.response_ids], np.float64).reshape(len(kept), n)
+            signals["prm_per_token"] = signals["prm"] / lengths  # a length-free variant (not PRIME's)
+            majority = []
+            for i in range(len(kept)):
+                keys = [eval_lib.answer_key(extract_answer(gen.texts[i * n + s])) for s in range(n)]
+                m = eval_lib.majority_index(keys)
+                majority.append(scores[i, m] if m is not None else 0.0)
+            mixed = scores.max(1) > scores.min(1)
+            result = {"problems": len(kept), "mixed_groups": int(mixed.sum()),
+                      "mean_length_correct": float(lengths[scores >= 0.5].mean()) if (scores >= 0.5).any() else None,
+                      "mean_length_wrong": float(lengths[scores < 0.5].mean()) if (scores < 0.5).any() else None,
+                      "shorter_ranking": signal_metrics(scores, -lengths, n)["ranking_accuracy"],
+                      "signals": {k: signal_metrics(scores, v, n) for k, v in signals.items()},
+                      f"maj@{n}": float(np.mean(majority)), f"random_pick (avg@{n})": float(scores.mean()),
+                      f"pass@{n}": float((scores.max(1) >= eval_lib.CORRECT_THRESHOLD).mean()),
+                      "mean_sum_correct": {k: float(v[scores >= 0.5].mean()) if (scores >= 0.5).any() else None
+                                           for k, v in signals.items()},
+                      "mean_sum_wrong": {k: float(v[scores < 0.5].mean()) if (scores < 0.5).any() else None
+                                         for k, v in signals.items()}}
+            out["benchmarks"][name] = result
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def markdown(out: dict) -> str:
+    n = out["n"]
+    lines = []
+    for name, r in out["benchmarks"].items():
+        lines += [f"{name}: {r['problems']} problems x {n} samples (T={out['temperature']}), {r['mixed_groups']} groups "
+                  f"with both correct and wrong samples; checkpoint step {out['checkpoint_step']}; mean length "
+                  f"correct {r['mean_length_correct']} / wrong {r['mean_length_wrong']} tokens (ranking by shortness: "
+                  f"{r['shorter_ranking']:.3f})", "",
+                  f"| signal | ranking accuracy (mixed groups; chance 0.5) | best-of-{n} accuracy | mean sum, correct | "
+                  "mean sum, wrong |", "|---|---|---|---|---|"]
+        for k, m in r["signals"].items():
+            right, wrong = r["mean_sum_correct"][k], r["mean_sum_wrong"][k]
+            fmt = lambda x: "-" if x is None else f"{x:.3f}"
+            lines.append(f"| {k} | {m['ranking_accuracy']:.3f} | {100 * m[f'best_of_{n}']:.1f}% | {fmt(right)} | "
+                         f"{fmt(wrong)} |")
+        lines += [f"| majority vote (maj@{n}) | - | {100 * r[f'maj@{n}']:.1f}% | | |",
+                  f"| random pick (avg@{n}) | - | {100 * r[f'random_pick (avg@{n})']:.1f}% | | |",
+                  f"| pass@{n} (an oracle pick) | - | {100 * r[f'pass@{n}']:.1f}% | | |", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="a training run's workdir (with checkpoints/)")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.py"),
+                        help="the config file the run started from (the run's config.json overrides it)")
+    parser.add_argument("--n", type=int, default=8, help="samples per problem")
+    parser.add_argument("--limit", type=int, default=0, help="first k held-out problems (0: all)")
+    parser.add_argument("--temperature", type=float, default=None, help="default: the run's rollout temperature")
+    parser.add_argument("--seed", type=int, default=1234, help="sampling seed")
+    parser.add_argument("--out", default="", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if args.n < 2:
+        raise SystemExit("--n must be >= 2 (ranking needs several samples per problem)")
+    workdir = Path(args.workdir)
+    out = probe(workdir, args.config, n=args.n, limit=args.limit, temperature=args.temperature, seed=args.seed)
+    text = json.dumps(out, indent=2)
+    (workdir / "prm_probe.json").write_text(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(markdown(out))
+    print(f"wrote {workdir / 'prm_probe.json'} ({out['wall_s']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The PRM phase of one PRIME iteration: train the implicit PRM, and say which q the policy gets.
+
+PRIME_SPEC.md, "One iteration" step 6. The PRM runs one pass of mini-batches over the batch, in
+order; `algo.prm_update` says when the rewards q handed to the policy are taken relative to it:
+
+    after    each mini-batch's q from the forward pass of its own update (before its step)
+    before   all updates first, then one scoring pass of the updated PRM (the veRL port's default)
+    reverse  one scoring pass first (those q go to the policy), then the updates
+    none     a frozen PRM: one scoring pass, no update
+
+Two views of q are logged (the ranking metrics below): q *fresh* (the PRM's rewards before it
+trained on this batch: its generalisation to samples it has not seen; `prm/dpo_accuracy`, as the
+reference logs it) and q *given* (what the policy receives; `prm/dpo_accuracy_given`). In
+`after` and `reverse` mode the two are the same; in `before` mode the given q come from a PRM
+that has just fitted these very rows.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from prime_jax import algo
+from prime_jax.config import PRM_UPDATE_MODES
+from prime_jax.parallel import to_host
+from prime_jax.train.batch import PrimeBatch
+from prime_jax.train.steps import TrainSteps
+
+
+def ranking_metrics(q_fresh: np.ndarray, q_given: np.ndarray, response_mask: np.ndarray, outcome: np.ndarray,
+                    n: int) -> dict[str, float]:
+    """How the PRM's summed rewards order a batch's correct and wrong responses.
+
+    q_fresh, q_given: `[B, R]` implicit rewards before the PRM trained on the batch / as handed to
+    the policy; response_mask `[B, R]`; outcome `[B]`; groups of n contiguous rows.
+    """
+    right, wrong = algo.q_sums_by_outcome(q_fresh, response_mask, outcome)
+    return {
+        "prm/dpo_accuracy": float(algo.dpo_accuracy(q_fresh, response_mask, outcome, n)),
+        "prm/dpo_accuracy_given": float(algo.dpo_accuracy(q_given, response_mask, outcome, n)),
+        "prm/dpo_abs_accuracy": float(algo.dpo_abs_accuracy(q_fresh, response_mask, outcome)),
+        "prm/q_sum_correct": float(right),
+        "prm/q_sum_wrong": float(wrong),
+    }
+
+
+def score_q(steps: TrainSteps, prm_params, host: dict, chunks: Sequence[np.ndarray],
+            take_rows: Callable[[np.ndarray], PrimeBatch]) -> np.ndarray:
+    """`[B, R]` q of every row under `prm_params` (raw-logit log-probs against the batch's
+    ref_logprobs, `host` holding them and the response mask), one scoring call per chunk of rows,
+    all dispatched before the one fetch."""
+    pending = [steps.score(None, prm_params, None, take_rows(rows))["prm_logprobs"] for rows in chunks]
+    prm_logprobs = np.concatenate(to_host(pending))
+    return np.asarray(algo.implicit_token_rewards(prm_logprobs, host["ref_logprobs"], host["response_mask"]),
+                      np.float32)
+
+
+def run_prm_phase(steps: TrainSteps, prm_state, batch: PrimeBatch, *, mode: str, mini_batch: int, n: int,
+                  take_rows: Callable[[np.ndarray], PrimeBatch]):
+    """One PRM phase over `batch` (rows grouped by prompt, ref_logprobs and outcome set; on the devices
+    or on the host).
+
+    mode: one of PRM_UPDATE_MODES; mini_batch: rows per PRM update (whole groups);
+    take_rows(rows): the batch's `rows`, placed on the mesh.
+    Returns (prm_state, q_given [B, R] float32 on the host, metrics): `prm/` loss, grad_norm,
+    nan_skipped (updates only), the ranking metrics and time/prm_s.
+    """
+    if mode not in PRM_UPDATE_MODES:
+        raise ValueError(f"unknown PRM update mode {mode!r}; expected one of {PRM_UPDATE_MODES}")
+    t = time.perf_counter()
+    host = to_host(batch.select(("ref_logprobs", "response_mask", "outcome")))
+    chunks = [np.arange(start, start + mini_batch) for start in range(0, batch.num_rows, mini_batch)]
+    q_fresh = score_q(steps, prm_state.params, host, chunks, take_rows) if mode in ("reverse", "none") else None
+    updates = []
+    if mode != "none":
+        for rows in chunks:  # in order, dispatched back to back; fetched once below
+            prm_state, m = steps.prm(prm_state, take_rows(rows))
+            updates.append(m)
+    updates = to_host(updates)
+    if q_fresh is None:  # after / before: the q of each update's own forward, before its step
+        q_fresh = np.concatenate([np.asarray(m["q"]) for m in updates]).astype(np.float32)
+    q_given = score_q(steps, prm_state.params, host, chunks, take_rows) if mode == "before" else q_fresh
+    metrics = {}
+    if updates:
+        metrics = {f"prm/{k}": float(np.mean([m[k] for m in updates])) for k in ("loss", "grad_norm")}
+        metrics["prm/nan_skipped"] = int(sum(int(m["nan_skipped"]) for m in updates))
+    metrics.update(ranking_metrics(q_fresh, q_given, host["response_mask"], host["outcome"], n))
+    metrics["time/prm_s"] = time.perf_counter() - t
+    return prm_state, q_given, metrics
