@@ -155,21 +155,24 @@ def decode_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, layer, va
         return new_max, total, acc * correction[..., None] + values
 
     shape = (batch, kv_heads, heads // kv_heads)
-    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-            jnp.zeros((*shape, head_size), jnp.float32))
-    _, total, acc = jax.lax.fori_loop(0, num_blocks, one_block, init)
+    carry = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+             jnp.zeros((*shape, head_size), jnp.float32))
+    carry = jax.lax.fori_loop(0, num_blocks, one_block, carry)
+    _, total, acc = carry
     return (acc / total[..., None]).astype(q.dtype).reshape(batch, heads, head_size)
 
 
 def _write_rows(cache: jax.Array, new: jax.Array, layer, columns: jax.Array, column_axis: int) -> jax.Array:
-    """Writes `new` `[B, ...]` (one token per row) into the stacked cache `[L, B, ...]` at `layer`
-    and each row's own column (`columns` `[B]`, on `column_axis` of the per-row block), in place."""
-    def one_row(row_cache, row_new, column):  # row_cache [L, ...] without the batch axis
-        start = [layer] + [0] * (row_cache.ndim - 1)
-        start[column_axis] = column
-        return jax.lax.dynamic_update_slice(row_cache, jnp.expand_dims(row_new, (0, column_axis)), start)
+    """Writes `new` `[B, K, H]` (one token per row) into the stacked cache `[L, B, ...]` at `layer`
+    and each row's own column (`columns` `[B]`, on `column_axis` of the cache), in place.
 
-    return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache, new.astype(cache.dtype), columns)
+    One scatter with the row index as an iota: as fast as the shared-column `dynamic_update_slice`
+    on CPU, where a vmapped `dynamic_update_slice` made XLA copy the cache every layer (4x slower).
+    """
+    rows = jnp.arange(cache.shape[1])
+    index = [layer, rows, slice(None), slice(None), slice(None)]
+    index[column_axis] = columns
+    return cache.at[tuple(index)].set(new.astype(cache.dtype))
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
@@ -235,8 +238,8 @@ class DecoderLayers(nnx.Module):
         if kv is not None and decode is not None:
             k_all, v_all, layer = kv
             valid, num_columns, block = decode
-            k_all = _write_rows(k_all, k[:, 0], layer, end, column_axis=2)  # a row's block is [L, K, S, H]
-            v_all = _write_rows(v_all, v[:, 0], layer, end, column_axis=3)  # and [L, K, H, S]
+            k_all = _write_rows(k_all, k[:, 0], layer, end, column_axis=3)  # [L, B, K, S, H]
+            v_all = _write_rows(v_all, v[:, 0], layer, end, column_axis=4)  # [L, B, K, H, S]
             attn = decode_attention(q[:, 0], k_all, v_all, layer, valid, num_columns, scale, block)[:, None]
             new_kv = (k_all, v_all)
         elif kv is not None:
