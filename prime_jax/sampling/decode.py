@@ -261,8 +261,9 @@ def decode_fn(spec: DecodeSpec, constrain_state: Callable[[DecodeState], DecodeS
 
         def body(s):
             s = decode_step(spec, model, s, stop_ids, rng, temperature, top_p)
-            if spec.refill_in_loop:
-                s = jax.lax.cond(jnp.any(~s.slot_live) & waiting(s), lambda s: refill(spec, s), lambda s: s, s)
+            if spec.refill_in_loop:  # a while loop that runs once or never: a `cond` copies the whole cache
+                needed = jnp.any(~s.slot_live) & waiting(s)
+                s, _ = jax.lax.while_loop(lambda c: c[1], lambda c: (refill(spec, c[0]), False), (s, needed))
             return constrain_state(s)
 
         return jax.lax.while_loop(cond, body, constrain_state(refill(spec, s)))

@@ -230,10 +230,11 @@ class Sampler:
             state = jax.device_put(state, state_shardings(state, self.mesh))
             key = jax.device_put(key, NamedSharding(self.mesh, PartitionSpec()))
         scalars = (np.float32(temperature if not greedy else 1.0), np.float32(top_p))
+        # a short cache is read in one block rather than padded up to a whole `attention_block`
+        block = min(self.attention_block, _next_pow2(length + max_new_tokens))
         spec = DecodeSpec(
             graphdef=graphdef, n=n, max_new_tokens=max_new_tokens, num_slots=self.num_slots(rows),
-            capacity=_round_up(length + max_new_tokens, self.attention_block),
-            block=self.attention_block, shards=shards, greedy=greedy, top_k=top_k,
+            capacity=_round_up(length + max_new_tokens, block), block=block, shards=shards, greedy=greedy, top_k=top_k,
             use_top_p=(not greedy) and top_p < 1.0, refill_in_loop=self.refill == "loop")
         program_key = _ProgramKey(
             spec=spec, state_treedef=jax.tree.structure(state),
