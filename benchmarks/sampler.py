@@ -243,7 +243,7 @@ def rl_workload(args, model, hf, prompts):
     """Long-tailed lengths: ours static, ours with decode slots, transformers, all in one run.
 
     Both of ours run with the same key, so they sample the same tokens (a row's tokens do not
-    depend on its slot): the ratio is a pure time ratio. HF samples its own tokens from the same
+    depend on its slot; log-probs agree to float rounding): the ratio is a pure time ratio. HF samples its own tokens from the same
     distribution; its tokens/s counts its own response lengths (up to and including the stop).
     Order: compile both (warm-up calls, other key), then ours x2, HF, ours x2 (best of two each).
     """
@@ -279,7 +279,9 @@ def rl_workload(args, model, hf, prompts):
 
     reference = results["static"]
     for name, out in results.items():  # the determinism claim, checked on the benchmark's own output
-        assert np.array_equal(out.tokens, reference.tokens) and np.array_equal(out.logprobs, reference.logprobs), name
+        # (log-probs to rounding: XLA:CPU's matmuls may round differently for another number of rows)
+        assert np.array_equal(out.tokens, reference.tokens), name
+        assert np.abs(out.logprobs - reference.logprobs).max() <= 1e-5, name
     tokens = int(reference.lengths.sum())
     best = {name: (min(w for w, _ in t), min(c for _, c in t)) for name, t in times.items()}
 
@@ -308,8 +310,12 @@ def rl_workload(args, model, hf, prompts):
         if name != "static":
             wall, cpu = best[name]
             print(f"RATIO {name} / static: {static_wall / wall:.2f}x wall, {static_cpu / cpu:.2f}x CPU")
-    if args.no_hf:
-        return
+    if not args.no_hf:
+        print_hf_comparison(hf_out, hf_wall, hf_cpu, stop_ids, tokens, best)
+
+
+def print_hf_comparison(hf_out, hf_wall, hf_cpu, stop_ids, tokens, best):
+    """HF's lengths (up to and including its first stop token) and tokens/s, and ours / HF."""
     ids, width = hf_out
     hf_tokens = ids[:, width:].numpy()
     is_stop = np.isin(hf_tokens, stop_ids)
@@ -317,8 +323,7 @@ def rl_workload(args, model, hf, prompts):
     hf_rate, hf_cpu_rate = hf_lengths.sum() / hf_wall, hf_lengths.sum() / hf_cpu
     print(f"lengths, HF:   {length_summary(hf_lengths)}; {int(hf_lengths.sum())} tokens, {hf_tokens.shape[1]} steps")
     print(f"HF: {hf_rate:8,.0f} tokens/s wall ({hf_wall:.1f} s), {hf_cpu_rate:8,.0f} per CPU-s")
-    for name in samplers:
-        wall, cpu = best[name]
+    for name, (wall, cpu) in best.items():
         print(f"RATIO {name} / HF: {tokens / wall / hf_rate:.2f}x wall, {tokens / cpu / hf_cpu_rate:.2f}x CPU")
 
 

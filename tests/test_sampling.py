@@ -294,11 +294,13 @@ def _compile_events():
 
 @pytest.mark.parametrize("slots,refill", [(5, "loop"), (2, "chunks")])
 def test_decode_slots_match_static_batch(model, sampled, slots, refill):
-    """Any K, either refill mode: the same tokens and log-probs as one slot per row."""
+    """Any K, either refill mode: the same tokens and log-probs as one slot per row. (Log-probs to
+    float rounding: XLA:CPU's matmul kernels may round differently for a different number of rows
+    per step; on this model they agree bit for bit.)"""
     slotted = Sampler(decode_slots=slots, refill=refill, chunk_steps=3, attention_block=16)
     r = slotted.generate(model, PROMPTS, **SAMPLED_ARGS)
     np.testing.assert_array_equal(r.tokens, sampled.tokens)
-    np.testing.assert_array_equal(r.logprobs, sampled.logprobs)
+    np.testing.assert_allclose(r.logprobs, sampled.logprobs, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(r.lengths, sampled.lengths)
     np.testing.assert_array_equal(r.finished, sampled.finished)
     stats = slotted.last_stats
@@ -321,8 +323,9 @@ def test_stream_hands_back_groups_as_they_finish(model, sampled):
     for part in parts:
         assert part.n == 3 and part.num_prompts * 3 == part.num_rows
         rows = np.concatenate([np.arange(i * 3, i * 3 + 3) for i in part.prompt_index[::3]])
-        for name in ("tokens", "logprobs", "lengths", "finished", "response_mask", "prompt_tokens"):
+        for name in ("tokens", "lengths", "finished", "response_mask", "prompt_tokens"):
             np.testing.assert_array_equal(getattr(part, name), getattr(sampled, name)[rows], err_msg=name)
+        np.testing.assert_allclose(part.logprobs, sampled.logprobs[rows], rtol=0, atol=1e-5)
     # the groups come out in the order they finished: the last one holds the longest row
     assert parts[-1].lengths.max() == sampled.lengths.max()
     events, listener = _compile_events()

@@ -157,7 +157,10 @@ def decode_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, layer, va
     shape = (batch, kv_heads, heads // kv_heads)
     carry = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
              jnp.zeros((*shape, head_size), jnp.float32))
-    carry = jax.lax.fori_loop(0, num_blocks, one_block, carry)
+    if k_all.shape[3] == block:  # a single block: no loop (its overhead is most of a small step on CPU)
+        carry = one_block(0, carry)
+    else:
+        carry = jax.lax.fori_loop(0, num_blocks, one_block, carry)
     _, total, acc = carry
     return (acc / total[..., None]).astype(q.dtype).reshape(batch, heads, head_size)
 

@@ -120,7 +120,10 @@ class DecodeSpec:
 
 def _per_shard(fn: Callable, shards: int, *arrays):
     """Applies `fn` to each shard's slice: every array's leading axis is viewed as `[D, local]` and
-    `fn` is vmapped over D; results come back with the two axes merged again."""
+    `fn` is vmapped over D; results come back with the two axes merged again. One shard: `fn` on
+    the arrays themselves (a size-1 vmap turns gathers and scatters into slower batched ones)."""
+    if shards == 1:
+        return fn(*arrays)
     out = jax.vmap(fn)(*(x.reshape((shards, -1) + x.shape[1:]) for x in arrays))
     return jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), out)
 
