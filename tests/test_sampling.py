@@ -316,6 +316,7 @@ def test_decode_slots_match_static_batch(model, sampled, slots, refill):
 def test_stream_hands_back_groups_as_they_finish(model, sampled):
     streamer = Sampler(decode_slots=2, stream_steps=4, attention_block=16)
     parts = list(streamer.stream(model, PROMPTS, **SAMPLED_ARGS))
+    all_steps = streamer.last_stats["decode_steps"]
     assert len(parts) > 1  # groups came back before the last one was done
     assert streamer.last_stats["decode_calls"] > len(parts) - 1
     seen = np.concatenate([p.prompt_index for p in parts])
@@ -328,6 +329,10 @@ def test_stream_hands_back_groups_as_they_finish(model, sampled):
         np.testing.assert_allclose(part.logprobs, sampled.logprobs[rows], rtol=0, atol=1e-5)
     # the groups come out in the order they finished: the last one holds the longest row
     assert parts[-1].lengths.max() == sampled.lengths.max()
+    # a caller that has enough groups stops iterating: the rows still decoding are dropped
+    first = next(iter(streamer.stream(model, PROMPTS, **SAMPLED_ARGS)))
+    np.testing.assert_array_equal(first.tokens, parts[0].tokens)
+    assert streamer.last_stats["decode_steps"] < all_steps
     events, listener = _compile_events()
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:  # generate and stream share the programs
