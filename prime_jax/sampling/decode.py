@@ -18,7 +18,8 @@ K = B (one slot per row) is the static batch: every row starts at once and nothi
 Determinism: row r's token t is drawn with `fold_in(fold_in(key, t), row_id[r])` from logits that
 do not depend on which slot decodes it or on K (a slot's cache columns hold exactly its row's
 prompt and response, and `models.qwen2.decode_attention` is blockwise exact under extra masked
-blocks), so the same call with any K gives the same tokens.
+blocks), so the same call with any K gives the same tokens; log-probs agree to float rounding
+(a backend's matmul may round differently for another number of rows per step).
 
 Sharding: rows, prompts and slots are split over the data axes (logical `batch`). The queue is kept
 per data shard (D shards, `queue_head`/`queue_end` `[D]`): shard d's slots only take shard d's rows,

@@ -9,8 +9,9 @@ rows start together and the call lasts as long as its longest row). With K < B a
 length distribution keeps the slots busy: the per-call statistics report the slot utilisation
 (live slot-steps / (K × decode steps)).
 
-The same key gives the same tokens and log-probs whatever K, mesh or batch bucket: row r's token t
-is drawn with `fold_in(fold_in(key, t), r)` from logits that do not depend on the row's slot.
+The same key gives the same tokens whatever K, mesh or batch bucket: row r's token t is drawn with
+`fold_in(fold_in(key, t), r)` from logits that do not depend on the row's slot (log-probs agree to
+float rounding: a backend's matmul may round differently for another number of rows per step).
 
 `generate` returns all rows at once; `stream` hands back each prompt's group of n samples as soon
 as they are all done (the decode program returns every `stream_steps` steps, and the loop is
