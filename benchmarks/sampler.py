@@ -2,6 +2,13 @@
 
     python benchmarks/sampler.py              # ~25 s on a quiet 2-core CPU
     python benchmarks/sampler.py --model=tiny # the CPU demo's model (configs/tiny.py)
+    python benchmarks/sampler.py --workload=rl  # long-tailed lengths: static batch vs decode slots vs HF
+
+`--workload=rl` (see `rl_workload`): 64 prompts x 4 samples, max_new_tokens=512, the same random
+model with a set of stop tokens (`--stop-tokens`, default 40 of the 4,096 ids, so about 1% per step)
+that makes response lengths long-tailed (geometric, capped at 512). One run times transformers
+`generate` on the same batch, ours with one slot per row (static) and ours with `--slots` decode
+slots, and prints the length distribution, tokens/s ratios and the slot utilisation.
 
 Model: a random Qwen2 built with transformers (hidden 256, 4 layers, 4 query / 2 kv heads of 64,
 MLP 1024, vocab 4096, untied; q/k/v biases randomised), saved with `save_pretrained` and loaded
@@ -102,7 +109,17 @@ def main():
     parser.add_argument("--model", choices=("default", "tiny"), default="default",
                         help="tiny: the shapes of configs/tiny.py's model (the CPU demo's policy) and its "
                              "tokenizer's vocabulary; overrides --hidden/--layers/--mlp/--vocab/--heads")
+    parser.add_argument("--workload", choices=("default", "rl"), default="default",
+                        help="rl: 64 prompts x 4 samples x 512 new tokens with long-tailed lengths (sets "
+                             "--prompts/--n/--new-tokens), static vs decode slots vs transformers")
+    parser.add_argument("--slots", default="64", help="decode slots of the rl workload (comma list: each timed)")
+    parser.add_argument("--no-hf", action="store_true", help="rl workload: skip transformers (ours only)")
+    parser.add_argument("--stop-tokens", type=int, default=40, help="stop token ids of the rl workload")
+    parser.add_argument("--refill", choices=("loop", "chunks", "both"), default="loop",
+                        help="rl workload: how slots are refilled (both: time the two side by side)")
     args = parser.parse_args()
+    if args.workload == "rl":
+        args.prompts, args.n, args.new_tokens = 64, 4, 512
     if args.model == "tiny":
         from configs.tiny import get_config
         from prime_jax.data.tiny_tokenizer import tiny_vocab
@@ -129,6 +146,8 @@ def main():
         hf = hf.to(torch.bfloat16)
     config = model.config
     num_params = config.num_params()
+    if args.workload == "rl":
+        return rl_workload(args, model, hf, prompts)
 
     # ---- ours: compile with a warm-up call on the same shapes, then time two calls around HF's
     sampler = Sampler()
@@ -137,7 +156,7 @@ def main():
     ours = []
     out, wall, cpu = timed(lambda: sampler.generate(model, prompts, key=jax.random.key(1), **kwargs))
     ours.append((wall, cpu))
-    assert out.lengths.sum() == rows * new and sampler.last_stats["decode_steps"] == new
+    assert out.lengths.sum() == rows * new and sampler.last_stats["decode_steps"] == new - 1
 
     # ---- transformers: left-padded batch, n samples per prompt via num_return_sequences
     width = max(len(p) for p in prompts)
@@ -196,6 +215,116 @@ def main():
           f"step at {bw / 1e9:.1f} GB/s); ours reaches {tokens / our_wall / roofline_mem:.1%}")
     print(f"compute roofline (matmul rate, {flops_per_token / 1e6:.1f} MFLOP/token): {roofline_compute:,.0f} "
           f"tokens/s; ours reaches {tokens / our_wall / roofline_compute:.1%}")
+
+
+def hf_generate(hf, prompts, args, **generate_kwargs):
+    """transformers `generate` on the left-padded batch: (output ids `[B, width + new]`, width)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                          num_return_sequences=args.n, pad_token_id=0, **generate_kwargs)
+    return out, width
+
+
+def length_summary(lengths) -> str:
+    lengths = np.asarray(lengths)
+    return (f"mean {lengths.mean():.0f}, p50 {np.percentile(lengths, 50):.0f}, p90 {np.percentile(lengths, 90):.0f}, "
+            f"max {lengths.max()} ({(lengths >= lengths.max()).sum()} rows at the max)")
+
+
+def rl_workload(args, model, hf, prompts):
+    """Long-tailed lengths: ours static, ours with decode slots, transformers, all in one run.
+
+    Both of ours run with the same key, so they sample the same tokens (a row's tokens do not
+    depend on its slot; log-probs agree to float rounding): the ratio is a pure time ratio. HF samples its own tokens from the same
+    distribution; its tokens/s counts its own response lengths (up to and including the stop).
+    Order: compile both (warm-up calls, other key), then ours x2, HF, ours x2 (best of two each).
+    """
+    import torch
+    import transformers
+
+    load_start = os.getloadavg()
+    new, rows = args.new_tokens, args.prompts * args.n
+    stop_ids = list(range(args.vocab - args.stop_tokens, args.vocab))  # the last ids: never a prompt's pad
+    kwargs = dict(max_new_tokens=new, n=args.n, temperature=1.0, stop_token_ids=stop_ids)
+    samplers = {"static": Sampler()}
+    refills = ("loop", "chunks") if args.refill == "both" else (args.refill,)
+    for slots in (int(k) for k in str(args.slots).split(",")):
+        for refill in refills:
+            samplers[f"{slots} slots/{refill}"] = Sampler(decode_slots=slots, refill=refill)
+    first = {name: timed(lambda: s.generate(model, prompts, key=jax.random.key(0), **kwargs))[1]
+             for name, s in samplers.items()}
+    times: dict[str, list] = {name: [] for name in samplers}
+    results, stats = {}, {}
+
+    def run_ours():
+        for name, sampler in samplers.items():
+            out, wall, cpu = timed(lambda: sampler.generate(model, prompts, key=jax.random.key(1), **kwargs))
+            times[name].append((wall, cpu))
+            results[name], stats[name] = out, dict(sampler.last_stats)
+
+    run_ours()
+    if not args.no_hf:
+        hf_out, hf_wall, hf_cpu = timed(lambda: hf_generate(hf, prompts, args, max_new_tokens=new,
+                                                            eos_token_id=stop_ids))
+    run_ours()
+    load_end = os.getloadavg()
+
+    reference = results["static"]
+    for name, out in results.items():  # the determinism claim, checked on the benchmark's own output
+        # (log-probs to rounding: XLA:CPU's matmuls may round differently for another number of rows)
+        assert np.array_equal(out.tokens, reference.tokens), name
+        assert np.abs(out.logprobs - reference.logprobs).max() <= 1e-5, name
+    tokens = int(reference.lengths.sum())
+    best = {name: (min(w for w, _ in t), min(c for _, c in t)) for name, t in times.items()}
+
+    print(f"machine: {cpu_model()}, nproc {os.cpu_count()}, jax {jax.__version__} ({jax.default_backend()}), "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
+    print(f"load average at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f}, "
+          f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} (1/5/15 min)")
+    config = model.config
+    print(f"model: hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads}/"
+          f"{config.num_key_value_heads} heads, MLP {config.intermediate_size}, vocab {config.vocab_size}, "
+          f"{config.num_params() / 1e6:.2f} M params, {args.dtype}; {len(stop_ids)} stop ids")
+    print(f"work: {args.prompts} prompts x {args.n} samples = {rows} rows, max_new_tokens {new}")
+    print(f"lengths, ours: {length_summary(reference.lengths)}; {tokens} tokens")
+    decoded = tokens - len(reference.lengths)  # the first tokens come from prefill
+    for name in samplers:
+        wall, cpu = best[name]
+        st = stats[name]
+        # steps beyond decoded / K: the tail, when the queue is empty and slots fall idle
+        ideal = -(-decoded // st["decode_slots"])
+        print(f"ours {name:16s}: {tokens / wall:8,.0f} tokens/s wall ({wall:.2f} s; calls "
+              f"{', '.join(f'{w:.2f}' for w, _ in times[name])} s), {tokens / cpu:8,.0f} per CPU-s; "
+              f"{st['decode_slots']} slots, {st['decode_steps']} steps ({ideal} if every slot were always busy), "
+              f"{st['decode_calls']} calls, utilisation {st['slot_utilisation']:.2f}; first call {first[name]:.1f} s")
+    static_wall, static_cpu = best["static"]
+    for name in samplers:
+        if name != "static":
+            wall, cpu = best[name]
+            print(f"RATIO {name} / static: {static_wall / wall:.2f}x wall, {static_cpu / cpu:.2f}x CPU")
+    if not args.no_hf:
+        print_hf_comparison(hf_out, hf_wall, hf_cpu, stop_ids, tokens, best)
+
+
+def print_hf_comparison(hf_out, hf_wall, hf_cpu, stop_ids, tokens, best):
+    """HF's lengths (up to and including its first stop token) and tokens/s, and ours / HF."""
+    ids, width = hf_out
+    hf_tokens = ids[:, width:].numpy()
+    is_stop = np.isin(hf_tokens, stop_ids)
+    hf_lengths = np.where(is_stop.any(axis=1), is_stop.argmax(axis=1) + 1, hf_tokens.shape[1])
+    hf_rate, hf_cpu_rate = hf_lengths.sum() / hf_wall, hf_lengths.sum() / hf_cpu
+    print(f"lengths, HF:   {length_summary(hf_lengths)}; {int(hf_lengths.sum())} tokens, {hf_tokens.shape[1]} steps")
+    print(f"HF: {hf_rate:8,.0f} tokens/s wall ({hf_wall:.1f} s), {hf_cpu_rate:8,.0f} per CPU-s")
+    for name, (wall, cpu) in best.items():
+        print(f"RATIO {name} / HF: {tokens / wall / hf_rate:.2f}x wall, {tokens / cpu / hf_cpu_rate:.2f}x CPU")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.max_new_tokens = 3072  # response length limit
     c.rollout.oversample = 1.5  # prompts sampled per attempt = ceil(oversample * batch.prompts_per_step)
     c.rollout.max_refill = 3  # extra sampling attempts per step when too few groups survive the filter
+    # Decode slots: how many responses decode at once; a slot whose response stopped takes the next
+    # waiting one, so long-tailed lengths do not keep the batch waiting for its longest row
+    # (docs/scale_out.md). Rounded up to a multiple of the data-parallel size. 0: one slot per
+    # response (the whole attempt decodes as one static batch). Tokens do not depend on it.
+    c.rollout.decode_slots = 0  # responses decoding at once (see above); 0: all of an attempt's responses
     c.rollout.eval_temperature = 0.0  # 0: greedy held-out eval
     c.rollout.eval_max_new_tokens = 0  # 0: rollout.max_new_tokens
     c.rollout.eval_batch = 256  # prompts per generate call during eval
@@ -359,6 +364,8 @@ def validate(config, *, num_devices: int | None = None) -> None:
     positive("rollout.max_new_tokens", r.max_new_tokens)
     check("rollout.oversample", r.oversample >= 1.0, f"must be >= 1.0, got {r.oversample}")
     non_negative("rollout.max_refill", r.max_refill)
+    check("rollout.decode_slots", isinstance(r.decode_slots, int) and r.decode_slots >= 0,
+          f"must be a whole number of slots >= 0 (0: one per response), got {r.decode_slots!r}")
     non_negative("rollout.eval_temperature", r.eval_temperature)
     non_negative("rollout.eval_max_new_tokens", r.eval_max_new_tokens)
     positive("rollout.eval_batch", r.eval_batch)

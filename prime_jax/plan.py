@@ -468,10 +468,11 @@ def _sampler_phases(c, mcfg, abstract_model, mesh, sample_prompts, programs, add
             result = records[name][1]
             return lambda *call_args: result
 
-    sampler = PlanningSampler(mesh)
+    sampler = PlanningSampler(mesh, min_prompt_bucket=16, decode_slots=c.rollout.decode_slots or None)  # as train/loop.py
     G, P_bucket = sampler.buckets(prompts, P)
     rows = G * n
-    detail = (f"{G} prompts (bucket of {prompts}) x n={n} = {rows} rows, cache {P_bucket}+{R} slots "
+    detail = (f"{G} prompts (bucket of {prompts}) x n={n} = {rows} rows in {sampler.num_slots(rows)} decode slots, "
+              f"cache {P_bucket}+{R} columns "
               f"({rows / dp:g} rows/device)")
     with _abstract_device_put():
         try:
@@ -482,11 +483,11 @@ def _sampler_phases(c, mcfg, abstract_model, mesh, sample_prompts, programs, add
             pass
     if "prefill" not in records or "decode" not in records:
         raise RuntimeError(f"plan: the sampler compiled {sorted(records)}, expected prefill and decode")
-    _, prefill_out, prefill_out_shardings = records["prefill"]
-    cache = prefill_out[0]
-    if prefill_out_shardings is not None:
-        cache = _with_shardings(cache, prefill_out_shardings[0])
-    kv_bytes = _shard_bytes(cache)
+    _, decode_state, decode_state_shardings = records["prefill"]  # prefill returns the decode state
+    if decode_state_shardings is not None:
+        decode_state = _with_shardings(decode_state, decode_state_shardings)
+    # the slots' cache and the prefilled prompts they copy from
+    kv_bytes = _shard_bytes((decode_state.cache, decode_state.prompt_k, decode_state.prompt_v))
     for name in ("prefill", "decode"):
         if name in programs:
             add(name, detail, records[name][0], resident_params, kv=kv_bytes, rows_per_device=rows / dp)

@@ -73,6 +73,7 @@ def test_schema_top_level_fields_and_every_field_commented():
     (lambda c: setattr(c.model, "num_kv_heads", 3), "model.num_heads", "multiple of model.num_kv_heads"),
     (lambda c: setattr(c.data, "train", "/no/such/file.parquet"), "data.train", "does not exist"),
     (lambda c: setattr(c, "seed", -1), "seed", ">= 0"),
+    (lambda c: setattr(c.rollout, "decode_slots", -8), "rollout.decode_slots", ">= 0"),
 ])
 def test_bad_values_name_the_field(change, field, words):
     c = tiny()

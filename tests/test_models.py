@@ -5,6 +5,7 @@ biases and norm weights randomised, weights large enough that attention is far f
 saved with transformers' save_pretrained and loaded with ours.
 """
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -323,8 +324,70 @@ def test_kv_cache_decode_matches_full_forward(untied_checkpoint):
         pieces.append(np.asarray(logits))
     got = np.concatenate(pieces, axis=1)
     assert max_real_diff(got, expected, full_mask) <= 1e-5
-    assert int(cache.end) == 6 + steps
+    assert (np.asarray(cache.end) == 6 + steps).all()
     np.testing.assert_array_equal(np.asarray(cache.next_position), full_mask.sum(axis=1))
+
+
+def test_decode_attention_matches_full_attention():
+    """Blockwise online softmax == one softmax over the whole cache, whatever the number of blocks
+    read (fully masked blocks, a row whose first block is all padding, blocks past the longest row)."""
+    from prime_jax.models.qwen2 import cached_attention, decode_attention
+
+    rng = np.random.default_rng(0)
+    L, B, K, G, S, H, block = 2, 3, 2, 2, 64, 8, 16
+    q = jnp.asarray(rng.normal(size=(B, K * G, H)), jnp.float32)
+    k_all = jnp.asarray(rng.normal(size=(L, B, K, S, H)), jnp.float32)
+    v_all = jnp.asarray(rng.normal(size=(L, B, K, H, S)), jnp.float32)
+    valid = np.zeros((B, S), bool)
+    valid[0, 10:30] = True  # starts inside block 0
+    valid[1, 20:21] = True  # block 0 all padding
+    valid[2, :45] = True  # the longest row: 3 blocks
+    expected = cached_attention(q[:, None], k_all[1], v_all[1], jnp.asarray(valid)[:, None, None], 0.3)[:, 0]
+    results = [decode_attention(q, k_all, v_all, 1, jnp.asarray(valid), columns, 0.3, block)
+               for columns in (45, 48, 64)]
+    np.testing.assert_allclose(np.asarray(results[0]), np.asarray(expected), atol=1e-5)
+    for other in results[1:]:  # extra, fully masked blocks change nothing, bit for bit
+        np.testing.assert_array_equal(np.asarray(other), np.asarray(results[0]))
+
+
+def test_decode_step_cost_follows_live_rows_not_capacity():
+    """Short rows in a 4,096-column cache cost about what they cost in a 512-column one; the same
+    cache with long rows costs clearly more (so the timing can tell the two apart)."""
+    import time
+
+    config = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
+    graphdef, state = nnx.split(Qwen2ForCausalLM(config, rngs=nnx.Rngs(0)))
+    rows, steps = 16, 8
+
+    def decode(state, cache):  # `steps` steps from the same start; the cache is donated, as in the sampler
+        model = nnx.merge(graphdef, state)
+
+        def one(_, carry):
+            cache, tokens = carry
+            logits, cache = model.forward_with_cache(tokens[:, None], jnp.ones((rows, 1), bool), cache)
+            return cache, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+
+        cache = jax.lax.fori_loop(0, steps, one, (cache, jnp.zeros(rows, jnp.int32)))[0]
+        return dataclasses.replace(cache, end=cache.end - steps, next_position=cache.next_position - steps)
+
+    decode = jax.jit(decode, donate_argnums=1)
+
+    def best_time(capacity, live):
+        cache = KVCache.init(config, rows, capacity)
+        cache = jax.block_until_ready(decode(state, dataclasses.replace(
+            cache, valid=cache.valid.at[:, :live].set(True), next_position=cache.next_position + live,
+            end=cache.end + live)))
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            cache = jax.block_until_ready(decode(state, cache))
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    short_small, short_big, long_big = best_time(512, 20), best_time(4096, 20), best_time(4096, 4000)
+    assert short_big < 2.0 * short_small, (short_small, short_big)
+    assert long_big > 2.0 * short_big, (short_big, long_big)
 
 
 # ---------------------------------------------------------------------------------------- remat

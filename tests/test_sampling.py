@@ -7,6 +7,8 @@ on a 2-core CPU. Programs are shared between tests through module-scoped sampler
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,9 @@ from scipy import stats
 
 from prime_jax.models import from_pretrained, response_logprobs
 from prime_jax.parallel import make_mesh
+from prime_jax.models.qwen2 import KVCache
 from prime_jax.sampling import Rollouts, Sampler, generate, strategies
+from prime_jax.sampling.decode import DecodeState
 
 VOCAB = 96
 PROMPTS = [[5, 6, 7, 8], [11, 3, 40, 41, 42, 43, 44, 9, 2], [70], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24]]
@@ -49,7 +53,7 @@ def model(hf_dir):
 
 @pytest.fixture(scope="module")
 def sampler():
-    return Sampler()
+    return Sampler(attention_block=16)  # small blocks: the decode attention reads several of them
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +191,7 @@ def test_early_exit_when_all_rows_stop(model, sampler, greedy):
     r = sampler.generate(model, PROMPTS, max_new_tokens=40, temperature=0.0, stop_token_ids=first_tokens,
                          key=jax.random.key(0))
     assert (r.lengths == 1).all() and r.finished.all()
-    assert sampler.last_stats["decode_steps"] == 1  # the while_loop never ran a step
+    assert sampler.last_stats["decode_steps"] == 0  # the while_loop never ran a step
     assert sampler.num_compilations == compiled  # stop ids are an input, not part of the program
 
 
@@ -222,15 +226,16 @@ def test_sharded_matches_single_device(hf_dir, sampled):
     assert len(jax.devices()) == 8
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     sharded_model = from_pretrained(hf_dir[0], mesh=mesh)
-    sharded = Sampler(mesh)
+    sharded = Sampler(mesh, decode_slots=4, attention_block=16)  # 4 slots: one per data shard
     r = sharded.generate(sharded_model, PROMPTS, **SAMPLED_ARGS)
+    assert sharded.last_stats["decode_slots"] == 4
     np.testing.assert_array_equal(r.tokens, sampled.tokens)
     np.testing.assert_array_equal(r.lengths, sampled.lengths)
     np.testing.assert_array_equal(r.finished, sampled.finished)
     np.testing.assert_allclose(r.logprobs, sampled.logprobs, atol=1e-5)
     # the KV cache is split over the batch (data x fsdp) and kv-head (tensor) axes, not replicated
     (programs,) = sharded._programs.values()
-    cache_sharding = programs.decode.input_shardings[0][1].k
+    cache_sharding = programs.decode.input_shardings[0][1].cache.k
     assert cache_sharding.spec[1] == ("data", "fsdp") and cache_sharding.spec[2] == "tensor"  # [L, B, K, S, H]
     assert not cache_sharding.is_fully_replicated
 
@@ -271,3 +276,94 @@ def test_argument_validation(model):
         generate(model, [[VOCAB]], max_new_tokens=3, key=jax.random.key(0))
     with pytest.raises(ValueError):
         generate(model, [[1]], max_new_tokens=3, top_p=0.0, key=jax.random.key(0))
+
+
+# ----------------------------------------------------------------------------- decode slots
+
+
+def _compile_events():
+    """A list that collects every XLA compilation while the returned listener is registered."""
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    return events, listener
+
+
+@pytest.mark.parametrize("slots,refill", [(5, "loop"), (2, "chunks")])
+def test_decode_slots_match_static_batch(model, sampled, slots, refill):
+    """Any K, either refill mode: the same tokens and log-probs as one slot per row. (Log-probs to
+    float rounding: XLA:CPU's matmul kernels may round differently for a different number of rows
+    per step; on this model they agree bit for bit.)"""
+    slotted = Sampler(decode_slots=slots, refill=refill, chunk_steps=3, attention_block=16)
+    r = slotted.generate(model, PROMPTS, **SAMPLED_ARGS)
+    np.testing.assert_array_equal(r.tokens, sampled.tokens)
+    np.testing.assert_allclose(r.logprobs, sampled.logprobs, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(r.lengths, sampled.lengths)
+    np.testing.assert_array_equal(r.finished, sampled.finished)
+    stats = slotted.last_stats
+    assert stats["decode_slots"] == slots and slotted.num_compilations == 2
+    assert stats["new_tokens"] == sampled.lengths.sum()
+    # K slots finish the work in fewer slot-steps than one slot per row would spend
+    assert stats["decode_steps"] * slots < len(sampled.lengths) * (sampled.lengths.max() - 1)
+    assert 0.5 < stats["slot_utilisation"] <= 1.0
+    if refill == "chunks":
+        assert stats["decode_calls"] > 1
+
+
+def test_stream_hands_back_groups_as_they_finish(model, sampled):
+    streamer = Sampler(decode_slots=2, stream_steps=4, attention_block=16)
+    parts = list(streamer.stream(model, PROMPTS, **SAMPLED_ARGS))
+    all_steps = streamer.last_stats["decode_steps"]
+    assert len(parts) > 1  # groups came back before the last one was done
+    assert streamer.last_stats["decode_calls"] > len(parts) - 1
+    seen = np.concatenate([p.prompt_index for p in parts])
+    np.testing.assert_array_equal(np.sort(seen), np.repeat(np.arange(len(PROMPTS)), 3))
+    for part in parts:
+        assert part.n == 3 and part.num_prompts * 3 == part.num_rows
+        rows = np.concatenate([np.arange(i * 3, i * 3 + 3) for i in part.prompt_index[::3]])
+        for name in ("tokens", "lengths", "finished", "response_mask", "prompt_tokens"):
+            np.testing.assert_array_equal(getattr(part, name), getattr(sampled, name)[rows], err_msg=name)
+        np.testing.assert_allclose(part.logprobs, sampled.logprobs[rows], rtol=0, atol=1e-5)
+    # the groups come out in the order they finished: the last one holds the longest row
+    assert parts[-1].lengths.max() == sampled.lengths.max()
+    # a caller that has enough groups stops iterating: the rows still decoding are dropped
+    first = next(iter(streamer.stream(model, PROMPTS, **SAMPLED_ARGS)))
+    np.testing.assert_array_equal(first.tokens, parts[0].tokens)
+    assert streamer.last_stats["decode_steps"] < all_steps
+    events, listener = _compile_events()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:  # generate and stream share the programs
+        streamer.generate(model, PROMPTS, **SAMPLED_ARGS)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert not events and streamer.num_compilations == 2
+
+
+def test_decode_state_is_a_typed_pytree():
+    fields = {f.name for f in dataclasses.fields(DecodeState)}
+    assert set(DecodeState.LOGICAL_AXES) == fields - {"cache"}
+    leaves = jax.tree.leaves(DecodeState(cache=KVCache(*range(5)), **{f: 0 for f in DecodeState.LOGICAL_AXES}))
+    assert len(leaves) == len(fields) - 1 + 5
+
+
+def test_sampler_argument_validation():
+    with pytest.raises(ValueError, match="decode_slots"):
+        Sampler(decode_slots=0)
+    with pytest.raises(ValueError, match="refill"):
+        Sampler(refill="sometimes")
+
+
+def test_one_shot_generate_reuses_programs(model):
+    call = lambda: generate(model, [[5, 6, 7], [9]], max_new_tokens=3, n=2, temperature=0.0, key=jax.random.key(0))
+    first = call()
+    events, listener = _compile_events()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        second = call()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert not events, "the second one-shot generate compiled again"
+    np.testing.assert_array_equal(first.tokens, second.tokens)

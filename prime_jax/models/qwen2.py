@@ -45,7 +45,12 @@ class KVCache:
     kernels want (on CPU the `[L, B, S, K, H]` layout spent over half of each decode step copying
     and transposing every layer's keys and values); valid: `[B, S]` bool, slot holds a real (non-padding) token;
     next_position: `[B]` int32, RoPE position of each row's next token; end: `[]` int32, first
-    free slot (the same for all rows: prompts are left-padded to a common length).
+    free slot per row, `[B]` int32.
+
+    A chunk of T > 1 tokens (prefill) is written at a column shared by all rows (`end[0]`: prompts
+    are left-padded to a common length). A single token (T = 1, decoding) is written at each row's
+    own `end`, so rows at different lengths (the sampler's decode slots) share one cache, and
+    attention reads only the columns up to the longest row (`decode_attention`).
     """
 
     k: jax.Array
@@ -80,7 +85,7 @@ class KVCache:
         "v": ("layers", "batch", "kv_heads", "head_dim", "cache_seq"),
         "valid": ("batch", "cache_seq"),
         "next_position": ("batch",),
-        "end": (),
+        "end": ("batch",),
     }
 
 
@@ -101,6 +106,76 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     first, second = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-second, first], axis=-1)
     return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+# Columns per block of a decode step's attention read: a step reads ceil(longest row / block)
+# blocks, so its cost follows the live rows, not the cache's capacity. 128 columns keep the
+# per-block loop overhead small next to the block's two products on CPU and accelerators alike.
+DECODE_BLOCK = 128
+
+
+def decode_block_size(capacity: int, block: int | None = None) -> int:
+    """The block a cache of `capacity` columns is read in: `block` (default `DECODE_BLOCK`) when it
+    divides the capacity, else the whole capacity in one block (a block must never straddle the end:
+    `dynamic_slice` would clamp it back over columns already read)."""
+    block = block or DECODE_BLOCK
+    return block if capacity % block == 0 else capacity
+
+
+def decode_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, layer, valid: jax.Array,
+                     num_columns, scale: float, block: int) -> jax.Array:
+    """Attention of one new token per row over columns `[0, num_columns)` of one layer's cache.
+
+    q `[B, N, H]`; k_all `[L, B, K, S, H]` and v_all `[L, B, K, H, S]` (all layers: only this
+    `layer`'s blocks are sliced out, never the whole layer); valid `[B, S]`; num_columns `[]` traced,
+    rounded up to whole blocks of `block` columns (which must divide S). Online softmax over the
+    blocks in float32 (running max, sum and weighted values), so a block that is fully masked for a
+    row leaves that row's result bit for bit unchanged: a row's output does not depend on how many
+    blocks the longest row in the batch needs. Returns `[B, N, H]` in q's dtype.
+    """
+    batch, heads, head_size = q.shape
+    kv_heads = k_all.shape[2]
+    q = q.reshape(batch, kv_heads, heads // kv_heads, head_size)
+    num_blocks = (num_columns + block - 1) // block
+
+    def one_block(j, carry):
+        running_max, total, acc = carry
+        start = j * block
+        k = jax.lax.dynamic_slice(k_all, (layer, 0, 0, start, 0), (1, batch, kv_heads, block, head_size))[0]
+        v = jax.lax.dynamic_slice(v_all, (layer, 0, 0, 0, start), (1, batch, kv_heads, head_size, block))[0]
+        mask = jax.lax.dynamic_slice_in_dim(valid, start, block, axis=1)[:, None, None, :]  # [B, 1, 1, block]
+        scores = jnp.einsum("bkgh,bksh->bkgs", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        new_max = jnp.maximum(running_max, scores.max(axis=-1))
+        correction = jnp.exp(running_max - new_max)
+        probs = jnp.exp(scores - new_max[..., None])
+        total = total * correction + probs.sum(axis=-1)
+        values = jnp.einsum("bkgs,bkhs->bkgh", probs.astype(q.dtype), v.astype(q.dtype),
+                            preferred_element_type=jnp.float32)
+        return new_max, total, acc * correction[..., None] + values
+
+    shape = (batch, kv_heads, heads // kv_heads)
+    carry = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+             jnp.zeros((*shape, head_size), jnp.float32))
+    if k_all.shape[3] == block:  # a single block: no loop (its overhead is most of a small step on CPU)
+        carry = one_block(0, carry)
+    else:
+        carry = jax.lax.fori_loop(0, num_blocks, one_block, carry)
+    _, total, acc = carry
+    return (acc / total[..., None]).astype(q.dtype).reshape(batch, heads, head_size)
+
+
+def _write_rows(cache: jax.Array, new: jax.Array, layer, columns: jax.Array, column_axis: int) -> jax.Array:
+    """Writes `new` `[B, K, H]` (one token per row) into the stacked cache `[L, B, ...]` at `layer`
+    and each row's own column (`columns` `[B]`, on `column_axis` of the cache), in place.
+
+    One scatter with the row index as an iota: as fast as the shared-column `dynamic_update_slice`
+    on CPU, where a vmapped `dynamic_update_slice` made XLA copy the cache every layer (4x slower).
+    """
+    rows = jnp.arange(cache.shape[1])
+    index = [layer, rows, slice(None), slice(None), slice(None)]
+    index[column_axis] = columns
+    return cache.at[tuple(index)].set(new.astype(cache.dtype))
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
@@ -144,12 +219,15 @@ class DecoderLayers(nnx.Module):
         self.up_kernel = p((D, F), ("embed", "mlp"))
         self.down_kernel = p((F, D), ("mlp", "embed"))
 
-    def __call__(self, x, positions, mask, kv=None, end=None):
+    def __call__(self, x, positions, mask, kv=None, end=None, decode=None):
         """One layer (params already sliced). x `[B, T, D]`, positions `[B, T]`, mask `[B, 1, T, S]`.
 
         kv: optional (k, v, layer): the stacked cache of all layers (`KVCache` layouts), and this
-        layer's index. Only the new keys/values are written, in place, at `[layer, :, end]`; attention
-        reads this layer's slice. Returns (x, (k, v)) with the updated stacked cache, or (x, None).
+        layer's index. Only the new keys/values are written, in place, at `[layer, :, end]` (end `[]`);
+        attention reads this layer's slice. decode: optional (valid `[B, S]`, num_columns, block) for
+        one token per row (T = 1) written at each row's own column `end` `[B]`, attention read in
+        blocks up to `num_columns` (`decode_attention`; `mask` is unused). Returns (x, (k, v)) with
+        the updated stacked cache, or (x, None).
         """
         c, dt = self.config, self.config.compute_dtype
         h = rms_norm(x, self.input_norm.get_value(), c.rms_norm_eps, dt)
@@ -160,7 +238,14 @@ class DecoderLayers(nnx.Module):
         k = apply_rope(proj(self.k_kernel, self.k_bias), positions, c.rope_theta)
         v = proj(self.v_kernel, self.v_bias)
         scale = 1.0 / math.sqrt(c.head_size)
-        if kv is not None:
+        if kv is not None and decode is not None:
+            k_all, v_all, layer = kv
+            valid, num_columns, block = decode
+            k_all = _write_rows(k_all, k[:, 0], layer, end, column_axis=3)  # [L, B, K, S, H]
+            v_all = _write_rows(v_all, v[:, 0], layer, end, column_axis=4)  # [L, B, K, H, S]
+            attn = decode_attention(q[:, 0], k_all, v_all, layer, valid, num_columns, scale, block)[:, None]
+            new_kv = (k_all, v_all)
+        elif kv is not None:
             k_all, v_all, layer = kv
             # Write this step's keys as [B, K, T, H] and values as [B, K, H, T] at slot `end`.
             k_all = jax.lax.dynamic_update_slice(
@@ -208,11 +293,15 @@ class Qwen2ForCausalLM(nnx.Module):
         kernel = self.embed_tokens.get_value().T if self.config.tie_word_embeddings else self.lm_head.get_value()
         return kernel.astype(self.config.compute_dtype)
 
-    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None):
+    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None,
+                      decode_block: int | None = None):
         """Final-norm hidden states `[B, T, D]` (compute dtype), and the updated cache (or None).
 
         attention_mask `[B, T]` marks real tokens (1) vs padding (0); left padding is expected.
         Positions are `cumsum(mask) - 1`, continued from `cache.next_position` when decoding.
+        With a cache, T > 1 tokens go to the column all rows share (`cache.end[0]`); T = 1 goes to
+        each row's own `cache.end` and attention reads blocks of `decode_block` columns (default
+        `DECODE_BLOCK`) up to the longest row, so rows may be at different lengths.
         """
         c, dt = self.config, self.config.compute_dtype
         batch, length = input_ids.shape
@@ -220,19 +309,31 @@ class Qwen2ForCausalLM(nnx.Module):
             attention_mask = jnp.ones((batch, length), bool)
         attention_mask = attention_mask.astype(bool)
         new_positions = jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1
+        decode = None
         if cache is None:
             positions = jnp.maximum(new_positions, 0)
             key_valid, query_slot = attention_mask, jnp.arange(length)
             num_slots, end = length, None
+        elif length == 1:  # one token per row, each at its own column
+            positions = jnp.maximum(cache.next_position[:, None] + new_positions, 0)
+            end = cache.end
+            key_valid = jax.vmap(lambda row, column, real: row.at[column].set(real))(
+                cache.valid, end, attention_mask[:, 0])
+            capacity = cache.valid.shape[1]
+            decode = (key_valid, jnp.max(end) + 1, decode_block_size(capacity, decode_block))
         else:
             positions = jnp.maximum(cache.next_position[:, None] + new_positions, 0)
-            key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, cache.end, axis=1)
-            query_slot = cache.end + jnp.arange(length)
-            num_slots, end = cache.valid.shape[1], cache.end
-        slots = jnp.arange(num_slots)
-        causal = slots[None, :] <= query_slot[:, None]  # [T, S]
-        own_slot = slots[None, :] == query_slot[:, None]  # padding queries attend to themselves (no NaN)
-        mask = ((causal[None] & key_valid[:, None, :]) | own_slot[None])[:, None]  # [B, 1, T, S]
+            end = cache.end[0]  # prompts are left-padded to a common length: every row is at the same column
+            key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, end, axis=1)
+            query_slot = end + jnp.arange(length)
+            num_slots = cache.valid.shape[1]
+        if decode is None:
+            slots = jnp.arange(num_slots)
+            causal = slots[None, :] <= query_slot[:, None]  # [T, S]
+            own_slot = slots[None, :] == query_slot[:, None]  # padding queries attend to themselves (no NaN)
+            mask = ((causal[None] & key_valid[:, None, :]) | own_slot[None])[:, None]  # [B, 1, T, S]
+        else:
+            mask = None
 
         x = self.embed_tokens.get_value()[input_ids].astype(dt)
         graphdef, layer_params = nnx.split(self.layers)
@@ -244,7 +345,7 @@ class Qwen2ForCausalLM(nnx.Module):
         def one_layer(carry, params):
             x, kv, layer = carry
             layer_kv = None if kv is None else (*kv, layer)
-            x, kv = nnx.merge(graphdef, params)(constrain(x, _HIDDEN_AXES), positions, mask, layer_kv, end)
+            x, kv = nnx.merge(graphdef, params)(constrain(x, _HIDDEN_AXES), positions, mask, layer_kv, end, decode)
             return (constrain(x, _HIDDEN_AXES), kv, layer + 1), None
 
         if c.remat != "none":
@@ -271,7 +372,7 @@ class Qwen2ForCausalLM(nnx.Module):
         hidden, _ = self.hidden_states(input_ids, attention_mask)
         return self.logits_from_hidden(hidden)
 
-    def forward_with_cache(self, input_ids, attention_mask, cache: KVCache):
+    def forward_with_cache(self, input_ids, attention_mask, cache: KVCache, decode_block: int | None = None):
         """Prefill or decode: logits `[B, T, V]` of the new tokens and the cache holding them."""
-        hidden, cache = self.hidden_states(input_ids, attention_mask, cache)
+        hidden, cache = self.hidden_states(input_ids, attention_mask, cache, decode_block)
         return self.logits_from_hidden(hidden), cache

@@ -1,48 +1,57 @@
-"""Batched autoregressive sampling: one prefill per prompt, then a jitted while_loop decode.
+"""Batched autoregressive sampling with decode slots: one prefill per prompt, then jitted decoding.
 
-A call runs two compiled programs:
+A call runs two compiled programs (`sampling.decode`): **prefill** runs the G prompts once and
+samples every row's first token; **decode** lets K decode slots work through the queue of
+B = G·n rows (prompt i's samples are rows `[i·n, (i+1)·n)`): a slot whose row has stopped takes the
+next waiting row, whose prompt keys/values are copied in from prefill (a prompt is prefilled once
+and shared by its n samples). `decode_slots=None` gives one slot per row (the static batch: all
+rows start together and the call lasts as long as its longest row). With K < B a long-tailed
+length distribution keeps the slots busy: the per-call statistics report the slot utilisation
+(live slot-steps / (K × decode steps)).
 
-1. **prefill** `(params, prompt_ids [G, P], prompt_mask, key, temperature, top_p) ->
-   (cache, first_tokens [B], first_logprobs [B])`: runs the G left-padded prompts once, repeats
-   each prompt's KV cache rows n times (B = G·n rows, prompt i's samples at rows [i·n, (i+1)·n)),
-   pads the cache to P + max_new_tokens slots and samples every row's first token.
-2. **decode** `(params, cache, first_tokens, first_logprobs, active [B], stop_ids, key, temperature,
-   top_p) -> (tokens, logprobs, lengths, finished, steps, cache)`: a `lax.while_loop` that feeds
-   one token per row, samples the next and stops as soon as every row has hit a stop token (or at
-   max_new_tokens). The cache is donated and returned, so the loop updates it in place.
+The same key gives the same tokens whatever K, mesh or batch bucket: row r's token t is drawn with
+`fold_in(fold_in(key, t), r)` from logits that do not depend on the row's slot (log-probs agree to
+float rounding: a backend's matmul may round differently for another number of rows per step).
+
+`generate` returns all rows at once; `stream` hands back each prompt's group of n samples as soon
+as they are all done (the decode program returns every `stream_steps` steps, and the loop is
+carried on with the donated state), so grading can run while decoding continues.
 
 Shapes are bucketed so that a training run compiles a handful of programs: prompt lengths are
-left-padded to a power of two (at least `min_prompt_bucket`), the number of prompts is padded
-with dummy rows to a power of two (a multiple of the mesh's data-parallel size); dummy rows start
-finished and are dropped from the result. Both programs are compiled ahead of time and kept per
-shape key, so `Sampler.num_compilations` is exactly the number of XLA programs built.
+left-padded to a power of two (at least `min_prompt_bucket`), the number of prompts is padded with
+dummy rows to a power of two (a multiple of the mesh's data-parallel size) and the cache holds
+P + max_new_tokens columns rounded up to the attention block. Both programs are compiled ahead of
+time and kept per shape key, so `Sampler.num_compilations` is exactly the number of XLA programs
+built; streaming and chunk sizes are inputs, not part of a program.
 
-With a mesh, rows are split over the data axes (logical `batch`), parameters keep the training
-sharding (`parallel.state_shardings`) and the KV cache is sharded by `KVCache.LOGICAL_AXES` as the
-programs' input/output shardings (never replicated on every device).
+With a mesh, rows, prompts and slots are split over the data axes (logical `batch`), parameters
+keep the training sharding (`parallel.state_shardings`) and the decode state, KV caches included,
+is sharded by `KVCache.LOGICAL_AXES` / `DecodeState.LOGICAL_AXES` (never replicated on every
+device). Real prompts are spread evenly over the data shards, since each shard's slots decode that
+shard's rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from prime_jax.models.qwen2 import KVCache
+from prime_jax.models.qwen2 import DECODE_BLOCK, KVCache
 from prime_jax.parallel import (batch_sharding, logical_to_spec, named_sharding, put_replicated, put_rows, replicated,
                                 shard_state, state_shardings, to_host, under_mesh)
-from prime_jax.sampling import strategies
+from prime_jax.sampling.decode import PAD_ID, DecodeSpec, DecodeState, decode_fn, prefill_fn
 from prime_jax.sampling.rollouts import Rollouts
 
-
-PAD_ID = 0  # prompt left-padding and response tokens after the end
+REFILL_MODES = ("loop", "chunks")
+_NO_STOP = np.int32(2**31 - 1)
 
 
 def _next_pow2(x: int) -> int:
@@ -57,17 +66,12 @@ def _round_up(x: int, multiple: int) -> int:
 class _ProgramKey:
     """Everything a compiled prefill/decode pair depends on (all hashable)."""
 
-    graphdef: Any
+    spec: DecodeSpec
     state_treedef: Any
     state_avals: tuple
     key_aval: tuple
     num_prompts: int  # G, the bucketed prompt batch
     prompt_len: int  # P, the bucketed prompt length
-    n: int
-    max_new_tokens: int
-    greedy: bool
-    top_k: int
-    use_top_p: bool
     num_stop_slots: int  # stop ids are an input array, padded with -1 to a power of two (>= 8)
 
 
@@ -77,17 +81,57 @@ class _Programs:
     decode: Any = None
 
 
+@dataclasses.dataclass
+class _Call:
+    """One generate/stream call on the host: its inputs in bucket order and how to map back."""
+
+    programs: _Programs
+    prefill_args: tuple
+    decode_args: tuple  # (params, stop_ids, key, temperature, top_p)
+    prompt_ids: np.ndarray  # [G, P] bucket order
+    prompt_mask: np.ndarray
+    position: np.ndarray  # [num_prompts]: the bucket position of each input prompt
+    n: int
+    temperature: float
+    max_new_tokens: int
+    num_slots: int
+    start: float
+    compile_seconds: float
+
+
 class Sampler:
     """Holds the compiled prefill/decode programs across calls; one per training run.
 
-    `sampler.generate(model_or_(graphdef, state), prompts, ...)` every step; new prompt lengths
-    and batch sizes reuse a program as long as they fall into the same buckets.
+    `sampler.generate(model_or_(graphdef, state), prompts, ...)` every step (or `sampler.stream`);
+    new prompt lengths and batch sizes reuse a program as long as they fall into the same buckets.
+
+    decode_slots: K, how many rows decode at once (rounded up to a multiple of the data-parallel
+        size, at most the rows of the call); None: one slot per row (the static batch).
+    refill: "loop" refills idle slots inside the jitted loop after every step; "chunks" runs
+        `chunk_steps` steps per program call and refills at the start of the next call.
+    stream_steps: decode steps between two looks for finished groups in `stream`.
+    attention_block: cache columns per block of the decode attention read.
     """
 
-    def __init__(self, mesh: Mesh | None = None, *, min_prompt_bucket: int = 16, min_batch_bucket: int = 1):
+    def __init__(self, mesh: Mesh | None = None, *, decode_slots: int | None = None, min_prompt_bucket: int = 16,
+                 min_batch_bucket: int = 1, refill: str = "loop", chunk_steps: int = 16, stream_steps: int = 32,
+                 attention_block: int = DECODE_BLOCK):
+        if decode_slots is not None and int(decode_slots) < 1:
+            raise ValueError(f"decode_slots must be a positive number of slots or None, got {decode_slots}")
+        if refill not in REFILL_MODES:
+            raise ValueError(f"refill must be one of {REFILL_MODES}, got {refill!r}")
+        for name, value in (("chunk_steps", chunk_steps), ("stream_steps", stream_steps),
+                            ("attention_block", attention_block)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         self.mesh = mesh
+        self.decode_slots = None if decode_slots is None else int(decode_slots)
         self.min_prompt_bucket = int(min_prompt_bucket)
         self.min_batch_bucket = int(min_batch_bucket)
+        self.refill = refill
+        self.chunk_steps = int(chunk_steps)
+        self.stream_steps = int(stream_steps)
+        self.attention_block = int(attention_block)
         self._programs: dict[_ProgramKey, _Programs] = {}
         self._num_compilations = 0
         self.last_stats: dict[str, Any] = {}
@@ -112,7 +156,13 @@ class Sampler:
         length = max(self.min_prompt_bucket, _next_pow2(max_prompt_len))
         return batch, length
 
-    # ------------------------------------------------------------------ the call
+    def num_slots(self, rows: int) -> int:
+        """K for a call of `rows` bucketed rows: `decode_slots` rounded up to the data-parallel size."""
+        if self.decode_slots is None:
+            return rows
+        return min(rows, _round_up(self.decode_slots, self.data_parallel_size))
+
+    # ------------------------------------------------------------------ the calls
 
     def generate(self, model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, n: int = 1,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -121,86 +171,151 @@ class Sampler:
 
         model: a `Qwen2ForCausalLM` or its `(graphdef, state)` from `nnx.split`. temperature 0 is
         greedy; top_k 0 and top_p 1 switch those filters off. The same key gives the same tokens
-        (also across meshes and batch buckets: row r of step t draws with
+        (also across meshes, batch buckets and `decode_slots`: row r's token t draws with
         `fold_in(fold_in(key, t), r)`).
         """
+        call = self._prepare(model, prompts, max_new_tokens, n, temperature, top_p, top_k, stop_token_ids, key)
+        state = None
+        for state in self._decode_calls(call, stream=False):
+            pass
+        return self._rollouts(call, state, np.arange(len(prompts)))
+
+    def stream(self, model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, n: int = 1,
+               temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+               stop_token_ids: Sequence[int] = (), key: jax.Array) -> Iterator[Rollouts]:
+        """`generate`, handed back group by group: yields a `Rollouts` of the groups (a prompt's n
+        samples) that finished since the last look, every `stream_steps` decode steps; its
+        `prompt_index` says which input prompts they answer. Together the yields hold exactly
+        `generate`'s rows (same tokens and log-probs). Rows still decoding when the caller stops
+        iterating are dropped with the decode state (no further device work is queued);
+        `last_stats` then covers the steps run so far.
+        """
+        call = self._prepare(model, prompts, max_new_tokens, n, temperature, top_p, top_k, stop_token_ids, key)
+        emitted = np.zeros(len(prompts), bool)
+        for state in self._decode_calls(call, stream=True):
+            done = to_host(state.done)[_rows_of(call.position, n)].reshape(len(prompts), n).all(axis=1)
+            ready = np.flatnonzero(done & ~emitted)
+            if ready.size:
+                emitted[ready] = True
+                yield self._rollouts(call, state, ready)
+
+    # ------------------------------------------------------------------ one call, step by step
+
+    def _prepare(self, model, prompts, max_new_tokens, n, temperature, top_p, top_k, stop_token_ids, key) -> _Call:
+        """Checks the arguments, lays the prompts out in buckets and compiles (or reuses) the programs."""
         graphdef, state = nnx.split(model) if isinstance(model, nnx.Module) else model
         config = nnx.merge(graphdef, state).config
         vocab = config.vocab_size
         _check_args(prompts, max_new_tokens, n, temperature, top_p, top_k, vocab)
         greedy = temperature == 0
         top_k = 0 if greedy or top_k >= vocab else int(top_k)
-        use_top_p = (not greedy) and top_p < 1.0
         stop_set = sorted({int(t) for t in stop_token_ids})
         stop_ids = np.full(max(8, _next_pow2(len(stop_set))), -1, np.int32)
         stop_ids[: len(stop_set)] = stop_set
 
-        num_prompts = len(prompts)
+        num_prompts, shards = len(prompts), self.data_parallel_size
         batch, length = self.buckets(num_prompts, max(len(p) for p in prompts))
+        # Prompt i goes to shard i % D (each shard's slots decode that shard's rows): real rows spread evenly.
+        position = (np.arange(num_prompts) % shards) * (batch // shards) + np.arange(num_prompts) // shards
         prompt_ids = np.full((batch, length), PAD_ID, np.int32)
         prompt_mask = np.zeros((batch, length), np.int32)
-        for i, prompt in enumerate(prompts):
-            prompt_ids[i, length - len(prompt):] = np.asarray(prompt, np.int32)
-            prompt_mask[i, length - len(prompt):] = 1
-        host_prompt_ids, host_prompt_mask = prompt_ids, prompt_mask
-        rows, real_rows = batch * n, num_prompts * n
-        active = np.arange(rows) < real_rows
+        for pos, prompt in zip(position, prompts):
+            prompt_ids[pos, length - len(prompt):] = np.asarray(prompt, np.int32)
+            prompt_mask[pos, length - len(prompt):] = 1
+        rows = batch * n
+        row_id = np.arange(rows, dtype=np.int32) + num_prompts * n  # padding rows: ids past the real ones
+        row_id[_rows_of(position, n)] = np.arange(num_prompts * n, dtype=np.int32)
+        active = np.zeros(rows, bool)
+        active[_rows_of(position, n)] = True
 
         scalars = (np.float32(temperature if not greedy else 1.0), np.float32(top_p))
+        host_prompt_ids, host_prompt_mask = prompt_ids, prompt_mask
         if self.mesh is not None:
             # Global arrays on every process (multi-host: each process feeds only its devices' rows).
             state = shard_state(state, self.mesh)
             key, stop_ids, scalars = put_replicated((key, stop_ids, scalars), self.mesh)
-            prompt_ids, prompt_mask, active = put_rows((prompt_ids, prompt_mask, active), self.mesh)
-
+            prompt_ids, prompt_mask, row_id, active = put_rows((prompt_ids, prompt_mask, row_id, active), self.mesh)
+        # a short cache is read in one block rather than padded up to a whole `attention_block`
+        block = min(self.attention_block, _next_pow2(length + max_new_tokens))
+        spec = DecodeSpec(
+            graphdef=graphdef, n=n, max_new_tokens=max_new_tokens, num_slots=self.num_slots(rows),
+            capacity=_round_up(length + max_new_tokens, block), block=block, shards=shards, greedy=greedy, top_k=top_k,
+            use_top_p=(not greedy) and top_p < 1.0, refill_in_loop=self.refill == "loop")
         program_key = _ProgramKey(
-            graphdef=graphdef,
-            state_treedef=jax.tree.structure(state),
+            spec=spec, state_treedef=jax.tree.structure(state),
             state_avals=tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(state)),
-            key_aval=(tuple(key.shape), str(key.dtype)),
-            num_prompts=batch, prompt_len=length, n=n, max_new_tokens=max_new_tokens,
-            greedy=greedy, top_k=top_k, use_top_p=use_top_p, num_stop_slots=len(stop_ids),
-        )
+            key_aval=(tuple(key.shape), str(key.dtype)), num_prompts=batch, prompt_len=length,
+            num_stop_slots=len(stop_ids))
         programs = self._programs.setdefault(program_key, _Programs())
 
-        start, compile_seconds = time.perf_counter(), 0.0
-        prefill_args = (state, prompt_ids, prompt_mask, key, *scalars)
+        start = time.perf_counter()
+        prefill_args = (state, prompt_ids, prompt_mask, row_id, active, stop_ids, key, *scalars)
+        decode_args = (state, stop_ids, key, *scalars)
         if programs.prefill is None:
-            compile_start = time.perf_counter()
-            programs.prefill = self._compile(_prefill_fn(program_key), prefill_args,
-                                             self._prefill_shardings(config, state, program_key), donate=())
-            compile_seconds += time.perf_counter() - compile_start
-        cache, first_tokens, first_logprobs = programs.prefill(*prefill_args)
+            shardings = self._shardings(spec, prefill_args)
+            programs.prefill = self._compile(prefill_fn(spec), prefill_args, shardings and shardings[0], donate=())
+            decode_example = (state, jax.eval_shape(prefill_fn(spec), *prefill_args), *decode_args[1:], _NO_STOP)
+            constrain = (lambda s: s) if shardings is None else (
+                lambda s: jax.lax.with_sharding_constraint(s, shardings[2]))
+            programs.decode = self._compile(decode_fn(spec, constrain), decode_example,
+                                            shardings and shardings[1], donate=(1,))
+        compile_seconds = time.perf_counter() - start
+        return _Call(programs=programs, prefill_args=prefill_args, decode_args=decode_args, prompt_ids=host_prompt_ids,
+                     prompt_mask=host_prompt_mask, position=position, n=n, temperature=float(temperature),
+                     max_new_tokens=max_new_tokens, num_slots=spec.num_slots, start=time.perf_counter(),
+                     compile_seconds=compile_seconds)
 
-        decode_args = (state, cache, first_tokens, first_logprobs, active, stop_ids, key, *scalars)
-        if programs.decode is None:
-            compile_start = time.perf_counter()
-            decode_fn = _decode_fn(program_key, self._cache_shardings(config, program_key))
-            programs.decode = self._compile(decode_fn, decode_args, self._decode_shardings(config, state, program_key),
-                                            donate=(1,))
-            compile_seconds += time.perf_counter() - compile_start
-        tokens, logprobs, lengths, finished, steps, cache = programs.decode(*decode_args)
-        del cache  # donated in, handed back, dropped
-        tokens, logprobs, lengths, finished, steps = to_host((tokens, logprobs, lengths, finished, steps))
-        seconds = time.perf_counter() - start - compile_seconds
+    def _decode_calls(self, call: _Call, stream: bool) -> Iterator[DecodeState]:
+        """Runs prefill, then decode calls until every real row is done; yields the state after each.
 
-        tokens, logprobs = tokens[:real_rows], logprobs[:real_rows]
-        lengths, finished = lengths[:real_rows], finished[:real_rows]
-        response_mask = (np.arange(max_new_tokens)[None, :] < lengths[:, None]).astype(np.int32)
-        self.last_stats = dict(prompt_batch_bucket=batch, prompt_len_bucket=length, rows=rows,
-                               decode_steps=int(steps), seconds=seconds, compile_seconds=compile_seconds,
-                               new_tokens=int(lengths.sum()))
+        A call runs to the end (refill "loop", not streaming), or for `stream_steps` /
+        `chunk_steps` steps (the smaller of the ones that apply)."""
+        params, *rest = call.decode_args
+        state = call.programs.prefill(*call.prefill_args)
+        every = [self.stream_steps] if stream else []
+        if self.refill == "chunks":
+            every.append(self.chunk_steps)
+        steps, calls = 0, 0
+        rows = _rows_of(call.position, call.n)
+        while True:
+            stop_at = np.int32(steps + min(every)) if every else _NO_STOP
+            if self.mesh is not None:
+                stop_at = put_replicated(stop_at, self.mesh)
+            state = call.programs.decode(params, state, *rest, stop_at)
+            calls += 1
+            steps = int(to_host(state.step))
+            self._record_stats(call, state, steps, calls)
+            yield state
+            if to_host(state.done)[rows].all():
+                return
+
+    def _record_stats(self, call: _Call, state: DecodeState, steps: int, calls: int) -> None:
+        busy = int(to_host(state.busy))
+        self.last_stats = dict(
+            prompt_batch_bucket=call.prompt_ids.shape[0], prompt_len_bucket=call.prompt_ids.shape[1],
+            rows=call.prompt_ids.shape[0] * call.n, decode_slots=call.num_slots, decode_steps=steps,
+            decode_calls=calls, slot_utilisation=busy / max(1, steps * call.num_slots),
+            new_tokens=busy + len(call.position) * call.n,  # decoded + the first tokens prefill sampled
+            seconds=time.perf_counter() - call.start, compile_seconds=call.compile_seconds)
+
+    def _rollouts(self, call: _Call, state: DecodeState, prompt_indices: np.ndarray) -> Rollouts:
+        """The rows of the given input prompts (their groups must be done), as host `Rollouts`."""
+        n, new_tokens = call.n, call.max_new_tokens
+        rows = _rows_of(call.position[prompt_indices], n)
+        tokens, logprobs, lengths, finished = (to_host(x)[rows] for x in
+                                               (state.tokens, state.logprobs, state.lengths, state.finished))
+        response_mask = (np.arange(new_tokens)[None, :] < lengths[:, None]).astype(np.int32)
         return Rollouts(
             tokens=tokens.astype(np.int32),
             response_mask=response_mask,
             logprobs=np.where(response_mask > 0, logprobs, 0.0).astype(np.float32),
             lengths=lengths.astype(np.int32),
             finished=finished.astype(bool),
-            prompt_tokens=np.repeat(host_prompt_ids[:num_prompts], n, axis=0),
-            prompt_mask=np.repeat(host_prompt_mask[:num_prompts], n, axis=0),
-            prompt_index=np.repeat(np.arange(num_prompts, dtype=np.int32), n),
+            prompt_tokens=np.repeat(call.prompt_ids[call.position[prompt_indices]], n, axis=0),
+            prompt_mask=np.repeat(call.prompt_mask[call.position[prompt_indices]], n, axis=0),
+            prompt_index=np.repeat(np.asarray(prompt_indices, np.int32), n),
             n=n,
-            temperature=float(temperature),
+            temperature=call.temperature,
         )
 
     # ------------------------------------------------------------------ compilation
@@ -215,101 +330,27 @@ class Sampler:
         self._num_compilations += 1
         return compiled
 
-    def _cache_shardings(self, config, key: _ProgramKey) -> KVCache | None:
+    def _shardings(self, spec: DecodeSpec, prefill_args):
+        """((prefill ins, outs), (decode ins, outs), decode-state shardings), or None without a mesh."""
         if self.mesh is None:
             return None
-        shapes = KVCache.shapes(config, key.num_prompts * key.n, key.prompt_len + key.max_new_tokens)
-        return KVCache(**{f: named_sharding(self.mesh, KVCache.LOGICAL_AXES[f], shapes[f]) for f in shapes})
-
-    def _prefill_shardings(self, config, state, key: _ProgramKey):
-        if self.mesh is None:
-            return None
-        mesh, rows = self.mesh, batch_sharding(self.mesh, 1)
-        rep = replicated(mesh)
-        ins = (state_shardings(state, mesh), batch_sharding(mesh, 2), batch_sharding(mesh, 2), rep, rep, rep)
-        outs = (self._cache_shardings(config, key), rows, rows)
-        return ins, outs
-
-    def _decode_shardings(self, config, state, key: _ProgramKey):
-        if self.mesh is None:
-            return None
-        mesh, rows = self.mesh, batch_sharding(self.mesh, 1)
-        rep = replicated(mesh)
-        cache = self._cache_shardings(config, key)
-        ins = (state_shardings(state, mesh), cache, rows, rows, rows, rep, rep, rep, rep)
-        outs = (batch_sharding(mesh, 2), batch_sharding(mesh, 2), rows, rows, rep, cache)
-        return ins, outs
+        mesh = self.mesh
+        shapes = jax.eval_shape(prefill_fn(spec), *prefill_args)
+        axes = {**{f"cache.{f}": a for f, a in KVCache.LOGICAL_AXES.items()}, **DecodeState.LOGICAL_AXES}
+        cache = KVCache(**{f: named_sharding(mesh, axes[f"cache.{f}"], getattr(shapes.cache, f).shape)
+                           for f in KVCache.LOGICAL_AXES})
+        decode_state = DecodeState(cache=cache, **{f: named_sharding(mesh, a, getattr(shapes, f).shape)
+                                                   for f, a in DecodeState.LOGICAL_AXES.items()})
+        rep, params = replicated(mesh), state_shardings(prefill_args[0], mesh)
+        rows1, rows2 = batch_sharding(mesh, 1), batch_sharding(mesh, 2)
+        prefill = ((params, rows2, rows2, rows1, rows1, rep, rep, rep, rep), decode_state)
+        decode = ((params, decode_state, rep, rep, rep, rep, rep), decode_state)
+        return prefill, decode, decode_state
 
 
-# ---------------------------------------------------------------------- the programs
-
-
-def _constrain(tree, shardings):
-    return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
-
-
-def _prefill_fn(key: _ProgramKey):
-    n, new_tokens = key.n, key.max_new_tokens
-
-    def prefill(state, prompt_ids, prompt_mask, rng, temperature, top_p):
-        model = nnx.merge(key.graphdef, state)
-        batch, length = prompt_ids.shape
-        cache = KVCache.init(model.config, batch, length)
-        hidden, cache = model.hidden_states(prompt_ids, prompt_mask, cache)
-        logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]  # left padding: the last slot is real
-        repeat = lambda x, axis: jnp.repeat(x, n, axis=axis)
-        pad_slots = lambda x, field: jnp.pad(
-            x, [(0, new_tokens if axis == "cache_seq" else 0) for axis in KVCache.LOGICAL_AXES[field]])
-        cache = KVCache(
-            k=pad_slots(repeat(cache.k, 1), "k"),
-            v=pad_slots(repeat(cache.v, 1), "v"),
-            valid=pad_slots(repeat(cache.valid, 0), "valid"),
-            next_position=repeat(cache.next_position, 0),
-            end=cache.end,
-        )
-        rows = batch * n
-        tokens, logprobs = strategies.sample(
-            repeat(logits, 0), strategies.row_keys(rng, 0, rows), temperature, top_p,
-            greedy=key.greedy, top_k=key.top_k, use_top_p=key.use_top_p)
-        return cache, tokens, logprobs
-
-    return prefill
-
-
-def _decode_fn(key: _ProgramKey, cache_shardings: KVCache | None):
-    new_tokens = key.max_new_tokens
-
-    def decode(state, cache, first_tokens, first_logprobs, active, stop_ids, rng, temperature, top_p):
-        is_stop = lambda tokens: (tokens[:, None] == stop_ids[None, :]).any(axis=-1)
-        model = nnx.merge(key.graphdef, state)
-        rows = first_tokens.shape[0]
-        tokens = jnp.full((rows, new_tokens), PAD_ID, jnp.int32).at[:, 0].set(jnp.where(active, first_tokens, PAD_ID))
-        logprobs = jnp.zeros((rows, new_tokens), jnp.float32).at[:, 0].set(jnp.where(active, first_logprobs, 0.0))
-        finished = active & is_stop(first_tokens)
-        init = (jnp.int32(1), cache, first_tokens, tokens, logprobs, active.astype(jnp.int32), finished,
-                ~active | finished)
-
-        def cond(carry):
-            step, done = carry[0], carry[-1]
-            return (step < new_tokens) & ~jnp.all(done)
-
-        def body(carry):
-            step, cache, last, tokens, logprobs, lengths, finished, done = carry
-            logits, cache = model.forward_with_cache(last[:, None], jnp.ones((rows, 1), bool), cache)
-            new, new_logprobs = strategies.sample(
-                logits[:, 0], strategies.row_keys(rng, step, rows), temperature, top_p,
-                greedy=key.greedy, top_k=key.top_k, use_top_p=key.use_top_p)
-            live = ~done
-            tokens = jax.lax.dynamic_update_slice(tokens, jnp.where(live, new, PAD_ID)[:, None], (0, step))
-            logprobs = jax.lax.dynamic_update_slice(logprobs, jnp.where(live, new_logprobs, 0.0)[:, None], (0, step))
-            stopped = live & is_stop(new)
-            return (step + 1, _constrain(cache, cache_shardings), new, tokens, logprobs,
-                    lengths + live.astype(jnp.int32), finished | stopped, done | stopped)
-
-        step, cache, _, tokens, logprobs, lengths, finished, _ = jax.lax.while_loop(cond, body, init)
-        return tokens, logprobs, lengths, finished, step, cache
-
-    return decode
+def _rows_of(positions: np.ndarray, n: int) -> np.ndarray:
+    """The bucket rows `[len(positions) * n]` of the prompts at the given bucket positions, in order."""
+    return (np.asarray(positions)[:, None] * n + np.arange(n)[None, :]).reshape(-1)
 
 
 def _check_args(prompts, max_new_tokens, n, temperature, top_p, top_k, vocab) -> None:
@@ -334,9 +375,17 @@ def _check_args(prompts, max_new_tokens, n, temperature, top_p, top_k, vocab) ->
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, n: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             stop_token_ids: Sequence[int] = (), key: jax.Array, mesh: Mesh | None = None) -> Rollouts:
-    """One-shot convenience: `Sampler(mesh).generate(...)` (compiles every call; a training loop
-    should keep one `Sampler`)."""
-    return Sampler(mesh).generate(
+             stop_token_ids: Sequence[int] = (), key: jax.Array, mesh: Mesh | None = None,
+             decode_slots: int | None = None) -> Rollouts:
+    """One-shot convenience: `Sampler(mesh, decode_slots=...).generate(...)`. The sampler is kept
+    per (mesh, decode_slots) (`_shared_sampler`), so a second call with the same shapes reuses its
+    compiled programs."""
+    return _shared_sampler(mesh, decode_slots).generate(
         model, prompts, max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p,
         top_k=top_k, stop_token_ids=stop_token_ids, key=key)
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_sampler(mesh: Mesh | None, decode_slots: int | None) -> Sampler:
+    """The `Sampler` behind the one-shot `generate` (a few, least recently used dropped first)."""
+    return Sampler(mesh, decode_slots=decode_slots)

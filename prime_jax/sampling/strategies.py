@@ -22,8 +22,14 @@ def row_keys(key: jax.Array, step, num_rows: int) -> jax.Array:
 
     Row r of the batch always gets the same key for a given (key, step), whatever the batch size.
     """
-    step_key = jax.random.fold_in(key, step)
-    return jax.vmap(lambda row: jax.random.fold_in(step_key, row))(jnp.arange(num_rows, dtype=jnp.uint32))
+    return keys_for(key, jnp.full(num_rows, step, jnp.uint32), jnp.arange(num_rows, dtype=jnp.uint32))
+
+
+def keys_for(key: jax.Array, steps: jax.Array, rows: jax.Array) -> jax.Array:
+    """`[B]` keys `fold_in(fold_in(key, steps[i]), rows[i])`: a draw depends only on (key, row, step),
+    never on where in a batch the row sits (the sampler's decode slots rely on it)."""
+    fold = lambda step, row: jax.random.fold_in(jax.random.fold_in(key, step.astype(jnp.uint32)), row.astype(jnp.uint32))
+    return jax.vmap(fold)(steps, rows)
 
 
 def top_k_logits(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

@@ -296,7 +296,7 @@ class Trainer:
             score_micro_batches=1, beta=c.algo.beta, clip_eps=c.algo.clip_eps,
             temperature=c.rollout.temperature, chunk_size=c.model.logprob_chunk,
             prm_loss_type=c.algo.prm_loss, agg=c.algo.agg)
-        self.sampler = Sampler(mesh, min_prompt_bucket=16)
+        self.sampler = Sampler(mesh, min_prompt_bucket=16, decode_slots=c.rollout.decode_slots or None)
         self.checkpointer = ckpt.RunCheckpointer(self.workdir / "checkpoints", keep=c.checkpoint.keep,
                                                  async_save=c.checkpoint.async_save)
         self.start_step = 0
