@@ -28,7 +28,10 @@ def quiet_startup() -> None:
 def fail(tool: str, message: str, code: int = 2) -> NoReturn:
     """One line on stderr and exit `code` (2: a usage or input error)."""
     print(f"prime_jax.{tool}: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    sys.stdout.flush()
+    # No interpreter shutdown: after a failed checkpoint read, orbax's worker threads and unawaited
+    # coroutines would print their tracebacks below this line while Python exits.
+    os._exit(code)
 
 
 def _flag_error(error: BaseException, argv: Sequence[str]) -> str:

@@ -16,11 +16,10 @@ from test_trainer import SHORT, _env, overrides
 ROOT = Path(__file__).resolve().parents[1]
 QWEN_TOKENIZER = ROOT / "tests" / "fixtures" / "qwen3_tokenizer"
 
-# SFT long enough that the tiny policy answers in the demonstrations' format and ends its turn. The PRM
-# loss is `ce`, which moves the PRM on groups of one outcome too (the demo's `dpo` needs a right and a
-# wrong answer in a group), so that the step-2 page shows non-zero rewards.
+# SFT long enough that the tiny policy answers in the demonstrations' format and ends its turn (the PRM
+# loss is SHORT's `ce`, so the step-2 page shows non-zero rewards).
 RUN = dict(SHORT, total_steps=2, eval_every=0, checkpoint_every=1, **{
-    "sft.steps": 150, "sft.num_examples": 512, "sft.batch": 32, "sft.warmup_steps": 10, "algo.prm_loss": "ce",
+    "sft.steps": 150, "sft.num_examples": 512, "sft.batch": 32, "sft.warmup_steps": 10,
     "rollout.eval_max_new_tokens": 24, "data.synthetic.num_eval": 8, "checkpoint.keep": 2})
 
 

@@ -28,6 +28,9 @@ SHORT = {
     "batch.prompts_per_step": 4, "batch.mini_batch": 8, "batch.prm_mini_batch": 16, "batch.score_batch": 16,
     "rollout.max_new_tokens": 16, "rollout.eval_max_new_tokens": 16,
     "algo.filter": False, "reward.workers": 1, "logging.progress_bar": False, "checkpoint.keep": 2,
+    # A barely fine-tuned model gets every answer wrong: the `ce` PRM loss still moves the PRM then (the
+    # demo's `dpo` needs a right and a wrong answer in a group), so process rewards and the policy train.
+    "algo.prm_loss": "ce",
 }
 
 
