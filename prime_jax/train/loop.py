@@ -507,7 +507,7 @@ class Trainer:
             row.update(masked_stats(advantages, mask, "advantages"))
             row["response/length_kept_mean"] = float(mask.sum(1).mean())
             row["nan_skipped"] = row.get("policy/nan_skipped", 0) + row.get("prm/nan_skipped", 0)
-        else:
+        elif self.is_main:  # the same on every host: said once
             logger.warning("step %d: no prompt group survived the accuracy filter; no update", step)
         row["nan_skipped_total"] = int(to_host(self.policy.nan_skips + self.prm.nan_skips))
         row["data/prompts_dropped_total"] = self.prompts.dropped
