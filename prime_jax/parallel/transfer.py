@@ -159,6 +159,18 @@ def _shardings(tree: Any, mesh: Mesh, logical_axes: Any) -> list[NamedSharding]:
     return [named_sharding(mesh, axes, np.shape(x)) for x, axes in zip(leaves, treedef.flatten_up_to(logical_axes))]
 
 
+def _place(x: Any, sharding: NamedSharding) -> Any:
+    """One leaf as a global array with `sharding`, each process copying only its devices' slices."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x  # already placed
+    if isinstance(x, jax.ShapeDtypeStruct):  # abstract (planning): the placement without data
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):  # typed key: place its data
+        return jax.random.wrap_key_data(_place(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    x = to_host(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def put_rows(host_batch: Any, mesh: Mesh, logical_axes: Any = None) -> Any:
     """Global arrays from a pytree of numpy arrays that every process holds in full.
 
@@ -167,34 +179,14 @@ def put_rows(host_batch: Any, mesh: Mesh, logical_axes: Any = None) -> Any:
     broadcast between hosts. The values must be the same on every process.
     """
     leaves, treedef = jax.tree.flatten(host_batch)
-    out = []
-    for x, sharding in zip(leaves, _shardings(host_batch, mesh, logical_axes)):
-        if isinstance(x, jax.Array) and x.sharding == sharding:
-            out.append(x)  # already placed
-            continue
-        if isinstance(x, jax.ShapeDtypeStruct):  # abstract (planning): the placement without data
-            out.append(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding))
-            continue
-        x = to_host(x)
-        out.append(jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index]))
-    return jax.tree.unflatten(treedef, out)
+    shardings = _shardings(host_batch, mesh, logical_axes)
+    return jax.tree.unflatten(treedef, [_place(x, sharding) for x, sharding in zip(leaves, shardings)])
 
 
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
     """Every leaf replicated on all devices of `mesh` (the same value on every process)."""
     sharding = replicated(mesh)
-
-    def one(x):
-        if isinstance(x, jax.Array) and x.sharding == sharding:
-            return x
-        if isinstance(x, jax.ShapeDtypeStruct):  # abstract (planning): the placement without data
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):  # typed key: place its data
-            return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
-        x = to_host(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree.map(one, tree)
+    return jax.tree.map(lambda x: _place(x, sharding), tree)
 
 
 def host_share(num_rows: int) -> np.ndarray:

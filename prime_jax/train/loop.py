@@ -642,8 +642,7 @@ class Trainer:
         pending = []
         for start in range(0, total, size if wanted else total):
             index = np.arange(start, start + size) % total
-            chunk = batch.rows(index).to_device(self.mesh) if on_host else self._take_rows(
-                batch, put_replicated(index, self.mesh))
+            chunk = batch.rows(index).to_device(self.mesh) if on_host else self._mini_batch(batch, index)
             # old_logprobs at the rollout temperature, ref_logprobs from the raw logits (score step)
             pending.append(self.steps.score(wanted.get("old_logprobs"), None, wanted.get("ref_logprobs"), chunk)
                            if wanted else {})
@@ -665,6 +664,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- PRM and policy updates
     def _mini_batch(self, batch: PrimeBatch, rows: np.ndarray) -> PrimeBatch:
+        """The `rows` of a device batch, still on the devices (sharded by rows)."""
         return self._take_rows(batch, put_replicated(np.asarray(rows, np.int32), self.mesh))
 
     def update_prm(self, batch: PrimeBatch, step: int) -> tuple[jax.Array, dict]:
