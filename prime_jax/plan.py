@@ -649,6 +649,29 @@ def _set_fake_devices(n: int) -> None:
         pass
 
 
+def rollout_estimate(config, devices: int, *, sample_prompts: int = 0, p50: float = 0, p90: float = 0,
+                     accelerators: Sequence[str] = ("v4", "v5e", "v5p", "h100")) -> list[str]:
+    """The plan's rollout-time estimate (`rollout_cost.rollout_table`) for `config` on `devices`:
+    one sampling attempt as the loop makes it, response lengths lognormal with median `p50` and
+    90th percentile `p90` (0: a sixth and a half of `rollout.max_new_tokens`)."""
+    from prime_jax import rollout_cost
+    from prime_jax.parallel import mesh_sizes_from_config
+
+    c = config
+    data, fsdp, tensor = mesh_sizes_from_config(c, devices)
+    shards = data * fsdp
+    prompts = sample_prompts or math.ceil(c.rollout.oversample * c.batch.prompts_per_step)
+    bucket = -(-(1 << (prompts - 1).bit_length()) // shards) * shards  # the sampler's prompt bucket
+    max_new = c.rollout.max_new_tokens
+    mcfg = model_config(c)
+    return rollout_cost.rollout_table(
+        rollout_cost.ModelShape.from_qwen2(mcfg, bytes_per_value=mcfg.compute_dtype.itemsize),
+        prompts=prompts, n=c.rollout.n, prompt_tokens=1 << (c.data.max_prompt_tokens - 1).bit_length(),
+        max_new_tokens=max_new, shards=shards, tensor=tensor, slots=c.rollout.decode_slots,
+        accelerators=list(accelerators), p50=p50 or max(1, max_new // 6), p90=p90 or max(1, max_new // 2),
+        bucket_prompts=bucket)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from absl import flags
     from ml_collections import config_flags
@@ -670,6 +693,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags.DEFINE_string("title", "", "title of the table", flag_values=FLAGS)
     flags.DEFINE_bool("quiet", False, "no progress lines on stderr", flag_values=FLAGS)
     flags.DEFINE_bool("strict", False, "exit with status 1 when some target does not fit", flag_values=FLAGS)
+    flags.DEFINE_float("response_p50", 0, "median response length of the rollout estimate "
+                       "(0: rollout.max_new_tokens / 6)", flag_values=FLAGS)
+    flags.DEFINE_float("response_p90", 0, "90th-percentile response length of the rollout estimate "
+                       "(0: rollout.max_new_tokens / 2)", flag_values=FLAGS)
     argv = list(sys.argv if argv is None else argv)
     FLAGS(argv)
 
@@ -711,6 +738,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          sample_prompts=FLAGS.sample_prompts,
                          score_micro_batches=FLAGS.score_micro_batches, title=title, verbose=not FLAGS.quiet)
     print(report.format())
+    if not FLAGS.config_json:  # check_fits' subprocess wants the memory report only
+        print("\n".join(rollout_estimate(config, devices, sample_prompts=FLAGS.sample_prompts,
+                                          p50=FLAGS.response_p50, p90=FLAGS.response_p90)))
     if FLAGS.json_out:
         Path(FLAGS.json_out).write_text(json.dumps(report.to_dict()))
     if FLAGS.strict and not all(report.fits(t) for t in report.targets):

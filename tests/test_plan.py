@@ -139,6 +139,9 @@ def test_cli_on_fake_devices(tmp_path):
          f"--json_out={out}", "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "memory plan" in proc.stdout and "policy update" in proc.stdout
+    # The rollout-time estimate follows, labelled as one, for every accelerator of the table.
+    assert "rollout time of one sampling attempt -- an ESTIMATE" in proc.stdout
+    assert all(f"\n  {name} " in proc.stdout for name in ("v4", "v5e", "v5p", "h100")), proc.stdout
     data = json.loads(out.read_text())
     assert data["devices"] == 4 and data["mesh"]["fsdp"] == 4
 

@@ -157,6 +157,10 @@ def under_mesh(fn, mesh: Mesh):
 # HBM per device (GiB) of each accelerator; a "device" is what jax.devices() lists (one TPU chip
 # for v4/v5p megacore chips and v5e, one GPU).
 HBM_GIB: dict[str, float] = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "h100": 80.0, "cpu": 16.0}
+# Peak dense bf16 matmul FLOP/s and HBM bytes/s per device, from the vendors' spec sheets; only the
+# plan's rollout-time estimate (prime_jax/rollout_cost.py) reads them.
+PEAK_FLOPS: dict[str, float] = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "h100": 989e12}
+HBM_BYTES_PER_S: dict[str, float] = {"v4": 1.2e12, "v5e": 0.819e12, "v5p": 2.765e12, "h100": 3.35e12}
 
 # Slices/node groups the 7B recipe targets. `devices` = jax.device_count(); TPU names count
 # TensorCores for v4/v5p (2 per chip, so v5p-32 = 16 chips) and chips for v5e.
