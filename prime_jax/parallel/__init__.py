@@ -24,7 +24,9 @@ from prime_jax.parallel.mesh import (
     replicated,
     shard_state,
     state_shardings,
+    tree_shardings,
     under_mesh,
+    with_shardings,
 )
 from prime_jax.parallel.transfer import (
     any_process,
@@ -71,5 +73,7 @@ __all__ = [
     "state_shardings",
     "sync_hosts",
     "to_host",
+    "tree_shardings",
     "under_mesh",
+    "with_shardings",
 ]

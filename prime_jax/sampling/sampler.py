@@ -76,16 +76,32 @@ class _ProgramKey:
 
 
 @dataclasses.dataclass
-class _Programs:
+class SamplerPrograms:
+    """The compiled prefill and decode programs of one shape key (what `Sampler.compile` returns).
+
+    prefill, decode: `jax.stages.Compiled` executables (`.memory_analysis()`, `.as_text()`).
+    decode_state: the abstract `DecodeState` prefill returns (`jax.ShapeDtypeStruct` leaves, with
+        their shardings on a mesh): the KV caches' shapes and placement.
+    num_prompts, prompt_len: the bucketed prompt batch G and prompt length P; rows = G * n;
+    num_slots: K; capacity: cache columns per slot.
+    """
+
     prefill: Any = None
     decode: Any = None
+    decode_state: Any = None
+    num_prompts: int = 0
+    prompt_len: int = 0
+    rows: int = 0
+    num_slots: int = 0
+    capacity: int = 0
+    compile_seconds: dict = dataclasses.field(default_factory=dict)  # {"prefill": s, "decode": s}
 
 
 @dataclasses.dataclass
 class _Call:
     """One generate/stream call on the host: its inputs in bucket order and how to map back."""
 
-    programs: _Programs
+    programs: SamplerPrograms
     prefill_args: tuple
     decode_args: tuple  # (params, stop_ids, key, temperature, top_p)
     prompt_ids: np.ndarray  # [G, P] bucket order
@@ -132,7 +148,7 @@ class Sampler:
         self.chunk_steps = int(chunk_steps)
         self.stream_steps = int(stream_steps)
         self.attention_block = int(attention_block)
-        self._programs: dict[_ProgramKey, _Programs] = {}
+        self._programs: dict[_ProgramKey, SamplerPrograms] = {}
         self._num_compilations = 0
         self.last_stats: dict[str, Any] = {}
 
@@ -199,6 +215,21 @@ class Sampler:
                 emitted[ready] = True
                 yield self._rollouts(call, state, ready)
 
+    def compile(self, model, *, num_prompts: int, prompt_len: int, max_new_tokens: int, n: int = 1,
+                temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[int] = (),
+                key: jax.Array | jax.ShapeDtypeStruct) -> SamplerPrograms:
+        """Compiles (or reuses) the programs a `generate` call of `num_prompts` prompts of at most
+        `prompt_len` tokens with these settings runs, and returns them without running anything.
+
+        `model` may be abstract (`nnx.eval_shape`, or a `(graphdef, state)` whose leaves are
+        `jax.ShapeDtypeStruct`s) and `key` a `ShapeDtypeStruct`: memory plans compile exactly the
+        programs training runs, from shapes alone. The programs are kept under the same key as
+        `generate`'s, so a later call with matching shapes compiles nothing.
+        """
+        prompts = [[1] * int(prompt_len)] * int(num_prompts)  # token ids are data, not part of a program
+        call = self._prepare(model, prompts, max_new_tokens, n, temperature, top_p, top_k, stop_token_ids, key)
+        return call.programs
+
     # ------------------------------------------------------------------ one call, step by step
 
     def _prepare(self, model, prompts, max_new_tokens, n, temperature, top_p, top_k, stop_token_ids, key) -> _Call:
@@ -246,7 +277,7 @@ class Sampler:
             state_avals=tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(state)),
             key_aval=(tuple(key.shape), str(key.dtype)), num_prompts=batch, prompt_len=length,
             num_stop_slots=len(stop_ids))
-        programs = self._programs.setdefault(program_key, _Programs())
+        programs = self._programs.setdefault(program_key, SamplerPrograms())
 
         start = time.perf_counter()
         prefill_args = (state, prompt_ids, prompt_mask, row_id, active, stop_ids, key, *scalars)
@@ -254,11 +285,17 @@ class Sampler:
         if programs.prefill is None:
             shardings = self._shardings(spec, prefill_args)
             programs.prefill = self._compile(prefill_fn(spec), prefill_args, shardings and shardings[0], donate=())
+            programs.compile_seconds["prefill"] = time.perf_counter() - start
             decode_example = (state, jax.eval_shape(prefill_fn(spec), *prefill_args), *decode_args[1:], _NO_STOP)
             constrain = (lambda s: s) if shardings is None else (
                 lambda s: jax.lax.with_sharding_constraint(s, shardings[2]))
             programs.decode = self._compile(decode_fn(spec, constrain), decode_example,
                                             shardings and shardings[1], donate=(1,))
+            programs.compile_seconds["decode"] = time.perf_counter() - start - programs.compile_seconds["prefill"]
+            programs.decode_state = decode_example[1] if shardings is None else jax.tree.map(
+                lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), decode_example[1], shardings[2])
+            programs.num_prompts, programs.prompt_len, programs.rows = batch, length, rows
+            programs.num_slots, programs.capacity = spec.num_slots, spec.capacity
         compile_seconds = time.perf_counter() - start
         return _Call(programs=programs, prefill_args=prefill_args, decode_args=decode_args, prompt_ids=host_prompt_ids,
                      prompt_mask=host_prompt_mask, position=position, n=n, temperature=float(temperature),
