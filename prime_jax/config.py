@@ -322,7 +322,7 @@ def validate(config, *, num_devices: int | None = None) -> None:
         _check_model_dir("tokenizer.path", t, "tokenizer")
 
     # data
-    from prime_jax.data.problems import FORMATS, DataError, check_source_name
+    from prime_jax.data import FORMATS, DataError, check_source_name
 
     d = c.data
     for field, sources in (("data.train", [d.train]), ("data.eval", [s.strip() for s in d.eval.split(",")])):

@@ -1,24 +1,24 @@
 """Data: problems and their readers, packaged benchmarks, prompt rendering, the resumable
 iterator, the synthetic arithmetic task and its tiny tokenizer. No model code (no jax) here."""
 from .iterator import ShuffledIterator, epoch_permutation
+from .formats import FORMAT_FIELDS, FORMATS, detect_format, gsm8k_answer
 from .problems import (
-    BENCHMARKS,
     CODE_TASK_SUFFIX,
     EURUS2_SYSTEM_PROMPT,
-    FORMAT_FIELDS,
-    FORMATS,
-    MATH_EVAL_BENCHMARKS,
     MATH_TASK_SUFFIX,
     DataError,
     DataUnavailableError,
     Problem,
     SkipStats,
     apply_system_prompt,
+    last_boxed,
+)
+from .readers import (
+    BENCHMARKS,
+    MATH_EVAL_BENCHMARKS,
     benchmark_path,
     benchmarks_dir,
-    detect_format,
-    gsm8k_answer,
-    last_boxed,
+    check_source_name,
     load_benchmark,
     read_problems,
     write_verl_parquet,
@@ -46,6 +46,7 @@ __all__ = [
     "benchmark_path",
     "benchmarks_dir",
     "build_tiny_tokenizer",
+    "check_source_name",
     "demonstration",
     "detect_format",
     "epoch_permutation",
