@@ -24,6 +24,7 @@ from .readers import (
     write_verl_parquet,
 )
 from .render import render_prompt_texts, render_prompts
+from .sets import held_out, load_eval_sets, load_train_problems, sft_pairs, synthetic_kwargs, system_prompt
 from .sources import eval_source_names, read_sft_pairs, source_format
 from .synthetic import demonstration, make_problems, sft_messages
 from .tiny_tokenizer import CHATML_TEMPLATE, build_tiny_tokenizer
@@ -52,14 +53,20 @@ __all__ = [
     "epoch_permutation",
     "eval_source_names",
     "gsm8k_answer",
+    "held_out",
     "last_boxed",
     "load_benchmark",
+    "load_eval_sets",
+    "load_train_problems",
     "make_problems",
     "read_problems",
     "read_sft_pairs",
     "render_prompt_texts",
     "render_prompts",
     "sft_messages",
+    "sft_pairs",
     "source_format",
+    "synthetic_kwargs",
+    "system_prompt",
     "write_verl_parquet",
 ]

@@ -139,6 +139,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many shards the rows of a batch are split into (the product of the `batch` rule's axes)."""
+    spec = logical_to_spec(("batch",), mesh)[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Sharding of a `[batch, ...]` array: rows over the data axes, the rest replicated."""
     return named_sharding(mesh, ("batch",) + (None,) * (ndim - 1))

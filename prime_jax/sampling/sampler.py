@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Any, Iterator, Sequence
 
@@ -45,7 +44,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from prime_jax.models.qwen2 import DECODE_BLOCK, KVCache
-from prime_jax.parallel import (batch_sharding, logical_to_spec, named_sharding, put_replicated, put_rows, replicated,
+from prime_jax.parallel import (batch_shards, batch_sharding, named_sharding, put_replicated, put_rows, replicated,
                                 shard_state, state_shardings, to_host, under_mesh)
 from prime_jax.sampling.decode import PAD_ID, DecodeSpec, DecodeState, decode_fn, prefill_fn
 from prime_jax.sampling.rollouts import Rollouts
@@ -160,11 +159,7 @@ class Sampler:
     @property
     def data_parallel_size(self) -> int:
         """How many shards the batch rows are split into on the mesh (1 without a mesh)."""
-        if self.mesh is None:
-            return 1
-        spec = logical_to_spec(("batch",), self.mesh)[0]
-        axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-        return math.prod(self.mesh.shape[a] for a in axes)
+        return 1 if self.mesh is None else batch_shards(self.mesh)
 
     def buckets(self, num_prompts: int, max_prompt_len: int) -> tuple[int, int]:
         """(bucketed prompt batch G, bucketed prompt length P) for a call."""
