@@ -11,6 +11,7 @@ by the run's own `train.builder.RunBuilder` and compiled through their public pa
   sample/prefill  `Sampler.compile`: prefill of one rollout attempt's prompts (KV cache out)
   sample/decode   `Sampler.compile`: the while_loop decode over the sharded KV cache
   score           `TrainSteps.score.lower`: the log-probs the loop scores (old and/or reference)
+  prm score       the same: the PRM's own scoring pass (algo.prm_update before / reverse / none)
   prm update      `TrainSteps.prm.lower`: one PRM mini-batch (grad accumulation + AdamW)
   policy update   `TrainSteps.policy.lower`: one PPO mini-batch
 
@@ -167,18 +168,15 @@ def _build_and_compile(config, devices, targets, headroom, programs, sample_prom
     import jax
     import jax.numpy as jnp
 
-    from prime_jax.parallel import mesh_from_config, mesh_preset, with_shardings
-    from prime_jax.train.builder import RunBuilder, abstract_model
-    from prime_jax.train.state import split_params
+    from prime_jax.parallel import mesh_from_config, mesh_preset
+    from prime_jax.train.builder import RunBuilder, abstract_params
 
     c = config
     mesh = mesh_from_config(c, devices)
     builder = RunBuilder(c, mesh)
     mcfg = builder.model_config(download=False)  # the plan needs no weights: hub ids are not downloaded
-    model = abstract_model(mcfg)
-    steps = builder.train_steps(model)
-    graphdef, params = split_params(model)
-    params = with_shardings(params, steps.param_shardings)
+    graphdef, params = abstract_params(mcfg, mesh)
+    steps = builder.train_steps((graphdef, params))
     ledger = _Ledger(_resident(builder, params))
     grads_b = _shard_bytes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding),
                                         params))
@@ -232,27 +230,25 @@ def _sampler_phases(builder, model, programs, sample_prompts, ledger, log) -> No
 
 
 def _train_phases(builder, steps, params, programs, ledger, log, grads_b) -> None:
-    """The score, PRM and policy programs, lowered through the train steps' public `lower`."""
-    from prime_jax.train.steps import POLICY_KEYS, PRM_KEYS, SCORE_KEYS
-
+    """The scoring, PRM and policy programs, lowered through the train steps' public `lower`."""
     c, dp, k = builder.config, builder.data_parallel, builder.config.batch.micro_batches
     P, R = builder.prompt_width, c.rollout.max_new_tokens
-    fields = builder.scored_fields()
-    if "score" in programs and fields:  # (the loop scores nothing when the sampler's log-probs suffice)
-        rows = c.batch.score_batch
-        log(f"score: {rows} rows x {P}+{R} tokens: {', '.join(fields)}")
-        args = (params if "old_logprobs" in fields else None, None, params if "ref_logprobs" in fields else None,
-                builder.abstract_batch(rows, SCORE_KEYS))
+    for name, (rows, scored) in builder.score_calls().items():
+        if name not in programs:
+            continue
+        models = [m for m, on in zip(("policy", "PRM", "reference"), scored) if on]
+        detail = f"{rows} responses x {P}+{R} tokens: {', '.join(models)} log-probs ({rows / dp:g} rows/device)"
+        log(f"{name}: {detail}")
+        args = (*(params if on else None for on in scored), builder.abstract_batch(name, rows))
         mem = _compile(steps.score, args, log)
-        ledger.add("score", f"{rows} responses x {P}+{R} tokens: {', '.join(fields)} ({rows / dp:g} rows/device)",
-                   mem, ledger.resident["policy_params"] * len(fields), rows_per_device=rows / dp)
-    for name, field, keys in (("prm", "prm_mini_batch", PRM_KEYS), ("policy", "mini_batch", POLICY_KEYS)):
+        ledger.add(name, detail, mem, ledger.resident["policy_params"] * len(models), rows_per_device=rows / dp)
+    for name, field in (("prm", "prm_mini_batch"), ("policy", "mini_batch")):
         if name not in programs or (name == "prm" and not builder.updates_prm):
             continue
         rows = c.batch[field]
         log(f"{name}: {rows} rows, {k} micro-batches")
         state = builder.abstract_train_state(params, name)
-        mem = _compile(getattr(steps, name), (state, builder.abstract_batch(rows, keys)), log)
+        mem = _compile(getattr(steps, name), (state, builder.abstract_batch(name, rows)), log)
         ledger.add(name, f"mini-batch {rows} in {k} micro-batches ({rows / k / dp:g} rows/device)", mem,
                    ledger.resident[f"{name}_params"] + ledger.resident[f"{name}_opt"], grads=grads_b,
                    rows_per_device=rows / k / dp)

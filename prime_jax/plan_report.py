@@ -13,11 +13,12 @@ import math
 from prime_jax.parallel import HBM_GIB
 
 GIB = float(1 << 30)
-PROGRAMS = ("prefill", "decode", "score", "prm", "policy")
+PROGRAMS = ("prefill", "decode", "score", "prm_score", "prm", "policy")
 PHASE_TITLES = {
     "prefill": "sample/prefill",
     "decode": "sample/decode",
     "score": "score",
+    "prm_score": "PRM score",
     "prm": "PRM update",
     "policy": "policy update",
 }
@@ -142,8 +143,6 @@ def suggest(report: PlanReport, config, *, dp: int) -> dict:
     """For each target that some phase does not fit: what to change (estimates; rerun to confirm)."""
     out: dict[str, list[str]] = {}
     c = config
-    k = c.batch.micro_batches
-    devices = report.devices
     tensor = report.mesh.get("tensor", 1)
     chosen = [report.primary] if report.primary else list(report.targets)
     for target in chosen:
@@ -160,16 +159,17 @@ def suggest(report: PlanReport, config, *, dp: int) -> dict:
             continue
         for p in report.failing(target):
             fixed = p.params + p.opt_state + p.grads
-            if p.name in ("policy", "prm", "score"):
+            if p.name in ("policy", "prm", "score", "prm_score"):
                 per_row = p.activations / max(p.rows_per_device, 1e-9)
                 rows_fit = (budget - fixed - p.kv_cache) / per_row if per_row > 0 else float("inf")
-                field = {"policy": "mini_batch", "prm": "prm_mini_batch", "score": "score_batch"}[p.name]
+                field = {"policy": "mini_batch", "prm": "prm_mini_batch", "score": "score_batch",
+                         "prm_score": "prm_mini_batch"}[p.name]
                 rows_total = c.batch[field]
                 if rows_fit >= 1 and p.rows_per_device > 1:
                     rows_dev = 2 ** int(math.floor(math.log2(min(rows_fit, p.rows_per_device))))
                     est = f"est. peak {(fixed + p.kv_cache + per_row * rows_dev) / GIB:.1f} GiB"
-                    if p.name == "score":
-                        items.append(f"{PHASE_TITLES[p.name]}: batch.score_batch={rows_dev * dp} "
+                    if p.name in ("score", "prm_score"):
+                        items.append(f"{PHASE_TITLES[p.name]}: batch.{field}={rows_dev * dp} "
                                      f"({rows_dev} rows/device per scoring call; {est})")
                     else:
                         new_k = int(rows_total // (rows_dev * dp))

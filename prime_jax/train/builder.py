@@ -36,6 +36,7 @@ from prime_jax.config import RANDOM_MODEL, TINY_TOKENIZER
 from prime_jax.models import Qwen2Config, Qwen2ForCausalLM, from_pretrained, load_config
 from prime_jax.parallel import batch_sharding, replicated, shard_state, with_shardings
 from prime_jax.sampling import Sampler
+from prime_jax.train.batch import PrimeBatch
 from prime_jax.train.state import abstract_train_state, make_optimizer, split_params, train_state_shardings
 from prime_jax.train.steps import TrainSteps, make_train_steps
 
@@ -217,18 +218,46 @@ class RunBuilder:
         return tuple(f for f, on in (("old_logprobs", c.algo.recompute_old_logprobs),
                                      ("ref_logprobs", self.uses_prm)) if on)
 
-    def abstract_batch(self, rows: int, keys: Sequence[str], response_len: int | None = None) -> dict:
-        """A training batch of `rows` rows as sharded `ShapeDtypeStruct`s: prompts in
-        `prompt_width` columns, responses in `response_len` (default rollout.max_new_tokens, the
-        longest bucket)."""
+    def score_calls(self) -> dict[str, tuple[int, tuple[bool, bool, bool]]]:
+        """The scoring programs the loop runs, {name: (rows, which of (policy, PRM, reference) it
+        scores)}: "score" (`scored_fields` of batch.score_batch rows) and, when the PRM's q comes
+        from a scoring pass of its own (algo.prm_update before / reverse / none), "prm_score"
+        (the PRM's log-probs of batch.prm_mini_batch rows, `prm_phase.score_q`)."""
+        c, fields = self.config, self.scored_fields()
+        calls = {}
+        if fields:
+            calls["score"] = (c.batch.score_batch, ("old_logprobs" in fields, False, "ref_logprobs" in fields))
+        if self.uses_prm and c.algo.prm_update in ("before", "reverse", "none"):
+            calls["prm_score"] = (c.batch.prm_mini_batch, (False, True, False))
+        return calls
+
+    def batch_fields(self, program: str) -> tuple[str, ...]:
+        """The `PrimeBatch` fields set when the loop calls `program` ("score", "prm_score", "prm",
+        "policy"): they are the program's inputs (a field not set yet is an empty pytree node)."""
+        c = self.config
+        fields = ["prompt_ids", "prompt_mask", "response_ids", "response_mask"]
+        if program != "score" or not c.rollout.overlap_scoring:  # overlapped: scored before grading
+            fields.append("outcome")
+        fields.append("old_logprobs")  # the sampler's, or scored (before any update)
+        if program == "score":
+            fields = [f for f in fields if f != "old_logprobs" or not c.algo.recompute_old_logprobs]
+        elif self.uses_prm:
+            fields.append("ref_logprobs")
+        if program == "policy":
+            fields.append("advantages")
+        return tuple(fields)
+
+    def abstract_batch(self, program: str, rows: int, response_len: int | None = None) -> PrimeBatch:
+        """The batch of `rows` rows the loop passes to `program` (`batch_fields`), as sharded
+        `ShapeDtypeStruct`s: prompts in `prompt_width` columns, responses in `response_len`
+        (default rollout.max_new_tokens, the longest bucket)."""
         columns = {"prompt": self.prompt_width, "response": response_len or self.config.rollout.max_new_tokens}
         sharding = batch_sharding(self.mesh, 1)
         out = {}
-        for k in keys:
+        for k in self.batch_fields(program):
             kind, dtype = BATCH_FIELDS[k]
-            shape = (rows, columns[kind]) if kind else (rows,)
-            out[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-        return out
+            out[k] = jax.ShapeDtypeStruct((rows, columns[kind]) if kind else (rows,), dtype, sharding=sharding)
+        return PrimeBatch(**out)
 
     def abstract_train_state(self, params, which: str):
         """The sharded shapes of the `which` ("policy" | "prm") TrainState."""
