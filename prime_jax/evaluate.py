@@ -255,6 +255,27 @@ def resolve_tokenizer_path(config, spec: CheckpointSpec, workdir: Path, override
 # ----------------------------------------------------------------------------------------------
 # The evaluation
 # ----------------------------------------------------------------------------------------------
+def _prm_scorer(prm: str, reference: str, config, mesh, settings, *, vocab_size: int):
+    """(PRMScorer, info) of --prm / --reference for best-of-n, or (None, {}) without --prm."""
+    from prime_jax import eval_lib
+
+    if not prm:
+        return None, {}
+    if settings.n < 2:
+        raise ValueError("--prm (best-of-n) needs --n >= 2")
+    prm_spec = resolve_checkpoint(prm)
+    if prm_spec.kind == "hf" and Path(prm_spec.path).name == "hf_export":
+        raise ValueError(f"--prm={prm}: {prm_spec.path} is the exported policy, not a PRM (pass a workdir "
+                         "with checkpoints/, or an HF PRM folder)")
+    prm_model = load_model(prm_spec, config, mesh, vocab_size=vocab_size, which="prm")
+    ref_model = load_reference(resolve_checkpoint(reference), prm_spec, config, mesh, vocab_size=vocab_size)
+    # raw logits, as the trainer scores the PRM and its reference (PRIME_SPEC: no temperature)
+    scorer = eval_lib.PRMScorer(prm_model, ref_model, mesh=mesh, chunk_size=config.model.logprob_chunk,
+                                batch_size=max(1, min(config.batch.score_batch, 256)))
+    return scorer, {"prm": prm_spec.describe(), "reference": reference or "(default)",
+                    "prm_logprobs": "raw logits (temperature 1)"}
+
+
 def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: str | Sequence[str] = "",
              limit: int | None = None, n: int = 1, temperature: float | None = None, top_p: float | None = None,
              max_new_tokens: int | None = None, batch_size: int | None = None, seed: int | None = None,
@@ -299,23 +320,7 @@ def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: s
     stop_ids = eos_token_ids(tokenizer)
     logger.info("model %s, tokenizer %s, mesh %s, %s", spec.describe(), tok_path, dict(mesh.shape), settings)
 
-    prm_scorer, prm_info = None, {}
-    if prm:
-        if settings.n < 2:
-            raise ValueError("--prm (best-of-n) needs --n >= 2")
-        prm_spec = resolve_checkpoint(prm)
-        if prm_spec.kind == "hf" and Path(prm_spec.path).name == "hf_export":
-            raise ValueError(f"--prm={prm}: {prm_spec.path} is the exported policy, not a PRM (pass a workdir "
-                             "with checkpoints/, or an HF PRM folder)")
-        prm_model = load_model(prm_spec, config, mesh, vocab_size=len(tokenizer), which="prm")
-        ref_spec = resolve_checkpoint(reference)
-        ref_model = load_reference(ref_spec, prm_spec, config, mesh, vocab_size=len(tokenizer))
-        # raw logits, as the trainer scores the PRM and its reference (PRIME_SPEC: no temperature)
-        prm_scorer = eval_lib.PRMScorer(prm_model, ref_model, mesh=mesh,
-                                        chunk_size=config.model.logprob_chunk,
-                                        batch_size=max(1, min(config.batch.score_batch, 256)))
-        prm_info = {"prm": prm_spec.describe(), "reference": reference or "(default)",
-                    "prm_logprobs": "raw logits (temperature 1)"}
+    prm_scorer, prm_info = _prm_scorer(prm, reference, config, mesh, settings, vocab_size=len(tokenizer))
 
     sampler = Sampler(mesh, min_prompt_bucket=MIN_PROMPT_BUCKET)
     key = jax.random.PRNGKey(settings.seed)

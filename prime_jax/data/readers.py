@@ -252,17 +252,7 @@ def read_problems(
 
     rows = iter(rows)
     if fmt is None:
-        head = list(itertools.islice(rows, 64))
-        votes = collections.Counter(f for f in (detect_format(r) for _, r in head) if f)
-        rows = itertools.chain(head, rows)
-        if votes:
-            fmt = votes.most_common(1)[0][0]
-        elif any(isinstance(r, dict) for _, r in head):
-            fields = next(sorted(r) for _, r in head if isinstance(r, dict))
-            raise DataError(f"{label}: cannot detect the data format from the fields {fields}; set data.format "
-                            f"(--config.data.format=NAME) to one of: {format_layouts()}")
-        else:
-            fmt = "verl"  # nothing readable in the head: every row is skipped below anyway
+        rows, fmt = _detect_rows_format(rows, label)
     fmt = _canonical_fmt(fmt)
     parse = _PARSERS[fmt]
     src = source or fmt
@@ -288,6 +278,20 @@ def read_problems(
         stats.keep()
     stats.log()
     return problems, stats
+
+
+def _detect_rows_format(rows: Iterator, label: str) -> tuple[Iterator, str]:
+    """(the same rows, their format) by a vote of the first 64 rows' fields."""
+    head = list(itertools.islice(rows, 64))
+    votes = collections.Counter(f for f in (detect_format(r) for _, r in head) if f)
+    rows = itertools.chain(head, rows)
+    if votes:
+        return rows, votes.most_common(1)[0][0]
+    if any(isinstance(r, dict) for _, r in head):
+        fields = next(sorted(r) for _, r in head if isinstance(r, dict))
+        raise DataError(f"{label}: cannot detect the data format from the fields {fields}; set data.format "
+                        f"(--config.data.format=NAME) to one of: {format_layouts()}")
+    return rows, "verl"  # nothing readable in the head: every row is skipped by the reader anyway
 
 
 def write_verl_parquet(problems: Iterable[Problem], path: str | os.PathLike, split: str = "train") -> None:
