@@ -81,6 +81,7 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
     from prime_jax.rewards import RewardPool
     from prime_jax.rewards.math import extract_answer
     from prime_jax.sampling import Sampler
+    from prime_jax.train.builder import MIN_PROMPT_BUCKET
 
     t0 = time.perf_counter()
     config = load_run_config(config_path, workdir)
@@ -104,7 +105,7 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
                     code_timeout=config.reward.timeout_s) as pool:
         for name, problems in sets.items():
             ids, kept, _ = render_prompts(problems, tokenizer, settings.max_prompt_tokens)
-            gen = eval_lib.generate_responses(Sampler(mesh, min_prompt_bucket=16), policy, tokenizer, ids, settings,
+            gen = eval_lib.generate_responses(Sampler(mesh, min_prompt_bucket=MIN_PROMPT_BUCKET), policy, tokenizer, ids, settings,
                                               stop_token_ids=eos_token_ids(tokenizer),
                                               key=eval_lib.benchmark_key(jax.random.PRNGKey(settings.seed), name))
             graded = pool.score([(gen.texts[r], kept[r // n].ground_truth, kept[r // n].ability)
