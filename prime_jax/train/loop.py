@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -185,6 +185,25 @@ def process_rewards_and_advantages(q, outcome, response_mask, *, estimator: str,
     return q_norm, advantages, stats
 
 
+@dataclasses.dataclass
+class RunData:
+    """What a run reads before it trains: the tokenizer, the eval sets, the training prompts."""
+
+    tokenizer: Any
+    eval_sets: dict[str, list[Problem]]
+    prompts: PromptSource
+
+    @classmethod
+    def load(cls, builder: RunBuilder, layout: RunLayout, is_main: bool) -> "RunData":
+        """Raises DataError for unusable data (no usable row, no prompt that fits)."""
+        c = builder.config
+        tokenizer = builder.tokenizer(layout, is_main)
+        eval_sets, _ = load_eval_sets(c)
+        exclude = held_out(eval_sets) if c.data.train == SYNTHETIC else set()
+        prompts = PromptSource(load_train_problems(c, exclude), tokenizer, c.data.max_prompt_tokens, c.seed)
+        return cls(tokenizer, eval_sets, prompts)
+
+
 # ==============================================================================================
 # The trainer
 # ==============================================================================================
@@ -194,7 +213,8 @@ class Trainer:
     `reference`: the frozen reference params (the SFT stage's, `warm_start.reference_params`);
     policy and PRM start from them. `Trainer.create` runs that stage first."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, mesh, reference):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, mesh, reference,
+                 data: RunData | None = None):
         self.config = c = config
         self.layout = RunLayout(workdir)
         self.workdir = self.layout.workdir
@@ -208,11 +228,9 @@ class Trainer:
         self.uses_process_rewards = builder.uses_prm
         self.prompt_width = builder.prompt_width
 
-        self.tokenizer = builder.tokenizer(self.layout, self.is_main)
+        data = data or RunData.load(builder, self.layout, self.is_main)
+        self.tokenizer, self.eval_sets, self.prompts = data.tokenizer, data.eval_sets, data.prompts
         self.stop_ids = eos_token_ids(self.tokenizer)
-        self.eval_sets, _ = load_eval_sets(c)
-        exclude = held_out(self.eval_sets) if c.data.train == SYNTHETIC else set()
-        self.prompts = PromptSource(load_train_problems(c, exclude), self.tokenizer, c.data.max_prompt_tokens, c.seed)
 
         self.graphdef, _ = split_params(abstract_model(builder.model_config(len(self.tokenizer))))
         self.ref_params = reference
@@ -243,8 +261,10 @@ class Trainer:
 
     @classmethod
     def create(cls, config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> "Trainer":
-        """The SFT stage (`warm_start.reference_params`: trained once, then restored), then the trainer."""
-        return cls(config, workdir, mesh, reference_params(config, workdir, mesh))
+        """The run's data (bad data fails here, before any training), the SFT stage
+        (`warm_start.reference_params`: trained once, then restored), then the trainer."""
+        data = RunData.load(RunBuilder(config, mesh), RunLayout(workdir), is_logging_process())
+        return cls(config, workdir, mesh, reference_params(config, workdir, mesh), data)
 
     def _restore(self) -> None:
         """The newest intact checkpoint (damaged newer ones are reported and moved aside)."""
