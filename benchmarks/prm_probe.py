@@ -74,14 +74,14 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
     import jax
 
     from prime_jax import eval_lib
-    from prime_jax.data import render_prompts
-    from prime_jax.evaluate import (_run_reference, eval_settings, load_benchmarks, load_model, resolve_checkpoint,
-                                    resolve_tokenizer_path)
+    from prime_jax.data import load_eval_sets, render_prompts
+    from prime_jax.evaluate import _run_reference, load_model, resolve_checkpoint, resolve_tokenizer_path
     from prime_jax.models.tokenizer import eos_token_ids, load_tokenizer
     from prime_jax.parallel import mesh_from_config
     from prime_jax.rewards import RewardPool
     from prime_jax.rewards.math import extract_answer
     from prime_jax.sampling import Sampler
+    from prime_jax.train.builder import MIN_PROMPT_BUCKET
 
     t0 = time.perf_counter()
     config = load_run_config(config_path, workdir)
@@ -94,9 +94,9 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
     policy = load_model(spec, config, mesh, vocab_size=vocab, which="policy")
     prm = load_model(spec, config, mesh, vocab_size=vocab, which="prm")
     ref = _run_reference(workdir, config, mesh, vocab)
-    settings = eval_settings(config, n=n, temperature=config.rollout.temperature if temperature is None else temperature,
-                             seed=seed)
-    sets, _ = load_benchmarks(config, [s.strip() for s in config.data.eval.split(",") if s.strip()], limit)
+    settings = eval_lib.settings_from_config(
+        config, n=n, temperature=config.rollout.temperature if temperature is None else temperature, seed=seed)
+    sets, _ = load_eval_sets(config, limit=limit)
     scorers = {"prm": eval_lib.PRMScorer(prm, ref, mesh=mesh), "policy_log_ratio": eval_lib.PRMScorer(policy, ref, mesh=mesh),
                "ref_logprob": eval_lib.PRMScorer(ref, None, mesh=mesh)}
     out = {"workdir": str(workdir), "checkpoint_step": spec.step, "n": n, "temperature": settings.temperature,
@@ -105,7 +105,7 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
                     code_timeout=config.reward.timeout_s) as pool:
         for name, problems in sets.items():
             ids, kept, _ = render_prompts(problems, tokenizer, settings.max_prompt_tokens)
-            gen = eval_lib.generate_responses(Sampler(mesh, min_prompt_bucket=16), policy, tokenizer, ids, settings,
+            gen = eval_lib.generate_responses(Sampler(mesh, min_prompt_bucket=MIN_PROMPT_BUCKET), policy, tokenizer, ids, settings,
                                               stop_token_ids=eos_token_ids(tokenizer),
                                               key=eval_lib.benchmark_key(jax.random.PRNGKey(settings.seed), name))
             graded = pool.score([(gen.texts[r], kept[r // n].ground_truth, kept[r // n].ability)

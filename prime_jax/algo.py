@@ -51,6 +51,7 @@ __all__ = [
     "revcumsum",
     "ADVANTAGE_ESTIMATORS",
     "register_advantage_estimator",
+    "needs_prm",
     "compute_advantages",
 ]
 
@@ -553,22 +554,34 @@ def q_sums_by_outcome(q, response_mask, outcome, threshold: float = 0.5) -> Tupl
 # ----------------------------------------------------------------------------------------------
 AdvantageEstimator = Callable[..., jax.Array]
 ADVANTAGE_ESTIMATORS: Dict[str, AdvantageEstimator] = {}
+#: Estimators that read no process rewards: a run with one trains no PRM and scores no reference.
+PRM_FREE_ESTIMATORS: set = set()
 
 
-def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+def register_advantage_estimator(name: str, *, needs_prm: bool = True
+                                 ) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
     """Decorator: register ``fn`` under ``name`` in ``ADVANTAGE_ESTIMATORS``.
 
     An estimator is called as ``fn(*, process_rewards [B,T], outcome [B], response_mask [B,T],
     n, process_coef=1.0, outcome_coef=1.0) -> advantages [B,T]`` (float32, 0 on padding).
+    needs_prm=False: it ignores ``process_rewards`` (see ``needs_prm``).
     """
 
     def deco(fn: AdvantageEstimator) -> AdvantageEstimator:
         if name in ADVANTAGE_ESTIMATORS and ADVANTAGE_ESTIMATORS[name] is not fn:
             raise ValueError(f"advantage estimator {name!r} is already registered")
         ADVANTAGE_ESTIMATORS[name] = fn
+        (PRM_FREE_ESTIMATORS.discard if needs_prm else PRM_FREE_ESTIMATORS.add)(name)
         return fn
 
     return deco
+
+
+def needs_prm(name: str) -> bool:
+    """Whether the registered estimator ``name`` reads process rewards (an implicit PRM)."""
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise KeyError(f"unknown advantage estimator {name!r}; registered: {sorted(ADVANTAGE_ESTIMATORS)}")
+    return name not in PRM_FREE_ESTIMATORS
 
 
 def compute_advantages(
@@ -622,7 +635,7 @@ def prime_rloo_advantages(
     return masked_whiten(ret, response_mask)
 
 
-@register_advantage_estimator("outcome_rloo")
+@register_advantage_estimator("outcome_rloo", needs_prm=False)
 def outcome_rloo_advantages(
     *, process_rewards, outcome, response_mask, n, process_coef=1.0, outcome_coef=1.0
 ) -> jax.Array:

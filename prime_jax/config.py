@@ -44,7 +44,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.total_steps = 240  # PRIME iterations (0: only SFT + the step-0 eval)
     c.eval_every = 16  # held-out eval after every k-th step (also at step 0 and the last); 0: start/end only
     c.checkpoint_every = 16  # checkpoint after every k-th step (also the last); 0: only the last
+    _model_and_data_sections(c)
+    _sampling_and_algorithm_sections(c)
+    _system_sections(c)
+    return c
 
+
+def _model_and_data_sections(c: ml_collections.ConfigDict) -> None:
+    """model, tokenizer, data (with the synthetic task)."""
     # The policy (and PRM, and frozen reference): all three start from the same weights.
     c.model = ml_collections.ConfigDict()
     c.model.path = RANDOM_MODEL  # HF folder or hub id (config.json + safetensors), or "random" (shape below)
@@ -88,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic.max_factor = 0  # largest multiplier (0: the preset's)
     c.data.synthetic.max_value = 999  # every intermediate value and answer lies in [0, max_value]
 
+
+def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
+    """rollout, algo, the two optimizers, batch."""
     c.rollout = ml_collections.ConfigDict()
     c.rollout.n = 4  # samples per prompt (>= 2 for leave-one-out baselines)
     c.rollout.temperature = 1.0  # sampling temperature of training rollouts (> 0)
@@ -148,6 +158,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch.micro_batches = 1  # gradient-accumulation splits of each mini-batch
     c.batch.score_batch = 256  # responses per log-prob (scoring) forward pass (multiple of n and of mesh data*fsdp)
 
+
+def _system_sections(c: ml_collections.ConfigDict) -> None:
+    """mesh, distributed, sft, checkpoint, reward, logging, debug."""
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel axis size (-1: the devices left over)
     c.mesh.fsdp = 1  # parameter-sharding axis size
@@ -195,7 +208,6 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.debug = ml_collections.ConfigDict()
     c.debug.inject_nan_step = 0  # fault injection for tests: NaN old log-probs in this step's batch (0: off)
-    return c
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,6 +261,34 @@ def validate(config, *, num_devices: int | None = None) -> None:
 
     num_devices: the device count the mesh must match (default: ``jax.device_count()``).
     """
+    _check_schema(config)
+    for section in (_check_run, _check_model, _check_tokenizer, _check_data, _check_rollout, _check_algo,
+                    _check_optimizers, _check_batch):
+        section(config)
+    _check_mesh(config, num_devices)
+    _check_sft(config)
+    _check_outputs(config)
+
+
+def _check(field: str, ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(field, message)
+
+
+def _positive(field: str, value) -> None:
+    _check(field, value > 0, f"must be > 0, got {value!r}")
+
+
+def _non_negative(field: str, value) -> None:
+    _check(field, value >= 0, f"must be >= 0, got {value!r}")
+
+
+def _one_of(field: str, value, choices) -> None:
+    _check(field, value in choices, f"must be one of {list(choices)}, got {value!r}")
+
+
+def _check_schema(config) -> None:
+    """No unknown or missing field; every value of its default's type."""
     schema = _flatten(base_config())
     values = _flatten(config)
     for name in values:
@@ -270,175 +310,182 @@ def validate(config, *, num_devices: int | None = None) -> None:
         if not ok:
             raise ConfigError(name, f"expected {type(default).__name__}, got {value!r}")
 
-    c = config
 
-    def check(field: str, ok: bool, message: str):
-        if not ok:
-            raise ConfigError(field, message)
+def _check_run(c) -> None:
+    """name, seed, step counts."""
+    _check("name", bool(re.fullmatch(r"[A-Za-z0-9_.+-]+", c.name)), f"must be a non-empty file-name-safe word, got {c.name!r}")
+    _non_negative("seed", c.seed)
+    _non_negative("total_steps", c.total_steps)
+    _non_negative("eval_every", c.eval_every)
+    _non_negative("checkpoint_every", c.checkpoint_every)
 
-    def positive(field: str, value):
-        check(field, value > 0, f"must be > 0, got {value!r}")
 
-    def non_negative(field: str, value):
-        check(field, value >= 0, f"must be >= 0, got {value!r}")
-
-    def one_of(field: str, value, choices):
-        check(field, value in choices, f"must be one of {list(choices)}, got {value!r}")
-
-    # top level
-    check("name", bool(re.fullmatch(r"[A-Za-z0-9_.+-]+", c.name)), f"must be a non-empty file-name-safe word, got {c.name!r}")
-    non_negative("seed", c.seed)
-    non_negative("total_steps", c.total_steps)
-    non_negative("eval_every", c.eval_every)
-    non_negative("checkpoint_every", c.checkpoint_every)
-
-    # model
+def _check_model(c) -> None:
+    """The model section (a 'random' model's shape; a checkpoint folder exists)."""
     m = c.model
     if m.path != RANDOM_MODEL:
-        check("model.path", bool(m.path.strip()), "is empty (use a checkpoint folder, a hub id or 'random')")
+        _check("model.path", bool(m.path.strip()), "is empty (use a checkpoint folder, a hub id or 'random')")
         _check_model_dir("model.path", m.path, "model")
-    one_of("model.dtype", m.dtype, DTYPES)
-    one_of("model.param_dtype", m.param_dtype, DTYPES)
-    one_of("model.remat", m.remat, REMAT_POLICIES)
-    positive("model.logprob_chunk", m.logprob_chunk)
-    non_negative("model.vocab_size", m.vocab_size)
+    _one_of("model.dtype", m.dtype, DTYPES)
+    _one_of("model.param_dtype", m.param_dtype, DTYPES)
+    _one_of("model.remat", m.remat, REMAT_POLICIES)
+    _positive("model.logprob_chunk", m.logprob_chunk)
+    _non_negative("model.vocab_size", m.vocab_size)
     for f in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_position_embeddings"):
-        positive(f"model.{f}", m[f])
-    non_negative("model.head_dim", m.head_dim)
-    positive("model.rope_theta", m.rope_theta)
-    check("model.num_heads", m.num_heads % m.num_kv_heads == 0,
+        _positive(f"model.{f}", m[f])
+    _non_negative("model.head_dim", m.head_dim)
+    _positive("model.rope_theta", m.rope_theta)
+    _check("model.num_heads", m.num_heads % m.num_kv_heads == 0,
           f"{m.num_heads} is not a multiple of model.num_kv_heads ({m.num_kv_heads})")
     if m.head_dim == 0:
-        check("model.hidden_size", m.hidden_size % m.num_heads == 0,
+        _check("model.hidden_size", m.hidden_size % m.num_heads == 0,
               f"{m.hidden_size} is not divisible by model.num_heads ({m.num_heads}); set model.head_dim")
     head = m.head_dim or m.hidden_size // m.num_heads
-    check("model.head_dim", head % 2 == 0, f"head size {head} must be even (rotary embedding)")
+    _check("model.head_dim", head % 2 == 0, f"head size {head} must be even (rotary embedding)")
 
-    # tokenizer
+
+def _check_tokenizer(c) -> None:
+    """tokenizer.path."""
+    m = c.model
     t = c.tokenizer.path
     if t == "":
-        check("tokenizer.path", m.path != RANDOM_MODEL, "is empty but model.path is 'random': name a tokenizer or 'tiny'")
+        _check("tokenizer.path", m.path != RANDOM_MODEL, "is empty but model.path is 'random': name a tokenizer or 'tiny'")
     elif t != TINY_TOKENIZER:
         _check_model_dir("tokenizer.path", t, "tokenizer")
 
-    # data
-    from prime_jax.data.problems import FORMATS, DataError, check_source_name
+
+def _check_data(c) -> None:
+    """Training and eval sources, formats, the synthetic task."""
+    from prime_jax.data import FORMATS, DataError, check_source_name
 
     d = c.data
     for field, sources in (("data.train", [d.train]), ("data.eval", [s.strip() for s in d.eval.split(",")])):
         for s in sources:
-            check(field, bool(s), f"has an empty source in {getattr(d, field.split('.')[1])!r}")
+            _check(field, bool(s), f"has an empty source in {getattr(d, field.split('.')[1])!r}")
             if s != SYNTHETIC and (s.startswith((".", "/", "~")) or s.lower().endswith((".parquet", ".jsonl", ".json"))):
-                check(field, Path(s).expanduser().exists(), f"data file {s!r} does not exist")
+                _check(field, Path(s).expanduser().exists(), f"data file {s!r} does not exist")
             try:  # a misspelt benchmark fails here, not after the hub client's retries
                 if s != SYNTHETIC:
                     check_source_name(s)
             except DataError as e:
                 raise ConfigError(field, str(e)) from None
-    one_of("data.format", d.format, ["auto", *sorted(FORMATS)])
-    check("data.train_split", bool(d.train_split), "is empty")
-    non_negative("data.eval_max_problems", d.eval_max_problems)
-    positive("data.max_prompt_tokens", d.max_prompt_tokens)
-    one_of("data.system_prompt", d.system_prompt, ("keep", "none", "eurus2"))
+    _one_of("data.format", d.format, ["auto", *sorted(FORMATS)])
+    _check("data.train_split", bool(d.train_split), "is empty")
+    _non_negative("data.eval_max_problems", d.eval_max_problems)
+    _positive("data.max_prompt_tokens", d.max_prompt_tokens)
+    _one_of("data.system_prompt", d.system_prompt, ("keep", "none", "eurus2"))
     s = d.synthetic
-    positive("data.synthetic.num_train", s.num_train)
-    positive("data.synthetic.num_eval", s.num_eval)
-    non_negative("data.synthetic.eval_seed", s.eval_seed)
+    _positive("data.synthetic.num_train", s.num_train)
+    _positive("data.synthetic.num_eval", s.num_eval)
+    _non_negative("data.synthetic.eval_seed", s.eval_seed)
     from prime_jax.data.synthetic import DIFFICULTY
 
-    one_of("data.synthetic.difficulty", s.difficulty, sorted(DIFFICULTY))
+    _one_of("data.synthetic.difficulty", s.difficulty, sorted(DIFFICULTY))
     for f in ("min_steps", "max_steps", "max_start", "max_operand", "max_factor"):
-        non_negative(f"data.synthetic.{f}", s[f])
+        _non_negative(f"data.synthetic.{f}", s[f])
     lo = s.min_steps or DIFFICULTY[s.difficulty]["min_steps"]
     hi = s.max_steps or DIFFICULTY[s.difficulty]["max_steps"]
-    check("data.synthetic.max_steps", lo <= hi, f"{hi} < data.synthetic.min_steps ({lo})")
-    check("data.synthetic.max_value", s.max_value >= (s.max_start or DIFFICULTY[s.difficulty]["max_start"]),
+    _check("data.synthetic.max_steps", lo <= hi, f"{hi} < data.synthetic.min_steps ({lo})")
+    _check("data.synthetic.max_value", s.max_value >= (s.max_start or DIFFICULTY[s.difficulty]["max_start"]),
           f"{s.max_value} is below the largest start value")
 
-    # rollout
+
+def _check_rollout(c) -> None:
+    """Sampling settings (and that prompt + response fit the positions)."""
+    m, d = c.model, c.data
     r = c.rollout
-    check("rollout.n", r.n >= 2, f"must be >= 2 (leave-one-out baselines need two samples), got {r.n}")
-    positive("rollout.temperature", r.temperature)
-    check("rollout.top_p", 0 < r.top_p <= 1, f"must be in (0, 1], got {r.top_p}")
-    non_negative("rollout.top_k", r.top_k)
-    positive("rollout.max_new_tokens", r.max_new_tokens)
-    check("rollout.oversample", r.oversample >= 1.0, f"must be >= 1.0, got {r.oversample}")
-    non_negative("rollout.max_refill", r.max_refill)
-    check("rollout.decode_slots", isinstance(r.decode_slots, int) and r.decode_slots >= 0,
+    _check("rollout.n", r.n >= 2, f"must be >= 2 (leave-one-out baselines need two samples), got {r.n}")
+    _positive("rollout.temperature", r.temperature)
+    _check("rollout.top_p", 0 < r.top_p <= 1, f"must be in (0, 1], got {r.top_p}")
+    _non_negative("rollout.top_k", r.top_k)
+    _positive("rollout.max_new_tokens", r.max_new_tokens)
+    _check("rollout.oversample", r.oversample >= 1.0, f"must be >= 1.0, got {r.oversample}")
+    _non_negative("rollout.max_refill", r.max_refill)
+    _check("rollout.decode_slots", isinstance(r.decode_slots, int) and r.decode_slots >= 0,
           f"must be a whole number of slots >= 0 (0: one per response), got {r.decode_slots!r}")
-    non_negative("rollout.eval_temperature", r.eval_temperature)
-    non_negative("rollout.eval_max_new_tokens", r.eval_max_new_tokens)
-    positive("rollout.eval_batch", r.eval_batch)
-    check("data.max_prompt_tokens", d.max_prompt_tokens + max(r.max_new_tokens, r.eval_max_new_tokens) <= m.max_position_embeddings
+    _non_negative("rollout.eval_temperature", r.eval_temperature)
+    _non_negative("rollout.eval_max_new_tokens", r.eval_max_new_tokens)
+    _positive("rollout.eval_batch", r.eval_batch)
+    _check("data.max_prompt_tokens", d.max_prompt_tokens + max(r.max_new_tokens, r.eval_max_new_tokens) <= m.max_position_embeddings
           or m.path != RANDOM_MODEL,
           f"{d.max_prompt_tokens} + rollout.max_new_tokens exceeds model.max_position_embeddings ({m.max_position_embeddings})")
 
-    # algo
+
+def _check_algo(c) -> None:
+    """PRIME's algorithm settings."""
     a = c.algo
     from prime_jax.algo import ADVANTAGE_ESTIMATORS, PRM_LOSS_TYPES  # jax-only module; cheap
 
-    one_of("algo.estimator", a.estimator, sorted(ADVANTAGE_ESTIMATORS))
-    positive("algo.beta", a.beta)
-    check("algo.clip_eps", 0 < a.clip_eps < 1, f"must be in (0, 1), got {a.clip_eps}")
-    non_negative("algo.process_coef", a.process_coef)
-    non_negative("algo.outcome_coef", a.outcome_coef)
-    check("algo.filter_low", 0 <= a.filter_low <= 1, f"must be in [0, 1], got {a.filter_low}")
-    check("algo.filter_high", a.filter_low <= a.filter_high <= 1,
+    _one_of("algo.estimator", a.estimator, sorted(ADVANTAGE_ESTIMATORS))
+    _positive("algo.beta", a.beta)
+    _check("algo.clip_eps", 0 < a.clip_eps < 1, f"must be in (0, 1), got {a.clip_eps}")
+    _non_negative("algo.process_coef", a.process_coef)
+    _non_negative("algo.outcome_coef", a.outcome_coef)
+    _check("algo.filter_low", 0 <= a.filter_low <= 1, f"must be in [0, 1], got {a.filter_low}")
+    _check("algo.filter_high", a.filter_low <= a.filter_high <= 1,
           f"must be in [algo.filter_low, 1] = [{a.filter_low}, 1], got {a.filter_high}")
-    one_of("algo.agg", a.agg, AGGREGATIONS)
-    one_of("algo.prm_update", a.prm_update, PRM_UPDATE_MODES)
-    one_of("algo.prm_loss", a.prm_loss, PRM_LOSS_TYPES)
-    one_of("algo.prm_ref", a.prm_ref, ("freeze", "policy"))
+    _one_of("algo.agg", a.agg, AGGREGATIONS)
+    _one_of("algo.prm_update", a.prm_update, PRM_UPDATE_MODES)
+    _one_of("algo.prm_loss", a.prm_loss, PRM_LOSS_TYPES)
+    _one_of("algo.prm_ref", a.prm_ref, ("freeze", "policy"))
 
-    # optimizers
+
+def _check_optimizers(c) -> None:
+    """policy_optim and prm_optim."""
     for o in ("policy_optim", "prm_optim"):
         opt = c[o]
-        non_negative(f"{o}.lr", opt.lr)
-        non_negative(f"{o}.weight_decay", opt.weight_decay)
-        non_negative(f"{o}.clip_norm", opt.clip_norm)
-        check(f"{o}.b1", 0 <= opt.b1 < 1, f"must be in [0, 1), got {opt.b1}")
-        check(f"{o}.b2", 0 <= opt.b2 < 1, f"must be in [0, 1), got {opt.b2}")
-        positive(f"{o}.eps", opt.eps)
-        non_negative(f"{o}.warmup_steps", opt.warmup_steps)
+        _non_negative(f"{o}.lr", opt.lr)
+        _non_negative(f"{o}.weight_decay", opt.weight_decay)
+        _non_negative(f"{o}.clip_norm", opt.clip_norm)
+        _check(f"{o}.b1", 0 <= opt.b1 < 1, f"must be in [0, 1), got {opt.b1}")
+        _check(f"{o}.b2", 0 <= opt.b2 < 1, f"must be in [0, 1), got {opt.b2}")
+        _positive(f"{o}.eps", opt.eps)
+        _non_negative(f"{o}.warmup_steps", opt.warmup_steps)
 
-    # batch
+
+def _check_batch(c) -> None:
+    """Batch sizes: whole groups of rollout.n, dividing the step's rows."""
+    r = c.rollout
     b = c.batch
-    positive("batch.prompts_per_step", b.prompts_per_step)
-    positive("batch.micro_batches", b.micro_batches)
+    _positive("batch.prompts_per_step", b.prompts_per_step)
+    _positive("batch.micro_batches", b.micro_batches)
     rows = b.prompts_per_step * r.n
     for f in ("mini_batch", "prm_mini_batch", "score_batch"):
         size = b[f]
-        positive(f"batch.{f}", size)
-        check(f"batch.{f}", size % r.n == 0, f"{size} is not divisible by rollout.n ({r.n}): a prompt's samples must stay together")
+        _positive(f"batch.{f}", size)
+        _check(f"batch.{f}", size % r.n == 0, f"{size} is not divisible by rollout.n ({r.n}): a prompt's samples must stay together")
         if f != "score_batch":
-            check(f"batch.{f}", rows % size == 0,
+            _check(f"batch.{f}", rows % size == 0,
                   f"{size} does not divide the batch of batch.prompts_per_step * rollout.n = {rows} responses")
-            check(f"batch.{f}", size % b.micro_batches == 0 and (size // b.micro_batches) % r.n == 0,
+            _check(f"batch.{f}", size % b.micro_batches == 0 and (size // b.micro_batches) % r.n == 0,
                   f"{size} responses cannot be cut into batch.micro_batches = {b.micro_batches} micro-batches of whole groups of {r.n}")
 
-    # mesh
+
+def _check_mesh(c, num_devices: int | None) -> None:
+    """The mesh against the devices (rows split evenly over the data axes) and the distributed section."""
+    b = c.batch
     if c.mesh.preset:
         from prime_jax.parallel import MESH_PRESETS
 
         key = c.mesh.preset.strip().lower().replace("\u00d7", "x")
-        one_of("mesh.preset", key, sorted(MESH_PRESETS))
+        _one_of("mesh.preset", key, sorted(MESH_PRESETS))
         preset = MESH_PRESETS[key]
         sizes = {"data": preset["data"], "fsdp": preset["fsdp"], "tensor": preset["tensor"]}
     else:
         sizes = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
     for axis, size in sizes.items():
-        check(f"mesh.{axis}", size == -1 or size >= 1, f"must be a positive size or -1, got {size}")
-    check("mesh", sum(v == -1 for v in sizes.values()) <= 1, f"at most one axis may be -1, got {sizes}")
+        _check(f"mesh.{axis}", size == -1 or size >= 1, f"must be a positive size or -1, got {size}")
+    _check("mesh", sum(v == -1 for v in sizes.values()) <= 1, f"at most one axis may be -1, got {sizes}")
     if num_devices is None:
         import jax
 
         num_devices = jax.device_count()
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if -1 in sizes.values():
-        check("mesh", num_devices % fixed == 0,
+        _check("mesh", num_devices % fixed == 0,
               f"the fixed axes {sizes} (product {fixed}) do not divide the {num_devices} devices")
     else:
-        check("mesh", fixed == num_devices,
+        _check("mesh", fixed == num_devices,
               f"data*fsdp*tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']} = {fixed} "
               f"does not match the {num_devices} devices")
     resolved = dict(sizes)
@@ -448,37 +495,42 @@ def validate(config, *, num_devices: int | None = None) -> None:
     data_parallel = resolved["data"] * resolved["fsdp"]  # rows of every batch are split this many ways
     for f in ("mini_batch", "prm_mini_batch"):
         per_micro = b[f] // b.micro_batches
-        check(f"batch.{f}", per_micro % data_parallel == 0,
+        _check(f"batch.{f}", per_micro % data_parallel == 0,
               f"{b[f]} / batch.micro_batches = {per_micro} rows per micro-batch is not divisible by the "
               f"data-parallel size mesh.data*mesh.fsdp = {data_parallel}")
-    check("batch.score_batch", b.score_batch % data_parallel == 0,
+    _check("batch.score_batch", b.score_batch % data_parallel == 0,
           f"{b.score_batch} is not divisible by the data-parallel size mesh.data*mesh.fsdp = {data_parallel}")
-    one_of("distributed.mode", c.distributed.mode, ("auto", "on", "off"))
-    check("distributed.local_device_ids", bool(re.fullmatch(r"(\d+(,\d+)*)?", c.distributed.local_device_ids.replace(" ", ""))),
+    _one_of("distributed.mode", c.distributed.mode, ("auto", "on", "off"))
+    _check("distributed.local_device_ids", bool(re.fullmatch(r"(\d+(,\d+)*)?", c.distributed.local_device_ids.replace(" ", ""))),
           f"must be a comma list of device ids, got {c.distributed.local_device_ids!r}")
-    non_negative("distributed.num_processes", c.distributed.num_processes)
-    check("distributed.process_id", c.distributed.process_id >= -1, f"must be >= -1, got {c.distributed.process_id}")
-    positive("distributed.initialization_timeout", c.distributed.initialization_timeout)
-    non_negative("distributed.heartbeat_timeout", c.distributed.heartbeat_timeout)
+    _non_negative("distributed.num_processes", c.distributed.num_processes)
+    _check("distributed.process_id", c.distributed.process_id >= -1, f"must be >= -1, got {c.distributed.process_id}")
+    _positive("distributed.initialization_timeout", c.distributed.initialization_timeout)
+    _non_negative("distributed.heartbeat_timeout", c.distributed.heartbeat_timeout)
 
-    # sft
-    non_negative("sft.steps", c.sft.steps)
-    positive("sft.lr", c.sft.lr)
-    non_negative("sft.weight_decay", c.sft.weight_decay)
-    positive("sft.batch", c.sft.batch)
-    non_negative("sft.warmup_steps", c.sft.warmup_steps)
-    non_negative("sft.clip_norm", c.sft.clip_norm)
-    positive("sft.num_examples", c.sft.num_examples)
+
+def _check_sft(c) -> None:
+    """The SFT stage and the debug section."""
+    _non_negative("sft.steps", c.sft.steps)
+    _positive("sft.lr", c.sft.lr)
+    _non_negative("sft.weight_decay", c.sft.weight_decay)
+    _positive("sft.batch", c.sft.batch)
+    _non_negative("sft.warmup_steps", c.sft.warmup_steps)
+    _non_negative("sft.clip_norm", c.sft.clip_norm)
+    _positive("sft.num_examples", c.sft.num_examples)
     if c.sft.steps and c.sft.data != SYNTHETIC:
-        check("sft.data", Path(c.sft.data).expanduser().is_file(), f"SFT data file {c.sft.data!r} does not exist")
-    non_negative("debug.inject_nan_step", c.debug.inject_nan_step)
+        _check("sft.data", Path(c.sft.data).expanduser().is_file(), f"SFT data file {c.sft.data!r} does not exist")
+    _non_negative("debug.inject_nan_step", c.debug.inject_nan_step)
 
-    # checkpoint, reward, logging
-    positive("checkpoint.keep", c.checkpoint.keep)
-    positive("reward.workers", c.reward.workers)
-    positive("reward.timeout_s", c.reward.timeout_s)
-    check("logging.wandb_project", bool(c.logging.wandb_project) or not c.logging.wandb, "is empty")
-    non_negative("logging.html_samples", c.logging.html_samples)
+
+def _check_outputs(c) -> None:
+    """checkpoint, reward and logging."""
+    _positive("checkpoint.keep", c.checkpoint.keep)
+    _positive("reward.workers", c.reward.workers)
+    _positive("reward.timeout_s", c.reward.timeout_s)
+    _check("logging.wandb_project", bool(c.logging.wandb_project) or not c.logging.wandb, "is empty")
+    _non_negative("logging.html_samples", c.logging.html_samples)
+
 
 
 def field_names() -> list[str]:

@@ -1,4 +1,5 @@
-"""Benchmark evaluation as a library: generate, grade, aggregate, write (used by `prime_jax.evaluate`).
+"""Benchmark evaluation as a library: generate, grade, aggregate (used by `prime_jax.evaluate` and the
+trainer's held-out eval; output files: `prime_jax.eval_report`).
 
 One evaluation of one benchmark, as data moving through this module::
 
@@ -30,13 +31,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
+import functools
 import logging
-import math
-import os
 import time
 import zlib
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -45,28 +43,6 @@ logger = logging.getLogger(__name__)
 
 #: A sample counts as correct for pass@k when its score is at least this (math: 1.0 / 0.0).
 CORRECT_THRESHOLD = 1.0 - 1e-6
-
-#: Published greedy pass@1 (%) from PRIME_SPEC.md (Cui et al., 2025), by model and benchmark.
-PUBLISHED: dict[str, dict[str, float]] = {
-    "Eurus-2-7B-SFT (start, step 0)": {"aime24": 3.3, "amc23": 30.1, "math500": 66.2, "minerva_math": 32.7,
-                                       "olympiadbench": 29.8, "leetcode": 21.7, "livecodebench": 17.8},
-    "RLOO, outcome verifier only, 240 steps": {"aime24": 20.0, "amc23": 47.0, "math500": 73.2,
-                                               "minerva_math": 36.4, "olympiadbench": 35.4, "leetcode": 28.3,
-                                               "livecodebench": 26.7},
-    "PRIME, 240 steps": {"aime24": 20.0, "amc23": 50.6, "math500": 78.2, "minerva_math": 39.3,
-                         "olympiadbench": 40.3, "leetcode": 31.1, "livecodebench": 27.5},
-    "Eurus-2-7B-PRIME, 592 steps": {"aime24": 26.7, "amc23": 57.8, "math500": 79.2, "minerva_math": 38.6,
-                                    "olympiadbench": 42.1, "leetcode": 33.3, "livecodebench": 28.6},
-    "Qwen2.5-Math-7B-Instruct": {"aime24": 13.3, "amc23": 50.6, "math500": 79.8, "minerva_math": 34.6,
-                                 "olympiadbench": 40.7, "leetcode": 11.7, "livecodebench": 11.3},
-}
-#: Column titles of the published table, in its order.
-PUBLISHED_COLUMNS: dict[str, str] = {
-    "aime24": "AIME24", "amc23": "AMC", "math500": "MATH-500", "minerva_math": "Minerva",
-    "olympiadbench": "OlympiadBench", "leetcode": "LeetCode", "livecodebench": "LiveCodeBench",
-}
-#: PRIME's five math benchmarks (the "math average" of the paper's README).
-MATH_FIVE = ("aime24", "amc23", "math500", "minerva_math", "olympiadbench")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,6 +63,31 @@ class EvalSettings:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def settings_from_config(config, *, n: int = 1, temperature: float | None = None, top_p: float | None = None,
+                         max_new_tokens: int | None = None, batch_size: int | None = None,
+                         seed: int | None = None) -> EvalSettings:
+    """EvalSettings of a run config, each overridable: temperature rollout.eval_temperature (with n > 1
+    and that 0: rollout.temperature), top_p / top_k rollout's, max_new_tokens rollout.eval_max_new_tokens
+    or rollout.max_new_tokens, prompts per call rollout.eval_batch, prompt limit data.max_prompt_tokens."""
+    r = config.rollout
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    if temperature is None:
+        temperature = r.eval_temperature if (n == 1 or r.eval_temperature > 0) else r.temperature
+    if temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {temperature}")
+    if temperature == 0 and n > 1:
+        logger.warning("greedy decoding with n=%d: every sample of a problem is the same", n)
+    settings = EvalSettings(
+        n=n, temperature=float(temperature), top_p=float(r.top_p if top_p is None else top_p), top_k=int(r.top_k),
+        max_new_tokens=int(max_new_tokens or r.eval_max_new_tokens or r.max_new_tokens),
+        max_prompt_tokens=int(config.data.max_prompt_tokens) or None,
+        batch_size=int(batch_size or r.eval_batch), seed=int(config.seed if seed is None else seed))
+    if settings.max_new_tokens < 1 or settings.batch_size < 1:
+        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {settings}")
+    return settings
 
 
 @dataclasses.dataclass
@@ -211,8 +212,6 @@ def generate_responses(sampler, model, tokenizer, prompt_ids: Sequence[Sequence[
     Prompts are sorted by length and generated `settings.batch_size` at a time (fewer padded
     columns per call); the output is in the input order. `model` is a `Qwen2ForCausalLM` or its
     `(graphdef, state)`; `key` a PRNG key (call i uses `fold_in(key, i)`).
-
-    The evaluation CLI looks this function up at call time, so tests can replace it.
     """
     import jax
 
@@ -246,58 +245,62 @@ def _next_pow2(x: int) -> int:
 
 
 class PRMScorer:
-    """Summed implicit process reward of responses: ``Σ_t (log π_prm − log π_ref)(y_t | x, y_<t)``
-    (``algo.implicit_token_rewards`` summed over the response, EOS included).
+    """Implicit process rewards of responses, ``q_t = (log π_prm − log π_ref)(y_t | x, y_<t)``
+    (``algo.implicit_token_rewards``, EOS included): summed per response (``__call__``, best-of-n)
+    or per token (``token_rewards``, the training run's HTML page).
 
-    prm_model / ref_model: `Qwen2ForCausalLM`s (same tokenizer); ref_model None scores
-    ``Σ_t log π_prm`` alone. Log-probs use ``temperature``; 1.0 (the raw logits) is how the trainer
-    scores the PRM and its reference. Rows are scored ``batch_size`` at a time,
+    prm_model / ref_model: `Qwen2ForCausalLM`s or their `(graphdef, state)` (same tokenizer);
+    ref_model None scores ``log π_prm`` alone. Log-probs use ``temperature``; 1.0 (the raw logits)
+    is how the trainer scores the PRM and its reference. Rows are scored ``batch_size`` at a time,
     padded to power-of-two buckets (few compilations) and, with a mesh, split over its data axes.
+    The jitted programs are shared by scorers of the same graphs, so a new scorer of new weights
+    compiles nothing new.
     """
 
     def __init__(self, prm_model, ref_model, *, mesh=None, temperature: float = 1.0, chunk_size: int = 128,
                  batch_size: int = 64):
-        import jax
         from flax import nnx
 
-        from prime_jax import algo
-        from prime_jax.models import response_logprobs
+        from prime_jax.parallel import batch_shards
 
+        split = lambda m: m if isinstance(m, tuple) else nnx.split(m)
         self.mesh = mesh
         self.batch_size = int(batch_size)
-        prm_graphdef, self.prm_state = nnx.split(prm_model)
-        ref_graphdef, self.ref_state = nnx.split(ref_model) if ref_model is not None else (None, None)
-
-        def q_sums(prm_state, ref_state, batch):
-            args = (batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"])
-            lp_prm = response_logprobs(nnx.merge(prm_graphdef, prm_state), *args, temperature=temperature,
-                                       chunk_size=chunk_size)
-            lp_ref = 0.0 if ref_state is None else response_logprobs(
-                nnx.merge(ref_graphdef, ref_state), *args, temperature=temperature, chunk_size=chunk_size)
-            q = algo.implicit_token_rewards(lp_prm, lp_ref, batch["response_mask"])
-            return q.sum(axis=-1)
-
-        self._rows_multiple = 1
-        if mesh is None:
-            self._q_sums = jax.jit(q_sums)
-        else:  # the [B] sums come back replicated (readable on every host)
-            from prime_jax.parallel import replicated
-
-            self._q_sums = jax.jit(q_sums, out_shardings=replicated(mesh))
-            from prime_jax.parallel import logical_to_spec
-
-            spec = logical_to_spec(("batch",), mesh)[0]
-            axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-            self._rows_multiple = math.prod(mesh.shape[a] for a in axes)
+        prm_graphdef, self.prm_state = split(prm_model)
+        ref_graphdef, self.ref_state = split(ref_model) if ref_model is not None else (None, None)
+        self._programs = _q_programs(prm_graphdef, ref_graphdef, mesh, float(temperature), int(chunk_size))
+        self._rows_multiple = 1 if mesh is None else batch_shards(mesh)
 
     def __call__(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """`[B]` float32 summed q of each (prompt, response) pair (responses need >= 1 token)."""
-        from prime_jax.parallel import to_host
+        out = np.zeros(len(prompt_ids), np.float32)
+        for idx, batch in self._batches(prompt_ids, response_ids):
+            out[idx] = self._run("sums", batch)[:len(idx)]
+        return out
+
+    def token_rewards(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]
+                      ) -> list[np.ndarray]:
+        """Each response's `[len(response)]` float32 q."""
+        out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(prompt_ids)
+        for idx, batch in self._batches(prompt_ids, response_ids):
+            q = self._run("tokens", batch)
+            for j, i in enumerate(idx):
+                out[i] = q[j, :len(response_ids[i])]
+        return out
+
+    def _run(self, which: str, batch) -> np.ndarray:
+        from prime_jax.parallel import put_rows, to_host
+
+        if self.mesh is not None:
+            batch = put_rows(batch, self.mesh)
+        return to_host(self._programs[which](self.prm_state, self.ref_state, batch))
+
+    def _batches(self, prompt_ids, response_ids):
+        """(row indices, padded host batch) of `batch_size` rows at a time, similar lengths together."""
         from prime_jax.sampling import PAD_ID
 
         if len(prompt_ids) != len(response_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
-        out = np.zeros(len(prompt_ids), np.float32)
         order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), len(response_ids[i])))
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
@@ -317,18 +320,65 @@ class PRMScorer:
             for j in range(len(idx), rows):  # padding rows: one dummy token, ignored
                 batch["prompt_mask"][j, -1] = 1
                 batch["response_mask"][j, 0] = 1
-            if self.mesh is not None:
-                from prime_jax.parallel import put_rows
+            yield idx, batch
 
-                batch = put_rows(batch, self.mesh)
-            sums = to_host(self._q_sums(self.prm_state, self.ref_state, batch))
-            out[idx] = sums[:len(idx)]
-        return out
+
+@functools.lru_cache(maxsize=8)
+def _q_programs(prm_graphdef, ref_graphdef, mesh, temperature: float, chunk_size: int) -> dict:
+    """{"tokens": jit (prm_state, ref_state, batch) -> q [B, R], "sums": -> [B]}, results replicated."""
+    import jax
+    from flax import nnx
+
+    from prime_jax import algo
+    from prime_jax.models import response_logprobs
+
+    def q_tokens(prm_state, ref_state, batch):
+        args = (batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"])
+        lp_prm = response_logprobs(nnx.merge(prm_graphdef, prm_state), *args, temperature=temperature,
+                                   chunk_size=chunk_size)
+        lp_ref = 0.0 if ref_state is None else response_logprobs(
+            nnx.merge(ref_graphdef, ref_state), *args, temperature=temperature, chunk_size=chunk_size)
+        return algo.implicit_token_rewards(lp_prm, lp_ref, batch["response_mask"])
+
+    def q_sums(prm_state, ref_state, batch):
+        return q_tokens(prm_state, ref_state, batch).sum(axis=-1)
+
+    if mesh is None:
+        return {"tokens": jax.jit(q_tokens), "sums": jax.jit(q_sums)}
+    from prime_jax.parallel import replicated  # readable on every host
+
+    return {"tokens": jax.jit(q_tokens, out_shardings=replicated(mesh)),
+            "sums": jax.jit(q_sums, out_shardings=replicated(mesh))}
 
 
 # ----------------------------------------------------------------------------------------------
 # One benchmark
 # ----------------------------------------------------------------------------------------------
+class ProcessShareGrader:
+    """A grading pool for several processes: each grades its `host_share` of the responses in its
+    own `pool` and every process gets all scores and statuses (one process: `pool` itself)."""
+
+    STATUSES = ("ok", "timeout", "error")
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def score(self, items: Sequence[tuple]):
+        import jax
+
+        from prime_jax.parallel import gather_shares, host_share
+        from prime_jax.rewards.pool import BatchResult
+
+        if jax.process_count() == 1:
+            return self.pool.score(items)
+        share = host_share(len(items))
+        graded = self.pool.score([items[i] for i in share])
+        codes = [self.STATUSES.index(s) for s in graded.statuses]
+        scores = gather_shares(np.asarray(graded.scores, np.float32), len(items))
+        statuses = gather_shares(np.asarray(codes, np.int32), len(items))
+        return BatchResult([float(x) for x in scores], [self.STATUSES[int(c)] for c in statuses])
+
+
 def benchmark_key(key, name: str):
     """The PRNG key of a benchmark: stable across runs and benchmark orders."""
     import jax
@@ -338,7 +388,8 @@ def benchmark_key(key, name: str):
 
 def evaluate_benchmark(name: str, problems: Sequence, *, tokenizer, pool, settings: EvalSettings,
                        generate: Callable[[list[list[int]], int], Generation], prm_scorer: PRMScorer | None = None,
-                       extract: Callable[[str], str | None] | None = None, progress=None) -> BenchmarkResult:
+                       extract: Callable[[str], str | None] | None = None, progress=None,
+                       observe: Callable[..., None] | None = None) -> BenchmarkResult:
     """Generate for, grade and score the problems of one benchmark, `settings.batch_size` prompts
     at a time.
 
@@ -347,6 +398,8 @@ def evaluate_benchmark(name: str, problems: Sequence, *, tokenizer, pool, settin
     pool: a `RewardPool` (``.score([(response, ground_truth, ability), ...])``).
     progress: a `prime_jax.eval_progress.ProgressFile`: each finished chunk's records are written
     to it at once, and chunks it already holds are not generated again (resume).
+    observe(problems, prompt_ids, generation, records): called with each generated chunk (the
+    trainer picks the responses of its HTML page from them).
     """
     from prime_jax.data import render_prompts
 
@@ -368,7 +421,7 @@ def evaluate_benchmark(name: str, problems: Sequence, *, tokenizer, pool, settin
             done = _chunk_records(name, chunk_problems, [ids[i] for i in order[start:start + settings.batch_size]],
                                   chunk,
                                   tokenizer=tokenizer, pool=pool, n=n, generate=generate, prm_scorer=prm_scorer,
-                                  extract=extract, timing=timing)
+                                  extract=extract, timing=timing, observe=observe)
             if progress is not None:
                 progress.add(chunk, done)
         for p, recs in zip(chunk_problems, done):
@@ -404,7 +457,8 @@ def evaluate_benchmark(name: str, problems: Sequence, *, tokenizer, pool, settin
 
 
 def _chunk_records(name: str, problems: Sequence, ids: Sequence[Sequence[int]], chunk: int, *, tokenizer, pool,
-                   n: int, generate, prm_scorer, extract, timing: collections.Counter) -> list[list[dict]]:
+                   n: int, generate, prm_scorer, extract, timing: collections.Counter, observe=None
+                   ) -> list[list[dict]]:
     """Generates, grades (and PRM-scores) one chunk of prompts; the records of each problem."""
     from prime_jax.rewards.math import extract_answer
 
@@ -449,160 +503,19 @@ def _chunk_records(name: str, problems: Sequence, ids: Sequence[Sequence[int]], 
                 rec["prm_best"] = s == best
             recs.append(rec)
         out.append(recs)
+    if observe is not None:
+        observe(problems, ids, gen, out)
     return out
 
 
 def sampler_generate_fn(sampler, model, tokenizer, settings: EvalSettings, *, stop_token_ids, key):
     """`generate(prompt_ids, chunk=0) -> Generation` for `evaluate_benchmark`, through
-    `generate_responses` (looked up at call time, so it can be replaced in tests); chunk k > 0
-    samples with `fold_in(key, k)`, so a resumed evaluation draws what an uninterrupted one would."""
+    `generate_responses`; chunk k > 0 samples with `fold_in(key, k)`, so a resumed evaluation
+    draws what an uninterrupted one would."""
     def generate(prompt_ids, chunk: int = 0):
         import jax
 
         chunk_key = key if chunk == 0 else jax.random.fold_in(key, 1_000_003 + chunk)
-        return globals()["generate_responses"](sampler, model, tokenizer, prompt_ids, settings,
-                                               stop_token_ids=stop_token_ids, key=chunk_key)
+        return generate_responses(sampler, model, tokenizer, prompt_ids, settings, stop_token_ids=stop_token_ids,
+                                  key=chunk_key)
     return generate
-
-
-# ----------------------------------------------------------------------------------------------
-# Output files
-# ----------------------------------------------------------------------------------------------
-def headline_metric(n: int) -> str:
-    return "pass@1" if n == 1 else f"avg@{n}"
-
-
-def all_dropped(metrics: Mapping[str, Any]) -> bool:
-    """Every problem was dropped (prompt too long): there is no score, only a count."""
-    return bool(metrics.get("num_problems")) and metrics.get("num_dropped") == metrics["num_problems"]
-
-
-def headline(name: str, metrics: Mapping[str, Any], settings: EvalSettings, *, max_prompt_tokens: int) -> str:
-    """The one line the CLI prints for a benchmark."""
-    if all_dropped(metrics):
-        return (f"{name}: all {metrics['num_problems']} problems dropped (prompts longer than "
-                f"data.max_prompt_tokens={max_prompt_tokens}); no score")
-    metric = headline_metric(settings.n)
-    dropped = f", {metrics['num_dropped']} dropped as wrong" if metrics.get("num_dropped") else ""
-    return (f"{name}: {metric} {100 * metrics[metric]:.1f}% ({metrics['num_problems']} problems{dropped}, "
-            f"{metrics['time_total_s']:.1f}s)")
-
-
-def summarize(results: Mapping[str, BenchmarkResult]) -> dict[str, Any]:
-    """Averages over benchmarks of every metric all of them report, and PRIME's five-benchmark
-    math average of pass@1 (%) when all five are present."""
-    out: dict[str, Any] = {}
-    if not results:
-        return out
-    metric_sets = [set(r.metrics) for r in results.values()]
-    common = set.intersection(*metric_sets)
-    skip = {"num_problems", "num_dropped", "n"}
-    for k in sorted(common - skip):
-        v = next(iter(results.values())).metrics[k]
-        if not k.startswith("time_") and isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = float(np.mean([r.metrics[k] for r in results.values()]))
-    if all(b in results for b in MATH_FIVE):
-        out["math5_pass@1_percent"] = float(np.mean([100 * results[b].metrics["pass@1"] for b in MATH_FIVE]))
-    return out
-
-
-def _fmt(x: Any, percent: bool = True) -> str:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return str(x)
-    if isinstance(x, int):
-        return str(x)
-    return f"{100 * x:.1f}" if percent else f"{x:.1f}"
-
-
-def scores_markdown(results: Mapping[str, BenchmarkResult], settings: EvalSettings, *, title: str = "",
-                    info: Mapping[str, Any] | None = None, prm: bool = False) -> str:
-    """The scores as markdown: our metrics per benchmark, then the published table for comparison."""
-    n = settings.n
-    ks = k_values(n)
-    cols = [f"pass@{k}" for k in ks]
-    if n > 1:
-        cols += [f"avg@{n}"] + [f"maj@{k}" for k in ks if k >= 2]
-        if prm:
-            cols.append(f"best@{n}")
-    lines = [f"# {title or 'Evaluation'}", ""]
-    decoding = "greedy" if settings.temperature == 0 else (
-        f"temperature {settings.temperature}, top_p {settings.top_p}, top_k {settings.top_k}")
-    lines.append(f"Decoding: {decoding}; n = {n} sample(s) per problem; max {settings.max_new_tokens} new tokens.")
-    for k, v in (info or {}).items():
-        lines.append(f"{k}: {v}")
-    lines += ["", "Scores in %. Dropped problems (prompt too long) count as wrong.", ""]
-    header = ["benchmark", "problems", *cols, "mean length", "truncated %", "no answer %"]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
-    for name, r in results.items():
-        m = r.metrics
-        problems = f"{m['num_problems']}" + (f" ({m['num_dropped']} dropped)" if m.get("num_dropped") else "")
-        scores = (["all dropped"] * len(cols) if all_dropped(m) else [_fmt(m.get(c, float("nan"))) for c in cols])
-        row = [name, problems, *scores,
-               _fmt(m["response_length"], percent=False), _fmt(m["truncated_frac"]), _fmt(m["no_answer_frac"])]
-        lines.append("| " + " | ".join(row) + " |")
-
-    compare = [b for b in PUBLISHED_COLUMNS if b in results]
-    if compare:
-        metric = headline_metric(n)
-        lines += ["", f"## Published results (greedy pass@1, %; PRIME_SPEC.md) beside this run ({metric})", ""]
-        head = ["model", *[PUBLISHED_COLUMNS[b] for b in compare]]
-        five = all(b in results for b in MATH_FIVE)
-        if five:
-            head.append("math avg (5)")
-        lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "---|" * len(head))
-        ours = ["all dropped" if all_dropped(results[b].metrics) else _fmt(results[b].metrics[metric]) for b in compare]
-        if five:
-            ours.append(f"{np.mean([100 * results[b].metrics[metric] for b in MATH_FIVE]):.1f}")
-        lines.append("| **this run** | " + " | ".join(ours) + " |")
-        for model, scores in PUBLISHED.items():
-            row = [f"{scores[b]:.1f}" for b in compare]
-            if five:
-                row.append(f"{np.mean([scores[b] for b in MATH_FIVE]):.1f}")
-            lines.append(f"| {model} | " + " | ".join(row) + " |")
-        limited = [b for b in compare if results[b].metrics.get("limited")]
-        if limited:
-            lines += ["", f"Note: only a subset of problems was evaluated for {', '.join(limited)} (--limit); "
-                          "not comparable with the published numbers."]
-    return "\n".join(lines) + "\n"
-
-
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
-
-
-def write_results(out_dir: str | os.PathLike, results: Mapping[str, BenchmarkResult], settings: EvalSettings, *,
-                  info: Mapping[str, Any] | None = None, title: str = "", prm: bool = False) -> dict[str, Path]:
-    """Writes ``<benchmark>.jsonl`` (one record per sample), ``scores.json`` and ``scores.md``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    for name, r in results.items():
-        path = out / f"{name}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in r.records:
-                f.write(json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n")
-        os.replace(tmp, path)
-        paths[name] = path
-    scores = {
-        "settings": settings.as_dict(),
-        "info": dict(info or {}),
-        "benchmarks": {name: r.metrics for name, r in results.items()},
-        "average": summarize(results),
-        "published": {m: {b: v for b, v in s.items() if b in results} for m, s in PUBLISHED.items()},
-    }
-    paths["scores.json"] = out / "scores.json"
-    paths["scores.json"].write_text(json.dumps(scores, indent=2, default=_json_default) + "\n")
-    paths["scores.md"] = out / "scores.md"
-    paths["scores.md"].write_text(scores_markdown(results, settings, title=title, info=info, prm=prm))
-    return paths

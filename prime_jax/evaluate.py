@@ -42,7 +42,6 @@ is reported as "all N dropped", not as a score.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging as py_logging
 import sys
 import time
@@ -110,13 +109,6 @@ class CheckpointSpec:
         return "config.model.path"
 
 
-def _run_steps(checkpoints: Path) -> list[int]:
-    """Committed checkpoint steps of a checkpoints/ folder (orbax renames tmp folders on commit)."""
-    if not checkpoints.is_dir():
-        return []
-    return sorted(int(d.name) for d in checkpoints.iterdir() if d.name.isdigit() and (d / "state").is_dir())
-
-
 def resolve_checkpoint(spec: str) -> CheckpointSpec:
     """Turns a path (or hub id) into a CheckpointSpec; raises FileNotFoundError with the reason."""
     if not spec:
@@ -126,17 +118,19 @@ def resolve_checkpoint(spec: str) -> CheckpointSpec:
         if not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
             return CheckpointSpec("hf", spec)  # a hub id
         raise FileNotFoundError(f"checkpoint {spec!r} does not exist")
+    from prime_jax.train.builder import RunLayout, checkpoint_steps
+
+    run, parent = RunLayout(p), RunLayout(p.parent)
     if (p / "config.json").exists() and any(p.glob("*.safetensors")):
-        run_dir = p.parent if (p.parent / "checkpoints").is_dir() else None
-        return CheckpointSpec("hf", str(p), run_dir=run_dir)
-    steps = _run_steps(p / "checkpoints")
+        return CheckpointSpec("hf", str(p), run_dir=p.parent if parent.checkpoints.is_dir() else None)
+    steps = run.checkpoint_steps()
     if steps:
-        return CheckpointSpec("run", str(p / "checkpoints"), steps[-1], run_dir=p)
-    if (p / "hf_export" / "config.json").exists():
-        return CheckpointSpec("hf", str(p / "hf_export"), run_dir=p)
+        return CheckpointSpec("run", str(run.checkpoints), steps[-1], run_dir=p)
+    if (run.hf_export / "config.json").exists():
+        return CheckpointSpec("hf", str(run.hf_export), run_dir=p)
     if p.name.isdigit() and (p / "state").is_dir():
         return CheckpointSpec("run", str(p.parent), int(p.name), run_dir=p.parent.parent)
-    steps = _run_steps(p)
+    steps = checkpoint_steps(p)
     if steps:
         return CheckpointSpec("run", str(p), steps[-1], run_dir=p.parent)
     raise FileNotFoundError(
@@ -146,12 +140,9 @@ def resolve_checkpoint(spec: str) -> CheckpointSpec:
 
 def _run_config(run_dir: Path | None) -> dict:
     """The training run's own config (WORKDIR/config.json written by the trainer), or {}."""
-    if run_dir is None or not (run_dir / "config.json").exists():
-        return {}
-    try:
-        return json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    from prime_jax.train.builder import RunLayout
+
+    return {} if run_dir is None else RunLayout(run_dir).run_config()
 
 
 def _model_fields(config, run_dir: Path | None) -> dict:
@@ -162,56 +153,16 @@ def _model_fields(config, run_dir: Path | None) -> dict:
 
 
 def _architecture(m: dict, vocab_size: int):
-    from prime_jax.config import RANDOM_MODEL
-    from prime_jax.models import Qwen2Config, load_config
+    from prime_jax.train.builder import model_config
 
-    if m["path"] != RANDOM_MODEL:
-        return load_config(m["path"], dtype=m["dtype"], param_dtype=m["param_dtype"])
-    return Qwen2Config(
-        vocab_size=m["vocab_size"] or vocab_size, hidden_size=m["hidden_size"],
-        intermediate_size=m["intermediate_size"], num_hidden_layers=m["num_layers"],
-        num_attention_heads=m["num_heads"], num_key_value_heads=m["num_kv_heads"], head_dim=m["head_dim"] or None,
-        rope_theta=m["rope_theta"], max_position_embeddings=m["max_position_embeddings"],
-        tie_word_embeddings=m["tie_word_embeddings"], dtype=m["dtype"], param_dtype=m["param_dtype"])
-
-
-def _abstract_params(arch, mesh):
-    import jax
-    from flax import nnx
-
-    from prime_jax.models import Qwen2ForCausalLM
-    from prime_jax.parallel import state_shardings
-
-    abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(arch, rngs=nnx.Rngs(0)))
-    graphdef, params = nnx.split(abstract, nnx.Param)
-    shardings = state_shardings(params, mesh)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
-    return graphdef, target
-
-
-def restore_run_params(checkpoints_dir: str | Path, step: int, arch, mesh, which: str = "policy"):
-    """The `which` ("policy" | "prm") model of a run checkpoint, restoring only its params (no
-    optimizer state), placed on `mesh`."""
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    graphdef, target = _abstract_params(arch, mesh)
-    item = {which: {"params": target}}
-    path = (Path(checkpoints_dir) / str(step) / "state").absolute()
-    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
-    return nnx.merge(graphdef, restored[which]["params"])
+    return model_config(m, vocab_size)
 
 
 def _random_model(arch, mesh, seed: int):
     """A random model of the config's shape, initialised as the trainer does (nnx.Rngs(seed))."""
-    from flax import nnx
+    from prime_jax.train.builder import random_model
 
-    from prime_jax.models import Qwen2ForCausalLM
-    from prime_jax.parallel import shard_state
-
-    graphdef, state = nnx.split(Qwen2ForCausalLM(arch, rngs=nnx.Rngs(seed)))
-    return nnx.merge(graphdef, shard_state(state, mesh))
+    return random_model(arch, mesh, seed)
 
 
 def load_model(spec: CheckpointSpec, config, mesh, *, vocab_size: int, which: str = "policy"):
@@ -223,10 +174,10 @@ def load_model(spec: CheckpointSpec, config, mesh, *, vocab_size: int, which: st
     if spec.kind == "hf":
         return from_pretrained(spec.path, dtype=m["dtype"], param_dtype=m["param_dtype"], mesh=mesh)
     if spec.kind == "run":
-        from prime_jax.train.checkpoint import restore_or_raise
+        from prime_jax.train.checkpoint import restore_model, restore_or_raise
 
-        return restore_or_raise(lambda: restore_run_params(spec.path, spec.step, _architecture(m, vocab_size), mesh,
-                                                           which), f"checkpoint {spec.path}/{spec.step}")
+        return restore_or_raise(lambda: restore_model(spec.path, spec.step, _architecture(m, vocab_size), mesh, which),
+                                f"checkpoint {spec.path}/{spec.step}")
     if m["path"] == RANDOM_MODEL:
         logger.warning("config.model.path is 'random' and no --checkpoint was given: evaluating a random model")
         return _random_model(_architecture(m, vocab_size), mesh, config.seed)
@@ -254,12 +205,13 @@ def _run_reference(run_dir: Path, config, mesh, vocab_size: int):
 
     from prime_jax.config import RANDOM_MODEL
     from prime_jax.train import checkpoint as ckpt
+    from prime_jax.train.builder import RunLayout, abstract_params
 
     m = _model_fields(config, run_dir)
     arch = _architecture(m, vocab_size)
-    folder = run_dir / "reference"
+    folder = RunLayout(run_dir).reference
     if ckpt.params_saved(folder):
-        graphdef, target = _abstract_params(arch, mesh)
+        graphdef, target = abstract_params(arch, mesh)
         return nnx.merge(graphdef, ckpt.restore_params(folder, target))
     if m["path"] == RANDOM_MODEL:  # no SFT: the reference is the start model, the seeded random init
         seed = _run_config(run_dir).get("seed", config.seed)
@@ -274,6 +226,7 @@ def resolve_tokenizer_path(config, spec: CheckpointSpec, workdir: Path, override
     config.tokenizer.path ("tiny": the run's WORKDIR/tokenizer, built into WORKDIR/tokenizer if
     missing), else the model path."""
     from prime_jax.config import RANDOM_MODEL, TINY_TOKENIZER
+    from prime_jax.train.builder import RunLayout
 
     if override:
         return override
@@ -286,72 +239,41 @@ def resolve_tokenizer_path(config, spec: CheckpointSpec, workdir: Path, override
     model_path = _model_fields(config, spec.run_dir)["path"]
     path = path or (spec.path if spec.kind == "hf" else model_path)
     if path == TINY_TOKENIZER:
-        for d in (spec.run_dir / "tokenizer" if spec.run_dir else None, workdir / "tokenizer"):
+        for d in (RunLayout(spec.run_dir).tokenizer if spec.run_dir else None, RunLayout(workdir).tokenizer):
             if d is not None and (d / "tokenizer.json").exists():
                 return str(d)
         from prime_jax.data import build_tiny_tokenizer
 
-        build_tiny_tokenizer(workdir / "tokenizer")
-        return str(workdir / "tokenizer")
+        build_tiny_tokenizer(RunLayout(workdir).tokenizer)
+        return str(RunLayout(workdir).tokenizer)
     if path == RANDOM_MODEL:
         raise ValueError("no tokenizer: the model is 'random' and config.tokenizer.path is empty; "
                          "set --tokenizer_path or --config.tokenizer.path")
     return path
 
 
-def _system_prompt(config) -> str | None:
-    from prime_jax.data import EURUS2_SYSTEM_PROMPT
-
-    return {"keep": None, "none": "", "eurus2": EURUS2_SYSTEM_PROMPT}[config.data.system_prompt]
-
-
-def load_benchmarks(config, names: Sequence[str], limit: int) -> tuple[dict[str, list], dict[str, bool]]:
-    """{name: problems} (the first `limit` when > 0) and {name: whether the limit cut it}."""
-    from prime_jax.config import SYNTHETIC
-    from prime_jax.data import DataError, eval_source_names, make_problems, read_problems, source_format
-
-    sets, limited = {}, {}
-    for name, source in eval_source_names(names, SYNTHETIC).items():
-        if source == SYNTHETIC:
-            s = config.data.synthetic
-            knobs = {k: s[k] for k in ("min_steps", "max_steps", "max_start", "max_operand", "max_factor") if s[k]}
-            problems = make_problems(s.num_eval, s.eval_seed, stream=1, unique=True,
-                                     system_prompt=_system_prompt(config), difficulty=s.difficulty,
-                                     max_value=s.max_value, **knobs)
-        else:
-            problems, stats = read_problems(source, split="test", system_prompt=_system_prompt(config),
-                                            fmt=source_format(config.data.format, source))
-            if not problems:
-                raise DataError(f"benchmark {source!r}: no usable problems ({stats.summary()})")
-        limited[name] = bool(limit) and len(problems) > limit
-        sets[name] = problems[:limit] if limit else problems
-    return sets, limited
-
-
 # ----------------------------------------------------------------------------------------------
 # The evaluation
 # ----------------------------------------------------------------------------------------------
-def eval_settings(config, *, n: int = 1, temperature: float | None = None, top_p: float | None = None,
-                  max_new_tokens: int | None = None, batch_size: int | None = None, seed: int | None = None):
-    from prime_jax.eval_lib import EvalSettings
+def _prm_scorer(prm: str, reference: str, config, mesh, settings, *, vocab_size: int):
+    """(PRMScorer, info) of --prm / --reference for best-of-n, or (None, {}) without --prm."""
+    from prime_jax import eval_lib
 
-    r = config.rollout
-    if n < 1:
-        raise ValueError(f"--n must be >= 1, got {n}")
-    if temperature is None:
-        temperature = r.eval_temperature if (n == 1 or r.eval_temperature > 0) else r.temperature
-    if temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {temperature}")
-    if temperature == 0 and n > 1:
-        logger.warning("greedy decoding with n=%d: every sample of a problem is the same", n)
-    settings = EvalSettings(
-        n=n, temperature=float(temperature), top_p=float(r.top_p if top_p is None else top_p), top_k=int(r.top_k),
-        max_new_tokens=int(max_new_tokens or r.eval_max_new_tokens or r.max_new_tokens),
-        max_prompt_tokens=int(config.data.max_prompt_tokens) or None,
-        batch_size=int(batch_size or r.eval_batch), seed=int(config.seed if seed is None else seed))
-    if settings.max_new_tokens < 1 or settings.batch_size < 1:
-        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {settings}")
-    return settings
+    if not prm:
+        return None, {}
+    if settings.n < 2:
+        raise ValueError("--prm (best-of-n) needs --n >= 2")
+    prm_spec = resolve_checkpoint(prm)
+    if prm_spec.kind == "hf" and Path(prm_spec.path).name == "hf_export":
+        raise ValueError(f"--prm={prm}: {prm_spec.path} is the exported policy, not a PRM (pass a workdir "
+                         "with checkpoints/, or an HF PRM folder)")
+    prm_model = load_model(prm_spec, config, mesh, vocab_size=vocab_size, which="prm")
+    ref_model = load_reference(resolve_checkpoint(reference), prm_spec, config, mesh, vocab_size=vocab_size)
+    # raw logits, as the trainer scores the PRM and its reference (PRIME_SPEC: no temperature)
+    scorer = eval_lib.PRMScorer(prm_model, ref_model, mesh=mesh, chunk_size=config.model.logprob_chunk,
+                                batch_size=max(1, min(config.batch.score_batch, 256)))
+    return scorer, {"prm": prm_spec.describe(), "reference": reference or "(default)",
+                    "prm_logprobs": "raw logits (temperature 1)"}
 
 
 def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: str | Sequence[str] = "",
@@ -361,12 +283,14 @@ def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: s
     """Runs the evaluation (see the module docstring); returns the scores.json content."""
     import jax
 
-    from prime_jax import eval_lib
+    from prime_jax import eval_lib, eval_report
+    from prime_jax.data import load_eval_sets
     from prime_jax.eval_progress import ProgressFile
     from prime_jax.models.tokenizer import eos_token_ids, load_tokenizer
     from prime_jax.parallel import is_logging_process, mesh_from_config
     from prime_jax.rewards import RewardPool
     from prime_jax.sampling import Sampler
+    from prime_jax.train.builder import MIN_PROMPT_BUCKET, RunLayout
 
     t0 = time.perf_counter()
     workdir = Path(workdir)
@@ -374,16 +298,17 @@ def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: s
     if is_logging_process():  # before hours of work, not after
         cli.ensure_writable(out_dir, "evaluation output folder")
     mesh = mesh if mesh is not None else mesh_from_config(config)
-    settings = eval_settings(config, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, seed=seed)
+    settings = eval_lib.settings_from_config(config, n=n, temperature=temperature, top_p=top_p,
+                                             max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     if isinstance(benchmarks, str):
         benchmarks = [b.strip() for b in (benchmarks or config.data.eval).split(",") if b.strip()]
     if not benchmarks:
         raise ValueError("no benchmarks: pass --benchmarks or set config.data.eval")
     limit = config.data.eval_max_problems if limit is None else limit
-    problem_sets, limited = load_benchmarks(config, benchmarks, limit)
+    problem_sets, limited = load_eval_sets(config, benchmarks, limit)
 
-    if not checkpoint and (_run_steps(workdir / "checkpoints") or (workdir / "hf_export" / "config.json").exists()):
+    layout = RunLayout(workdir)
+    if not checkpoint and (layout.checkpoint_steps() or (layout.hf_export / "config.json").exists()):
         checkpoint = str(workdir)  # the workdir is a training run: evaluate its latest policy
     spec = resolve_checkpoint(checkpoint)
     tok_path = resolve_tokenizer_path(config, spec, workdir, tokenizer_path)
@@ -395,25 +320,9 @@ def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: s
     stop_ids = eos_token_ids(tokenizer)
     logger.info("model %s, tokenizer %s, mesh %s, %s", spec.describe(), tok_path, dict(mesh.shape), settings)
 
-    prm_scorer, prm_info = None, {}
-    if prm:
-        if settings.n < 2:
-            raise ValueError("--prm (best-of-n) needs --n >= 2")
-        prm_spec = resolve_checkpoint(prm)
-        if prm_spec.kind == "hf" and Path(prm_spec.path).name == "hf_export":
-            raise ValueError(f"--prm={prm}: {prm_spec.path} is the exported policy, not a PRM (pass a workdir "
-                             "with checkpoints/, or an HF PRM folder)")
-        prm_model = load_model(prm_spec, config, mesh, vocab_size=len(tokenizer), which="prm")
-        ref_spec = resolve_checkpoint(reference)
-        ref_model = load_reference(ref_spec, prm_spec, config, mesh, vocab_size=len(tokenizer))
-        # raw logits, as the trainer scores the PRM and its reference (PRIME_SPEC: no temperature)
-        prm_scorer = eval_lib.PRMScorer(prm_model, ref_model, mesh=mesh,
-                                        chunk_size=config.model.logprob_chunk,
-                                        batch_size=max(1, min(config.batch.score_batch, 256)))
-        prm_info = {"prm": prm_spec.describe(), "reference": reference or "(default)",
-                    "prm_logprobs": "raw logits (temperature 1)"}
+    prm_scorer, prm_info = _prm_scorer(prm, reference, config, mesh, settings, vocab_size=len(tokenizer))
 
-    sampler = Sampler(mesh, min_prompt_bucket=16)
+    sampler = Sampler(mesh, min_prompt_bucket=MIN_PROMPT_BUCKET)
     key = jax.random.PRNGKey(settings.seed)
     results: dict[str, eval_lib.BenchmarkResult] = {}
     progress: dict[str, ProgressFile] = {}
@@ -430,7 +339,7 @@ def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: s
                                                  progress=progress.get(name))
             result.metrics["limited"] = limited[name]
             results[name] = result
-            print(eval_lib.headline(name, result.metrics, settings, max_prompt_tokens=config.data.max_prompt_tokens),
+            print(eval_report.headline(name, result.metrics, settings, max_prompt_tokens=config.data.max_prompt_tokens),
                   flush=True)
 
     info = {"config": config.name, "checkpoint": spec.describe(), "tokenizer": tok_path,
@@ -439,9 +348,9 @@ def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: s
             "system prompt": config.data.system_prompt, **prm_info,
             "wall time (s)": round(time.perf_counter() - t0, 1)}
     scores = {"settings": settings.as_dict(), "info": info,
-              "benchmarks": {k: r.metrics for k, r in results.items()}, "average": eval_lib.summarize(results)}
+              "benchmarks": {k: r.metrics for k, r in results.items()}, "average": eval_report.summarize(results)}
     if is_logging_process():
-        paths = eval_lib.write_results(out_dir, results, settings, info=info, prm=prm_scorer is not None,
+        paths = eval_report.write_results(out_dir, results, settings, info=info, prm=prm_scorer is not None,
                                        title=f"{config.name}: {spec.describe()}")
         logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
         for done in progress.values():

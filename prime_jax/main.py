@@ -5,6 +5,7 @@
         --workdir=runs/tiny_outcome
     python -m prime_jax.main --config=configs/qwen7b.py --workdir=gs://... --config.total_steps=100
     python -m prime_jax.main --config=configs/tiny.py --export_hf   # latest checkpoint -> WORKDIR/hf_export
+    python -m prime_jax.main --config=configs/tiny.py --sft_only    # the SFT stage alone -> WORKDIR/reference
 
 A workdir that holds checkpoints is resumed from the latest intact one. Every config field is
 checked before anything heavy starts; a bad value, an unknown field, a missing config file, a
@@ -32,6 +33,8 @@ _SKIP_MEMORY_CHECK = flags.DEFINE_bool("skip_memory_check", False, "Do not compi
                                        "loading weights (it runs on TPU/GPU backends; CPU runs skip it).")
 _EXPORT_HF = flags.DEFINE_bool("export_hf", False, "Only export the latest checkpoint's policy to WORKDIR/hf_export "
                                "(Hugging Face format) and exit.")
+_SFT_ONLY = flags.DEFINE_bool("sft_only", False, "Only run the SFT stage (the frozen reference, saved in "
+                              "WORKDIR/reference; skipped when it is there) and exit.")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -66,7 +69,7 @@ def main(argv) -> None:
     py_logging.getLogger("prime_jax.data").setLevel(py_logging.WARNING)  # per-batch rendering stats
     logging.info("workdir %s, mesh %s", workdir, dict(mesh.shape))
 
-    if jax.default_backend() != "cpu" and not _SKIP_MEMORY_CHECK.value and not _EXPORT_HF.value:
+    if jax.default_backend() != "cpu" and not (_SKIP_MEMORY_CHECK.value or _EXPORT_HF.value or _SFT_ONLY.value):
         # Compile every program of an iteration from abstract shapes and refuse a run that cannot
         # fit in device memory, before minutes of weight loading (see prime_jax/plan.py).
         from prime_jax.plan import PlanDoesNotFit, check_fits
@@ -78,7 +81,9 @@ def main(argv) -> None:
 
     from prime_jax.data import DataError
     from prime_jax.train.checkpoint import CheckpointError
+    from prime_jax.train.builder import RunLayout
     from prime_jax.train.loop import Trainer, export_latest
+    from prime_jax.train.warm_start import reference_params
     from prime_jax.train.metrics import last_eval_row
 
     try:
@@ -86,7 +91,12 @@ def main(argv) -> None:
             folder = export_latest(config, workdir, mesh)
             print(f"exported {folder}")
             return
-        trainer = Trainer(config, workdir, mesh)
+        if _SFT_ONLY.value:
+            reference_params(config, workdir, mesh)
+            print(f"SFT stage done: {RunLayout(workdir).reference}" if config.sft.steps else
+                  "sft.steps is 0: the reference is the start model; nothing to train")
+            return
+        trainer = Trainer.create(config, workdir, mesh)
         last_eval = trainer.run()
     except (DataError, CheckpointError, FileNotFoundError, PermissionError) as e:
         fail(" ".join(str(e).split()))

@@ -98,7 +98,7 @@ def test_data_format_setting_reads_a_misdetected_file(tmp_path):
     {problem, answer} rows and skips them all; data.format=minerva reads the boxed solution."""
     from prime_jax.config import validate
     from prime_jax.data import read_problems, source_format
-    from prime_jax.train.loop import load_train_problems
+    from prime_jax.data import load_train_problems
     from test_evaluate import _config
 
     rows = [{"problem": f"What is {i}+1?", "answer": "", "solution": f"It is \\boxed{{{i + 1}}}."} for i in range(3)]

@@ -48,7 +48,9 @@ def test_schema_top_level_fields_and_every_field_commented():
     for section in ("model", "tokenizer", "data", "rollout", "algo", "policy_optim", "prm_optim", "batch", "mesh",
                     "sft", "checkpoint", "logging"):
         assert section in c
-    source = inspect.getsource(config_lib.base_config)
+    source = "".join(inspect.getsource(f) for f in (
+        config_lib.base_config, config_lib._model_and_data_sections, config_lib._sampling_and_algorithm_sections,
+        config_lib._system_sections))
     assignments = [line for line in source.splitlines()
                    if re.match(r"\s+(c|o)\.[\w.]+ = ", line) and "ConfigDict()" not in line]
     assert len(assignments) > 80

@@ -9,7 +9,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from prime_jax.plan import GIB, PROGRAMS, PlanDoesNotFit, PlanReport, check_fits, model_config, plan_memory, suggest
+from prime_jax.plan import GIB, PROGRAMS, PlanDoesNotFit, PlanReport, check_fits, plan_memory, suggest
+from prime_jax.train.builder import model_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,9 +56,10 @@ def report():
 
 def test_report_has_every_phase_with_consistent_components(report):
     config = tiny_config()
-    assert [p.name for p in report.phases] == list(PROGRAMS)
+    # prm_update "after": the PRM's q comes from its updates, there is no separate PRM scoring pass
+    assert [p.name for p in report.phases] == [p for p in PROGRAMS if p != "prm_score"]
     assert report.devices == 8 and report.mesh == {"data": 2, "fsdp": 4, "tensor": 1}
-    mc = model_config(config)
+    mc = model_config(config.model, download=False)
     assert report.model_params == mc.num_params()
     # params are split 4 ways (fsdp; replicated over data); norms and biases are small extras
     per_model = mc.num_params() * 4 / 4

@@ -33,10 +33,10 @@ REAL = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hi
 
 
 def test_model_shapes_are_qwen25_math_7b():
-    from prime_jax.plan import model_config
+    from prime_jax.train.builder import model_config
 
     config = load_qwen7b().get_config()
-    mc = model_config(config)
+    mc = model_config(config.model, download=False)
     for field, value in REAL.items():
         assert getattr(mc, field) == value, field
     assert mc.dtype == "bfloat16" and mc.param_dtype == "float32" and mc.remat == "full"

@@ -121,7 +121,7 @@ def test_nan_guard_metrics_html_and_hf_export(tmp_path):
     validate(config)
     mesh = mesh_from_config(config)
     assert mesh.shape["data"] == jax.device_count() == 8
-    trainer = Trainer(config, tmp_path, mesh)
+    trainer = Trainer.create(config, tmp_path, mesh)
     trainer.run()
 
     rows = read_metrics(tmp_path / "metrics.jsonl")

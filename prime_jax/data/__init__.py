@@ -1,29 +1,30 @@
 """Data: problems and their readers, packaged benchmarks, prompt rendering, the resumable
 iterator, the synthetic arithmetic task and its tiny tokenizer. No model code (no jax) here."""
 from .iterator import ShuffledIterator, epoch_permutation
+from .formats import FORMAT_FIELDS, FORMATS, detect_format, gsm8k_answer
 from .problems import (
-    BENCHMARKS,
     CODE_TASK_SUFFIX,
     EURUS2_SYSTEM_PROMPT,
-    FORMAT_FIELDS,
-    FORMATS,
-    MATH_EVAL_BENCHMARKS,
     MATH_TASK_SUFFIX,
     DataError,
     DataUnavailableError,
     Problem,
     SkipStats,
     apply_system_prompt,
+    last_boxed,
+)
+from .readers import (
+    BENCHMARKS,
+    MATH_EVAL_BENCHMARKS,
     benchmark_path,
     benchmarks_dir,
-    detect_format,
-    gsm8k_answer,
-    last_boxed,
+    check_source_name,
     load_benchmark,
     read_problems,
     write_verl_parquet,
 )
 from .render import render_prompt_texts, render_prompts
+from .sets import held_out, load_eval_sets, load_train_problems, sft_pairs, synthetic_kwargs, system_prompt
 from .sources import eval_source_names, read_sft_pairs, source_format
 from .synthetic import demonstration, make_problems, sft_messages
 from .tiny_tokenizer import CHATML_TEMPLATE, build_tiny_tokenizer
@@ -46,19 +47,26 @@ __all__ = [
     "benchmark_path",
     "benchmarks_dir",
     "build_tiny_tokenizer",
+    "check_source_name",
     "demonstration",
     "detect_format",
     "epoch_permutation",
     "eval_source_names",
     "gsm8k_answer",
+    "held_out",
     "last_boxed",
     "load_benchmark",
+    "load_eval_sets",
+    "load_train_problems",
     "make_problems",
     "read_problems",
     "read_sft_pairs",
     "render_prompt_texts",
     "render_prompts",
     "sft_messages",
+    "sft_pairs",
     "source_format",
+    "synthetic_kwargs",
+    "system_prompt",
     "write_verl_parquet",
 ]

@@ -18,7 +18,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from .problems import BENCHMARKS, DataError, SkipStats, _benchmark_name
+from .problems import DataError, SkipStats
+from .readers import BENCHMARKS, _benchmark_name
 
 logger = logging.getLogger(__name__)
 

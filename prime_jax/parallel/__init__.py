@@ -13,6 +13,7 @@ from prime_jax.parallel.mesh import (
     LOGICAL_AXIS_RULES,
     MESH_AXES,
     MESH_PRESETS,
+    batch_shards,
     batch_sharding,
     constrain,
     logical_to_spec,
@@ -24,7 +25,9 @@ from prime_jax.parallel.mesh import (
     replicated,
     shard_state,
     state_shardings,
+    tree_shardings,
     under_mesh,
+    with_shardings,
 )
 from prime_jax.parallel.transfer import (
     any_process,
@@ -45,6 +48,7 @@ __all__ = [
     "MESH_AXES",
     "MESH_PRESETS",
     "any_process",
+    "batch_shards",
     "batch_sharding",
     "constrain",
     "data_shard",
@@ -71,5 +75,7 @@ __all__ = [
     "state_shardings",
     "sync_hosts",
     "to_host",
+    "tree_shardings",
     "under_mesh",
+    "with_shardings",
 ]

@@ -107,13 +107,43 @@ def state_shardings(state, mesh: Mesh):
 
 
 def shard_state(state, mesh: Mesh):
-    """Places every leaf of an `nnx.State` with its logical sharding on `mesh`."""
-    return jax.device_put(state, state_shardings(state, mesh))
+    """Places every leaf of an `nnx.State` with its logical sharding on `mesh`. An abstract state
+    (`jax.ShapeDtypeStruct` leaves, e.g. from `nnx.eval_shape`) gets the shardings attached
+    instead, so planning code runs the same path without memory."""
+    shardings = state_shardings(state, mesh)
+    leaves = jax.tree.leaves(state)
+    if leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    return jax.device_put(state, shardings)
+
+
+def tree_shardings(tree, mesh: Mesh):
+    """NamedShardings for any pytree: `nnx.Variable` leaves follow their `logical_axes`,
+    everything else (step counters, optax counts) is replicated."""
+
+    def one(x):
+        if _is_variable(x):
+            return x.replace(named_sharding(mesh, getattr(x, "logical_axes", None), np.shape(x.get_value())))
+        return replicated(mesh)
+
+    return jax.tree.map(one, tree, is_leaf=_is_variable)
+
+
+def with_shardings(tree, shardings):
+    """`tree`'s shapes and dtypes as `jax.ShapeDtypeStruct`s carrying `shardings` (a matching tree)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     """Sharding of an array every device holds whole (scalars, PRNG keys, metrics)."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many shards the rows of a batch are split into (the product of the `batch` rule's axes)."""
+    spec = logical_to_spec(("batch",), mesh)[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Any, Iterator, Sequence
 
@@ -45,7 +44,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from prime_jax.models.qwen2 import DECODE_BLOCK, KVCache
-from prime_jax.parallel import (batch_sharding, logical_to_spec, named_sharding, put_replicated, put_rows, replicated,
+from prime_jax.parallel import (batch_shards, batch_sharding, named_sharding, put_replicated, put_rows, replicated,
                                 shard_state, state_shardings, to_host, under_mesh)
 from prime_jax.sampling.decode import PAD_ID, DecodeSpec, DecodeState, decode_fn, prefill_fn
 from prime_jax.sampling.rollouts import Rollouts
@@ -76,16 +75,32 @@ class _ProgramKey:
 
 
 @dataclasses.dataclass
-class _Programs:
+class SamplerPrograms:
+    """The compiled prefill and decode programs of one shape key (what `Sampler.compile` returns).
+
+    prefill, decode: `jax.stages.Compiled` executables (`.memory_analysis()`, `.as_text()`).
+    decode_state: the abstract `DecodeState` prefill returns (`jax.ShapeDtypeStruct` leaves, with
+        their shardings on a mesh): the KV caches' shapes and placement.
+    num_prompts, prompt_len: the bucketed prompt batch G and prompt length P; rows = G * n;
+    num_slots: K; capacity: cache columns per slot.
+    """
+
     prefill: Any = None
     decode: Any = None
+    decode_state: Any = None
+    num_prompts: int = 0
+    prompt_len: int = 0
+    rows: int = 0
+    num_slots: int = 0
+    capacity: int = 0
+    compile_seconds: dict = dataclasses.field(default_factory=dict)  # {"prefill": s, "decode": s}
 
 
 @dataclasses.dataclass
 class _Call:
     """One generate/stream call on the host: its inputs in bucket order and how to map back."""
 
-    programs: _Programs
+    programs: SamplerPrograms
     prefill_args: tuple
     decode_args: tuple  # (params, stop_ids, key, temperature, top_p)
     prompt_ids: np.ndarray  # [G, P] bucket order
@@ -132,7 +147,7 @@ class Sampler:
         self.chunk_steps = int(chunk_steps)
         self.stream_steps = int(stream_steps)
         self.attention_block = int(attention_block)
-        self._programs: dict[_ProgramKey, _Programs] = {}
+        self._programs: dict[_ProgramKey, SamplerPrograms] = {}
         self._num_compilations = 0
         self.last_stats: dict[str, Any] = {}
 
@@ -144,11 +159,7 @@ class Sampler:
     @property
     def data_parallel_size(self) -> int:
         """How many shards the batch rows are split into on the mesh (1 without a mesh)."""
-        if self.mesh is None:
-            return 1
-        spec = logical_to_spec(("batch",), self.mesh)[0]
-        axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-        return math.prod(self.mesh.shape[a] for a in axes)
+        return 1 if self.mesh is None else batch_shards(self.mesh)
 
     def buckets(self, num_prompts: int, max_prompt_len: int) -> tuple[int, int]:
         """(bucketed prompt batch G, bucketed prompt length P) for a call."""
@@ -199,6 +210,21 @@ class Sampler:
                 emitted[ready] = True
                 yield self._rollouts(call, state, ready)
 
+    def compile(self, model, *, num_prompts: int, prompt_len: int, max_new_tokens: int, n: int = 1,
+                temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[int] = (),
+                key: jax.Array | jax.ShapeDtypeStruct) -> SamplerPrograms:
+        """Compiles (or reuses) the programs a `generate` call of `num_prompts` prompts of at most
+        `prompt_len` tokens with these settings runs, and returns them without running anything.
+
+        `model` may be abstract (`nnx.eval_shape`, or a `(graphdef, state)` whose leaves are
+        `jax.ShapeDtypeStruct`s) and `key` a `ShapeDtypeStruct`: memory plans compile exactly the
+        programs training runs, from shapes alone. The programs are kept under the same key as
+        `generate`'s, so a later call with matching shapes compiles nothing.
+        """
+        prompts = [[1] * int(prompt_len)] * int(num_prompts)  # token ids are data, not part of a program
+        call = self._prepare(model, prompts, max_new_tokens, n, temperature, top_p, top_k, stop_token_ids, key)
+        return call.programs
+
     # ------------------------------------------------------------------ one call, step by step
 
     def _prepare(self, model, prompts, max_new_tokens, n, temperature, top_p, top_k, stop_token_ids, key) -> _Call:
@@ -246,7 +272,7 @@ class Sampler:
             state_avals=tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(state)),
             key_aval=(tuple(key.shape), str(key.dtype)), num_prompts=batch, prompt_len=length,
             num_stop_slots=len(stop_ids))
-        programs = self._programs.setdefault(program_key, _Programs())
+        programs = self._programs.setdefault(program_key, SamplerPrograms())
 
         start = time.perf_counter()
         prefill_args = (state, prompt_ids, prompt_mask, row_id, active, stop_ids, key, *scalars)
@@ -254,11 +280,17 @@ class Sampler:
         if programs.prefill is None:
             shardings = self._shardings(spec, prefill_args)
             programs.prefill = self._compile(prefill_fn(spec), prefill_args, shardings and shardings[0], donate=())
+            programs.compile_seconds["prefill"] = time.perf_counter() - start
             decode_example = (state, jax.eval_shape(prefill_fn(spec), *prefill_args), *decode_args[1:], _NO_STOP)
             constrain = (lambda s: s) if shardings is None else (
                 lambda s: jax.lax.with_sharding_constraint(s, shardings[2]))
             programs.decode = self._compile(decode_fn(spec, constrain), decode_example,
                                             shardings and shardings[1], donate=(1,))
+            programs.compile_seconds["decode"] = time.perf_counter() - start - programs.compile_seconds["prefill"]
+            programs.decode_state = decode_example[1] if shardings is None else jax.tree.map(
+                lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), decode_example[1], shardings[2])
+            programs.num_prompts, programs.prompt_len, programs.rows = batch, length, rows
+            programs.num_slots, programs.capacity = spec.num_slots, spec.capacity
         compile_seconds = time.perf_counter() - start
         return _Call(programs=programs, prefill_args=prefill_args, decode_args=decode_args, prompt_ids=host_prompt_ids,
                      prompt_mask=host_prompt_mask, position=position, n=n, temperature=float(temperature),

@@ -190,6 +190,39 @@ class RunCheckpointer:
         self._manager.close()
 
 
+def restore_model(checkpoints_dir: str | Path, step: int, model_config, mesh, which: str = "policy"):
+    """The `which` ("policy" | "prm") model of run checkpoint `step`, restoring only its params
+    (no optimizer state), placed on `mesh`."""
+    from flax import nnx
+
+    from prime_jax.train.builder import abstract_params
+
+    graphdef, target = abstract_params(model_config, mesh)
+    item = {which: {"params": target}}
+    path = (Path(checkpoints_dir) / str(step) / "state").absolute()
+    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    return nnx.merge(graphdef, restored[which]["params"])
+
+
+def restore_latest_model(checkpoints_dir: str | Path, model_config, mesh, which: str = "policy"):
+    """(step, model) of the newest checkpoint whose `which` params restore; a damaged newer one is
+    reported in one line and skipped; CheckpointError when none restores."""
+    from prime_jax.train.builder import checkpoint_steps
+
+    errors = []
+    for step in reversed(checkpoint_steps(Path(checkpoints_dir))):
+        try:
+            model = restore_or_raise(lambda: restore_model(checkpoints_dir, step, model_config, mesh, which),
+                                     f"checkpoint {checkpoints_dir}/{step}")
+        except CheckpointError as e:
+            logger.warning("%s; trying an older one", e)
+            errors.append(str(e))
+            continue
+        return step, model
+    raise CheckpointError("; ".join(errors) or f"{checkpoints_dir} holds no checkpoint")
+
+
 def save_params(directory: str | Path, params: Any) -> None:
     """Writes a pytree of arrays (e.g. the reference params) to `directory`, synchronously, atomically."""
     directory = Path(directory).absolute()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import time
@@ -26,95 +25,33 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from prime_jax import algo
-from prime_jax.config import RANDOM_MODEL, SYNTHETIC, TINY_TOKENIZER
-from prime_jax.data import DataError, Problem, ShuffledIterator, render_prompts
-from prime_jax.models import Qwen2Config, Qwen2ForCausalLM, from_pretrained
-from prime_jax.models.tokenizer import eos_token_ids, load_tokenizer
-from prime_jax.parallel import (any_process, gather_shares, host_share, is_logging_process, put_replicated, put_rows,
-                                replicated, shard_state, to_host)
+from prime_jax.config import RANDOM_MODEL, SYNTHETIC
+from prime_jax.data import (DataError, Problem, ShuffledIterator, held_out, load_eval_sets, load_train_problems,
+                            render_prompts)
+from prime_jax.models import Qwen2ForCausalLM
+from prime_jax.models.tokenizer import eos_token_ids
+from prime_jax.parallel import (gather_shares, host_share, is_logging_process, put_replicated, put_rows, to_host)
 from prime_jax.rewards import RewardPool
-from prime_jax.sampling import PAD_ID, Rollouts, Sampler
+from prime_jax.sampling import Rollouts
 from prime_jax.train import checkpoint as ckpt
 from prime_jax.train.batch import PrimeBatch
-from prime_jax.train.preemption import PreemptionWatch
+from prime_jax.train.builder import RunBuilder, RunLayout, abstract_model
+from prime_jax.train.evaluation import TrainingEvaluator
 from prime_jax.train.metrics import MetricsLogger, masked_stats
+from prime_jax.train.preemption import PreemptionWatch
 from prime_jax.train.prm_phase import run_prm_phase
-from prime_jax.train.report import mix_outcomes, write_rollouts_html
-from prime_jax.train.sft import encode_examples, run_sft
-from prime_jax.train.state import (
-    abstract_train_state,
-    create_train_state,
-    make_optimizer,
-    split_params,
-    train_state_shardings,
-)
-from prime_jax.train.steps import SCORE_KEYS, make_train_steps, sequence_logprobs
+from prime_jax.train.state import create_train_state, split_params
+from prime_jax.train.warm_start import reference_params
 
 logger = logging.getLogger(__name__)
 
 
 # ==============================================================================================
-# Data: the prompts of a step, and the held-out sets
+# Data: the prompts of a step
 # ==============================================================================================
-def synthetic_kwargs(config) -> dict:
-    s = config.data.synthetic
-    knobs = {k: s[k] for k in ("min_steps", "max_steps", "max_start", "max_operand", "max_factor") if s[k]}
-    return dict(difficulty=s.difficulty, max_value=s.max_value, **knobs)
-
-
-def _system_prompt(config) -> str | None:
-    from prime_jax.data import EURUS2_SYSTEM_PROMPT
-
-    return {"keep": None, "none": "", "eurus2": EURUS2_SYSTEM_PROMPT}[config.data.system_prompt]
-
-
-def load_eval_sets(config) -> dict[str, list[Problem]]:
-    """{source name: problems} of every `data.eval` source (the synthetic one is fixed by eval_seed);
-    names as `prime_jax.data.eval_source_names` gives them."""
-    from prime_jax.data import eval_source_names, make_problems, read_problems, source_format
-
-    sets = {}
-    for name, source in eval_source_names(config.data.eval.split(","), SYNTHETIC).items():
-        if source == SYNTHETIC:
-            problems = make_problems(config.data.synthetic.num_eval, config.data.synthetic.eval_seed, stream=1,
-                                     unique=True, system_prompt=_system_prompt(config), **synthetic_kwargs(config))
-        else:
-            problems, _ = read_problems(source, split="test", system_prompt=_system_prompt(config),
-                                        fmt=source_format(config.data.format, source))
-        if config.data.eval_max_problems:
-            problems = problems[: config.data.eval_max_problems]
-        sets[name] = problems
-    return sets
-
-
-def load_train_problems(config, exclude: set[str]) -> list[Problem]:
-    from prime_jax.data import make_problems, read_problems, source_format
-
-    if config.data.train == SYNTHETIC:
-        return make_problems(config.data.synthetic.num_train, config.seed, stream=0, exclude=exclude,
-                             system_prompt=_system_prompt(config), **synthetic_kwargs(config))
-    problems, stats = read_problems(config.data.train, split=config.data.train_split, system_prompt=_system_prompt(config),
-                                    fmt=source_format(config.data.format, config.data.train))
-    if not problems:
-        raise DataError(f"data.train: no usable problems in {config.data.train!r} ({stats.summary()})")
-    return problems
-
-
-def sft_pairs(config, exclude: set[str]) -> list[tuple[list[dict], str]]:
-    """(prompt messages, demonstration) pairs for the SFT warm start."""
-    from prime_jax.data import demonstration, make_problems, read_sft_pairs
-
-    if config.sft.data == SYNTHETIC:
-        problems = make_problems(config.sft.num_examples, config.seed, stream=2, exclude=exclude,
-                                 system_prompt=_system_prompt(config), **synthetic_kwargs(config))
-        return [(p.messages, demonstration(p)) for p in problems]
-    return read_sft_pairs(config.sft.data, config.sft.num_examples)[0]  # bad rows counted and skipped
-
-
 class PromptSource:
     """Training prompts: the surplus buffer first, then the seeded, resumable iterator.
 
@@ -248,154 +185,90 @@ def process_rewards_and_advantages(q, outcome, response_mask, *, estimator: str,
     return q_norm, advantages, stats
 
 
+@dataclasses.dataclass
+class RunData:
+    """What a run reads before it trains: the tokenizer, the eval sets, the training prompts."""
+
+    tokenizer: Any
+    eval_sets: dict[str, list[Problem]]
+    prompts: PromptSource
+
+    @classmethod
+    def load(cls, builder: RunBuilder, layout: RunLayout, is_main: bool) -> "RunData":
+        """Raises DataError for unusable data (no usable row, no prompt that fits)."""
+        c = builder.config
+        tokenizer = builder.tokenizer(layout, is_main)
+        eval_sets, _ = load_eval_sets(c)
+        exclude = held_out(eval_sets) if c.data.train == SYNTHETIC else set()
+        prompts = PromptSource(load_train_problems(c, exclude), tokenizer, c.data.max_prompt_tokens, c.seed)
+        return cls(tokenizer, eval_sets, prompts)
+
+
 # ==============================================================================================
 # The trainer
 # ==============================================================================================
 class Trainer:
-    """Holds the run: models, optimizers, sampler, grader pool, data, logs, checkpoints."""
+    """Holds the run: models, optimizers, sampler, grader pool, data, logs, checkpoints.
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, mesh):
+    `reference`: the frozen reference params (the SFT stage's, `warm_start.reference_params`);
+    policy and PRM start from them. `Trainer.create` runs that stage first."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, mesh, reference,
+                 data: RunData | None = None):
         self.config = c = config
-        self.workdir = Path(workdir)
+        self.layout = RunLayout(workdir)
+        self.workdir = self.layout.workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mesh = mesh
+        self.builder = builder = RunBuilder(c, mesh)
         self.n = c.rollout.n
         self.is_main = is_logging_process()
         self.groups_per_step = c.batch.prompts_per_step
-        # Prompts sampled per attempt: oversampled, rounded up so the rows split evenly over the
-        # data-parallel devices (every attempt has the same shapes: one compilation).
-        data_parallel = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
-        self.prompts_per_attempt = math.ceil(c.rollout.oversample * c.batch.prompts_per_step)
-        while self.prompts_per_attempt * self.n % data_parallel:
-            self.prompts_per_attempt += 1
-        self.uses_process_rewards = c.algo.estimator != "outcome_rloo"
-        # Training batches hold prompts in a fixed number of columns (one compilation per program).
-        self.prompt_width = -(-c.data.max_prompt_tokens // 8) * 8
+        self.prompts_per_attempt = builder.prompts_per_attempt
+        self.uses_process_rewards = builder.uses_prm
+        self.prompt_width = builder.prompt_width
 
-        self.tokenizer = self._load_tokenizer()
+        data = data or RunData.load(builder, self.layout, self.is_main)
+        self.tokenizer, self.eval_sets, self.prompts = data.tokenizer, data.eval_sets, data.prompts
         self.stop_ids = eos_token_ids(self.tokenizer)
-        self.eval_sets = load_eval_sets(c)
-        held_out = {p.meta["expression"] for problems in self.eval_sets.values() for p in problems
-                    if "expression" in p.meta}
-        self.eval_prompts = {name: render_prompts(problems, self.tokenizer, c.data.max_prompt_tokens)[:2]
-                             for name, problems in self.eval_sets.items()}
-        for name, (ids, _) in self.eval_prompts.items():
-            if self.eval_sets[name] and not ids:  # no score to report for it, rather than a 0.0
-                logger.warning("eval set %s: all %d problems dropped (prompts longer than data.max_prompt_tokens=%d); "
-                               "it is not evaluated", name, len(self.eval_sets[name]), c.data.max_prompt_tokens)
-        self.prompts = PromptSource(load_train_problems(c, held_out if c.data.train == SYNTHETIC else set()),
-                                    self.tokenizer, c.data.max_prompt_tokens, c.seed)
-        self._held_out = held_out
 
-        model = self._initial_model()
-        self.graphdef, initial_params = split_params(model)
-        self.policy_optimizer = self._optimizer(c.policy_optim)
-        self.prm_optimizer = self._optimizer(c.prm_optim)
-        self.steps = make_train_steps(
-            model, self.policy_optimizer, self.prm_optimizer, mesh, n=self.n, micro_batches=c.batch.micro_batches,
-            score_micro_batches=1, beta=c.algo.beta, clip_eps=c.algo.clip_eps,
-            temperature=c.rollout.temperature, chunk_size=c.model.logprob_chunk,
-            prm_loss_type=c.algo.prm_loss, agg=c.algo.agg)
-        self.sampler = Sampler(mesh, min_prompt_bucket=16, decode_slots=c.rollout.decode_slots or None)
-        self.checkpointer = ckpt.RunCheckpointer(self.workdir / "checkpoints", keep=c.checkpoint.keep,
+        self.graphdef, _ = split_params(abstract_model(builder.model_config(len(self.tokenizer))))
+        self.ref_params = reference
+        self.policy_optimizer = builder.policy_optimizer
+        self.prm_optimizer = builder.prm_optimizer
+        self.steps = builder.train_steps((self.graphdef, reference))
+        self.sampler = builder.sampler()
+        self.evaluator = TrainingEvaluator(c, self.eval_sets, tokenizer=self.tokenizer, sampler=self.sampler,
+                                           graphdef=self.graphdef, mesh=mesh, stop_ids=self.stop_ids,
+                                           layout=self.layout, is_main=self.is_main)
+        self.checkpointer = ckpt.RunCheckpointer(self.layout.checkpoints, keep=c.checkpoint.keep,
                                                  async_save=c.checkpoint.async_save)
         self.start_step = 0
-        self.ref_params = self._reference_params(model, initial_params)
-        del model, initial_params
         if self.checkpointer.latest_step():
             self._restore()
         else:
-            self.policy = create_train_state(self.ref_params, self.policy_optimizer, mesh)
-            self.prm = create_train_state(self.ref_params, self.prm_optimizer, mesh)
+            self.policy = create_train_state(reference, self.policy_optimizer, mesh)
+            self.prm = create_train_state(reference, self.prm_optimizer, mesh)
             self.key = put_replicated(jax.random.PRNGKey(c.seed), mesh)
         self.pool = None
         self.log = None
         self.preempted_at: int | None = None
-        self._score_q = jax.jit(self._q_fn)
         # Rows of a device batch (mini-batches, scoring chunks), kept sharded by rows.
         self._take_rows = jax.jit(lambda batch, index: jax.tree.map(lambda x: x[index], batch),
                                   out_shardings=self.steps.batch_sharding)
         self._concat_rows = jax.jit(lambda parts, total: jax.tree.map(lambda *xs: jnp.concatenate(xs)[:total], *parts),
                                     static_argnums=1, out_shardings=self.steps.batch_sharding)
 
-    # ------------------------------------------------------------------ set-up helpers
-    def _load_tokenizer(self):
-        path = self.config.tokenizer.path or self.config.model.path
-        if path == TINY_TOKENIZER:
-            import tempfile
-
-            from prime_jax.data import build_tiny_tokenizer
-
-            # Deterministic: process 0 writes it into the workdir (for users and the export), the
-            # others build their own copy (a pod's hosts need not share a file system).
-            folder = self.workdir / "tokenizer" if self.is_main else Path(tempfile.mkdtemp(prefix="prime_tokenizer_"))
-            if not (folder / "tokenizer.json").exists():
-                build_tiny_tokenizer(folder)
-            path = str(folder)
-        return load_tokenizer(path)
-
-    def _initial_model(self) -> Qwen2ForCausalLM:
-        m = self.config.model
-        if m.path != RANDOM_MODEL:
-            return from_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=self.mesh, remat=m.remat)
-        config = Qwen2Config(
-            vocab_size=m.vocab_size or len(self.tokenizer), hidden_size=m.hidden_size,
-            intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-            num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim or None, rope_theta=m.rope_theta,
-            max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=m.tie_word_embeddings,
-            dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
-        model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(self.config.seed))
-        graphdef, state = nnx.split(model)
-        return nnx.merge(graphdef, shard_state(state, self.mesh))
-
-    @staticmethod
-    def _optimizer(o) -> optax.GradientTransformation:
-        lr = optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps else o.lr
-        return make_optimizer(lr, weight_decay=o.weight_decay, clip_norm=o.clip_norm or None, b1=o.b1, b2=o.b2,
-                              eps=o.eps)
-
-    def _reference_params(self, model, initial_params):
-        """The frozen reference = the SFT result (trained once, saved in WORKDIR/reference)."""
-        c = self.config
-        folder = self.workdir / "reference"
-        if c.sft.steps == 0:
-            return initial_params
-        if ckpt.params_saved(folder):
-            logger.info("reference (SFT) weights: restoring %s", folder)
-            return ckpt.restore_params(folder, ckpt.abstract_like(initial_params))
-        pairs = sft_pairs(c, self._held_out)
-        examples, dropped = encode_examples(self.tokenizer, pairs, max_prompt_tokens=c.data.max_prompt_tokens,
-                                            max_response_tokens=c.rollout.max_new_tokens)
-        logger.info("SFT: %d examples (%d too long), %d steps", len(examples), dropped, c.sft.steps)
-        sft_log = (self.workdir / "sft_metrics.jsonl").open("w") if self.is_main else None
-
-        def log_fn(step, row):
-            if sft_log:
-                sft_log.write(json.dumps({"sft_step": step, **{k: float(v) for k, v in row.items()}}) + "\n")
-                sft_log.flush()
-            logger.info("SFT step %d: loss %.4f", step, row["loss"])
-
-        model = run_sft(model, examples, steps=c.sft.steps, lr=c.sft.lr, batch_size=c.sft.batch, mesh=self.mesh,
-                        seed=c.seed, warmup_steps=c.sft.warmup_steps, weight_decay=c.sft.weight_decay,
-                        clip_norm=c.sft.clip_norm, pad_id=PAD_ID, chunk_size=c.model.logprob_chunk, log_fn=log_fn)
-        if sft_log:
-            sft_log.close()
-        _, params = split_params(model)
-        ckpt.save_params(folder, params)
-        return params
-
-    def _abstract_run_state(self):
-        params = self.ref_params
-        shapes = lambda opt: jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract_train_state(params, opt), train_state_shardings(params, opt, self.mesh))
-        key = jax.random.PRNGKey(0)
-        return {"policy": shapes(self.policy_optimizer), "prm": shapes(self.prm_optimizer),
-                "key": jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated(self.mesh))}
+    @classmethod
+    def create(cls, config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> "Trainer":
+        """The run's data (bad data fails here, before any training), the SFT stage
+        (`warm_start.reference_params`: trained once, then restored), then the trainer."""
+        data = RunData.load(RunBuilder(config, mesh), RunLayout(workdir), is_logging_process())
+        return cls(config, workdir, mesh, reference_params(config, workdir, mesh), data)
 
     def _restore(self) -> None:
         """The newest intact checkpoint (damaged newer ones are reported and moved aside)."""
-        step, state, meta = self.checkpointer.restore_latest_intact(self._abstract_run_state())
+        step, state, meta = self.checkpointer.restore_latest_intact(self.builder.abstract_run_state(self.ref_params))
         self.start_step = step
         self.policy, self.prm, self.key = state["policy"], state["prm"], state["key"]
         self.prompts.set_state(meta["prompts"])
@@ -470,13 +343,7 @@ class Trainer:
             self.log = None
 
     def export_hf(self) -> Path:
-        c = self.config
-        folder = ckpt.export_hf(self.policy_model, self.tokenizer, self.workdir / "hf_export",
-                                source=None if c.model.path == RANDOM_MODEL else c.model.path,
-                                max_new_tokens=c.rollout.eval_max_new_tokens or c.rollout.max_new_tokens,
-                                temperature=c.rollout.eval_temperature)
-        logger.info("exported the policy (Hugging Face format) to %s", folder)
-        return folder
+        return export_policy(self.config, self.policy_model, self.tokenizer, self.layout)
 
     # ------------------------------------------------------------------ one PRIME iteration
     def step(self, step: int) -> dict:
@@ -705,85 +572,38 @@ class Trainer:
         return out
 
     # ---------------------------------------------------------------- held-out evaluation
-    def _q_fn(self, prm_params, ref_params, batch):
-        # raw logits for the PRM and its reference, as in training (PRIME_SPEC: no temperature)
-        lp = functools.partial(sequence_logprobs, self.graphdef, temperature=1.0,
-                               chunk_size=self.config.model.logprob_chunk)
-        return algo.implicit_token_rewards(lp(prm_params, batch), lp(ref_params, batch), batch["response_mask"])
-
     def evaluate(self, step: int) -> dict:
-        """Greedy (rollout.eval_temperature) pass@1 on every eval source; writes the HTML page."""
-        c = self.config
-        t0 = time.perf_counter()
-        max_new = c.rollout.eval_max_new_tokens or c.rollout.max_new_tokens
-        row: dict[str, Any] = {"step": step}
-        accuracies, lengths, truncated, html_rows = [], [], [], []
-        key = jax.random.fold_in(jax.random.PRNGKey(c.data.synthetic.eval_seed), step)
-        for name, (ids, kept) in self.eval_prompts.items():
-            if not ids:  # every problem dropped (warned at start): no accuracy, not a 0.0
-                continue
-            scores = []
-            for start in range(0, len(ids), c.rollout.eval_batch):
-                chunk = ids[start:start + c.rollout.eval_batch]
-                rollouts = self.sampler.generate(
-                    (self.graphdef, self.policy.params), chunk, max_new_tokens=max_new, n=1,
-                    temperature=c.rollout.eval_temperature, top_p=c.rollout.top_p, top_k=c.rollout.top_k,
-                    stop_token_ids=self.stop_ids, key=key)
-                chunk_problems = kept[start:start + len(chunk)]
-                chunk_scores, _, _ = self.grade(rollouts, chunk_problems)
-                scores.extend(chunk_scores.tolist())
-                lengths.extend(rollouts.lengths.tolist())
-                truncated.extend((~rollouts.finished).tolist())
-                # Candidates for the HTML page: up to html_samples right and html_samples wrong ones.
-                for r in range(len(chunk)):
-                    if sum((x[3] >= 1.0) == (chunk_scores[r] >= 1.0) for x in html_rows) < c.logging.html_samples:
-                        html_rows.append((rollouts, r, chunk_problems[r], chunk_scores[r], name))
-            accuracy = float(np.mean(scores)) if scores else 0.0
-            row[f"eval/{name}/accuracy"] = accuracy
-            accuracies.append(accuracy)
-        row["eval/accuracy"] = float(np.mean(accuracies)) if accuracies else 0.0
-        row["eval/response_length"] = float(np.mean(lengths)) if lengths else 0.0
-        row["eval/truncated_frac"] = float(np.mean(truncated)) if truncated else 0.0
-        if html_rows:  # q is computed on every process; process 0 writes the page
-            self._write_html(step, mix_outcomes(html_rows, lambda x: x[3], c.logging.html_samples))
-        row["time/eval_s"] = time.perf_counter() - t0
+        """Greedy (rollout.eval_temperature) accuracy on every eval set (`TrainingEvaluator`)."""
+        row = self.evaluator(step, self.policy.params, self.prm.params, self.prm_reference_params, self.pool)
         return self.log.write(row) if self.log else row
-
-    def _write_html(self, step: int, html_rows) -> None:
-        """The token-reward page of `html_rows` (q computed on every process, written by process 0)."""
-        samples = []
-        for rollouts, r, problem, outcome, source in html_rows:
-            length = int(rollouts.lengths[r])
-            R = _bucket(length, 8, rollouts.tokens.shape[1])
-            one = PrimeBatch(prompt_ids=rollouts.prompt_tokens[r:r + 1], prompt_mask=rollouts.prompt_mask[r:r + 1],
-                             response_ids=rollouts.tokens[r:r + 1, :R], response_mask=rollouts.response_mask[r:r + 1, :R])
-            one = one.to_device(self.mesh)
-            q = to_host(self._score_q(self.prm.params, self.prm_reference_params, one.select(SCORE_KEYS)))[0, :length]
-            token_ids = rollouts.tokens[r, :length].tolist()
-            samples.append({
-                "prompt": self.tokenizer.decode(rollouts.prompt_tokens[r][rollouts.prompt_mask[r] > 0].tolist()),
-                "tokens": [self.tokenizer.decode([t]) for t in token_ids],
-                "q": q.tolist(), "outcome": float(outcome), "ground_truth": problem.ground_truth, "source": source,
-            })
-        if self.is_main:
-            write_rollouts_html(self.workdir / "rollouts" / f"step_{step}.html", samples,
-                                title=f"{self.config.name}: held-out responses at step {step}")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> dict:
-    """Runs (or resumes) PRIME; returns the last eval row."""
-    return Trainer(config, workdir, mesh).run()
+    """Runs (or resumes) PRIME, after the SFT stage; returns the last eval row."""
+    return Trainer.create(config, workdir, mesh).run()
 
 
 def export_latest(config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> Path:
-    """Exports the policy of the newest intact checkpoint to WORKDIR/hf_export; refuses (CheckpointError)
-    a workdir without checkpoints rather than training a start policy to export."""
-    folder = Path(workdir) / "checkpoints"
-    if not (folder.is_dir() and any(d.name.isdigit() for d in folder.iterdir())):
-        raise ckpt.CheckpointError(f"--export_hf: {folder} holds no checkpoint to export; train first "
+    """Exports the policy of the newest intact checkpoint to WORKDIR/hf_export (no trainer, no SFT:
+    only the policy's params are restored); refuses (CheckpointError) a workdir without checkpoints
+    rather than training a start policy to export."""
+    layout = RunLayout(workdir)
+    if not layout.checkpoint_steps():
+        raise ckpt.CheckpointError(f"--export_hf: {layout.checkpoints} holds no checkpoint to export; train first "
                                    "(the same command without --export_hf)")
-    trainer = Trainer(config, workdir, mesh)
-    try:
-        return trainer.export_hf()
-    finally:
-        trainer.close()
+    builder = RunBuilder(config, mesh)
+    tokenizer = builder.tokenizer(layout, is_logging_process())
+    step, policy = ckpt.restore_latest_model(layout.checkpoints, builder.model_config(len(tokenizer)), mesh)
+    logger.info("exporting the policy of step %d", step)
+    return export_policy(config, policy, tokenizer, layout)
+
+
+def export_policy(config: ml_collections.ConfigDict, policy: Qwen2ForCausalLM, tokenizer, layout: RunLayout) -> Path:
+    """The policy in Hugging Face format in WORKDIR/hf_export, with the run's eval decoding as its
+    generation config (on every process: the export gathers the sharded weights)."""
+    c = config
+    folder = ckpt.export_hf(policy, tokenizer, layout.hf_export, source=None if c.model.path == RANDOM_MODEL else c.model.path,
+                            max_new_tokens=c.rollout.eval_max_new_tokens or c.rollout.max_new_tokens,
+                            temperature=c.rollout.eval_temperature)
+    logger.info("exported the policy (Hugging Face format) to %s", folder)
+    return folder

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from prime_jax.parallel import named_sharding
+from prime_jax.parallel import tree_shardings
 
 
 @jax.tree_util.register_dataclass
@@ -60,22 +60,6 @@ def prm_optimizer(lr: float = 1e-6, weight_decay: float = 0.0, clip_norm: float 
                   b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
     """The reference PRM optimizer (Eurus-2-7B-PRIME defaults)."""
     return make_optimizer(lr, weight_decay, clip_norm, b1, b2)
-
-
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def tree_shardings(tree, mesh: Mesh):
-    """NamedShardings for any pytree: `nnx.Variable` leaves follow their `logical_axes`,
-    everything else (step counters, optax counts) is replicated."""
-
-    def one(x):
-        if _is_variable(x):
-            return x.replace(named_sharding(mesh, getattr(x, "logical_axes", None), jnp.shape(x.get_value())))
-        return NamedSharding(mesh, PartitionSpec())
-
-    return jax.tree.map(one, tree, is_leaf=_is_variable)
 
 
 def split_params(model: nnx.Module):

@@ -147,12 +147,19 @@ def make_train_steps(model, policy_optimizer: optax.GradientTransformation,
 
     score_variants = {}
 
-    def score(policy_params, prm_params, ref_params, batch):
+    def score_program(policy_params, prm_params, ref_params):
+        """The jitted scoring program of the models given (None: not scored), one per combination."""
         variant = (policy_params is None, prm_params is None, ref_params is None)
         if variant not in score_variants:
             shardings = tuple(None if skip else param_sh for skip in variant)
             score_variants[variant] = jax.jit(under_mesh(score_fn, mesh), in_shardings=(*shardings, rows_sh), out_shardings=rows_sh)
-        return score_variants[variant](policy_params, prm_params, ref_params, batch)
+        return score_variants[variant]
+
+    def score(policy_params, prm_params, ref_params, batch):
+        return score_program(policy_params, prm_params, ref_params)(policy_params, prm_params, ref_params, batch)
+
+    # `steps.score.lower(...)` lowers the program a call with these arguments runs (like a jit's).
+    score.lower = lambda *args: score_program(*args[:3]).lower(*args)
 
     def policy_step(state: TrainState, batch):
         batch = _select(batch, POLICY_KEYS)

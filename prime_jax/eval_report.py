@@ -1,0 +1,178 @@
+"""Benchmark evaluation output: the per-benchmark headline, averages, ``scores.md`` beside the
+published PRIME results, ``scores.json`` and ``<benchmark>.jsonl`` (used by `prime_jax.evaluate`;
+the metrics themselves are `prime_jax.eval_lib`'s). Host-side only (no jax)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from prime_jax.eval_lib import BenchmarkResult, EvalSettings, k_values
+
+#: Published greedy pass@1 (%) from PRIME_SPEC.md (Cui et al., 2025), by model and benchmark.
+PUBLISHED: dict[str, dict[str, float]] = {
+    "Eurus-2-7B-SFT (start, step 0)": {"aime24": 3.3, "amc23": 30.1, "math500": 66.2, "minerva_math": 32.7,
+                                       "olympiadbench": 29.8, "leetcode": 21.7, "livecodebench": 17.8},
+    "RLOO, outcome verifier only, 240 steps": {"aime24": 20.0, "amc23": 47.0, "math500": 73.2,
+                                               "minerva_math": 36.4, "olympiadbench": 35.4, "leetcode": 28.3,
+                                               "livecodebench": 26.7},
+    "PRIME, 240 steps": {"aime24": 20.0, "amc23": 50.6, "math500": 78.2, "minerva_math": 39.3,
+                         "olympiadbench": 40.3, "leetcode": 31.1, "livecodebench": 27.5},
+    "Eurus-2-7B-PRIME, 592 steps": {"aime24": 26.7, "amc23": 57.8, "math500": 79.2, "minerva_math": 38.6,
+                                    "olympiadbench": 42.1, "leetcode": 33.3, "livecodebench": 28.6},
+    "Qwen2.5-Math-7B-Instruct": {"aime24": 13.3, "amc23": 50.6, "math500": 79.8, "minerva_math": 34.6,
+                                 "olympiadbench": 40.7, "leetcode": 11.7, "livecodebench": 11.3},
+}
+#: Column titles of the published table, in its order.
+PUBLISHED_COLUMNS: dict[str, str] = {
+    "aime24": "AIME24", "amc23": "AMC", "math500": "MATH-500", "minerva_math": "Minerva",
+    "olympiadbench": "OlympiadBench", "leetcode": "LeetCode", "livecodebench": "LiveCodeBench",
+}
+#: PRIME's five math benchmarks (the "math average" of the paper's README).
+MATH_FIVE = ("aime24", "amc23", "math500", "minerva_math", "olympiadbench")
+
+
+# ----------------------------------------------------------------------------------------------
+# Output files
+# ----------------------------------------------------------------------------------------------
+def headline_metric(n: int) -> str:
+    return "pass@1" if n == 1 else f"avg@{n}"
+
+
+def all_dropped(metrics: Mapping[str, Any]) -> bool:
+    """Every problem was dropped (prompt too long): there is no score, only a count."""
+    return bool(metrics.get("num_problems")) and metrics.get("num_dropped") == metrics["num_problems"]
+
+
+def headline(name: str, metrics: Mapping[str, Any], settings: EvalSettings, *, max_prompt_tokens: int) -> str:
+    """The one line the CLI prints for a benchmark."""
+    if all_dropped(metrics):
+        return (f"{name}: all {metrics['num_problems']} problems dropped (prompts longer than "
+                f"data.max_prompt_tokens={max_prompt_tokens}); no score")
+    metric = headline_metric(settings.n)
+    dropped = f", {metrics['num_dropped']} dropped as wrong" if metrics.get("num_dropped") else ""
+    return (f"{name}: {metric} {100 * metrics[metric]:.1f}% ({metrics['num_problems']} problems{dropped}, "
+            f"{metrics['time_total_s']:.1f}s)")
+
+
+def summarize(results: Mapping[str, BenchmarkResult]) -> dict[str, Any]:
+    """Averages over benchmarks of every metric all of them report, and PRIME's five-benchmark
+    math average of pass@1 (%) when all five are present."""
+    out: dict[str, Any] = {}
+    if not results:
+        return out
+    metric_sets = [set(r.metrics) for r in results.values()]
+    common = set.intersection(*metric_sets)
+    skip = {"num_problems", "num_dropped", "n"}
+    for k in sorted(common - skip):
+        v = next(iter(results.values())).metrics[k]
+        if not k.startswith("time_") and isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(np.mean([r.metrics[k] for r in results.values()]))
+    if all(b in results for b in MATH_FIVE):
+        out["math5_pass@1_percent"] = float(np.mean([100 * results[b].metrics["pass@1"] for b in MATH_FIVE]))
+    return out
+
+
+def _fmt(x: Any, percent: bool = True) -> str:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    return f"{100 * x:.1f}" if percent else f"{x:.1f}"
+
+
+def scores_markdown(results: Mapping[str, BenchmarkResult], settings: EvalSettings, *, title: str = "",
+                    info: Mapping[str, Any] | None = None, prm: bool = False) -> str:
+    """The scores as markdown: our metrics per benchmark, then the published table for comparison."""
+    n = settings.n
+    ks = k_values(n)
+    cols = [f"pass@{k}" for k in ks]
+    if n > 1:
+        cols += [f"avg@{n}"] + [f"maj@{k}" for k in ks if k >= 2]
+        if prm:
+            cols.append(f"best@{n}")
+    lines = [f"# {title or 'Evaluation'}", ""]
+    decoding = "greedy" if settings.temperature == 0 else (
+        f"temperature {settings.temperature}, top_p {settings.top_p}, top_k {settings.top_k}")
+    lines.append(f"Decoding: {decoding}; n = {n} sample(s) per problem; max {settings.max_new_tokens} new tokens.")
+    for k, v in (info or {}).items():
+        lines.append(f"{k}: {v}")
+    lines += ["", "Scores in %. Dropped problems (prompt too long) count as wrong.", ""]
+    header = ["benchmark", "problems", *cols, "mean length", "truncated %", "no answer %"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for name, r in results.items():
+        m = r.metrics
+        problems = f"{m['num_problems']}" + (f" ({m['num_dropped']} dropped)" if m.get("num_dropped") else "")
+        scores = (["all dropped"] * len(cols) if all_dropped(m) else [_fmt(m.get(c, float("nan"))) for c in cols])
+        row = [name, problems, *scores,
+               _fmt(m["response_length"], percent=False), _fmt(m["truncated_frac"]), _fmt(m["no_answer_frac"])]
+        lines.append("| " + " | ".join(row) + " |")
+
+    compare = [b for b in PUBLISHED_COLUMNS if b in results]
+    if compare:
+        metric = headline_metric(n)
+        lines += ["", f"## Published results (greedy pass@1, %; PRIME_SPEC.md) beside this run ({metric})", ""]
+        head = ["model", *[PUBLISHED_COLUMNS[b] for b in compare]]
+        five = all(b in results for b in MATH_FIVE)
+        if five:
+            head.append("math avg (5)")
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        ours = ["all dropped" if all_dropped(results[b].metrics) else _fmt(results[b].metrics[metric]) for b in compare]
+        if five:
+            ours.append(f"{np.mean([100 * results[b].metrics[metric] for b in MATH_FIVE]):.1f}")
+        lines.append("| **this run** | " + " | ".join(ours) + " |")
+        for model, scores in PUBLISHED.items():
+            row = [f"{scores[b]:.1f}" for b in compare]
+            if five:
+                row.append(f"{np.mean([scores[b] for b in MATH_FIVE]):.1f}")
+            lines.append(f"| {model} | " + " | ".join(row) + " |")
+        limited = [b for b in compare if results[b].metrics.get("limited")]
+        if limited:
+            lines += ["", f"Note: only a subset of problems was evaluated for {', '.join(limited)} (--limit); "
+                          "not comparable with the published numbers."]
+    return "\n".join(lines) + "\n"
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def write_results(out_dir: str | os.PathLike, results: Mapping[str, BenchmarkResult], settings: EvalSettings, *,
+                  info: Mapping[str, Any] | None = None, title: str = "", prm: bool = False) -> dict[str, Path]:
+    """Writes ``<benchmark>.jsonl`` (one record per sample), ``scores.json`` and ``scores.md``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for name, r in results.items():
+        path = out / f"{name}.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in r.records:
+                f.write(json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n")
+        os.replace(tmp, path)
+        paths[name] = path
+    scores = {
+        "settings": settings.as_dict(),
+        "info": dict(info or {}),
+        "benchmarks": {name: r.metrics for name, r in results.items()},
+        "average": summarize(results),
+        "published": {m: {b: v for b, v in s.items() if b in results} for m, s in PUBLISHED.items()},
+    }
+    paths["scores.json"] = out / "scores.json"
+    paths["scores.json"].write_text(json.dumps(scores, indent=2, default=_json_default) + "\n")
+    paths["scores.md"] = out / "scores.md"
+    paths["scores.md"].write_text(scores_markdown(results, settings, title=title, info=info, prm=prm))
+    return paths

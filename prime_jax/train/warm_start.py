@@ -1,0 +1,65 @@
+"""The SFT stage: a run's frozen reference, before any PRIME step.
+
+    python -m prime_jax.main --config=configs/tiny.py --sft_only   # this stage alone
+
+The reference is the start model (model.path, or the seeded random init) after `sft.steps` of
+SFT on demonstrations (`data.sft_pairs`; the synthetic eval problems are held out). It is
+trained once, saved in WORKDIR/reference and restored from there by every later start (resume,
+evaluation of the run's PRM); with `sft.steps` 0 it is the start model itself. Policy and PRM
+start from it (`train.loop.Trainer`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from prime_jax.config import SYNTHETIC
+from prime_jax.data import held_out, load_eval_sets, sft_pairs
+from prime_jax.parallel import is_logging_process
+from prime_jax.sampling import PAD_ID
+from prime_jax.train import checkpoint as ckpt
+from prime_jax.train.builder import RunBuilder, RunLayout, abstract_params
+from prime_jax.train.sft import encode_examples, run_sft
+from prime_jax.train.state import split_params
+
+logger = logging.getLogger(__name__)
+
+
+def reference_params(config, workdir, mesh):
+    """The run's frozen reference params on `mesh`: restored from WORKDIR/reference, else trained
+    (SFT) and saved there, else (sft.steps 0) the start model's."""
+    c = config
+    builder, layout = RunBuilder(c, mesh), RunLayout(workdir)
+    is_main = is_logging_process()
+    tokenizer = builder.tokenizer(layout, is_main)
+    if c.sft.steps and ckpt.params_saved(layout.reference):
+        logger.info("reference (SFT) weights: restoring %s", layout.reference)
+        _, target = abstract_params(builder.model_config(len(tokenizer)), mesh)
+        return ckpt.restore_params(layout.reference, target)
+    model = builder.initial_model(len(tokenizer))
+    if c.sft.steps == 0:
+        return split_params(model)[1]
+    exclude = held_out(load_eval_sets(c)[0]) if c.sft.data == SYNTHETIC else set()
+    examples, dropped = encode_examples(tokenizer, sft_pairs(c, exclude), max_prompt_tokens=c.data.max_prompt_tokens,
+                                        max_response_tokens=c.rollout.max_new_tokens)
+    logger.info("SFT: %d examples (%d too long), %d steps", len(examples), dropped, c.sft.steps)
+    layout.workdir.mkdir(parents=True, exist_ok=True)
+    sft_log = layout.sft_metrics.open("w") if is_main else None
+
+    def log_fn(step, row):
+        if sft_log:
+            sft_log.write(json.dumps({"sft_step": step, **{k: float(v) for k, v in row.items()}}) + "\n")
+            sft_log.flush()
+        logger.info("SFT step %d: loss %.4f", step, row["loss"])
+
+    try:
+        model = run_sft(model, examples, steps=c.sft.steps, lr=c.sft.lr, batch_size=c.sft.batch, mesh=mesh,
+                        seed=c.seed, warmup_steps=c.sft.warmup_steps, weight_decay=c.sft.weight_decay,
+                        clip_norm=c.sft.clip_norm, pad_id=PAD_ID, chunk_size=c.model.logprob_chunk, log_fn=log_fn)
+    finally:
+        if sft_log:
+            sft_log.close()
+    _, params = split_params(model)
+    ckpt.save_params(layout.reference, params)
+    return params
