@@ -353,6 +353,7 @@ def rollout_estimate(config, devices: int, *, sample_prompts: int = 0, p50: floa
     90th percentile `p90` (0: a sixth and a half of `rollout.max_new_tokens`)."""
     from prime_jax import rollout_cost
     from prime_jax.parallel import mesh_sizes_from_config
+    from prime_jax.train.builder import model_config
 
     c = config
     data, fsdp, tensor = mesh_sizes_from_config(c, devices)
@@ -360,7 +361,7 @@ def rollout_estimate(config, devices: int, *, sample_prompts: int = 0, p50: floa
     prompts = sample_prompts or math.ceil(c.rollout.oversample * c.batch.prompts_per_step)
     bucket = -(-(1 << (prompts - 1).bit_length()) // shards) * shards  # the sampler's prompt bucket
     max_new = c.rollout.max_new_tokens
-    mcfg = model_config(c)
+    mcfg = model_config(c.model, download=False)
     return rollout_cost.rollout_table(
         rollout_cost.ModelShape.from_qwen2(mcfg, bytes_per_value=mcfg.compute_dtype.itemsize),
         prompts=prompts, n=c.rollout.n, prompt_tokens=1 << (c.data.max_prompt_tokens - 1).bit_length(),
