@@ -308,16 +308,14 @@ def _system_prompt(config) -> str | None:
 def load_benchmarks(config, names: Sequence[str], limit: int) -> tuple[dict[str, list], dict[str, bool]]:
     """{name: problems} (the first `limit` when > 0) and {name: whether the limit cut it}."""
     from prime_jax.config import SYNTHETIC
-    from prime_jax.data import DataError, eval_source_names, make_problems, read_problems, source_format
+    from prime_jax.data import DataError, eval_source_names, make_task_problems, read_problems, source_format
 
     sets, limited = {}, {}
     for name, source in eval_source_names(names, SYNTHETIC).items():
         if source == SYNTHETIC:
             s = config.data.synthetic
-            knobs = {k: s[k] for k in ("min_steps", "max_steps", "max_start", "max_operand", "max_factor") if s[k]}
-            problems = make_problems(s.num_eval, s.eval_seed, stream=1, unique=True,
-                                     system_prompt=_system_prompt(config), difficulty=s.difficulty,
-                                     max_value=s.max_value, **knobs)
+            problems = make_task_problems(s, s.num_eval, s.eval_seed, stream=1, unique=True,
+                                          system_prompt=_system_prompt(config))
         else:
             problems, stats = read_problems(source, split="test", system_prompt=_system_prompt(config),
                                             fmt=source_format(config.data.format, source))

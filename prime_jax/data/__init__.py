@@ -1,5 +1,5 @@
 """Data: problems and their readers, packaged benchmarks, prompt rendering, the resumable
-iterator, the synthetic arithmetic task and its tiny tokenizer. No model code (no jax) here."""
+iterator, the synthetic demo tasks (arithmetic, chains) and their tiny tokenizer. No model code (no jax) here."""
 from .iterator import ShuffledIterator, epoch_permutation
 from .problems import (
     BENCHMARKS,
@@ -26,6 +26,7 @@ from .problems import (
 from .render import render_prompt_texts, render_prompts
 from .sources import eval_source_names, read_sft_pairs, source_format
 from .synthetic import demonstration, make_problems, sft_messages
+from .synthetic_tasks import SYNTHETIC_TASKS, make_task_problems, task_demonstration
 from .tiny_tokenizer import CHATML_TEMPLATE, build_tiny_tokenizer
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "EURUS2_SYSTEM_PROMPT",
     "FORMAT_FIELDS",
     "FORMATS",
+    "SYNTHETIC_TASKS",
     "MATH_EVAL_BENCHMARKS",
     "MATH_TASK_SUFFIX",
     "Problem",
@@ -54,11 +56,13 @@ __all__ = [
     "last_boxed",
     "load_benchmark",
     "make_problems",
+    "make_task_problems",
     "read_problems",
     "read_sft_pairs",
     "render_prompt_texts",
     "render_prompts",
     "sft_messages",
     "source_format",
+    "task_demonstration",
     "write_verl_parquet",
 ]

@@ -42,7 +42,7 @@ from prime_jax.train import checkpoint as ckpt
 from prime_jax.train.batch import PrimeBatch
 from prime_jax.train.preemption import PreemptionWatch
 from prime_jax.train.metrics import MetricsLogger, masked_stats
-from prime_jax.train.prm_phase import run_prm_phase
+from prime_jax.train.prm_phase import process_reward_scale, run_prm_phase
 from prime_jax.train.report import mix_outcomes, write_rollouts_html
 from prime_jax.train.sft import encode_examples, run_sft
 from prime_jax.train.state import (
@@ -60,12 +60,6 @@ logger = logging.getLogger(__name__)
 # ==============================================================================================
 # Data: the prompts of a step, and the held-out sets
 # ==============================================================================================
-def synthetic_kwargs(config) -> dict:
-    s = config.data.synthetic
-    knobs = {k: s[k] for k in ("min_steps", "max_steps", "max_start", "max_operand", "max_factor") if s[k]}
-    return dict(difficulty=s.difficulty, max_value=s.max_value, **knobs)
-
-
 def _system_prompt(config) -> str | None:
     from prime_jax.data import EURUS2_SYSTEM_PROMPT
 
@@ -75,13 +69,14 @@ def _system_prompt(config) -> str | None:
 def load_eval_sets(config) -> dict[str, list[Problem]]:
     """{source name: problems} of every `data.eval` source (the synthetic one is fixed by eval_seed);
     names as `prime_jax.data.eval_source_names` gives them."""
-    from prime_jax.data import eval_source_names, make_problems, read_problems, source_format
+    from prime_jax.data import eval_source_names, make_task_problems, read_problems, source_format
 
     sets = {}
     for name, source in eval_source_names(config.data.eval.split(","), SYNTHETIC).items():
         if source == SYNTHETIC:
-            problems = make_problems(config.data.synthetic.num_eval, config.data.synthetic.eval_seed, stream=1,
-                                     unique=True, system_prompt=_system_prompt(config), **synthetic_kwargs(config))
+            problems = make_task_problems(config.data.synthetic, config.data.synthetic.num_eval,
+                                          config.data.synthetic.eval_seed, stream=1, unique=True,
+                                          system_prompt=_system_prompt(config))
         else:
             problems, _ = read_problems(source, split="test", system_prompt=_system_prompt(config),
                                         fmt=source_format(config.data.format, source))
@@ -92,11 +87,11 @@ def load_eval_sets(config) -> dict[str, list[Problem]]:
 
 
 def load_train_problems(config, exclude: set[str]) -> list[Problem]:
-    from prime_jax.data import make_problems, read_problems, source_format
+    from prime_jax.data import make_task_problems, read_problems, source_format
 
     if config.data.train == SYNTHETIC:
-        return make_problems(config.data.synthetic.num_train, config.seed, stream=0, exclude=exclude,
-                             system_prompt=_system_prompt(config), **synthetic_kwargs(config))
+        return make_task_problems(config.data.synthetic, config.data.synthetic.num_train, config.seed, stream=0,
+                                  exclude=exclude, system_prompt=_system_prompt(config))
     problems, stats = read_problems(config.data.train, split=config.data.train_split, system_prompt=_system_prompt(config),
                                     fmt=source_format(config.data.format, config.data.train))
     if not problems:
@@ -106,12 +101,12 @@ def load_train_problems(config, exclude: set[str]) -> list[Problem]:
 
 def sft_pairs(config, exclude: set[str]) -> list[tuple[list[dict], str]]:
     """(prompt messages, demonstration) pairs for the SFT warm start."""
-    from prime_jax.data import demonstration, make_problems, read_sft_pairs
+    from prime_jax.data import make_task_problems, read_sft_pairs, task_demonstration
 
     if config.sft.data == SYNTHETIC:
-        problems = make_problems(config.sft.num_examples, config.seed, stream=2, exclude=exclude,
-                                 system_prompt=_system_prompt(config), **synthetic_kwargs(config))
-        return [(p.messages, demonstration(p)) for p in problems]
+        problems = make_task_problems(config.data.synthetic, config.sft.num_examples, config.seed, stream=2,
+                                      exclude=exclude, system_prompt=_system_prompt(config))
+        return [(p.messages, task_demonstration(p)) for p in problems]
     return read_sft_pairs(config.sft.data, config.sft.num_examples)[0]  # bad rows counted and skipped
 
 
@@ -227,11 +222,16 @@ def assemble_batch(groups: Sequence[Group], max_new_tokens: int) -> PrimeBatch:
     return PrimeBatch.concatenate([g.rows for g in groups]).crop_responses(R)
 
 
-@functools.partial(jax.jit, static_argnames=("estimator", "n", "process_coef", "outcome_coef", "normalize"))
-def process_rewards_and_advantages(q, outcome, response_mask, *, estimator: str, n: int, process_coef: float,
-                                   outcome_coef: float, normalize: bool = True):
-    """Normalised process rewards, advantages (estimator from config) and their summary numbers."""
-    q_norm = algo.normalize_process_rewards(q, response_mask) if normalize else q
+@functools.partial(jax.jit, static_argnames=("estimator", "n", "process_coef", "outcome_coef", "normalize", "norm_floor"))
+def process_rewards_and_advantages(q, outcome, response_mask, process_scale=1.0, *, estimator: str, n: int,
+                                   process_coef: float, outcome_coef: float, normalize: bool = True,
+                                   norm_floor: float = 0.0):
+    """Normalised process rewards (times process_scale, the ramp's weight), advantages (estimator from
+    config) and their summary numbers. norm_floor > 0: algo.normalize_process_rewards_floored."""
+    if normalize:
+        q = (algo.normalize_process_rewards_floored(q, response_mask, norm_floor) if norm_floor
+             else algo.normalize_process_rewards(q, response_mask))
+    q_norm = q * process_scale
     advantages = algo.compute_advantages(estimator, process_rewards=q_norm, outcome=outcome,
                                          response_mask=response_mask, n=n, process_coef=process_coef,
                                          outcome_coef=outcome_coef)
@@ -269,6 +269,7 @@ class Trainer:
         while self.prompts_per_attempt * self.n % data_parallel:
             self.prompts_per_attempt += 1
         self.uses_process_rewards = c.algo.estimator != "outcome_rloo"
+        self.ranking_ema = 0.5  # moving average of the PRM's fresh ranking (algo.process_ramp); chance at the start
         # Training batches hold prompts in a fixed number of columns (one compilation per program).
         self.prompt_width = -(-c.data.max_prompt_tokens // 8) * 8
 
@@ -494,10 +495,12 @@ class Trainer:
             if step == c.debug.inject_nan_step:  # test hook: the NaN guard must skip this step's updates
                 batch = batch.replace(old_logprobs=jnp.full_like(batch.old_logprobs, jnp.nan))
             q, prm_metrics = self.update_prm(batch, step)  # PRM phase; q as algo.prm_update says
+            self.ranking_ema, process_scale = process_reward_scale(c.algo, self.ranking_ema, prm_metrics)
+            prm_metrics["prm/process_scale"] = process_scale
             q_norm, advantages, adv_stats = process_rewards_and_advantages(
-                q, batch.outcome, batch.response_mask, estimator=c.algo.estimator, n=self.n,
-                process_coef=float(c.algo.process_coef), outcome_coef=float(c.algo.outcome_coef),
-                normalize=self.uses_process_rewards)
+                q, batch.outcome, batch.response_mask, jnp.float32(process_scale), estimator=c.algo.estimator,
+                n=self.n, process_coef=float(c.algo.process_coef), outcome_coef=float(c.algo.outcome_coef),
+                normalize=self.uses_process_rewards, norm_floor=float(c.algo.process_norm_floor))
             batch = batch.replace(advantages=advantages)
             policy_metrics = self.update_policy(batch, step)  # shuffled PPO mini-batches
             row.update(prm_metrics)

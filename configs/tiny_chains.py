@@ -1,0 +1,31 @@
+"""PRIME on the credit-assignment demo task: long chains of one-digit steps (prime_jax/data/chains.py).
+
+    python -m prime_jax.main --config=configs/tiny_chains.py
+
+configs/tiny.py's model, SFT, rollout and PRM settings on a different task: `Chain 7-5+4-3+2+1`
+answered in five `a<op>x=r` lines and a \\boxed{}. Every step is easy, but one slipped step makes the
+final answer wrong, so an outcome reward says only that a response failed, while a token-level
+reward can point at the wrong result digit. See benchmarks/README.md ("A task where per-step credit
+matters") for what it measured.
+"""
+
+import importlib.util
+import os
+
+
+def _tiny():
+    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(os.path.dirname(__file__), "tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config():
+    c = _tiny()
+    c.name = "tiny_chains"
+    c.data.synthetic.task = "chains"
+    c.data.synthetic.min_steps = 5  # chain length (steps); about 40 response tokens
+    c.data.synthetic.max_steps = 5
+    c.data.max_prompt_tokens = 48
+    c.rollout.max_new_tokens = 44
+    return c
