@@ -24,18 +24,16 @@ grades it. Generation is deterministic: problem ``i`` depends only on ``(seed, s
 """
 from __future__ import annotations
 
-import re
 from typing import Iterable
 
 import numpy as np
 
-from .problems import Problem, apply_system_prompt
+from . import synthetic
+from .problems import Problem
 
 SOURCE = "synthetic_chains"
 PROMPT_PREFIX = "Chain "
 MAX_VALUE = 9  # every running value is one digit
-
-_TOKEN_RE = re.compile(r"\d|[-+]")
 
 
 def _draw(rng: np.random.Generator, length: int) -> tuple[int, list[tuple[str, int]]]:
@@ -56,14 +54,6 @@ def expression(start: int, steps: Iterable[tuple[str, int]]) -> str:
     return str(start) + "".join(f"{op}{x}" for op, x in steps)
 
 
-def parse_expression(text: str) -> tuple[int, list[tuple[str, int]]]:
-    """Start digit and steps of a chain (a prompt prefix is ignored)."""
-    toks = _TOKEN_RE.findall(text)
-    if len(toks) < 1 or len(toks) % 2 == 0 or not toks[0].isdigit():
-        raise ValueError(f"not a chain: {text!r}")
-    return int(toks[0]), [(toks[k], int(toks[k + 1])) for k in range(1, len(toks), 2)]
-
-
 def make_problems(n: int, seed: int = 0, *, min_length: int = 5, max_length: int = 5, stream: int = 0,
                   exclude: Iterable[str] | None = None, unique: bool = False,
                   system_prompt: str | None = None) -> list[Problem]:
@@ -74,38 +64,13 @@ def make_problems(n: int, seed: int = 0, *, min_length: int = 5, max_length: int
     """
     if not 1 <= min_length <= max_length:
         raise ValueError(f"need 1 <= min_length <= max_length, got {min_length}, {max_length}")
-    seen = set(exclude or ())
-    out: list[Problem] = []
-    i, max_tries = 0, 100 * n + 1000
-    while len(out) < n:
-        if i >= max_tries:
-            raise ValueError(f"could not draw {n} distinct chains of {min_length}-{max_length} steps (got {len(out)})")
-        rng = np.random.default_rng([int(seed), int(stream), i, 7])  # 7: not the arithmetic task's streams
-        start, steps = _draw(rng, int(rng.integers(min_length, max_length + 1)))
-        expr = expression(start, steps)
-        i += 1
-        if expr in seen:
-            continue
-        if unique or exclude is not None:
-            seen.add(expr)
-        values = list(np.cumsum([start] + [x if op == "+" else -x for op, x in steps])[1:].tolist())
-        messages = apply_system_prompt([{"role": "user", "content": PROMPT_PREFIX + expr}], system_prompt)
-        out.append(Problem(messages=messages, ability="math", ground_truth=str(values[-1]), source=SOURCE,
-                           id=f"chain-{seed}-{stream}-{i - 1}",
-                           meta={"expression": expr, "start": start, "steps": [list(s) for s in steps],
-                                 "values": values}))
-    return out
+    return synthetic.draw_chain_problems(
+        n, seed, stream, lambda rng: _draw(rng, int(rng.integers(min_length, max_length + 1))), expression,
+        exclude=exclude, unique=unique, system_prompt=system_prompt, prefix=PROMPT_PREFIX, source=SOURCE,
+        id_prefix="chain", salt=(7,))  # 7: streams apart from the arithmetic task's
 
 
 def demonstration(problem: Problem) -> str:
-    """The step-by-step solution: one ``a<op>x=r`` line per step, then ``\\boxed{answer}``."""
-    expr = problem.meta.get("expression") or problem.user_content[len(PROMPT_PREFIX):]
-    a, steps = parse_expression(expr)
-    lines = []
-    for op, x in steps:
-        r = a + x if op == "+" else a - x
-        lines.append(f"{a}{op}{x}={r}")
-        a = r
-    lines.append(f"\\boxed{{{a}}}")
-    return "\n".join(lines)
-
+    """The step-by-step solution: one ``a<op>x=r`` line per step, then ``\\boxed{answer}`` (the
+    arithmetic task's format, so its writer serves both)."""
+    return synthetic.demonstration(problem)
