@@ -496,7 +496,8 @@ class Trainer:
                 batch = batch.replace(old_logprobs=jnp.full_like(batch.old_logprobs, jnp.nan))
             q, prm_metrics = self.update_prm(batch, step)  # PRM phase; q as algo.prm_update says
             self.ranking_ema, process_scale = process_reward_scale(c.algo, self.ranking_ema, prm_metrics)
-            prm_metrics["prm/process_scale"] = process_scale
+            if self.uses_process_rewards:
+                prm_metrics["prm/process_scale"] = process_scale
             q_norm, advantages, adv_stats = process_rewards_and_advantages(
                 q, batch.outcome, batch.response_mask, jnp.float32(process_scale), estimator=c.algo.estimator,
                 n=self.n, process_coef=float(c.algo.process_coef), outcome_coef=float(c.algo.outcome_coef),
