@@ -98,9 +98,9 @@ def process_reward_scale(algo_config, ema: float, metrics: dict) -> tuple[float,
     of the batch before it trained on it) and the weight is `algo.process_ramp_gate` of it; "none" (the
     spec): weight 1. A step without PRM metrics (outcome-only) leaves the average as it was.
     """
-    if algo_config.process_ramp == "none" or "prm/dpo_accuracy" not in metrics:
-        return ema, 1.0 if algo_config.process_ramp == "none" else float(
-            algo.process_ramp_gate(ema, algo_config.process_ramp_low, algo_config.process_ramp_high))
-    ema = float(algo.ranking_ema(ema, metrics["prm/dpo_accuracy"], algo_config.process_ramp_decay))
+    if algo_config.process_ramp == "none":
+        return ema, 1.0
+    if "prm/dpo_accuracy" in metrics:
+        ema = float(algo.ranking_ema(ema, metrics["prm/dpo_accuracy"], algo_config.process_ramp_decay))
     return ema, float(algo.process_ramp_gate(ema, algo_config.process_ramp_low, algo_config.process_ramp_high))
 
