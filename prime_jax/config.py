@@ -84,12 +84,13 @@ def _model_and_data_sections(c: ml_collections.ConfigDict) -> None:
     c.data.system_prompt = "keep"  # "keep": rows' own system message; "none": remove; "eurus2": Eurus-2's action-tag prompt
     # The synthetic multi-step arithmetic task (data.train / data.eval = "synthetic").
     c.data.synthetic = ml_collections.ConfigDict()
+    c.data.synthetic.task = "arith"  # arith (prime_jax/data/synthetic.py) | chains (one-digit steps, 5 by default; data/chains.py)
     c.data.synthetic.num_train = 20000  # size of the training pool (seeded from seed)
     c.data.synthetic.num_eval = 200  # held-out problems (a fixed set, seeded from eval_seed)
     c.data.synthetic.eval_seed = 12345  # seed of the held-out set (the same for every run seed; excluded from training)
     c.data.synthetic.difficulty = "medium"  # preset of prime_jax.data.synthetic.DIFFICULTY: easy | medium | hard
-    c.data.synthetic.min_steps = 0  # fewest operations per problem (0: the preset's)
-    c.data.synthetic.max_steps = 0  # most operations per problem (0: the preset's)
+    c.data.synthetic.min_steps = 0  # fewest operations per problem (0: the preset's; chains: 5)
+    c.data.synthetic.max_steps = 0  # most operations per problem (0: the preset's; chains: min_steps or 5)
     c.data.synthetic.max_start = 0  # largest start value (0: the preset's)
     c.data.synthetic.max_operand = 0  # largest +/- operand (0: the preset's)
     c.data.synthetic.max_factor = 0  # largest multiplier (0: the preset's)
@@ -134,6 +135,12 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     # "pairwise" (Bradley-Terry on each group's better/worse pairs, both sides with gradient; not in the reference)
     c.algo.prm_loss = "ce"  # ce | dpo | bon_acc | bon_rm | pairwise (algo.prm_loss, prm_dpo_loss, prm_pairwise_loss)
     c.algo.prm_ref = "freeze"  # the PRM's reference: "freeze" (the start/SFT model) | "policy" (the rollout policy)
+    # Departures from the spec, off by default (PRIME_SPEC "Pitfalls": normalisation lifts q to O(1) whatever the PRM knows):
+    c.algo.process_norm_floor = 0.0  # nats; divide q by max(largest |suffix sum|, this) (0: the spec's divisor)
+    c.algo.process_ramp = "none"  # "none" | "ranking": scale process rewards by clip((ema - low)/(high - low), 0, 1)
+    c.algo.process_ramp_low = 0.5  # ... where ema is the moving average of prm/dpo_accuracy on fresh samples
+    c.algo.process_ramp_high = 0.65  # ... (full weight from here on)
+    c.algo.process_ramp_decay = 0.9  # ... its decay per step (starts at 0.5, chance; restarts there on resume)
     c.algo.agg = "seq-mean-token-mean"  # policy-loss aggregation: seq-mean-token-mean | token-mean
     c.algo.recompute_old_logprobs = True  # True: old log-probs from a trainer forward pass; False: the sampler's own
 
@@ -375,6 +382,9 @@ def _check_data(c) -> None:
     _positive("data.max_prompt_tokens", d.max_prompt_tokens)
     _one_of("data.system_prompt", d.system_prompt, ("keep", "none", "eurus2"))
     s = d.synthetic
+    from prime_jax.data.synthetic_tasks import SYNTHETIC_TASKS, task_kwargs
+
+    _one_of("data.synthetic.task", s.task, SYNTHETIC_TASKS)
     _positive("data.synthetic.num_train", s.num_train)
     _positive("data.synthetic.num_eval", s.num_eval)
     _non_negative("data.synthetic.eval_seed", s.eval_seed)
@@ -383,8 +393,12 @@ def _check_data(c) -> None:
     _one_of("data.synthetic.difficulty", s.difficulty, sorted(DIFFICULTY))
     for f in ("min_steps", "max_steps", "max_start", "max_operand", "max_factor"):
         _non_negative(f"data.synthetic.{f}", s[f])
-    lo = s.min_steps or DIFFICULTY[s.difficulty]["min_steps"]
-    hi = s.max_steps or DIFFICULTY[s.difficulty]["max_steps"]
+    if s.task == "chains":
+        lengths = task_kwargs(s)
+        lo, hi = lengths["min_length"], lengths["max_length"]
+    else:
+        lo = s.min_steps or DIFFICULTY[s.difficulty]["min_steps"]
+        hi = s.max_steps or DIFFICULTY[s.difficulty]["max_steps"]
     _check("data.synthetic.max_steps", lo <= hi, f"{hi} < data.synthetic.min_steps ({lo})")
     _check("data.synthetic.max_value", s.max_value >= (s.max_start or DIFFICULTY[s.difficulty]["max_start"]),
           f"{s.max_value} is below the largest start value")
@@ -428,6 +442,11 @@ def _check_algo(c) -> None:
     _one_of("algo.prm_update", a.prm_update, PRM_UPDATE_MODES)
     _one_of("algo.prm_loss", a.prm_loss, PRM_LOSS_TYPES)
     _one_of("algo.prm_ref", a.prm_ref, ("freeze", "policy"))
+    _non_negative("algo.process_norm_floor", a.process_norm_floor)
+    _one_of("algo.process_ramp", a.process_ramp, ("none", "ranking"))
+    _check("algo.process_ramp_high", 0 <= a.process_ramp_low < a.process_ramp_high <= 1,
+          f"need 0 <= algo.process_ramp_low < algo.process_ramp_high <= 1, got {a.process_ramp_low}, {a.process_ramp_high}")
+    _check("algo.process_ramp_decay", 0 <= a.process_ramp_decay < 1, f"must be in [0, 1), got {a.process_ramp_decay}")
 
 
 def _check_optimizers(c) -> None:

@@ -45,6 +45,16 @@ def np_normalize_process_rewards(q, mask):
     return q / (biggest + 1e-6)
 
 
+def np_normalize_process_rewards_floored(q, mask, floor):
+    q = np.asarray(q, np.float64)
+    biggest = np.abs(np_revcumsum(q * np.asarray(mask, np.float64))).max()
+    return q / (max(biggest, floor) + 1e-6)
+
+
+def np_process_ramp_gate(ranking, low, high):
+    return min(max((ranking - low) / (high - low), 0.0), 1.0)
+
+
 def _softplus(x):
     return np.maximum(x, 0.0) + np.log1p(np.exp(-np.abs(x)))
 
@@ -337,6 +347,40 @@ def test_implicit_and_normalize(name):
     # every suffix sum of the normalised rewards lies in [-1, 1]
     suffix = np_revcumsum(np.asarray(qn, np.float64) * c["mask"])
     assert np.all(np.abs(suffix) <= 1.0 + 1e-6)
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("floor", [0.0, 0.5, 100.0])
+def test_normalize_process_rewards_floored(name, floor):
+    c = make_case(name)
+    qn = algo.normalize_process_rewards_floored(c["q"], c["mask"], floor)
+    assert qn.dtype == jnp.float32
+    assert_close(qn, np_normalize_process_rewards_floored(c["q"], c["mask"], floor))
+    if floor == 0.0:  # the spec's formula exactly
+        assert_close(qn, algo.normalize_process_rewards(c["q"], c["mask"]))
+
+
+def test_floored_normalisation_keeps_round_off_small():
+    # Step 1: the PRM equals its reference, q is float round-off; the spec lifts it to O(1), the floor does not.
+    rng = np.random.default_rng(0)
+    mask = np.ones((8, 6), np.float32)
+    q = (rng.normal(size=(8, 6)) * 1e-6).astype(np.float32)
+    suffix = lambda x: np.abs(np_revcumsum(np.asarray(x, np.float64) * mask)).max()
+    assert suffix(algo.normalize_process_rewards(q, mask)) > 0.3
+    assert suffix(algo.normalize_process_rewards_floored(q, mask, 0.5)) < 1e-4
+
+
+def test_process_ramp_gate_and_ema():
+    for r in (0.3, 0.5, 0.55, 0.6, 0.65, 0.9):
+        assert_close(algo.process_ramp_gate(r, 0.5, 0.65), np_process_ramp_gate(r, 0.5, 0.65))
+    assert float(algo.process_ramp_gate(0.5, 0.5, 0.65)) == 0.0 and float(algo.process_ramp_gate(0.7, 0.5, 0.65)) == 1.0
+    ema = 0.5
+    for r in (0.7, 0.7, 0.4):
+        expected = 0.9 * ema + 0.1 * r
+        ema = algo.ranking_ema(ema, r, 0.9)
+        assert_close(ema, expected)
+    gate = jax.jit(algo.process_ramp_gate, static_argnums=(1, 2))
+    assert_close(gate(jnp.float32(0.575), 0.5, 0.65), 0.5)
 
 
 @pytest.mark.parametrize("name", CASES)

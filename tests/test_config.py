@@ -15,11 +15,11 @@ from prime_jax.config import ConfigError, base_config, validate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny():
+def tiny(name="tiny"):
     sys.path.insert(0, str(ROOT))
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_config", ROOT / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
@@ -35,6 +35,9 @@ def error_of(config, num_devices=1) -> str:
 
 def test_tiny_and_base_configs_validate():
     validate(tiny(), num_devices=1)
+    chains = tiny("tiny_chains")
+    validate(chains, num_devices=1)
+    assert chains.data.synthetic.task == "chains" and chains.algo.prm_loss == tiny().algo.prm_loss
     validate(tiny(), num_devices=8)  # mesh.data = -1 fills the devices
     c = base_config()
     c.tokenizer.path = "tiny"
@@ -76,6 +79,11 @@ def test_schema_top_level_fields_and_every_field_commented():
     (lambda c: setattr(c.data, "train", "/no/such/file.parquet"), "data.train", "does not exist"),
     (lambda c: setattr(c, "seed", -1), "seed", ">= 0"),
     (lambda c: setattr(c.rollout, "decode_slots", -8), "rollout.decode_slots", ">= 0"),
+    (lambda c: setattr(c.data.synthetic, "task", "sudoku"), "data.synthetic.task", "must be one of"),
+    (lambda c: setattr(c.algo, "process_norm_floor", -1.0), "algo.process_norm_floor", ">= 0"),
+    (lambda c: setattr(c.algo, "process_ramp", "linear"), "algo.process_ramp", "must be one of"),
+    (lambda c: setattr(c.algo, "process_ramp_high", 0.4), "algo.process_ramp_high", "process_ramp_low <"),
+    (lambda c: setattr(c.algo, "process_ramp_decay", 1.0), "algo.process_ramp_decay", "[0, 1)"),
 ])
 def test_bad_values_name_the_field(change, field, words):
     c = tiny()

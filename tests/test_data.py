@@ -458,6 +458,40 @@ def test_synthetic_task_deterministic_and_correct():
     assert len(set(ev)) == 100 and not set(ev) & {p.meta["expression"] for p in train}
 
 
+def test_chains_task_deterministic_correct_and_selectable(tiny_tok):
+    import ml_collections
+
+    from prime_jax.data import chains, make_task_problems, task_demonstration
+
+    a = chains.make_problems(200, seed=0)
+    assert [p.to_dict() for p in a] == [p.to_dict() for p in chains.make_problems(200, seed=0)]
+    assert [p.user_content for p in a] != [p.user_content for p in chains.make_problems(200, seed=1)]
+    for p in a:
+        assert p.ability == "math" and p.source == chains.SOURCE
+        expr = p.user_content[len(chains.PROMPT_PREFIX):]
+        assert re.fullmatch(r"\d([+-]\d){5}", expr) and str(eval(expr)) == p.ground_truth  # noqa: S307
+        demo = task_demonstration(p)
+        *steps, final = demo.split("\n")
+        assert final == f"\\boxed{{{p.ground_truth}}}" and last_boxed(demo) == p.ground_truth and len(steps) == 5
+        for line in steps:  # every running value is one digit: a one-token result per step
+            lhs, rhs = line.split("=")
+            assert eval(lhs) == int(rhs) and 0 <= int(rhs) <= 9  # noqa: S307
+        enc = tiny_tok(demo, add_special_tokens=False)["input_ids"]
+        assert tiny_tok.decode(enc) == demo and len(enc) <= 43
+    cfg = dict(task="chains", min_steps=3, max_steps=4, difficulty="easy", max_value=999, max_start=0, max_operand=0,
+               max_factor=0)
+    section = ml_collections.ConfigDict(cfg)  # the config's data.synthetic section
+    train = make_task_problems(section, 300, 0, stream=0)
+    assert {len(p.meta["steps"]) for p in train} == {3, 4}
+    held_out = make_task_problems(section, 100, 0, stream=1, unique=True, exclude={p.meta["expression"] for p in train})
+    assert len({p.meta["expression"] for p in held_out}) == 100
+    assert not {p.meta["expression"] for p in held_out} & {p.meta["expression"] for p in train}
+    arith = make_task_problems(ml_collections.ConfigDict({**cfg, "task": "arith"}), 5, 0, stream=0)
+    assert arith[0].source == synthetic.SOURCE and task_demonstration(arith[0]) == demonstration(arith[0])
+    with pytest.raises(ValueError, match="unknown task"):
+        make_task_problems(ml_collections.ConfigDict({**cfg, "task": "sudoku"}), 1, 0, stream=0)
+
+
 def test_tiny_tokenizer_round_trip_and_chat_template(tmp_path, tiny_tok):
     from transformers import AutoTokenizer
 

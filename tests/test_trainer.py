@@ -112,6 +112,8 @@ def test_nan_guard_metrics_html_and_hf_export(tmp_path):
     values = dict(SHORT, total_steps=3, eval_every=0, checkpoint_every=0)
     values["debug.inject_nan_step"] = 2
     values["rollout.overlap_scoring"] = False
+    values["algo.process_ramp"] = "ranking"  # the ramp's and the floor's hooks in the step (off in the demo)
+    values["algo.process_norm_floor"] = 0.5
     for key, value in values.items():
         *path, name = key.split(".")
         section = config
@@ -140,6 +142,7 @@ def test_nan_guard_metrics_html_and_hf_export(tmp_path):
                 "advantages/std", "policy/loss", "policy/clip_frac", "policy/approx_kl", "policy/grad_norm",
                 "prm/grad_norm", "response/length_mean", "perf/rollouts_per_s", "perf/tokens_per_s", "time/wall"):
         assert key in train[3], key
+    assert all(0.0 <= train[s]["prm/process_scale"] <= 1.0 for s in (1, 3))
     page = (tmp_path / "rollouts" / "step_0.html").read_text()
     assert "q=" in page and "outcome" in page
     assert (tmp_path / "rollouts" / "step_3.html").exists()
@@ -167,3 +170,20 @@ def test_truncate_metrics_drops_later_and_partial_rows(tmp_path):
     assert path.read_text().endswith("\n")
     assert truncate_metrics(path, None) == 4
     assert read_metrics(path) == []
+
+
+def test_process_reward_scale_follows_the_fresh_ranking():
+    import ml_collections
+
+    from prime_jax.train.prm_phase import process_reward_scale
+
+    a = ml_collections.ConfigDict(dict(process_ramp="ranking", process_ramp_low=0.5, process_ramp_high=0.7,
+                                       process_ramp_decay=0.5))
+    ema, scale = process_reward_scale(a, 0.5, {"prm/dpo_accuracy": 0.3})
+    assert ema == pytest.approx(0.4) and scale == 0.0  # below chance: no process rewards
+    ema, scale = process_reward_scale(a, 0.6, {"prm/dpo_accuracy": 0.6})
+    assert abs(ema - 0.6) < 1e-6 and abs(scale - 0.5) < 1e-6
+    assert process_reward_scale(a, 0.9, {})[1] == 1.0  # no PRM metrics (outcome-only): the average stays
+    a.process_ramp = "none"
+    assert process_reward_scale(a, 0.5, {"prm/dpo_accuracy": 0.1}) == (0.5, 1.0)  # the spec: full weight
+

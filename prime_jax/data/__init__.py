@@ -1,5 +1,5 @@
 """Data: problems and their readers, packaged benchmarks, prompt rendering, the resumable
-iterator, the synthetic arithmetic task and its tiny tokenizer. No model code (no jax) here."""
+iterator, the synthetic demo tasks (arithmetic, chains) and their tiny tokenizer. No model code (no jax) here."""
 from .iterator import ShuffledIterator, epoch_permutation
 from .formats import FORMAT_FIELDS, FORMATS, detect_format, gsm8k_answer
 from .problems import (
@@ -24,9 +24,10 @@ from .readers import (
     write_verl_parquet,
 )
 from .render import render_prompt_texts, render_prompts
-from .sets import held_out, load_eval_sets, load_train_problems, sft_pairs, synthetic_kwargs, system_prompt
+from .sets import held_out, load_eval_sets, load_train_problems, sft_pairs, system_prompt
 from .sources import eval_source_names, read_sft_pairs, source_format
 from .synthetic import demonstration, make_problems, sft_messages
+from .synthetic_tasks import SYNTHETIC_TASKS, make_task_problems, task_demonstration
 from .tiny_tokenizer import CHATML_TEMPLATE, build_tiny_tokenizer
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "EURUS2_SYSTEM_PROMPT",
     "FORMAT_FIELDS",
     "FORMATS",
+    "SYNTHETIC_TASKS",
     "MATH_EVAL_BENCHMARKS",
     "MATH_TASK_SUFFIX",
     "Problem",
@@ -59,6 +61,7 @@ __all__ = [
     "load_eval_sets",
     "load_train_problems",
     "make_problems",
+    "make_task_problems",
     "read_problems",
     "read_sft_pairs",
     "render_prompt_texts",
@@ -66,7 +69,7 @@ __all__ = [
     "sft_messages",
     "sft_pairs",
     "source_format",
-    "synthetic_kwargs",
     "system_prompt",
+    "task_demonstration",
     "write_verl_parquet",
 ]

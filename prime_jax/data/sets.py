@@ -1,6 +1,6 @@
 """A run's problem sets from its config: the training pool, the held-out eval sets and the SFT
 demonstrations. Training, the SFT stage and `prime_jax.evaluate` all load them here, so they
-agree on the system prompt, the synthetic task's knobs and the problems held out from training."""
+agree on the system prompt, the synthetic task and its knobs and the problems held out from training."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -8,7 +8,7 @@ from typing import Sequence
 from .problems import EURUS2_SYSTEM_PROMPT, DataError, Problem
 from .readers import read_problems
 from .sources import eval_source_names, read_sft_pairs, source_format
-from .synthetic import demonstration, make_problems
+from .synthetic_tasks import make_task_problems, task_demonstration
 
 SYNTHETIC = "synthetic"  # the data source name of the synthetic task (prime_jax.config.SYNTHETIC)
 
@@ -16,13 +16,6 @@ SYNTHETIC = "synthetic"  # the data source name of the synthetic task (prime_jax
 def system_prompt(config) -> str | None:
     """data.system_prompt as `apply_system_prompt` takes it (None: keep the rows' own)."""
     return {"keep": None, "none": "", "eurus2": EURUS2_SYSTEM_PROMPT}[config.data.system_prompt]
-
-
-def synthetic_kwargs(config) -> dict:
-    """The synthetic task's knobs of `make_problems` (0 fields: the difficulty preset's)."""
-    s = config.data.synthetic
-    knobs = {k: s[k] for k in ("min_steps", "max_steps", "max_start", "max_operand", "max_factor") if s[k]}
-    return dict(difficulty=s.difficulty, max_value=s.max_value, **knobs)
 
 
 def load_eval_sets(config, names: Sequence[str] | None = None, limit: int | None = None
@@ -36,8 +29,9 @@ def load_eval_sets(config, names: Sequence[str] | None = None, limit: int | None
     sets, limited = {}, {}
     for name, source in eval_source_names(names, SYNTHETIC).items():
         if source == SYNTHETIC:
-            problems = make_problems(config.data.synthetic.num_eval, config.data.synthetic.eval_seed, stream=1,
-                                     unique=True, system_prompt=system_prompt(config), **synthetic_kwargs(config))
+            s = config.data.synthetic
+            problems = make_task_problems(s, s.num_eval, s.eval_seed, stream=1, unique=True,
+                                          system_prompt=system_prompt(config))
         else:
             problems, stats = read_problems(source, split="test", system_prompt=system_prompt(config),
                                             fmt=source_format(config.data.format, source))
@@ -56,8 +50,8 @@ def held_out(eval_sets: dict[str, list[Problem]]) -> set[str]:
 def load_train_problems(config, exclude: set[str]) -> list[Problem]:
     """The training pool of data.train (synthetic: seeded by config.seed, `exclude`d expressions left out)."""
     if config.data.train == SYNTHETIC:
-        return make_problems(config.data.synthetic.num_train, config.seed, stream=0, exclude=exclude,
-                             system_prompt=system_prompt(config), **synthetic_kwargs(config))
+        return make_task_problems(config.data.synthetic, config.data.synthetic.num_train, config.seed, stream=0,
+                                  exclude=exclude, system_prompt=system_prompt(config))
     problems, stats = read_problems(config.data.train, split=config.data.train_split,
                                     system_prompt=system_prompt(config),
                                     fmt=source_format(config.data.format, config.data.train))
@@ -69,7 +63,7 @@ def load_train_problems(config, exclude: set[str]) -> list[Problem]:
 def sft_pairs(config, exclude: set[str]) -> list[tuple[list[dict], str]]:
     """(prompt messages, demonstration) pairs for the SFT warm start (bad file rows counted and skipped)."""
     if config.sft.data == SYNTHETIC:
-        problems = make_problems(config.sft.num_examples, config.seed, stream=2, exclude=exclude,
-                                 system_prompt=system_prompt(config), **synthetic_kwargs(config))
-        return [(p.messages, demonstration(p)) for p in problems]
+        problems = make_task_problems(config.data.synthetic, config.sft.num_examples, config.seed, stream=2,
+                                      exclude=exclude, system_prompt=system_prompt(config))
+        return [(p.messages, task_demonstration(p)) for p in problems]
     return read_sft_pairs(config.sft.data, config.sft.num_examples)[0]

@@ -141,18 +141,32 @@ def make_problems(
         raise ValueError(f"need 1 <= min_steps <= max_steps, got {cfg['min_steps']}, {cfg['max_steps']}")
     if cfg["max_start"] > max_value or max_value < 1:
         raise ValueError("need 1 <= max_start <= max_value")
+    def draw(rng):
+        n_steps = int(rng.integers(cfg["min_steps"], cfg["max_steps"] + 1))
+        return _draw(rng, n_steps, max_start=cfg["max_start"], max_operand=cfg["max_operand"],
+                     max_factor=cfg["max_factor"], max_value=max_value, ops=cfg["ops"])
+
+    return draw_chain_problems(n, seed, stream, draw, expression, exclude=exclude, unique=unique,
+                               system_prompt=system_prompt, prefix=PROMPT_PREFIX, source=SOURCE, id_prefix="arith")
+
+
+def draw_chain_problems(n: int, seed: int, stream: int, draw, write, *, exclude: Iterable[str] | None, unique: bool,
+                        system_prompt: str | None, prefix: str, source: str, id_prefix: str, salt: tuple = ()
+                        ) -> list[Problem]:
+    """The first ``n`` problems of a stream of chain draws, skipping excluded (and, with ``unique``,
+    repeated) expressions; shared by this task and :mod:`.chains`.
+
+    ``draw(rng) -> (start, steps)`` makes one chain from the generator seeded by ``(seed, stream, i,
+    *salt)``; ``write(start, steps)`` is its expression, shown after ``prefix`` in the user message.
+    """
     seen = set(exclude or ())
     out: list[Problem] = []
-    i = 0
-    max_tries = 100 * n + 1000
+    i, max_tries = 0, 100 * n + 1000
     while len(out) < n:
         if i >= max_tries:
             raise ValueError(f"could not draw {n} problems with these constraints (got {len(out)})")
-        rng = np.random.default_rng([int(seed), int(stream), i])
-        n_steps = int(rng.integers(cfg["min_steps"], cfg["max_steps"] + 1))
-        start, steps = _draw(rng, n_steps, max_start=cfg["max_start"], max_operand=cfg["max_operand"],
-                             max_factor=cfg["max_factor"], max_value=max_value, ops=cfg["ops"])
-        expr = expression(start, steps)
+        start, steps = draw(np.random.default_rng([int(seed), int(stream), i, *salt]))
+        expr = write(start, steps)
         i += 1
         if expr in seen:
             continue
@@ -162,22 +176,17 @@ def make_problems(
         for op, x in steps:
             a = _apply(a, op, x)
             values.append(a)
-        messages = apply_system_prompt(
-            [{"role": "user", "content": PROMPT_PREFIX + expr}], system_prompt
-        )
-        out.append(Problem(
-            messages=messages, ability="math", ground_truth=str(a), source=SOURCE,
-            id=f"arith-{seed}-{stream}-{i - 1}",
-            meta={"expression": expr, "start": start, "steps": [list(s) for s in steps],
-                  "values": values},
-        ))
+        messages = apply_system_prompt([{"role": "user", "content": prefix + expr}], system_prompt)
+        out.append(Problem(messages=messages, ability="math", ground_truth=str(a), source=source,
+                           id=f"{id_prefix}-{seed}-{stream}-{i - 1}",
+                           meta={"expression": expr, "start": start, "steps": [list(s) for s in steps],
+                                 "values": values}))
     return out
 
 
 def demonstration(problem: Problem) -> str:
     """The step-by-step solution, one ``a<op>x=r`` line per step, then ``\\boxed{answer}``."""
-    expr = problem.meta.get("expression") or problem.user_content[len(PROMPT_PREFIX):]
-    a, steps = parse_expression(expr)
+    a, steps = parse_expression(problem.meta.get("expression") or problem.user_content)  # a prefix is ignored
     lines = []
     for op, x in steps:
         r = _apply(a, op, x)

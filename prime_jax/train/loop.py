@@ -42,7 +42,7 @@ from prime_jax.train.builder import RunBuilder, RunLayout, abstract_model
 from prime_jax.train.evaluation import TrainingEvaluator
 from prime_jax.train.metrics import MetricsLogger, masked_stats
 from prime_jax.train.preemption import PreemptionWatch
-from prime_jax.train.prm_phase import run_prm_phase
+from prime_jax.train.prm_phase import process_reward_scale, run_prm_phase
 from prime_jax.train.state import create_train_state, split_params
 from prime_jax.train.warm_start import reference_params
 
@@ -164,11 +164,16 @@ def assemble_batch(groups: Sequence[Group], max_new_tokens: int) -> PrimeBatch:
     return PrimeBatch.concatenate([g.rows for g in groups]).crop_responses(R)
 
 
-@functools.partial(jax.jit, static_argnames=("estimator", "n", "process_coef", "outcome_coef", "normalize"))
-def process_rewards_and_advantages(q, outcome, response_mask, *, estimator: str, n: int, process_coef: float,
-                                   outcome_coef: float, normalize: bool = True):
-    """Normalised process rewards, advantages (estimator from config) and their summary numbers."""
-    q_norm = algo.normalize_process_rewards(q, response_mask) if normalize else q
+@functools.partial(jax.jit, static_argnames=("estimator", "n", "process_coef", "outcome_coef", "normalize", "norm_floor"))
+def process_rewards_and_advantages(q, outcome, response_mask, process_scale=1.0, *, estimator: str, n: int,
+                                   process_coef: float, outcome_coef: float, normalize: bool = True,
+                                   norm_floor: float = 0.0):
+    """Normalised process rewards (times process_scale, the ramp's weight), advantages (estimator from
+    config) and their summary numbers. norm_floor > 0: algo.normalize_process_rewards_floored."""
+    if normalize:
+        q = (algo.normalize_process_rewards_floored(q, response_mask, norm_floor) if norm_floor
+             else algo.normalize_process_rewards(q, response_mask))
+    q_norm = q * process_scale
     advantages = algo.compute_advantages(estimator, process_rewards=q_norm, outcome=outcome,
                                          response_mask=response_mask, n=n, process_coef=process_coef,
                                          outcome_coef=outcome_coef)
@@ -227,6 +232,7 @@ class Trainer:
         self.prompts_per_attempt = builder.prompts_per_attempt
         self.uses_process_rewards = builder.uses_prm
         self.prompt_width = builder.prompt_width
+        self.ranking_ema = 0.5  # moving average of the PRM's fresh ranking (algo.process_ramp); chance at the start
 
         data = data or RunData.load(builder, self.layout, self.is_main)
         self.tokenizer, self.eval_sets, self.prompts = data.tokenizer, data.eval_sets, data.prompts
@@ -361,10 +367,13 @@ class Trainer:
             if step == c.debug.inject_nan_step:  # test hook: the NaN guard must skip this step's updates
                 batch = batch.replace(old_logprobs=jnp.full_like(batch.old_logprobs, jnp.nan))
             q, prm_metrics = self.update_prm(batch, step)  # PRM phase; q as algo.prm_update says
+            self.ranking_ema, process_scale = process_reward_scale(c.algo, self.ranking_ema, prm_metrics)
+            if self.uses_process_rewards:
+                prm_metrics["prm/process_scale"] = process_scale
             q_norm, advantages, adv_stats = process_rewards_and_advantages(
-                q, batch.outcome, batch.response_mask, estimator=c.algo.estimator, n=self.n,
-                process_coef=float(c.algo.process_coef), outcome_coef=float(c.algo.outcome_coef),
-                normalize=self.uses_process_rewards)
+                q, batch.outcome, batch.response_mask, jnp.float32(process_scale), estimator=c.algo.estimator,
+                n=self.n, process_coef=float(c.algo.process_coef), outcome_coef=float(c.algo.outcome_coef),
+                normalize=self.uses_process_rewards, norm_floor=float(c.algo.process_norm_floor))
             batch = batch.replace(advantages=advantages)
             policy_metrics = self.update_policy(batch, step)  # shuffled PPO mini-batches
             row.update(prm_metrics)

@@ -89,3 +89,18 @@ def run_prm_phase(steps: TrainSteps, prm_state, batch: PrimeBatch, *, mode: str,
     metrics.update(ranking_metrics(q_fresh, q_given, host["response_mask"], host["outcome"], n))
     metrics["time/prm_s"] = time.perf_counter() - t
     return prm_state, q_given, metrics
+
+
+def process_reward_scale(algo_config, ema: float, metrics: dict) -> tuple[float, float]:
+    """(new moving average of the fresh ranking, weight of this step's process rewards).
+
+    algo.process_ramp = "ranking": the average takes this step's `prm/dpo_accuracy` (the PRM's ranking
+    of the batch before it trained on it) and the weight is `algo.process_ramp_gate` of it; "none" (the
+    spec): weight 1. A step without PRM metrics (outcome-only) leaves the average as it was.
+    """
+    if algo_config.process_ramp == "none":
+        return ema, 1.0
+    if "prm/dpo_accuracy" in metrics:
+        ema = float(algo.ranking_ema(ema, metrics["prm/dpo_accuracy"], algo_config.process_ramp_decay))
+    return ema, float(algo.process_ramp_gate(ema, algo_config.process_ramp_low, algo_config.process_ramp_high))
+

@@ -1,0 +1,41 @@
+"""The synthetic demo tasks behind the data source ``"synthetic"``, picked by ``data.synthetic.task``.
+
+* ``arith`` (:mod:`.synthetic`): short arithmetic chains with multi-digit values;
+* ``chains`` (:mod:`.chains`): long chains of one-digit steps, where per-step credit matters.
+
+``synthetic`` is the config's ``data.synthetic`` section (any object with those attributes).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from . import chains, synthetic
+from .problems import Problem
+
+SYNTHETIC_TASKS = ("arith", "chains")
+_ARITH_KNOBS = ("min_steps", "max_steps", "max_start", "max_operand", "max_factor")
+
+
+def task_kwargs(synthetic_cfg) -> dict:
+    """The generator's keyword arguments from the config section (0 means the task's default)."""
+    s = synthetic_cfg
+    if s.task == "chains":
+        lo = s.min_steps or 5
+        return dict(min_length=lo, max_length=s.max_steps or max(lo, 5))
+    knobs = {k: s[k] for k in _ARITH_KNOBS if s[k]}
+    return dict(difficulty=s.difficulty, max_value=s.max_value, **knobs)
+
+
+def make_task_problems(synthetic_cfg, n: int, seed: int, *, stream: int, exclude: Iterable[str] | None = None,
+                       unique: bool = False, system_prompt: str | None = None) -> list[Problem]:
+    """``n`` problems of the configured task (stream 0 train, 1 held-out, 2 SFT demonstrations)."""
+    if synthetic_cfg.task not in SYNTHETIC_TASKS:
+        raise ValueError(f"data.synthetic.task: unknown task {synthetic_cfg.task!r}; expected one of {SYNTHETIC_TASKS}")
+    module = chains if synthetic_cfg.task == "chains" else synthetic
+    return module.make_problems(n, seed, stream=stream, exclude=exclude, unique=unique, system_prompt=system_prompt,
+                                **task_kwargs(synthetic_cfg))
+
+
+def task_demonstration(problem: Problem) -> str:
+    """The step-by-step solution of a problem of either task (told apart by its source)."""
+    return (chains if problem.source == chains.SOURCE else synthetic).demonstration(problem)
