@@ -38,6 +38,7 @@ Method and caveats (docs/scale_out.md has the details):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -182,12 +183,21 @@ def _build_and_compile(config, devices, targets, headroom, programs, sample_prom
                                         params))
     # No mesh context here: the sampler and the train steps trace under their mesh themselves
     # (`parallel.under_mesh`), so the model's activation constraints apply exactly as in the run.
+    notes = []
     if "prefill" in programs or "decode" in programs:
-        _sampler_phases(builder, (graphdef, params), programs, sample_prompts, ledger, log)
+        sampler_model = (graphdef, params)
+        if devices[0].platform == "cpu" and mcfg.compute_dtype == jnp.bfloat16:
+            # XLA:CPU has no native bf16 dynamic-slice: it converts the whole operand to f32, and
+            # hoists that convert of the KV cache out of the attention's block loop (two f32 copies
+            # of the cache that TPU and GPU compiles never hold). float16 has the same sizes and is
+            # native on CPU, so the sampler's programs are planned with it.
+            sampler_model = abstract_params(dataclasses.replace(mcfg, dtype="float16"), mesh)
+            notes.append("sampler programs compiled with float16 in place of bfloat16 (same sizes): XLA:CPU "
+                         "would add f32 copies of the bf16 KV cache that TPU/GPU do not make")
+        _sampler_phases(builder, sampler_model, programs, sample_prompts, ledger, log)
     _train_phases(builder, steps, params, programs, ledger, log, grads_b)
 
     dp, k = builder.data_parallel, c.batch.micro_batches
-    notes = []
     for field in ("mini_batch", "prm_mini_batch", "score_batch"):
         rows = c.batch[field] / (1 if field == "score_batch" else k)
         if rows % dp:
