@@ -242,7 +242,8 @@ class Sampler:
         spec = DecodeSpec(
             graphdef=graphdef, n=n, max_new_tokens=max_new_tokens, num_slots=self.num_slots(rows),
             capacity=_round_up(length + max_new_tokens, block), block=block, shards=shards, greedy=greedy, top_k=top_k,
-            use_top_p=(not greedy) and top_p < 1.0, refill_in_loop=self.refill == "loop")
+            use_top_p=(not greedy) and top_p < 1.0, refill_in_loop=self.refill == "loop",
+            static=self.num_slots(rows) == rows)
         program_key = _ProgramKey(
             spec=spec, state_treedef=jax.tree.structure(state),
             state_avals=tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(state)),
