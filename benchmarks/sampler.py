@@ -117,6 +117,9 @@ def main():
     parser.add_argument("--stop-tokens", type=int, default=40, help="stop token ids of the rl workload")
     parser.add_argument("--refill", choices=("loop", "chunks", "both"), default="loop",
                         help="rl workload: how slots are refilled (both: time the two side by side)")
+    parser.add_argument("--stop-after", type=int, default=43,
+                        help="rl workload: also stream with each slot setting and stop once this many groups are "
+                             "back, as the trainer does with decode slots (43 = 64 / rollout.oversample 1.5); 0: off")
     args = parser.parse_args()
     if args.workload == "rl":
         args.prompts, args.n, args.new_tokens = 64, 4, 512
@@ -312,6 +315,35 @@ def rl_workload(args, model, hf, prompts):
             print(f"RATIO {name} / static: {static_wall / wall:.2f}x wall, {static_cpu / cpu:.2f}x CPU")
     if not args.no_hf:
         print_hf_comparison(hf_out, hf_wall, hf_cpu, stop_ids, tokens, best)
+    if args.stop_after:
+        for name, sampler in samplers.items():
+            if name != "static":
+                print_streamed_until(sampler, name, model, prompts, kwargs, args.n, args.stop_after, reference)
+
+
+def print_streamed_until(sampler, name, model, prompts, kwargs, n, stop_after, reference):
+    """The trainer's streamed path: `stream()` until `stop_after` groups are back, the rest cut.
+    Its tokens are the full run's (same key), so the kept rows' lengths show the bias of keeping
+    the first-finished groups, against all rows and against the groups that started first."""
+    parts, start, cpu_start = [], time.perf_counter(), time.process_time()
+    for part in sampler.stream(model, prompts, key=jax.random.key(1), **kwargs):
+        parts.append(part)
+        if sum(p.num_prompts for p in parts) >= stop_after:
+            break
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    st = sampler.last_stats
+    kept = np.concatenate([p.prompt_index for p in parts])
+    lengths = np.concatenate([p.lengths for p in parts])
+    all_groups = reference.lengths.reshape(-1, n)
+    first_started = all_groups[: len(kept) // n]  # the same number of groups, taken in queue order
+    wasted = 1 - (lengths.sum() - len(lengths)) / max(1, st["decoded_tokens"])
+    print(f"ours {name:16s} streamed until {len(kept) // n} of {len(prompts)} groups: utilisation "
+          f"{st['slot_utilisation']:.2f} over {st['decode_steps']} steps, {lengths.sum() / wall:,.0f} kept tokens/s "
+          f"wall ({wall:.2f} s), {lengths.sum() / cpu:,.0f} per CPU-s; decoded tokens of cut rows {wasted:.0%}; "
+          f"kept rows' lengths mean {lengths.mean():.0f} / p90 {np.percentile(lengths, 90):.0f} / max {lengths.max()} "
+          f"vs all rows {reference.lengths.mean():.0f} / {np.percentile(reference.lengths, 90):.0f} / "
+          f"{reference.lengths.max()} vs the first {len(kept) // n} groups in queue order "
+          f"{first_started.mean():.0f} / {np.percentile(first_started, 90):.0f} / {first_started.max()}")
 
 
 def print_hf_comparison(hf_out, hf_wall, hf_cpu, stop_ids, tokens, best):

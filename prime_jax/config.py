@@ -110,11 +110,17 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     # Decode slots: how many responses decode at once; a slot whose response stopped takes the next
     # waiting one, so long-tailed lengths do not keep the batch waiting for its longest row
     # (docs/scale_out.md). Rounded up to a multiple of the data-parallel size. 0: one slot per
-    # response (the whole attempt decodes as one static batch). Tokens do not depend on it.
+    # response (the whole attempt decodes as one static batch). A response's tokens do not depend on it.
+    # With slots (> 0) rollouts are streamed: each prompt's group is graded as soon as its n samples
+    # are done while decoding goes on, and sampling stops once batch.prompts_per_step groups survived
+    # the filter; groups still decoding or waiting then are dropped and their prompts go back to the
+    # buffer (sampled first next step, from scratch), so which groups a step trains on leans towards
+    # short ones (measured in docs/scale_out.md, "Streaming rollouts"). 0 samples and grades whole attempts.
     c.rollout.decode_slots = 0  # responses decoding at once (see above); 0: all of an attempt's responses
     c.rollout.eval_temperature = 0.0  # 0: greedy held-out eval
     c.rollout.eval_max_new_tokens = 0  # 0: rollout.max_new_tokens
     c.rollout.eval_batch = 256  # prompts per generate call during eval
+    # (with decode_slots > 0 only the kept rows are scored, after the filter: grading overlaps decoding instead)
     c.rollout.overlap_scoring = True  # score every sampled row while the graders run (overlap); False: only kept rows, after
 
     c.algo = ml_collections.ConfigDict()

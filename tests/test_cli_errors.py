@@ -126,7 +126,7 @@ def test_prompt_source_checks_the_whole_pool_once_an_epoch_is_dropped(tmp_path):
     """A pool whose sample fits at start but whose prompts later stop fitting (the limit lowered
     after the start check) raises once an epoch's worth of prompts in a row was dropped."""
     from prime_jax.data import DataError, build_tiny_tokenizer, make_problems
-    from prime_jax.train.loop import PromptSource
+    from prime_jax.train.rollouts import PromptSource
 
     tokenizer = build_tiny_tokenizer()
     problems = make_problems(40, 0, stream=0)

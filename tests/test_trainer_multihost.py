@@ -4,7 +4,8 @@
 very small tiny config, and must: finish with exit 0 on both processes, write metrics once, match
 the 1-process run step for step, resume on the same and on the other topology, stop cleanly on a
 SIGTERM to one host (checkpoint, exit 0 everywhere, exact resume), exit non-zero within a bounded
-time when one host dies (kill -9), and serve `evaluate` and `--export_hf` with 2 processes.
+time when one host dies (kill -9), serve `evaluate` and `--export_hf` with 2 processes, and take the
+same stop decision when rollouts are streamed (decode slots).
 
 Every run starts from the same SFT weights (the uninterrupted 1-process run's `reference/`): SFT
 itself all-reduces gradients in a topology-dependent order, so two topologies' SFT results differ
@@ -153,6 +154,24 @@ def test_two_processes_equal_one_and_resume_on_the_other_topology(uninterrupted,
     assert sorted(got) == [1, 2, 3, 4]
     for step in (3, 4):
         _assert_close(expected[step], got[step], rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_streamed_rollouts_take_the_same_decisions_on_two_processes(uninterrupted, cache, tmp_path):
+    """With decode slots the trainer grades groups as they finish and stops sampling once enough are
+    back (the filter is off: the first 4 of 8 groups); every host must stop at the same group."""
+    streamed = {"total_steps": 2, "rollout.decode_slots": 4}
+    runs = {}
+    for topology in ("1x4", "2x2"):
+        runs[topology] = tmp_path / topology
+        _start_from(uninterrupted, runs[topology])
+        _run_ok(_train(runs[topology], topology, cache, **streamed))
+    expected, got = _train_rows(runs["1x4"]), _train_rows(runs["2x2"])
+    assert sorted(got) == [1, 2]
+    for step, rtol in ((1, 1e-5), (2, 1e-3)):
+        assert expected[step]["rollout/groups_cut"] == got[step]["rollout/groups_cut"] > 0
+        assert expected[step]["filter/groups_trained"] == got[step]["filter/groups_trained"] == 4
+        _assert_close(expected[step], got[step], rtol=rtol)
 
 
 @pytest.mark.slow

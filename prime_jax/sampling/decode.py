@@ -13,7 +13,8 @@ The two programs a `Sampler` compiles per shape key:
    live and the next call refills. The loop also returns at `stop_at`, so a caller can stream
    finished groups out between calls; the state is donated and carried on.
 
-K = B (one slot per row) is the static batch: every row starts at once and nothing is refilled.
+K = B (one slot per row) is the static batch: every row starts at once and nothing is refilled
+(`DecodeSpec.static`: a step writes one column of the outputs and folds the step into the keys once).
 
 Determinism: row r's token t is drawn with `fold_in(fold_in(key, t), row_id[r])` from logits that
 do not depend on which slot decodes it or on K (a slot's cache columns hold exactly its row's
@@ -117,6 +118,9 @@ class DecodeSpec:
     top_k: int
     use_top_p: bool
     refill_in_loop: bool
+    # K = B: slot i decodes row i from the first step to its end and nothing is refilled, so every
+    # live row is at the same position and a step writes one column (`decode_step`'s fast path)
+    static: bool = False
 
 
 def _per_shard(fn: Callable, shards: int, *arrays):
@@ -223,31 +227,49 @@ def decode_step(spec: DecodeSpec, model, s: DecodeState, stop_ids, rng, temperat
     into the row's outputs, and retire slots whose row stopped or reached R tokens."""
     slots = spec.num_slots
     logits, cache = model.forward_with_cache(s.last_token[:, None], jnp.ones((slots, 1), bool), s.cache, spec.block)
-    slot_row_id = _per_shard(lambda row_id, slot_row: row_id[jnp.maximum(slot_row, 0)], spec.shards,
-                             s.row_id, s.slot_row)
-    new, new_logprobs = _sample(spec, logits[:, 0], strategies.keys_for(rng, s.slot_length, slot_row_id),
-                                temperature, top_p)
+    if spec.static:  # slot = row, and every live row's next token is token `step + 1`: the same keys
+        keys = strategies.row_keys_at(rng, s.step + 1, s.row_id)
+    else:
+        slot_row_id = _per_shard(lambda row_id, slot_row: row_id[jnp.maximum(slot_row, 0)], spec.shards,
+                                 s.row_id, s.slot_row)
+        keys = strategies.keys_for(rng, s.slot_length, slot_row_id)
+    new, new_logprobs = _sample(spec, logits[:, 0], keys, temperature, top_p)
     live = s.slot_live
     stopped = live & _is_stop(new, stop_ids)
     length = s.slot_length + live.astype(jnp.int32)
     still_live = live & ~stopped & (length < spec.max_new_tokens)
-
-    def write_rows(tokens, logprobs, lengths, finished, done, slot_row, live, slot_length, new, new_logprobs,
-                   stopped, length, still_live):
-        target = jnp.where(live, slot_row, tokens.shape[0])  # idle slots write nowhere
-        return dict(
-            tokens=tokens.at[target, slot_length].set(new, mode="drop"),
-            logprobs=logprobs.at[target, slot_length].set(new_logprobs, mode="drop"),
-            lengths=lengths.at[target].set(length, mode="drop"),
-            finished=finished.at[target].set(stopped, mode="drop"),
-            done=done.at[target].set(~still_live, mode="drop"))
-
-    rows = _per_shard(write_rows, spec.shards, s.tokens, s.logprobs, s.lengths, s.finished, s.done, s.slot_row,
-                      live, s.slot_length, new, new_logprobs, stopped, length, still_live)
+    if spec.static:
+        rows = _write_column(s, s.step + 1, live, new, new_logprobs, stopped, length, still_live)
+    else:
+        rows = _per_shard(_write_rows, spec.shards, s.tokens, s.logprobs, s.lengths, s.finished, s.done,
+                          s.slot_row, live, s.slot_length, new, new_logprobs, stopped, length, still_live)
     cache = dataclasses.replace(cache, end=jnp.where(still_live, cache.end, 0))
     return dataclasses.replace(
         s, cache=cache, slot_live=still_live, last_token=new, slot_length=length, step=s.step + 1,
         busy=s.busy + live.sum(dtype=jnp.int32), **rows)
+
+
+def _write_rows(tokens, logprobs, lengths, finished, done, slot_row, live, slot_length, new, new_logprobs,
+                stopped, length, still_live) -> dict:
+    """Each live slot's new token into its row's outputs (one shard: `slot_row` indexes its rows)."""
+    target = jnp.where(live, slot_row, tokens.shape[0])  # idle slots write nowhere
+    return dict(
+        tokens=tokens.at[target, slot_length].set(new, mode="drop"),
+        logprobs=logprobs.at[target, slot_length].set(new_logprobs, mode="drop"),
+        lengths=lengths.at[target].set(length, mode="drop"),
+        finished=finished.at[target].set(stopped, mode="drop"),
+        done=done.at[target].set(~still_live, mode="drop"))
+
+
+def _write_column(s: DecodeState, column, live, new, new_logprobs, stopped, length, still_live) -> dict:
+    """`_write_rows` for the static batch (slot i = row i, every live row at `column`): one column
+    update; rows that are not live keep their values (their `column` entries are still padding)."""
+    new = jnp.where(live, new, PAD_ID)
+    return dict(
+        tokens=jax.lax.dynamic_update_slice(s.tokens, new[:, None], (0, column)),
+        logprobs=jax.lax.dynamic_update_slice(s.logprobs, jnp.where(live, new_logprobs, 0.0)[:, None], (0, column)),
+        lengths=jnp.where(live, length, s.lengths), finished=jnp.where(live, stopped, s.finished),
+        done=jnp.where(live, ~still_live, s.done))
 
 
 def decode_fn(spec: DecodeSpec, constrain_state: Callable[[DecodeState], DecodeState]) -> Callable:
@@ -260,12 +282,12 @@ def decode_fn(spec: DecodeSpec, constrain_state: Callable[[DecodeState], DecodeS
         waiting = lambda s: jnp.any(s.queue_head < s.queue_end)
 
         def cond(s):
-            work = jnp.any(s.slot_live) | (waiting(s) if spec.refill_in_loop else False)
+            work = jnp.any(s.slot_live) | (waiting(s) if spec.refill_in_loop and not spec.static else False)
             return (s.step < stop_at) & work
 
         def body(s):
             s = decode_step(spec, model, s, stop_ids, rng, temperature, top_p)
-            if spec.refill_in_loop:  # a while loop that runs once or never: a `cond` copies the whole cache
+            if spec.refill_in_loop and not spec.static:  # run once or never (a `cond` would copy the cache)
                 needed = jnp.any(~s.slot_live) & waiting(s)
                 s, _ = jax.lax.while_loop(lambda c: c[1], lambda c: (refill(spec, c[0]), False), (s, needed))
             return constrain_state(s)

@@ -186,10 +186,10 @@ class Sampler:
         `fold_in(fold_in(key, t), r)`).
         """
         call = self._prepare(model, prompts, max_new_tokens, n, temperature, top_p, top_k, stop_token_ids, key)
-        state = None
-        for state in self._decode_calls(call, stream=False):
+        outputs = None
+        for outputs in self._decode_calls(call, stream=False):
             pass
-        return self._rollouts(call, state, np.arange(len(prompts)))
+        return self._rollouts(call, outputs, np.arange(len(prompts)))
 
     def stream(self, model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, n: int = 1,
                temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -197,18 +197,20 @@ class Sampler:
         """`generate`, handed back group by group: yields a `Rollouts` of the groups (a prompt's n
         samples) that finished since the last look, every `stream_steps` decode steps; its
         `prompt_index` says which input prompts they answer. Together the yields hold exactly
-        `generate`'s rows (same tokens and log-probs). Rows still decoding when the caller stops
-        iterating are dropped with the decode state (no further device work is queued);
-        `last_stats` then covers the steps run so far.
+        `generate`'s rows (same tokens and log-probs). The next `stream_steps` decode steps are
+        dispatched before a yield, so the device decodes while the caller works on the groups (e.g.
+        grades them). Rows still decoding when the caller stops iterating are dropped with the decode
+        state (at most the one dispatched chunk of steps still runs); `last_stats` covers the steps
+        whose results were handed back.
         """
         call = self._prepare(model, prompts, max_new_tokens, n, temperature, top_p, top_k, stop_token_ids, key)
         emitted = np.zeros(len(prompts), bool)
-        for state in self._decode_calls(call, stream=True):
-            done = to_host(state.done)[_rows_of(call.position, n)].reshape(len(prompts), n).all(axis=1)
+        for outputs in self._decode_calls(call, stream=True):
+            done = outputs.done[_rows_of(call.position, n)].reshape(len(prompts), n).all(axis=1)
             ready = np.flatnonzero(done & ~emitted)
             if ready.size:
                 emitted[ready] = True
-                yield self._rollouts(call, state, ready)
+                yield self._rollouts(call, outputs, ready)
 
     def compile(self, model, *, num_prompts: int, prompt_len: int, max_new_tokens: int, n: int = 1,
                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[int] = (),
@@ -266,7 +268,8 @@ class Sampler:
         spec = DecodeSpec(
             graphdef=graphdef, n=n, max_new_tokens=max_new_tokens, num_slots=self.num_slots(rows),
             capacity=_round_up(length + max_new_tokens, block), block=block, shards=shards, greedy=greedy, top_k=top_k,
-            use_top_p=(not greedy) and top_p < 1.0, refill_in_loop=self.refill == "loop")
+            use_top_p=(not greedy) and top_p < 1.0, refill_in_loop=self.refill == "loop",
+            static=self.num_slots(rows) == rows)
         program_key = _ProgramKey(
             spec=spec, state_treedef=jax.tree.structure(state),
             state_avals=tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(state)),
@@ -297,45 +300,54 @@ class Sampler:
                      max_new_tokens=max_new_tokens, num_slots=spec.num_slots, start=time.perf_counter(),
                      compile_seconds=compile_seconds)
 
-    def _decode_calls(self, call: _Call, stream: bool) -> Iterator[DecodeState]:
-        """Runs prefill, then decode calls until every real row is done; yields the state after each.
+    def _decode_calls(self, call: _Call, stream: bool) -> Iterator["_Outputs"]:
+        """Runs prefill, then decode calls until every real row is done; yields the host outputs
+        after each call, the next call already dispatched (the state is donated to it).
 
         A call runs to the end (refill "loop", not streaming), or for `stream_steps` /
         `chunk_steps` steps (the smaller of the ones that apply)."""
         params, *rest = call.decode_args
-        state = call.programs.prefill(*call.prefill_args)
         every = [self.stream_steps] if stream else []
         if self.refill == "chunks":
             every.append(self.chunk_steps)
-        steps, calls = 0, 0
         rows = _rows_of(call.position, call.n)
-        while True:
+
+        def dispatch(state, steps):
             stop_at = np.int32(steps + min(every)) if every else _NO_STOP
             if self.mesh is not None:
                 stop_at = put_replicated(stop_at, self.mesh)
-            state = call.programs.decode(params, state, *rest, stop_at)
-            calls += 1
-            steps = int(to_host(state.step))
-            self._record_stats(call, state, steps, calls)
-            yield state
-            if to_host(state.done)[rows].all():
+            return call.programs.decode(params, state, *rest, stop_at)
+
+        state = dispatch(call.programs.prefill(*call.prefill_args), 0)
+        calls = 1
+        while True:
+            done, step, busy = (np.asarray(x) for x in to_host((state.done, state.step, state.busy)))
+            finished = done[rows].all()
+            # the rows themselves only when someone reads them (a stream: every call)
+            outputs = _Outputs.of(state, done, int(step), int(busy)) if stream or finished else None
+            self._record_stats(call, int(step), int(busy), calls)
+            if not finished:  # the device decodes on while the caller looks at these outputs
+                state = dispatch(state, int(step))
+                calls += 1
+            yield outputs
+            if finished:
                 return
 
-    def _record_stats(self, call: _Call, state: DecodeState, steps: int, calls: int) -> None:
-        busy = int(to_host(state.busy))
+    def _record_stats(self, call: _Call, steps: int, busy: int, calls: int) -> None:
         self.last_stats = dict(
             prompt_batch_bucket=call.prompt_ids.shape[0], prompt_len_bucket=call.prompt_ids.shape[1],
             rows=call.prompt_ids.shape[0] * call.n, decode_slots=call.num_slots, decode_steps=steps,
             decode_calls=calls, slot_utilisation=busy / max(1, steps * call.num_slots),
+            decoded_tokens=busy, slot_steps=steps * call.num_slots,
             new_tokens=busy + len(call.position) * call.n,  # decoded + the first tokens prefill sampled
             seconds=time.perf_counter() - call.start, compile_seconds=call.compile_seconds)
 
-    def _rollouts(self, call: _Call, state: DecodeState, prompt_indices: np.ndarray) -> Rollouts:
+    def _rollouts(self, call: _Call, outputs: "_Outputs", prompt_indices: np.ndarray) -> Rollouts:
         """The rows of the given input prompts (their groups must be done), as host `Rollouts`."""
         n, new_tokens = call.n, call.max_new_tokens
         rows = _rows_of(call.position[prompt_indices], n)
-        tokens, logprobs, lengths, finished = (to_host(x)[rows] for x in
-                                               (state.tokens, state.logprobs, state.lengths, state.finished))
+        tokens, logprobs, lengths, finished = (x[rows] for x in
+                                               (outputs.tokens, outputs.logprobs, outputs.lengths, outputs.finished))
         response_mask = (np.arange(new_tokens)[None, :] < lengths[:, None]).astype(np.int32)
         return Rollouts(
             tokens=tokens.astype(np.int32),
@@ -378,6 +390,24 @@ class Sampler:
         prefill = ((params, rows2, rows2, rows1, rows1, rep, rep, rep, rep), decode_state)
         decode = ((params, decode_state, rep, rep, rep, rep, rep), decode_state)
         return prefill, decode, decode_state
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outputs:
+    """A decode state's results on the host (numpy; read before the state is donated to the next call)."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    finished: np.ndarray
+    done: np.ndarray
+    step: int
+    busy: int
+
+    @staticmethod
+    def of(state: DecodeState, done: np.ndarray, step: int, busy: int) -> "_Outputs":
+        tokens, logprobs, lengths, finished = to_host((state.tokens, state.logprobs, state.lengths, state.finished))
+        return _Outputs(tokens, logprobs, lengths, finished, done, step, busy)
 
 
 def _rows_of(positions: np.ndarray, n: int) -> np.ndarray:

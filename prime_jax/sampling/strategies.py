@@ -25,6 +25,12 @@ def row_keys(key: jax.Array, step, num_rows: int) -> jax.Array:
     return keys_for(key, jnp.full(num_rows, step, jnp.uint32), jnp.arange(num_rows, dtype=jnp.uint32))
 
 
+def row_keys_at(key: jax.Array, step, rows: jax.Array) -> jax.Array:
+    """`keys_for(key, [step] * B, rows)` with the step folded in once (every row at the same step)."""
+    step_key = jax.random.fold_in(key, jnp.asarray(step).astype(jnp.uint32))
+    return jax.vmap(lambda row: jax.random.fold_in(step_key, row.astype(jnp.uint32)))(rows)
+
+
 def keys_for(key: jax.Array, steps: jax.Array, rows: jax.Array) -> jax.Array:
     """`[B]` keys `fold_in(fold_in(key, steps[i]), rows[i])`: a draw depends only on (key, row, step),
     never on where in a batch the row sits (the sampler's decode slots rely on it)."""

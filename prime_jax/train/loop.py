@@ -4,7 +4,8 @@
         ─▶ score (old / ref log-probs) ─▶ PRM mini-batches ─▶ normalise q ─▶ advantages
         ─▶ shuffled PPO mini-batches ─▶ metrics ─▶ (eval) ─▶ (checkpoint)
 
-`Trainer.step` is that list; each phase is a method below it. Everything random derives from
+`Trainer.step` is that list; each phase is a method below it, except the first four (draw to
+refill) and the rollouts' log-probs, which `train/rollouts.py` owns. Everything random derives from
 the config's seed: the base PRNG key (saved in checkpoints), `fold_in(key, step)` for sampling,
 and numpy generators seeded with `(seed, step)` for shuffles, so a resumed run repeats an
 uninterrupted one exactly. The sampler reads the policy's parameters in place (same arrays,
@@ -16,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,11 +29,10 @@ from flax import nnx
 
 from prime_jax import algo
 from prime_jax.config import RANDOM_MODEL, SYNTHETIC
-from prime_jax.data import (DataError, Problem, ShuffledIterator, held_out, load_eval_sets, load_train_problems,
-                            render_prompts)
+from prime_jax.data import Problem, held_out, load_eval_sets, load_train_problems
 from prime_jax.models import Qwen2ForCausalLM
 from prime_jax.models.tokenizer import eos_token_ids
-from prime_jax.parallel import (gather_shares, host_share, is_logging_process, put_replicated, put_rows, to_host)
+from prime_jax.parallel import is_logging_process, put_replicated, put_rows, to_host
 from prime_jax.rewards import RewardPool
 from prime_jax.sampling import Rollouts
 from prime_jax.train import checkpoint as ckpt
@@ -43,6 +42,7 @@ from prime_jax.train.evaluation import TrainingEvaluator
 from prime_jax.train.metrics import MetricsLogger, masked_stats
 from prime_jax.train.preemption import PreemptionWatch
 from prime_jax.train.prm_phase import process_reward_scale, run_prm_phase
+from prime_jax.train.rollouts import PromptSource, RolloutCollector, RolloutScorer, assemble_batch, grade_rollouts
 from prime_jax.train.state import create_train_state, split_params
 from prime_jax.train.warm_start import reference_params
 
@@ -52,118 +52,6 @@ logger = logging.getLogger(__name__)
 # ==============================================================================================
 # Data: the prompts of a step
 # ==============================================================================================
-class PromptSource:
-    """Training prompts: the surplus buffer first, then the seeded, resumable iterator.
-
-    Prompts longer than `max_prompt_tokens` are dropped (and counted). A pool in which no prompt
-    fits raises DataError (checked on a sample at construction, and over the whole pool once an
-    epoch's worth of prompts in a row was dropped), instead of drawing forever. `state()` is JSON
-    and goes into checkpoints.
-    """
-
-    def __init__(self, problems: Sequence[Problem], tokenizer, max_prompt_tokens: int, seed: int):
-        self.iterator = ShuffledIterator(problems, seed)
-        self.tokenizer = tokenizer
-        self.max_prompt_tokens = max_prompt_tokens
-        self.buffer: list[Problem] = []
-        self.dropped = 0
-        self._dropped_in_a_row = 0  # prompts dropped since the last kept one (None: the pool was checked)
-        sample = [problems[i] for i in self.iterator.host_indices(0)[:256]]
-        if not any(len(x) <= max_prompt_tokens for x in render_prompts(sample, tokenizer, None)[0]):
-            self._check_pool_fits()
-
-    def _check_pool_fits(self) -> None:
-        """Renders the whole pool once; raises DataError when no prompt fits, with the numbers."""
-        items = self.iterator.items
-        transformers_log = logging.getLogger("transformers")
-        level = transformers_log.level
-        transformers_log.setLevel(logging.ERROR)  # not its "longer than model_max_length" note: we measure
-        try:
-            ids, _, stats = render_prompts(items, self.tokenizer, None)
-        finally:
-            transformers_log.setLevel(level)
-        lengths = np.array([len(x) for x in ids] or [0])
-        fits = int((lengths <= self.max_prompt_tokens).sum()) if ids else 0
-        if not fits:
-            rendered = f"lengths {lengths.min()} to {lengths.max()} tokens" if ids else "none rendered"
-            raise DataError(
-                f"no training prompt fits data.max_prompt_tokens={self.max_prompt_tokens}: all {len(items)} "
-                f"prompts examined ({rendered}, {stats.n_skipped} template errors); raise data.max_prompt_tokens "
-                f"or train on shorter prompts")
-        if fits < len(items) / 2:
-            logger.warning("only %d of %d training prompts fit data.max_prompt_tokens=%d (lengths %d to %d)", fits,
-                           len(items), self.max_prompt_tokens, lengths.min(), lengths.max())
-        self._dropped_in_a_row = None
-
-    def take(self, k: int) -> list[tuple[Problem, list[int]]]:
-        out: list[tuple[Problem, list[int]]] = []
-        while len(out) < k:
-            need = k - len(out)
-            from_buffer, self.buffer = self.buffer[:need], self.buffer[need:]
-            problems = from_buffer + self.iterator.next_batch(need - len(from_buffer))
-            ids, kept, stats = render_prompts(problems, self.tokenizer, self.max_prompt_tokens)
-            self.dropped += stats.n_skipped
-            if self._dropped_in_a_row is not None:
-                self._dropped_in_a_row = 0 if kept else self._dropped_in_a_row + len(problems)
-                if self._dropped_in_a_row >= self.iterator.epoch_size:
-                    self._check_pool_fits()
-            out.extend(zip(kept, ids))
-        return out
-
-    def put_back(self, problems: Sequence[Problem]) -> None:
-        """Surplus prompts: drawn first next step."""
-        self.buffer = list(problems) + self.buffer
-
-    def state(self) -> dict:
-        return {"iterator": self.iterator.get_state(), "buffer": [p.to_dict() for p in self.buffer],
-                "dropped": self.dropped}
-
-    def set_state(self, state: dict) -> None:
-        self.iterator.set_state(state["iterator"])
-        self.buffer = [Problem.from_dict(d) for d in state["buffer"]]
-        self.dropped = int(state["dropped"])
-
-
-# ==============================================================================================
-# Groups: a prompt's n rollouts with everything the updates need
-# ==============================================================================================
-@dataclasses.dataclass
-class Group:
-    """One prompt's n samples: a host `PrimeBatch` of n rows (outcome set; old_logprobs from the
-    sampler and ref_logprobs when scored while grading)."""
-
-    problem: Problem
-    rows: PrimeBatch
-
-    @property
-    def outcome(self) -> np.ndarray:
-        return self.rows.outcome
-
-
-def _bucket(length: int, lo: int, hi: int) -> int:
-    """Power of two >= length, within [lo, hi] (few distinct shapes, so few compilations)."""
-    return int(min(hi, max(lo, 1 << max(0, int(length) - 1).bit_length())))
-
-
-def fit_prompts(prompt_ids: np.ndarray, prompt_mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded prompts cropped or padded on the left to `width` columns (all prompts must fit)."""
-    have = prompt_ids.shape[1]
-    if have > width:
-        if prompt_mask[:, : have - width].any():
-            raise ValueError(f"a prompt is longer than {width} tokens")
-        return prompt_ids[:, have - width:], prompt_mask[:, have - width:]
-    pad = ((0, 0), (width - have, 0))
-    return np.pad(prompt_ids, pad), np.pad(prompt_mask, pad)
-
-
-def assemble_batch(groups: Sequence[Group], max_new_tokens: int) -> PrimeBatch:
-    """Stacks groups into one host batch (rows grouped by prompt). Long responses are cut to a
-    power-of-two bucket (>= 128) of the longest one (the columns beyond it are padding)."""
-    R = _bucket(max(int(g.rows.response_mask.sum(1).max()) for g in groups), min(128, max_new_tokens),
-                max_new_tokens)
-    return PrimeBatch.concatenate([g.rows for g in groups]).crop_responses(R)
-
-
 @functools.partial(jax.jit, static_argnames=("estimator", "n", "process_coef", "outcome_coef", "normalize", "norm_floor"))
 def process_rewards_and_advantages(q, outcome, response_mask, process_scale=1.0, *, estimator: str, n: int,
                                    process_coef: float, outcome_coef: float, normalize: bool = True,
@@ -262,8 +150,6 @@ class Trainer:
         # Rows of a device batch (mini-batches, scoring chunks), kept sharded by rows.
         self._take_rows = jax.jit(lambda batch, index: jax.tree.map(lambda x: x[index], batch),
                                   out_shardings=self.steps.batch_sharding)
-        self._concat_rows = jax.jit(lambda parts, total: jax.tree.map(lambda *xs: jnp.concatenate(xs)[:total], *parts),
-                                    static_argnums=1, out_shardings=self.steps.batch_sharding)
 
     @classmethod
     def create(cls, config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> "Trainer":
@@ -357,7 +243,9 @@ class Trainer:
         t0 = time.perf_counter()
         key = jax.random.fold_in(self.key, step)
 
-        groups, collect = self.collect_groups(step, key)  # draw, sample, grade, filter (+ refill)
+        # draw, sample, grade, filter (+ refill): train/rollouts.py
+        groups, collect = self.collector.collect(step, key, (self.graphdef, self.policy.params),
+                                                 self.prm_reference_params, self.pool)
         row = {"step": step, **collect}
         if groups:
             batch = assemble_batch(groups, c.rollout.max_new_tokens).to_device(self.mesh)  # stays on the devices
@@ -391,152 +279,26 @@ class Trainer:
         row["time/wall"] = time.time()
         return self.log.write(row) if self.log else row
 
-    # ---------------------------------------------------------------- draw, sample, grade, filter
-    def collect_groups(self, step: int, key) -> tuple[list[Group], dict]:
-        """Samples attempts of `prompts_per_attempt` prompts until `prompts_per_step` groups survive
-        the accuracy filter, or `rollout.max_refill` extra attempts are spent. Surplus survivors'
-        prompts go back to the buffer for the next step.
+    # ---------------------------------------------------------------- rollouts (train/rollouts.py)
+    @functools.cached_property
+    def scorer(self) -> RolloutScorer:
+        return RolloutScorer(self.steps, self.mesh, self.config.batch.score_batch, self._mini_batch,
+                             self.uses_process_rewards)
 
-        Every process draws the same prompts and takes the same decisions; the sampler decodes
-        each process's rows on its own devices, each process grades its share of the responses
-        in its own pool, and the outcomes are gathered before the filter."""
-        c = self.config
-        kept: list[Group] = []
-        all_outcomes, all_lengths, truncated = [], [], 0
-        timing = {"sample": 0.0, "grade": 0.0, "score": 0.0}
-        tokens_sampled, attempts, grading_errors, grading_timeouts = 0, 0, 0, 0
-        for attempt in range(c.rollout.max_refill + 1):
-            attempts += 1
-            items = self.prompts.take(self.prompts_per_attempt)
-            problems = [p for p, _ in items]
-            t = time.perf_counter()
-            rollouts = self.sampler.generate(
-                (self.graphdef, self.policy.params), [ids for _, ids in items], max_new_tokens=c.rollout.max_new_tokens,
-                n=self.n, temperature=c.rollout.temperature, top_p=c.rollout.top_p, top_k=c.rollout.top_k,
-                stop_token_ids=self.stop_ids, key=jax.random.fold_in(key, attempt))
-            timing["sample"] += time.perf_counter() - t
-            tokens_sampled += int(rollouts.lengths.sum())
-            rows = self.rollout_rows(rollouts)
-
-            t = time.perf_counter()
-            # Device work dispatched before grading runs in the pool: the two overlap.
-            pending = self.score_async(rows) if c.rollout.overlap_scoring else None
-            outcome, errors, timeouts = self.grade(rollouts, [problems[r // self.n] for r in range(rows.num_rows)])
-            rows = rows.replace(outcome=outcome)
-            timing["grade"] += time.perf_counter() - t
-            grading_errors += errors
-            grading_timeouts += timeouts
-            if pending is not None:
-                t = time.perf_counter()
-                rows = rows.replace(**to_host(self.gather_scores(*pending)))
-                timing["score"] += time.perf_counter() - t
-
-            all_outcomes.append(outcome)
-            all_lengths.append(rollouts.lengths)
-            truncated += int((~rollouts.finished).sum())
-            survive = (np.asarray(algo.accuracy_filter(outcome, self.n, c.algo.filter_low, c.algo.filter_high))
-                       if c.algo.filter else np.ones(len(items), bool))
-            for g in np.flatnonzero(survive):
-                kept.append(Group(problems[g], rows.rows(slice(g * self.n, (g + 1) * self.n))))
-            if len(kept) >= self.groups_per_step:
-                break
-        survivors = len(kept)
-        surplus = kept[self.groups_per_step:]
-        kept = kept[: self.groups_per_step]
-        self.prompts.put_back([g.problem for g in surplus])
-        # Mini-batches hold whole groups and have fixed sizes: train on a multiple of them.
-        unit = math.lcm(c.batch.mini_batch // self.n, c.batch.prm_mini_batch // self.n)
-        usable = len(kept) // unit * unit
-        if usable < self.groups_per_step:
-            # Routine on small batches (filter/groups_trained records it, the progress bar shows the kept
-            # fraction); `step` warns when nothing trains.
-            logger.debug("step %d: only %d/%d prompt groups survived the filter after %d attempts; training on %d",
-                         step, len(kept), self.groups_per_step, attempts, usable)
-            self.prompts.put_back([g.problem for g in kept[usable:]])
-            kept = kept[:usable]
-        outcomes = np.concatenate(all_outcomes)
-        lengths = np.concatenate(all_lengths)
-        sampled_groups = attempts * self.prompts_per_attempt
-        row = {
-            "train/reward": float(outcomes.mean()),
-            "verifier/accuracy_before_filter": float(outcomes.mean()),
-            "verifier/accuracy_after_filter": float(np.mean([g.outcome.mean() for g in kept])) if kept else 0.0,
-            "verifier/errors": grading_errors,
-            "verifier/timeouts": grading_timeouts,
-            "filter/kept_group_frac": survivors / sampled_groups,
-            "filter/groups_trained": len(kept),
-            "filter/attempts": attempts,
-            "filter/surplus_groups": len(surplus),
-            "response/length_mean": float(lengths.mean()),
-            "response/length_max": int(lengths.max()),
-            "response/truncated_frac": truncated / len(lengths),
-            "perf/rollouts_per_s": len(lengths) / max(timing["sample"], 1e-9),
-            "perf/tokens_per_s": tokens_sampled / max(timing["sample"], 1e-9),
-            "time/sample_s": timing["sample"],
-            "time/grade_s": timing["grade"],
-            "time/score_s": timing["score"],
-        }
-        return kept, row
-
-    def rollout_rows(self, rollouts: Rollouts) -> PrimeBatch:
-        """The rollouts as host training rows: prompts fitted to the training prompt width; the
-        sampler's own log-probs as old_logprobs unless algo.recompute_old_logprobs."""
-        prompt_ids, prompt_mask = fit_prompts(rollouts.prompt_tokens, rollouts.prompt_mask, self.prompt_width)
-        old = None if self.config.algo.recompute_old_logprobs else rollouts.logprobs.astype(np.float32)
-        return PrimeBatch(prompt_ids=prompt_ids.astype(np.int32), prompt_mask=prompt_mask.astype(np.int32),
-                          response_ids=rollouts.tokens.astype(np.int32),
-                          response_mask=rollouts.response_mask.astype(np.int32), old_logprobs=old)
-
-    def grade(self, rollouts: Rollouts, problems: Sequence[Problem]) -> tuple[np.ndarray, int, int]:
-        """(outcome [B] on every process, grading errors, timeouts): this process decodes and grades
-        its share of the rows in its own pool; the scores are gathered from all processes."""
-        rows = len(problems)
-        share = host_share(rows)
-        texts = self.decode(rollouts, share)
-        graded = self.pool.score([(text, problems[r].ground_truth, problems[r].ability) for r, text in zip(share, texts)])
-        outcome = gather_shares(np.asarray(graded.scores, np.float32), rows)
-        counts = gather_shares(np.asarray([[graded.errors, graded.timeouts]], np.int64), jax.process_count()).sum(0)
-        return outcome, int(counts[0]), int(counts[1])
-
-    def _wanted_scores(self, batch: PrimeBatch) -> dict:
-        """{field: params} of the log-probs the updates still need: the policy's old_logprobs unless
-        the sampler's are used, the frozen reference's unless outcome-only."""
-        wanted = {}
-        if batch.old_logprobs is None:
-            wanted["old_logprobs"] = self.policy.params
-        if batch.ref_logprobs is None and self.uses_process_rewards:
-            wanted["ref_logprobs"] = self.prm_reference_params
-        return wanted
-
-    def score_async(self, batch: PrimeBatch) -> tuple[list, int]:
-        """Dispatches the missing log-probs of a host or device batch in fixed-size chunks of
-        batch.score_batch rows (the last one padded with repeated rows, so one compilation);
-        returns the pending device results for `gather_scores`."""
-        wanted = self._wanted_scores(batch)
-        total, size = batch.num_rows, self.config.batch.score_batch
-        on_host = isinstance(batch.response_mask, np.ndarray)
-        pending = []
-        for start in range(0, total, size if wanted else total):
-            index = np.arange(start, start + size) % total
-            chunk = batch.rows(index).to_device(self.mesh) if on_host else self._mini_batch(batch, index)
-            # old_logprobs at the rollout temperature, ref_logprobs from the raw logits (score step)
-            pending.append(self.steps.score(wanted.get("old_logprobs"), None, wanted.get("ref_logprobs"), chunk)
-                           if wanted else {})
-        return pending, total
-
-    def gather_scores(self, pending: list, total: int) -> dict:
-        """{field: [total, R] device array} from `score_async`'s chunks."""
-        return self._concat_rows(pending, total) if pending and pending[0] else {}
+    @functools.cached_property
+    def collector(self) -> RolloutCollector:
+        return RolloutCollector(self.config, prompts=self.prompts, sampler=self.sampler, tokenizer=self.tokenizer,
+                                stop_ids=self.stop_ids, scorer=self.scorer,
+                                prompts_per_attempt=self.prompts_per_attempt, prompt_width=self.prompt_width,
+                                settings=self.builder.rollout_settings())
 
     def score(self, batch: PrimeBatch) -> PrimeBatch:
         """`batch` (on the devices) with the log-probs the updates need."""
-        return batch.replace(**self.gather_scores(*self.score_async(batch)))
+        return self.scorer.score(batch, self.policy.params, self.prm_reference_params)
 
-    def decode(self, rollouts: Rollouts, rows: Sequence[int] | None = None) -> list[str]:
-        """Response texts (of `rows`, default all) without the stop token (what the verifier reads)."""
-        rows = range(len(rollouts.lengths)) if rows is None else rows
-        tokens = [rollouts.tokens[r, : int(rollouts.lengths[r]) - int(rollouts.finished[r])].tolist() for r in rows]
-        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    def grade(self, rollouts: Rollouts, problems: Sequence[Problem]) -> tuple[np.ndarray, int, int]:
+        """(outcome [B] on every process, grading errors, timeouts): `rollouts.grade_rollouts` in the run's pool."""
+        return grade_rollouts(self.pool, self.tokenizer, rollouts, problems)
 
     # ---------------------------------------------------------------- PRM and policy updates
     def _mini_batch(self, batch: PrimeBatch, rows: np.ndarray) -> PrimeBatch:
