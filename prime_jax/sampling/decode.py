@@ -207,6 +207,16 @@ def refill(spec: DecodeSpec, s: DecodeState) -> DecodeState:
 
     def copy_prompts(cache, prompts, column_axis):  # the prompt's columns into the taken slots
         def one_shard(cache, prompts, take, prompt):  # cache [L, Kl, ...], prompts [L, Gl, ...]
+            if spec.static:
+                # The static batch's one refill: a scatter of the taken slots (the others index past
+                # the end and are dropped) never reads the cache, so XLA fills it in place; the
+                # select below made XLA copy the whole cache (B rows, the largest buffer of a run).
+                index = [slice(None)] * cache.ndim
+                index[1] = jnp.where(take, jnp.arange(take.shape[0]), take.shape[0])
+                index[column_axis] = slice(0, prompt_len)
+                return cache.at[tuple(index)].set(prompts[:, prompt], mode="drop")
+            # Slots: a select written back with dynamic_update_slice. XLA copies the (K-row) cache
+            # for it, but on CPU that is ~1.6x faster per refill than the scatter.
             window = [slice(None)] * cache.ndim
             window[column_axis] = slice(0, prompt_len)
             new = jnp.where(take.reshape((1, -1) + (1,) * (cache.ndim - 2)), prompts[:, prompt], cache[tuple(window)])
