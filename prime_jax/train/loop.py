@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 # Data: the prompts of a step
 # ==============================================================================================
 @functools.partial(jax.jit, static_argnames=("estimator", "n", "process_coef", "outcome_coef", "normalize", "norm_floor"))
-def process_rewards_and_advantages(q, outcome, response_mask, process_scale=1.0, *, estimator: str, n: int,
+def process_rewards_and_advantages(q, outcome, response_mask, process_scale=None, *, estimator: str, n: int,
                                    process_coef: float, outcome_coef: float, normalize: bool = True,
                                    norm_floor: float = 0.0):
     """Normalised process rewards (times process_scale, the ramp's weight), advantages (estimator from
@@ -61,7 +61,7 @@ def process_rewards_and_advantages(q, outcome, response_mask, process_scale=1.0,
     if normalize:
         q = (algo.normalize_process_rewards_floored(q, response_mask, norm_floor) if norm_floor
              else algo.normalize_process_rewards(q, response_mask))
-    q_norm = q * process_scale
+    q_norm = q if process_scale is None else q * process_scale  # None: the spec (no ramp), the graph without it
     advantages = algo.compute_advantages(estimator, process_rewards=q_norm, outcome=outcome,
                                          response_mask=response_mask, n=n, process_coef=process_coef,
                                          outcome_coef=outcome_coef)
@@ -259,7 +259,8 @@ class Trainer:
             if self.uses_process_rewards:
                 prm_metrics["prm/process_scale"] = process_scale
             q_norm, advantages, adv_stats = process_rewards_and_advantages(
-                q, batch.outcome, batch.response_mask, jnp.float32(process_scale), estimator=c.algo.estimator,
+                q, batch.outcome, batch.response_mask,
+                None if c.algo.process_ramp == "none" else jnp.float32(process_scale), estimator=c.algo.estimator,
                 n=self.n, process_coef=float(c.algo.process_coef), outcome_coef=float(c.algo.outcome_coef),
                 normalize=self.uses_process_rewards, norm_floor=float(c.algo.process_norm_floor))
             batch = batch.replace(advantages=advantages)
