@@ -215,115 +215,134 @@ class GradingPool:
     def _run(self, tasks: list[Task]) -> BatchResult:
         if self._closed:
             raise RuntimeError("GradingPool is closed")
-        t_start = time.monotonic()
-        n = len(tasks)
-        scores = [0.0] * n
-        statuses: list[str | None] = [None] * n
-        infos: list[Any] = [None] * n
-        pending = collections.deque(range(n))
-        remaining = n
-        start_failures = 0
-
-        def finish(i: int, score: float, status: str, info: Any = None) -> None:
-            nonlocal remaining
-            if statuses[i] is not None:
-                return
-            scores[i], statuses[i], infos[i] = (float(score) if status == "ok" else 0.0), status, info
-            remaining -= 1
-            self.stats.graded += 1
-            if status == "ok":
-                self.stats.ok += 1
-            elif status == "timeout":
-                self.stats.timeouts += 1
-            else:
-                self.stats.errors += 1
-
-        def worker_died(slot: int, why: str) -> None:
-            nonlocal start_failures
-            w = self._workers[slot]
-            if w.task is not None:
-                finish(w.task, 0.0, "error", f"worker died: {why}")
-                logger.warning("grading worker died on task %d (%s)", w.task, why)
-            elif not w.ready:
-                start_failures += 1
-                logger.warning("grading worker failed to start (%s)", why)
-            self.stats.worker_restarts += 1
-            self._replace(slot)
-
-        while remaining > 0:
-            if start_failures >= 3 * self.num_workers and pending:
-                for i in list(pending):
-                    finish(i, 0.0, "error", "grading workers cannot start")
-                pending.clear()
-                if remaining == 0:
-                    break
-            for slot in range(self.num_workers):
-                if self._workers[slot] is None:
-                    self._workers[slot] = _Worker(self.python, self.start_timeout)
-            # dispatch to idle, ready workers
-            for slot, w in enumerate(self._workers):
-                if pending and w.ready and w.task is None:
-                    i = pending.popleft()
-                    t = tasks[i]
-                    w.seq += 1
-                    try:
-                        w.send_conn.send((w.seq, t.fn, tuple(t.args), dict(t.kwargs),
-                                          float(t.budget) if t.soft else None))
-                    except (OSError, ValueError) as e:
-                        pending.appendleft(i)
-                        worker_died(slot, f"send failed: {e!r}")
-                        continue
-                    w.task = i
-                    w.deadline = time.monotonic() + float(t.budget) + self.kill_grace
-            # wait for results or the next deadline
-            deadlines = [w.deadline if w.task is not None else w.start_deadline
-                         for w in self._workers if w.task is not None or not w.ready]
-            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 1.0
-            by_conn = {w.recv_conn: slot for slot, w in enumerate(self._workers)}
-            try:
-                ready = wait(list(by_conn), timeout=timeout)
-            except OSError:
-                ready = []
-            for conn in ready:
-                slot = by_conn[conn]
-                w = self._workers[slot]
-                try:
-                    msg = conn.recv()
-                except (EOFError, OSError) as e:
-                    try:
-                        rc = w.proc.wait(timeout=1.0)
-                    except subprocess.TimeoutExpired:
-                        rc = None
-                    worker_died(slot, f"exit status {rc}" if rc is not None else repr(e))
-                    continue
-                except Exception as e:  # noqa: BLE001 - an unpicklable reply
-                    worker_died(slot, f"bad reply: {e!r}")
-                    continue
-                if msg[0] == "ready":
-                    w.ready = True
-                    start_failures = 0
-                    continue
-                seq, score, status, info = msg[1:]
-                if w.task is None or seq != w.seq:
-                    continue  # stale
-                i, w.task, w.deadline = w.task, None, float("inf")
-                finish(i, score, status, info)
-            # enforce deadlines
-            now = time.monotonic()
-            for slot, w in enumerate(self._workers):
-                if w.task is not None and now >= w.deadline:
-                    i = w.task
-                    w.task = None
-                    finish(i, 0.0, "timeout", f"killed after {tasks[i].budget + self.kill_grace:.3g}s")
-                    self.stats.worker_restarts += 1
-                    self._replace(slot)
-                elif not w.ready and w.task is None and now >= w.start_deadline:
-                    start_failures += 1
-                    self.stats.worker_restarts += 1
-                    logger.warning("grading worker did not become ready in %.0fs", self.start_timeout)
-                    self._replace(slot)
-        return BatchResult(scores, [s or "error" for s in statuses], infos, time.monotonic() - t_start)
+        return _BatchRun(self, tasks).run()
 
     def map(self, fn: str, arg_tuples: Sequence[tuple], budget: float = 5.0, soft: bool = True) -> BatchResult:
         """``fn(*args)`` for each args tuple, in the workers."""
         return self.run([Task(fn, tuple(a), {}, budget, soft) for a in arg_tuples])
+
+
+class _BatchRun:
+    """One `GradingPool._run` call: hands `tasks` to the pool's workers, collects their replies,
+    kills a worker past its task's deadline and replaces dead ones, until every task has a result."""
+
+    def __init__(self, pool: "GradingPool", tasks: list[Task]):
+        self.pool, self.tasks = pool, tasks
+        n = len(tasks)
+        self.scores = [0.0] * n
+        self.statuses: list[str | None] = [None] * n
+        self.infos: list[Any] = [None] * n
+        self.pending = collections.deque(range(n))
+        self.remaining = n
+        self.start_failures = 0
+
+    def run(self) -> BatchResult:
+        t_start = time.monotonic()
+        pool = self.pool
+        while self.remaining > 0:
+            if self.start_failures >= 3 * pool.num_workers and self.pending:
+                for i in list(self.pending):
+                    self.finish(i, 0.0, "error", "grading workers cannot start")
+                self.pending.clear()
+                if self.remaining == 0:
+                    break
+            for slot in range(pool.num_workers):
+                if pool._workers[slot] is None:
+                    pool._workers[slot] = _Worker(pool.python, pool.start_timeout)
+            self.dispatch()
+            self.receive()
+            self.enforce_deadlines()
+        return BatchResult(self.scores, [s or "error" for s in self.statuses], self.infos, time.monotonic() - t_start)
+
+    def finish(self, i: int, score: float, status: str, info: Any = None) -> None:
+        if self.statuses[i] is not None:
+            return
+        self.scores[i], self.statuses[i], self.infos[i] = (float(score) if status == "ok" else 0.0), status, info
+        self.remaining -= 1
+        stats = self.pool.stats
+        stats.graded += 1
+        if status == "ok":
+            stats.ok += 1
+        elif status == "timeout":
+            stats.timeouts += 1
+        else:
+            stats.errors += 1
+
+    def worker_died(self, slot: int, why: str) -> None:
+        w = self.pool._workers[slot]
+        if w.task is not None:
+            self.finish(w.task, 0.0, "error", f"worker died: {why}")
+            logger.warning("grading worker died on task %d (%s)", w.task, why)
+        elif not w.ready:
+            self.start_failures += 1
+            logger.warning("grading worker failed to start (%s)", why)
+        self.pool.stats.worker_restarts += 1
+        self.pool._replace(slot)
+
+    def dispatch(self) -> None:
+        """Sends the next pending tasks to idle, ready workers."""
+        for slot, w in enumerate(self.pool._workers):
+            if self.pending and w.ready and w.task is None:
+                i = self.pending.popleft()
+                t = self.tasks[i]
+                w.seq += 1
+                try:
+                    w.send_conn.send((w.seq, t.fn, tuple(t.args), dict(t.kwargs), float(t.budget) if t.soft else None))
+                except (OSError, ValueError) as e:
+                    self.pending.appendleft(i)
+                    self.worker_died(slot, f"send failed: {e!r}")
+                    continue
+                w.task = i
+                w.deadline = time.monotonic() + float(t.budget) + self.pool.kill_grace
+
+    def receive(self) -> None:
+        """Waits for replies (or the next deadline) and records them."""
+        workers = self.pool._workers
+        deadlines = [w.deadline if w.task is not None else w.start_deadline
+                     for w in workers if w.task is not None or not w.ready]
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 1.0
+        by_conn = {w.recv_conn: slot for slot, w in enumerate(workers)}
+        try:
+            ready = wait(list(by_conn), timeout=timeout)
+        except OSError:
+            ready = []
+        for conn in ready:
+            slot = by_conn[conn]
+            w = workers[slot]
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError) as e:
+                try:
+                    rc = w.proc.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    rc = None
+                self.worker_died(slot, f"exit status {rc}" if rc is not None else repr(e))
+                continue
+            except Exception as e:  # noqa: BLE001 - an unpicklable reply
+                self.worker_died(slot, f"bad reply: {e!r}")
+                continue
+            if msg[0] == "ready":
+                w.ready = True
+                self.start_failures = 0
+                continue
+            seq, score, status, info = msg[1:]
+            if w.task is None or seq != w.seq:
+                continue  # stale
+            i, w.task, w.deadline = w.task, None, float("inf")
+            self.finish(i, score, status, info)
+
+    def enforce_deadlines(self) -> None:
+        """Kills (replaces) a worker past its task's deadline, or one that never became ready."""
+        pool, now = self.pool, time.monotonic()
+        for slot, w in enumerate(pool._workers):
+            if w.task is not None and now >= w.deadline:
+                i = w.task
+                w.task = None
+                self.finish(i, 0.0, "timeout", f"killed after {self.tasks[i].budget + pool.kill_grace:.3g}s")
+                pool.stats.worker_restarts += 1
+                pool._replace(slot)
+            elif not w.ready and w.task is None and now >= w.start_deadline:
+                self.start_failures += 1
+                pool.stats.worker_restarts += 1
+                logger.warning("grading worker did not become ready in %.0fs", pool.start_timeout)
+                pool._replace(slot)

@@ -106,6 +106,77 @@ class TrainSteps(NamedTuple):
     batch_sharding: NamedSharding
 
 
+def _policy_step_fn(logprobs, split, param_sh, optimizer, clip_eps: float, agg: str):
+    """The PPO-clip policy step `(TrainState, batch) -> (TrainState, metrics)` (not jitted)."""
+
+    def policy_step(state: TrainState, batch):
+        batch = _select(batch, POLICY_KEYS)
+        tokens = jnp.sum(batch["response_mask"].astype(jnp.float32))
+        units = lambda mask: jnp.sum(mask) if agg == "token-mean" else jnp.sum(jnp.any(mask, axis=-1))
+        total_units = jnp.maximum(units(batch["response_mask"].astype(bool)).astype(jnp.float32), 1.0)
+
+        def loss_fn(params, mb):
+            mask = mb["response_mask"]
+            loss, m = policy_loss(logprobs(params, mb), mb["old_logprobs"], mb["advantages"], mask, clip_eps, agg)
+            token_share = jnp.sum(mask.astype(jnp.float32)) / jnp.maximum(tokens, 1.0)
+            aux = {"clip_frac": m["clip_frac"] * token_share, "approx_kl": m["approx_kl"] * token_share,
+                   "ratio_max": m["ratio_max"]}
+            return loss * units(mask.astype(bool)) / total_units, aux
+
+        loss, grads, aux = accumulate_gradients(loss_fn, state.params, split(batch), param_sh)
+        state, update_metrics = apply_update(state, grads, loss, optimizer)
+        metrics = {"loss": loss, **update_metrics, "clip_frac": jnp.sum(aux["clip_frac"]),
+                   "approx_kl": jnp.sum(aux["approx_kl"]), "ratio_max": jnp.max(aux["ratio_max"])}
+        return state, metrics
+
+    return policy_step
+
+
+def _prm_step_fn(raw_logprobs, split, merge, param_sh, optimizer, prm_loss_type: str, n: int, beta: float):
+    """The implicit PRM step `(TrainState, batch) -> (TrainState, metrics with q)` (not jitted)."""
+
+    def prm_units(outcome):
+        """What the PRM loss averages over (None: it is a sum): ce all rows, dpo the rows with a
+        contrast row, bon_* sums."""
+        if prm_loss_type == "ce":
+            return outcome.shape[0]
+        if prm_loss_type == "pairwise":  # a weighted mean over the groups' ordered pairs
+            return jnp.sum(prm_pair_weights(outcome, n))
+        return jnp.sum(prm_contrast_rows(outcome, n)) if prm_loss_type == "dpo" else None
+
+    def prm_loss_fn(lp, mb):
+        """The configured PRM loss of one micro-batch (dpo types: the detached sums of this forward
+        are the group scores)."""
+        mask, outcome = mb["response_mask"], mb["outcome"]
+        if prm_loss_type == "ce":
+            return prm_loss(lp, mb["ref_logprobs"], mask, outcome, beta)
+        if prm_loss_type == "pairwise":
+            return prm_pairwise_loss(lp, mb["ref_logprobs"], mask, outcome, n, beta)
+        scores = jnp.sum(implicit_token_rewards(jax.lax.stop_gradient(lp), mb["ref_logprobs"], mask), axis=-1)
+        bon_mode = "none" if prm_loss_type == "dpo" else prm_loss_type
+        return prm_dpo_loss(lp, mb["ref_logprobs"], mask, outcome, scores, n, beta, bon_mode)
+
+    def prm_step(state: TrainState, batch):
+        batch = _select(batch, PRM_KEYS)
+        total_units = prm_units(batch["outcome"])
+
+        def loss_fn(params, mb):
+            lp = raw_logprobs(params, mb)
+            units = prm_units(mb["outcome"])
+            share = 1.0 if units is None else units / jnp.maximum(total_units, 1e-12)
+            q = implicit_token_rewards(jax.lax.stop_gradient(lp), mb["ref_logprobs"], mb["response_mask"])
+            return prm_loss_fn(lp, mb) * share, q
+
+        loss, grads, q = accumulate_gradients(loss_fn, state.params, split(batch), param_sh)
+        q = merge(q)
+        state, update_metrics = apply_update(state, grads, loss, optimizer)
+        metrics = {"loss": loss, **update_metrics,
+                   "dpo_accuracy": dpo_accuracy(q, batch["response_mask"], batch["outcome"], n), "q": q}
+        return state, metrics
+
+    return prm_step
+
+
 def make_train_steps(model, policy_optimizer: optax.GradientTransformation,
                      prm_optimizer: optax.GradientTransformation | None, mesh: Mesh, *, n: int,
                      micro_batches: int = 1, score_micro_batches: int | None = None, beta: float = 0.05,
@@ -161,64 +232,8 @@ def make_train_steps(model, policy_optimizer: optax.GradientTransformation,
     # `steps.score.lower(...)` lowers the program a call with these arguments runs (like a jit's).
     score.lower = lambda *args: score_program(*args[:3]).lower(*args)
 
-    def policy_step(state: TrainState, batch):
-        batch = _select(batch, POLICY_KEYS)
-        tokens = jnp.sum(batch["response_mask"].astype(jnp.float32))
-        units = lambda mask: jnp.sum(mask) if agg == "token-mean" else jnp.sum(jnp.any(mask, axis=-1))
-        total_units = jnp.maximum(units(batch["response_mask"].astype(bool)).astype(jnp.float32), 1.0)
-
-        def loss_fn(params, mb):
-            mask = mb["response_mask"]
-            loss, m = policy_loss(logprobs(params, mb), mb["old_logprobs"], mb["advantages"], mask, clip_eps, agg)
-            token_share = jnp.sum(mask.astype(jnp.float32)) / jnp.maximum(tokens, 1.0)
-            aux = {"clip_frac": m["clip_frac"] * token_share, "approx_kl": m["approx_kl"] * token_share,
-                   "ratio_max": m["ratio_max"]}
-            return loss * units(mask.astype(bool)) / total_units, aux
-
-        loss, grads, aux = accumulate_gradients(loss_fn, state.params, split(batch), param_sh)
-        state, update_metrics = apply_update(state, grads, loss, policy_optimizer)
-        metrics = {"loss": loss, **update_metrics, "clip_frac": jnp.sum(aux["clip_frac"]),
-                   "approx_kl": jnp.sum(aux["approx_kl"]), "ratio_max": jnp.max(aux["ratio_max"])}
-        return state, metrics
-
-    def prm_units(outcome):
-        """What the PRM loss averages over (None: it is a sum): ce all rows, dpo the rows with a
-        contrast row, bon_* sums."""
-        if prm_loss_type == "ce":
-            return outcome.shape[0]
-        if prm_loss_type == "pairwise":  # a weighted mean over the groups' ordered pairs
-            return jnp.sum(prm_pair_weights(outcome, n))
-        return jnp.sum(prm_contrast_rows(outcome, n)) if prm_loss_type == "dpo" else None
-
-    def prm_loss_fn(lp, mb):
-        """The configured PRM loss of one micro-batch (dpo types: the detached sums of this forward
-        are the group scores)."""
-        mask, outcome = mb["response_mask"], mb["outcome"]
-        if prm_loss_type == "ce":
-            return prm_loss(lp, mb["ref_logprobs"], mask, outcome, beta)
-        if prm_loss_type == "pairwise":
-            return prm_pairwise_loss(lp, mb["ref_logprobs"], mask, outcome, n, beta)
-        scores = jnp.sum(implicit_token_rewards(jax.lax.stop_gradient(lp), mb["ref_logprobs"], mask), axis=-1)
-        bon_mode = "none" if prm_loss_type == "dpo" else prm_loss_type
-        return prm_dpo_loss(lp, mb["ref_logprobs"], mask, outcome, scores, n, beta, bon_mode)
-
-    def prm_step(state: TrainState, batch):
-        batch = _select(batch, PRM_KEYS)
-        total_units = prm_units(batch["outcome"])
-
-        def loss_fn(params, mb):
-            lp = raw_logprobs(params, mb)
-            units = prm_units(mb["outcome"])
-            share = 1.0 if units is None else units / jnp.maximum(total_units, 1e-12)
-            q = implicit_token_rewards(jax.lax.stop_gradient(lp), mb["ref_logprobs"], mb["response_mask"])
-            return prm_loss_fn(lp, mb) * share, q
-
-        loss, grads, q = accumulate_gradients(loss_fn, state.params, split(batch), param_sh)
-        q = merge(q)
-        state, update_metrics = apply_update(state, grads, loss, prm_optimizer)
-        metrics = {"loss": loss, **update_metrics,
-                   "dpo_accuracy": dpo_accuracy(q, batch["response_mask"], batch["outcome"], n), "q": q}
-        return state, metrics
+    policy_step = _policy_step_fn(logprobs, split, param_sh, policy_optimizer, clip_eps, agg)
+    prm_step = _prm_step_fn(raw_logprobs, split, merge, param_sh, prm_optimizer, prm_loss_type, n, beta)
 
     policy_sh = train_state_shardings(abstract_params, policy_optimizer, mesh)
     policy = jax.jit(under_mesh(policy_step, mesh), in_shardings=(policy_sh, rows_sh), out_shardings=(policy_sh, replicated),
