@@ -356,28 +356,25 @@ def _set_fake_devices(n: int) -> None:
         pass
 
 
-def rollout_estimate(config, devices: int, *, sample_prompts: int = 0, p50: float = 0, p90: float = 0,
+def rollout_estimate(builder, *, sample_prompts: int = 0, p50: float = 0, p90: float = 0,
                      accelerators: Sequence[str] = ("v4", "v5e", "v5p", "h100")) -> list[str]:
-    """The plan's rollout-time estimate (`rollout_cost.rollout_table`) for `config` on `devices`:
-    one sampling attempt as the loop makes it, response lengths lognormal with median `p50` and
-    90th percentile `p90` (0: a sixth and a half of `rollout.max_new_tokens`)."""
+    """The plan's rollout-time estimate (`rollout_cost.rollout_table`) for a run's `RunBuilder`: one
+    sampling attempt as the loop makes it (the sampler's prompt buckets), response lengths
+    lognormal with median `p50` and 90th percentile `p90` (0: a sixth and a half of
+    `rollout.max_new_tokens`)."""
     from prime_jax import rollout_cost
-    from prime_jax.parallel import mesh_sizes_from_config
-    from prime_jax.train.builder import model_config
 
-    c = config
-    data, fsdp, tensor = mesh_sizes_from_config(c, devices)
-    shards = data * fsdp
-    prompts = sample_prompts or math.ceil(c.rollout.oversample * c.batch.prompts_per_step)
-    bucket = -(-(1 << (prompts - 1).bit_length()) // shards) * shards  # the sampler's prompt bucket
+    c = builder.config
+    tensor = builder.mesh.shape["tensor"]
+    prompts = sample_prompts or builder.prompts_per_attempt
+    bucket, prompt_tokens = builder.sampler().buckets(prompts, c.data.max_prompt_tokens)
     max_new = c.rollout.max_new_tokens
-    mcfg = model_config(c.model, download=False)
+    mcfg = builder.model_config(download=False)
     return rollout_cost.rollout_table(
         rollout_cost.ModelShape.from_qwen2(mcfg, bytes_per_value=mcfg.compute_dtype.itemsize),
-        prompts=prompts, n=c.rollout.n, prompt_tokens=1 << (c.data.max_prompt_tokens - 1).bit_length(),
-        max_new_tokens=max_new, shards=shards, tensor=tensor, slots=c.rollout.decode_slots,
-        accelerators=list(accelerators), p50=p50 or max(1, max_new // 6), p90=p90 or max(1, max_new // 2),
-        bucket_prompts=bucket)
+        prompts=prompts, n=builder.n, prompt_tokens=prompt_tokens, max_new_tokens=max_new,
+        shards=builder.data_parallel, tensor=tensor, slots=c.rollout.decode_slots, accelerators=list(accelerators),
+        p50=p50 or max(1, max_new // 6), p90=p90 or max(1, max_new // 2), bucket_prompts=bucket)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -444,8 +441,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                          sample_prompts=FLAGS.sample_prompts, title=title, verbose=not FLAGS.quiet)
     print(report.format())
     if not FLAGS.config_json:  # check_fits' subprocess wants the memory report only
-        print("\n".join(rollout_estimate(config, devices, sample_prompts=FLAGS.sample_prompts,
-                                          p50=FLAGS.response_p50, p90=FLAGS.response_p90)))
+        from prime_jax.parallel import mesh_from_config
+        from prime_jax.train.builder import RunBuilder
+
+        builder = RunBuilder(config, mesh_from_config(config, jax.devices()))
+        print("\n".join(rollout_estimate(builder, sample_prompts=FLAGS.sample_prompts, p50=FLAGS.response_p50,
+                                          p90=FLAGS.response_p90)))
     if FLAGS.json_out:
         Path(FLAGS.json_out).write_text(json.dumps(report.to_dict()))
     if FLAGS.strict and not all(report.fits(t) for t in report.targets):
