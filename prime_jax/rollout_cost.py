@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
+from typing import Sequence
 
 import numpy as np
 
@@ -141,9 +142,9 @@ def _trace(starts: np.ndarray, lengths: np.ndarray, rows: int, prompt_tokens: in
                       live_positions=live * (prompt_tokens + t + 1) - start_sum)
 
 
-def utilisation(trace: ShardTrace, lengths: np.ndarray) -> float:
-    """Generated tokens / computed row-steps."""
-    return float(lengths.sum() / max(trace.rows.sum(), 1))
+def utilisation(traces: Sequence[ShardTrace], lengths: np.ndarray) -> float:
+    """Generated tokens (`lengths [rows]`, all shards) / row-steps the shards' `traces` compute."""
+    return float(lengths.sum() / max(sum(int(t.rows.sum()) for t in traces), 1))
 
 
 def trace_seconds(trace: ShardTrace, model: ModelShape, accel: Accelerator, tensor: int,
@@ -164,24 +165,30 @@ class RolloutEstimate:
     utilisation: float  # generated tokens / computed row-steps, over all shards
 
 
-def estimate_rollout(lengths: np.ndarray, *, prompts: int, n: int, prompt_tokens: int, shards: int,
-                     tensor: int, model: ModelShape, accel: Accelerator, slots: int = 0,
-                     bucket_prompts: int = 0, paged: bool = False) -> RolloutEstimate:
-    """One sampling attempt: `prompts * n` rows with `lengths [prompts * n]`, spread over `shards`
-    data shards (data x fsdp) like the sampler spreads them (group by group, round robin),
-    `slots` decode slots in all (0: static batch), each shard on `tensor` devices. A static batch
-    also computes the padding rows of the sampler's prompt bucket (`bucket_prompts`, default
-    `prompts`); slots skip them. `paged`: price attention as a paged kernel would (each live row
-    reads its own positions) instead of the sampler's read up to the longest live row."""
+def shard_traces(lengths: np.ndarray, *, prompts: int, n: int, prompt_tokens: int, shards: int, slots: int = 0,
+                 bucket_prompts: int = 0) -> list[ShardTrace]:
+    """The decode schedule of one sampling attempt, one trace per data shard: `prompts * n` rows
+    with `lengths [prompts * n]`, spread over `shards` data shards (data x fsdp) like the sampler
+    spreads them (group by group, round robin), `slots` decode slots in all (0: static batch). A
+    static batch also computes the padding rows of the sampler's prompt bucket (`bucket_prompts`,
+    default `prompts`); slots skip them. It depends on no hardware: price it with `price_rollout`."""
     rows = prompts * n
     if lengths.shape != (rows,):
         raise ValueError(f"lengths must be [{rows}], got {lengths.shape}")
     per_shard = [lengths.reshape(prompts, n)[s::shards].reshape(-1) for s in range(shards)]
     per_shard = [x for x in per_shard if x.size]
-    slots_per_shard = -(-slots // shards) if slots else 0
+    if slots:
+        return [slot_trace(x, -(-slots // shards), prompt_tokens) for x in per_shard]
     static_rows = -(-max(bucket_prompts, prompts) // shards) * n
-    traces = [slot_trace(x, slots_per_shard, prompt_tokens) if slots else static_trace(x, prompt_tokens, static_rows)
-              for x in per_shard]
+    return [static_trace(x, prompt_tokens, static_rows) for x in per_shard]
+
+
+def price_rollout(traces: Sequence[ShardTrace], lengths: np.ndarray, *, prompts: int, prompt_tokens: int,
+                  shards: int, tensor: int, model: ModelShape, accel: Accelerator,
+                  paged: bool = False) -> RolloutEstimate:
+    """Roofline seconds of `shard_traces`' schedule on `accel`, each shard on `tensor` devices:
+    the slowest shard's decode plus the prefill. `paged`: price attention as a paged kernel would
+    (each live row reads its own positions) instead of the sampler's read up to the longest live row."""
     decode = max(trace_seconds(t, model, accel, tensor, paged) for t in traces)
     # Prefill: each shard's prompts once, compute bound (a prompt is shared by its n rows).
     shard_prompts = -(-prompts // shards)
@@ -189,9 +196,18 @@ def estimate_rollout(lengths: np.ndarray, *, prompts: int, n: int, prompt_tokens
                                                      + model.flops_per_position * prompt_tokens / 2) / tensor
     prefill = float(max(prefill_flops / accel.bf16_flops, model.params * model.bytes_per_value / tensor
                         / accel.hbm_bytes_per_s))
-    computed = sum(int(t.rows.sum()) for t in traces)
     return RolloutEstimate(seconds=decode + prefill, decode_steps=max(t.steps for t in traces),
-                           utilisation=float(lengths.sum() / max(computed, 1)))
+                           utilisation=utilisation(traces, lengths))
+
+
+def estimate_rollout(lengths: np.ndarray, *, prompts: int, n: int, prompt_tokens: int, shards: int,
+                     tensor: int, model: ModelShape, accel: Accelerator, slots: int = 0,
+                     bucket_prompts: int = 0, paged: bool = False) -> RolloutEstimate:
+    """`price_rollout` of `shard_traces` (see both for the arguments)."""
+    traces = shard_traces(lengths, prompts=prompts, n=n, prompt_tokens=prompt_tokens, shards=shards, slots=slots,
+                          bucket_prompts=bucket_prompts)
+    return price_rollout(traces, lengths, prompts=prompts, prompt_tokens=prompt_tokens, shards=shards,
+                         tensor=tensor, model=model, accel=accel, paged=paged)
 
 
 def rollout_table(model: ModelShape, *, prompts: int, n: int, prompt_tokens: int, max_new_tokens: int,
@@ -209,12 +225,15 @@ def rollout_table(model: ModelShape, *, prompts: int, n: int, prompt_tokens: int
              f"lengths lognormal p50 {p50:g} / p90 {p90:g}, cap {max_new_tokens}: mean {lengths.mean():.0f}, "
              f"max {lengths.max()}, {np.mean(lengths == max_new_tokens):.1%} at the cap",
              f"  {'':8}{'static':>18}{f'{slots} slots':>24}{f'{slots} slots, paged read':>28}"]
+    # The two schedules depend on no hardware: simulated once, priced per accelerator.
+    schedule = dict(prompts=prompts, n=n, prompt_tokens=prompt_tokens, shards=shards, bucket_prompts=bucket_prompts)
+    static_traces, slot_traces = shard_traces(lengths, **schedule), shard_traces(lengths, slots=slots, **schedule)
     for name in accelerators:
-        common = dict(prompts=prompts, n=n, prompt_tokens=prompt_tokens, shards=shards, tensor=tensor,
-                      model=model, accel=Accelerator.named(name), bucket_prompts=bucket_prompts)
-        static = estimate_rollout(lengths, **common)
-        slotted = estimate_rollout(lengths, slots=slots, **common)
-        paged = estimate_rollout(lengths, slots=slots, paged=True, **common)
+        common = dict(prompts=prompts, prompt_tokens=prompt_tokens, shards=shards, tensor=tensor, model=model,
+                      accel=Accelerator.named(name))
+        static = price_rollout(static_traces, lengths, **common)
+        slotted = price_rollout(slot_traces, lengths, **common)
+        paged = price_rollout(slot_traces, lengths, paged=True, **common)
         lines.append(f"  {name:8}{static.seconds:9.1f}s u={static.utilisation:.2f}"
                      f"{slotted.seconds:9.1f}s u={slotted.utilisation:.2f} {static.seconds / slotted.seconds:4.2f}x"
                      f"{paged.seconds:13.1f}s {static.seconds / paged.seconds:4.2f}x")

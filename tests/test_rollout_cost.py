@@ -40,7 +40,7 @@ def test_slot_trace_matches_a_step_by_step_simulation(slots):
     np.testing.assert_array_equal(trace.live_positions, live_positions)
     assert (trace.rows == slots).all()
     # Every token is made once: utilisation is tokens / (steps * slots).
-    assert rc.utilisation(trace, lengths) == pytest.approx(lengths.sum() / (len(context) * slots))
+    assert rc.utilisation([trace], lengths) == pytest.approx(lengths.sum() / (len(context) * slots))
 
 
 def test_one_slot_per_row_is_the_static_batch():
@@ -48,7 +48,7 @@ def test_one_slot_per_row_is_the_static_batch():
     static, slotted = rc.static_trace(lengths, 7), rc.slot_trace(lengths, 4, 7)
     for field in ("rows", "context", "live_positions"):
         np.testing.assert_array_equal(getattr(static, field), getattr(slotted, field))
-    assert static.steps == 9 and rc.utilisation(static, lengths) == pytest.approx(17 / 36)
+    assert static.steps == 9 and rc.utilisation([static], lengths) == pytest.approx(17 / 36)
 
 
 def test_response_lengths_have_the_asked_percentiles_and_cap():
