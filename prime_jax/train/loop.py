@@ -19,7 +19,7 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,6 @@ from prime_jax.models import Qwen2ForCausalLM
 from prime_jax.models.tokenizer import eos_token_ids
 from prime_jax.parallel import is_logging_process, put_replicated, put_rows, to_host
 from prime_jax.rewards import RewardPool
-from prime_jax.sampling import Rollouts
 from prime_jax.train import checkpoint as ckpt
 from prime_jax.train.batch import PrimeBatch
 from prime_jax.train.builder import RunBuilder, RunLayout, abstract_model
@@ -42,7 +41,7 @@ from prime_jax.train.evaluation import TrainingEvaluator
 from prime_jax.train.metrics import MetricsLogger, masked_stats
 from prime_jax.train.preemption import PreemptionWatch
 from prime_jax.train.prm_phase import process_reward_scale, run_prm_phase
-from prime_jax.train.rollouts import PromptSource, RolloutCollector, RolloutScorer, assemble_batch, grade_rollouts
+from prime_jax.train.rollouts import PromptSource, RolloutCollector, RolloutScorer, assemble_batch
 from prime_jax.train.state import create_train_state, split_params
 from prime_jax.train.warm_start import reference_params
 
@@ -296,10 +295,6 @@ class Trainer:
     def score(self, batch: PrimeBatch) -> PrimeBatch:
         """`batch` (on the devices) with the log-probs the updates need."""
         return self.scorer.score(batch, self.policy.params, self.prm_reference_params)
-
-    def grade(self, rollouts: Rollouts, problems: Sequence[Problem]) -> tuple[np.ndarray, int, int]:
-        """(outcome [B] on every process, grading errors, timeouts): `rollouts.grade_rollouts` in the run's pool."""
-        return grade_rollouts(self.pool, self.tokenizer, rollouts, problems)
 
     # ---------------------------------------------------------------- PRM and policy updates
     def _mini_batch(self, batch: PrimeBatch, rows: np.ndarray) -> PrimeBatch:
