@@ -8,7 +8,8 @@ responses per held-out problem from the policy (the config's data.eval; default 
 run's rollout temperature), grades them, and scores every response with three signals:
 
 * ``prm``: the trained PRM's summed implicit reward Σ_t (log π_φ − log π_ref) (what PRIME feeds
-  the policy; raw logits, as in training);
+  the policy; raw logits, as in training; π_ref is the run's PRM reference: the SFT model, or the
+  checkpoint's policy when the run had ``algo.prm_ref = "policy"``);
 * ``policy_log_ratio``: the policy's own Σ_t (log π_θ − log π_ref) (the implicit reward the RL'd
   policy defines);
 * ``ref_logprob``: Σ_t log π_ref alone (the SFT model's confidence: the baseline any PRM must beat);
@@ -70,12 +71,55 @@ def signal_metrics(scores: np.ndarray, signal: np.ndarray, n: int) -> dict:
     return {"ranking_accuracy": ranking, f"best_of_{n}": float(picked.mean())}
 
 
+def first_deviation(demonstration: str, response: str) -> int | None:
+    """Character index where `response` first departs from the task's step-by-step `demonstration`
+    (its first slipped step, on the synthetic tasks, whose answers have one fixed form); None if
+    it does not (a correct response, or one that only stops early)."""
+    for i, (want, got) in enumerate(zip(demonstration, response)):
+        if want != got:
+            return i
+    return None
+
+
+def token_at_char(tokenizer, response_ids, char: int) -> int:
+    """Index of the response token that holds character `char` of the decoded response."""
+    end = 0
+    for t, token in enumerate(response_ids):
+        end += len(tokenizer.decode([int(token)]))
+        if char < end:
+            return t
+    return len(response_ids) - 1
+
+
+def credit(q_rows, ref_rows, slips, correct) -> dict:
+    """Where a signal puts its (dis)credit on wrong responses with a known first slip: per-token means
+    of q (PRM) and log π_ref before the slipped token, at it and after it; beside correct rows' mean.
+
+    q_rows, ref_rows: per response `[len]` arrays; slips: per response the token index of the first
+    slip or None; correct: per response bool."""
+    parts = {"before": [], "at": [], "after": []}
+    ref_parts = {"before": [], "at": [], "after": []}
+    for q, ref, slip, ok in zip(q_rows, ref_rows, slips, correct):
+        if ok or slip is None:
+            continue
+        for name, sl in (("before", slice(0, slip)), ("at", slice(slip, slip + 1)), ("after", slice(slip + 1, None))):
+            parts[name] += list(q[sl])
+            ref_parts[name] += list(ref[sl])
+    right_q = [x for q, ok in zip(q_rows, correct) if ok for x in q]
+    mean = lambda xs: float(np.mean(xs)) if xs else None
+    return {"wrong_rows_with_slip": int(sum(1 for s, ok in zip(slips, correct) if s is not None and not ok)),
+            "q_per_token": {**{k: mean(v) for k, v in parts.items()}, "correct_rows": mean(right_q)},
+            "ref_logprob_per_token": {k: mean(v) for k, v in ref_parts.items()}}
+
+
 def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: float | None, seed: int) -> dict:
     import jax
 
     from prime_jax import eval_lib
     from prime_jax.data import load_eval_sets, render_prompts
-    from prime_jax.evaluate import _run_reference, load_model, resolve_checkpoint, resolve_tokenizer_path
+    from prime_jax.data.synthetic_tasks import task_demonstration
+    from prime_jax.evaluate import (_run_reference, load_model, resolve_checkpoint, resolve_tokenizer_path,
+                                    run_prm_reference)
     from prime_jax.models.tokenizer import eos_token_ids, load_tokenizer
     from prime_jax.parallel import mesh_from_config
     from prime_jax.rewards import RewardPool
@@ -93,11 +137,12 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
     vocab = len(tokenizer)
     policy = load_model(spec, config, mesh, vocab_size=vocab, which="policy")
     prm = load_model(spec, config, mesh, vocab_size=vocab, which="prm")
-    ref = _run_reference(workdir, config, mesh, vocab)
+    ref = _run_reference(workdir, config, mesh, vocab)  # the SFT model
+    prm_ref = run_prm_reference(spec, config, mesh, vocab)  # what the PRM was trained against (algo.prm_ref)
     settings = eval_lib.settings_from_config(
         config, n=n, temperature=config.rollout.temperature if temperature is None else temperature, seed=seed)
     sets, _ = load_eval_sets(config, limit=limit)
-    scorers = {"prm": eval_lib.PRMScorer(prm, ref, mesh=mesh), "policy_log_ratio": eval_lib.PRMScorer(policy, ref, mesh=mesh),
+    scorers = {"prm": eval_lib.PRMScorer(prm, prm_ref, mesh=mesh), "policy_log_ratio": eval_lib.PRMScorer(policy, ref, mesh=mesh),
                "ref_logprob": eval_lib.PRMScorer(ref, None, mesh=mesh)}
     out = {"workdir": str(workdir), "checkpoint_step": spec.step, "n": n, "temperature": settings.temperature,
            "seed": settings.seed, "benchmarks": {}}
@@ -133,6 +178,15 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
                                            for k, v in signals.items()},
                       "mean_sum_wrong": {k: float(v[scores < 0.5].mean()) if (scores < 0.5).any() else None
                                          for k, v in signals.items()}}
+            if all(p.source.startswith("synthetic") for p in kept):  # a fixed answer form: where is the slip?
+                correct = [graded.scores[r] >= 0.5 for r in range(len(gen.texts))]
+                slips = [None if ok else first_deviation(task_demonstration(kept[r // n]), gen.texts[r])
+                         for r, ok in enumerate(correct)]
+                slips = [None if c is None else token_at_char(tokenizer, gen.response_ids[r], c)
+                         for r, c in enumerate(slips)]
+                result["credit"] = credit(scorers["prm"].token_rewards(prompts, gen.response_ids),
+                                          scorers["ref_logprob"].token_rewards(prompts, gen.response_ids),
+                                          slips, correct)
             out["benchmarks"][name] = result
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     return out
@@ -156,6 +210,16 @@ def markdown(out: dict) -> str:
         lines += [f"| majority vote (maj@{n}) | - | {100 * r[f'maj@{n}']:.1f}% | | |",
                   f"| random pick (avg@{n}) | - | {100 * r[f'random_pick (avg@{n})']:.1f}% | | |",
                   f"| pass@{n} (an oracle pick) | - | {100 * r[f'pass@{n}']:.1f}% | | |", ""]
+        if "credit" in r:
+            c, fmt = r["credit"], (lambda x: "-" if x is None else f"{x:+.3f}")
+            lines += [f"Credit on {c['wrong_rows_with_slip']} wrong responses, per token, around their first slip "
+                      "(first departure from the step-by-step solution):", "",
+                      "| signal | before the slip | the slipped token | after it | correct responses |",
+                      "|---|---|---|---|---|",
+                      "| PRM q | " + " | ".join(fmt(c["q_per_token"][k]) for k in ("before", "at", "after", "correct_rows"))
+                      + " |",
+                      "| log π_ref | " + " | ".join(fmt(c["ref_logprob_per_token"][k]) for k in ("before", "at", "after"))
+                      + " | |", ""]
     return "\n".join(lines)
 
 

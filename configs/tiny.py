@@ -8,11 +8,12 @@ trained with PRIME; policy, PRM and reference all start from the SFT weights. He
 is greedy pass@1 on a fixed seeded set of 200 problems. The outcome-only baseline is
 `--config.algo.estimator=outcome_rloo` (benchmarks/ablation.py runs both on the same seeds).
 
-The PRM settings below are the best the sweep in benchmarks/README.md ("The implicit PRM on the
-CPU demo") measured; even so the PRM's ranking of fresh samples stays weak on this task (about
-0.55-0.6 with process rewards at full weight, where the policy learns to exploit its mistakes), so
-the process rewards are damped (process_coef 0.2) and PRIME is not better than outcome-only RLOO
-here. The 3-seed comparison is in benchmarks/README.md and the README.
+The PRM settings below are what benchmarks/README.md measured to make the implicit PRM rank fresh
+samples while the policy moves ("The implicit PRM on the CPU demo"): the PRM's reference is the
+rollout policy (algo.prm_ref "policy", one of the reference's two options), so that q measures
+what the PRM learned beyond the policy's own drift, with four PRM updates per step; process
+rewards at full weight (process_coef 1.0, the spec's). The 3-seed comparison with outcome-only
+RLOO is in benchmarks/README.md and the README.
 """
 
 from prime_jax.config import base_config
@@ -22,7 +23,7 @@ def get_config():
     c = base_config()
     c.name = "tiny"
     c.seed = 0
-    c.total_steps = 200
+    c.total_steps = 300
     c.eval_every = 25
     c.checkpoint_every = 50
 
@@ -70,15 +71,17 @@ def get_config():
     c.algo.recompute_old_logprobs = False  # the sampler's log-probs (same function, same tokens)
 
     c.algo.estimator = "prime_rloo"
-    # The PRM setting that ranked fresh samples best in the sweep (benchmarks/README.md, "What makes the
-    # implicit PRM rank"): the dpo loss on each group's other-outcome responses, q taken after the PRM's
-    # update of the step (veRL's "before"), one PRM update per step, beta scaled to ~18-token answers.
+    # The PRM settings that ranked fresh samples best in the sweeps (benchmarks/README.md, "The implicit PRM on
+    # the CPU demo"): the dpo loss on each group's other-outcome responses, q taken after the PRM's updates of
+    # the step (veRL's "before"), beta scaled to ~18-token answers, and the rollout policy as the PRM's
+    # reference: with the frozen SFT model as reference, the PRM's q followed the policy's own drift (whose
+    # log-ratio anti-ranks) and its fresh ranking fell from 0.69 to 0.37-0.46 within 10 steps of the policy
+    # starting to move; against the policy it stayed at 0.6-0.65 for 100 steps.
     c.algo.prm_loss = "dpo"
     c.algo.prm_update = "before"
+    c.algo.prm_ref = "policy"
     c.algo.beta = 1.0
-    # Process rewards damped: at process_coef 1.0 every PRM setting trailed outcome-only RLOO by 9.5-14
-    # points of held-out accuracy at step 150, with the PRM's fresh ranking near chance (0.53-0.58).
-    c.algo.process_coef = 0.2
+    c.algo.process_coef = 1.0
     c.algo.outcome_coef = 1.0
 
     c.policy_optim.lr = 2e-4
@@ -89,7 +92,7 @@ def get_config():
 
     c.batch.prompts_per_step = 16
     c.batch.mini_batch = 32  # 2 PPO updates per step
-    c.batch.prm_mini_batch = 64  # 1 PRM update per step
+    c.batch.prm_mini_batch = 16  # 4 PRM updates per step (1 update: fresh ranking 0.54, 4: 0.59, frozen reference)
     c.batch.score_batch = 64
 
     c.checkpoint.keep = 2

@@ -141,6 +141,9 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     # "pairwise" (Bradley-Terry on each group's better/worse pairs, both sides with gradient; not in the reference)
     c.algo.prm_loss = "ce"  # ce | dpo | bon_acc | bon_rm | pairwise (algo.prm_loss, prm_dpo_loss, prm_pairwise_loss)
     c.algo.prm_ref = "freeze"  # the PRM's reference: "freeze" (the start/SFT model) | "policy" (the rollout policy)
+    # PRM warm-up (not in the reference; docs/algorithm.md): the first k steps train only the PRM, on the start policy's
+    # rollouts, and leave the policy as it is; the warm-up steps count in total_steps. 0: off (the spec).
+    c.algo.prm_warmup_steps = 0  # steps that train only the PRM before the policy starts training
     # Departures from the spec, off by default (PRIME_SPEC "Pitfalls": normalisation lifts q to O(1) whatever the PRM knows):
     c.algo.process_norm_floor = 0.0  # nats; divide q by max(largest |suffix sum|, this) (0: the spec's divisor)
     c.algo.process_ramp = "none"  # "none" | "ranking": scale process rewards by clip((ema - low)/(high - low), 0, 1)
@@ -434,7 +437,7 @@ def _check_rollout(c) -> None:
 def _check_algo(c) -> None:
     """PRIME's algorithm settings."""
     a = c.algo
-    from prime_jax.algo import ADVANTAGE_ESTIMATORS, PRM_LOSS_TYPES  # jax-only module; cheap
+    from prime_jax.algo import ADVANTAGE_ESTIMATORS, PRM_LOSS_TYPES, needs_prm  # jax-only module; cheap
 
     _one_of("algo.estimator", a.estimator, sorted(ADVANTAGE_ESTIMATORS))
     _positive("algo.beta", a.beta)
@@ -448,6 +451,12 @@ def _check_algo(c) -> None:
     _one_of("algo.prm_update", a.prm_update, PRM_UPDATE_MODES)
     _one_of("algo.prm_loss", a.prm_loss, PRM_LOSS_TYPES)
     _one_of("algo.prm_ref", a.prm_ref, ("freeze", "policy"))
+    _non_negative("algo.prm_warmup_steps", a.prm_warmup_steps)
+    _check("algo.prm_warmup_steps", a.prm_warmup_steps == 0 or (needs_prm(a.estimator) and a.prm_update != "none"),
+           f"{a.prm_warmup_steps} warm-up steps train only the PRM, but algo.estimator={a.estimator!r} / "
+           f"algo.prm_update={a.prm_update!r} trains no PRM: set it to 0")
+    _check("algo.prm_warmup_steps", a.prm_warmup_steps == 0 or a.prm_warmup_steps < c.total_steps,
+           f"must be below total_steps ({c.total_steps}) so that the policy trains at all, got {a.prm_warmup_steps}")
     _non_negative("algo.process_norm_floor", a.process_norm_floor)
     _one_of("algo.process_ramp", a.process_ramp, ("none", "ranking"))
     _check("algo.process_ramp_high", 0 <= a.process_ramp_low < a.process_ramp_high <= 1,

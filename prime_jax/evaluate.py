@@ -185,8 +185,9 @@ def load_model(spec: CheckpointSpec, config, mesh, *, vocab_size: int, which: st
 
 
 def load_reference(spec: CheckpointSpec, prm_spec: CheckpointSpec, config, mesh, *, vocab_size: int):
-    """The PRM's reference: --reference, else the PRM run's frozen reference (WORKDIR/reference,
-    or the start model it was taken from), else config.model.path."""
+    """The PRM's reference: --reference, else the PRM run's own (its frozen reference, WORKDIR/reference
+    or the start model it was taken from; with algo.prm_ref "policy", its policy at the PRM's step),
+    else config.model.path."""
     from prime_jax.config import RANDOM_MODEL
 
     if spec.kind != "config":
@@ -194,10 +195,18 @@ def load_reference(spec: CheckpointSpec, prm_spec: CheckpointSpec, config, mesh,
             return _run_reference(spec.run_dir, config, mesh, vocab_size)
         return load_model(spec, config, mesh, vocab_size=vocab_size)
     if prm_spec.kind == "run":
-        return _run_reference(prm_spec.run_dir, config, mesh, vocab_size)
+        return run_prm_reference(prm_spec, config, mesh, vocab_size)
     if config.model.path == RANDOM_MODEL:
         raise ValueError("--prm needs --reference (config.model.path is 'random')")
     return load_model(CheckpointSpec("config"), config, mesh, vocab_size=vocab_size)
+
+
+def run_prm_reference(prm_spec: CheckpointSpec, config, mesh, vocab_size: int):
+    """The reference a training run's PRM was trained against: the rollout policy of the same
+    checkpoint when the run had algo.prm_ref = "policy", else the run's frozen reference."""
+    if _run_config(prm_spec.run_dir).get("algo", {}).get("prm_ref", "freeze") == "policy":
+        return load_model(prm_spec, config, mesh, vocab_size=vocab_size, which="policy")
+    return _run_reference(prm_spec.run_dir, config, mesh, vocab_size)
 
 
 def _run_reference(run_dir: Path, config, mesh, vocab_size: int):

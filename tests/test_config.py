@@ -84,6 +84,10 @@ def test_schema_top_level_fields_and_every_field_commented():
     (lambda c: setattr(c.algo, "process_ramp", "linear"), "algo.process_ramp", "must be one of"),
     (lambda c: setattr(c.algo, "process_ramp_high", 0.4), "algo.process_ramp_high", "process_ramp_low <"),
     (lambda c: setattr(c.algo, "process_ramp_decay", 1.0), "algo.process_ramp_decay", "[0, 1)"),
+    (lambda c: setattr(c.algo, "prm_warmup_steps", -1), "algo.prm_warmup_steps", ">= 0"),
+    (lambda c: setattr(c.algo, "prm_warmup_steps", c.total_steps), "algo.prm_warmup_steps", "below total_steps"),
+    (lambda c: (setattr(c.algo, "prm_warmup_steps", 5), setattr(c.algo, "estimator", "outcome_rloo")),
+     "algo.prm_warmup_steps", "trains no PRM"),
 ])
 def test_bad_values_name_the_field(change, field, words):
     c = tiny()

@@ -302,3 +302,14 @@ def test_cli_end_to_end(tmp_path):
     assert "| gsm8k | 2 |" in (out / "scores.md").read_text()
     assert "math500: pass@1" in proc.stdout
 
+
+
+@pytest.mark.parametrize("prm_ref, expected", [("freeze", "frozen reference"), ("policy", "policy at step 7")])
+def test_prm_reference_is_what_the_run_trained_its_prm_against(tmp_path, monkeypatch, prm_ref, expected):
+    """--prm=RUN scores q against the run's frozen reference, or (algo.prm_ref "policy") the
+    checkpoint's own policy."""
+    (tmp_path / "config.json").write_text(json.dumps({"algo": {"prm_ref": prm_ref}}))
+    spec = ev.CheckpointSpec("run", path=str(tmp_path / "checkpoints"), step=7, run_dir=tmp_path)
+    monkeypatch.setattr(ev, "_run_reference", lambda run_dir, config, mesh, vocab: "frozen reference")
+    monkeypatch.setattr(ev, "load_model", lambda s, config, mesh, vocab_size, which="policy": f"{which} at step {s.step}")
+    assert ev.load_reference(ev.CheckpointSpec("config"), spec, None, None, vocab_size=10) == expected

@@ -53,6 +53,26 @@ def _command(workdir: Path) -> list[str]:
             *overrides(SHORT)]
 
 
+def tiny_config(values: dict):
+    """configs/tiny.py with `values` ({"section.field": value}) set, validated."""
+    import importlib.util
+
+    from prime_jax.config import validate
+
+    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for key, value in values.items():
+        *path, name = key.split(".")
+        section = config
+        for p in path:
+            section = section[p]
+        section[name] = value
+    validate(config)
+    return config
+
+
 def _finalized_checkpoints(workdir: Path) -> list[int]:
     folder = workdir / "checkpoints"
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
@@ -101,26 +121,15 @@ def test_nan_guard_metrics_html_and_hf_export(tmp_path):
     import torch
     import transformers
 
-    from prime_jax.config import validate
     from prime_jax.parallel import mesh_from_config
     from prime_jax.train.loop import Trainer
 
-    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
     values = dict(SHORT, total_steps=3, eval_every=0, checkpoint_every=0)
     values["debug.inject_nan_step"] = 2
     values["rollout.overlap_scoring"] = False
     values["algo.process_ramp"] = "ranking"  # the ramp's and the floor's hooks in the step (off in the demo)
     values["algo.process_norm_floor"] = 0.5
-    for key, value in values.items():
-        *path, name = key.split(".")
-        section = config
-        for p in path:
-            section = section[p]
-        section[name] = value
-    validate(config)
+    config = tiny_config(values)
     mesh = mesh_from_config(config)
     assert mesh.shape["data"] == jax.device_count() == 8
     trainer = Trainer.create(config, tmp_path, mesh)
@@ -158,6 +167,27 @@ def test_nan_guard_metrics_html_and_hf_export(tmp_path):
     got = np.asarray(jax.device_get(trainer.policy_model(ids)))
     np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4)
     assert (export / "tokenizer.json").exists()
+
+
+def test_prm_warmup_steps_train_only_the_prm(tmp_path):
+    """algo.prm_warmup_steps: the policy stays the start (SFT) model through the warm-up, the PRM trains."""
+    import jax
+
+    from prime_jax.parallel import mesh_from_config
+    from prime_jax.train.loop import Trainer
+
+    config = tiny_config(dict(SHORT, total_steps=2, eval_every=0, checkpoint_every=0, **{"algo.prm_warmup_steps": 1}))
+    trainer = Trainer.create(config, tmp_path, mesh_from_config(config))
+    start_prm = jax.device_get(trainer.prm.params)
+    config.total_steps = 1  # stop after the warm-up step, then look at the weights
+    trainer.run()
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), jax.device_get(trainer.policy.params),
+                        jax.device_get(trainer.ref_params))
+    assert all(jax.tree.leaves(same)), "the policy moved during the PRM warm-up"
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(trainer.prm.params), start_prm)
+    assert any(jax.tree.leaves(moved)), "the PRM did not train during its warm-up"
+    row = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/reward" in r][0]
+    assert row["policy/warmup"] == 1.0 and "policy/loss" not in row and np.isfinite(row["prm/loss"])
 
 
 def test_truncate_metrics_drops_later_and_partial_rows(tmp_path):

@@ -262,10 +262,12 @@ class Trainer:
                 None if c.algo.process_ramp == "none" else jnp.float32(process_scale), estimator=c.algo.estimator,
                 n=self.n, process_coef=float(c.algo.process_coef), outcome_coef=float(c.algo.outcome_coef),
                 normalize=self.uses_process_rewards, norm_floor=float(c.algo.process_norm_floor))
-            batch = batch.replace(advantages=advantages)
-            policy_metrics = self.update_policy(batch, step)  # shuffled PPO mini-batches
             row.update(prm_metrics)
-            row.update(policy_metrics)
+            if step > c.algo.prm_warmup_steps:  # PRM warm-up steps leave the policy as it is
+                batch = batch.replace(advantages=advantages)
+                row.update(self.update_policy(batch, step))  # shuffled PPO mini-batches
+            else:
+                row["policy/warmup"] = 1.0
             advantages, mask = to_host((advantages, batch.response_mask))
             row.update({k: float(v) for k, v in to_host(adv_stats).items()})
             row.update(masked_stats(advantages, mask, "advantages"))

@@ -1,0 +1,42 @@
+"""benchmarks/prm_probe.py's credit diagnostic: where a signal puts its (dis)credit around a slipped step."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("prm_probe", ROOT / "benchmarks" / "prm_probe.py")
+probe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(probe)
+
+
+class CharTokenizer:
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def test_first_deviation_finds_the_slipped_digit_and_ignores_correct_or_cut_answers():
+    demo = "7-5=2\n2+4=6\n\\boxed{6}"
+    assert probe.first_deviation(demo, "7-5=2\n2+4=7\n\\boxed{7}") == 10
+    assert probe.first_deviation(demo, demo) is None
+    assert probe.first_deviation(demo, demo[:8]) is None  # stopped early: no departure to point at
+
+
+def test_token_at_char_maps_characters_to_multi_character_tokens():
+    class PairTokenizer:  # tokens 0, 1, 2 decode to "ab", "c", "de"
+        def decode(self, ids):
+            return {0: "ab", 1: "c", 2: "de"}[ids[0]]
+
+    assert [probe.token_at_char(PairTokenizer(), [0, 1, 2], c) for c in range(5)] == [0, 0, 1, 2, 2]
+    assert probe.token_at_char(CharTokenizer(), [ord(x) for x in "abc"], 1) == 1
+
+
+def test_credit_splits_wrong_rows_at_their_slip_and_averages_per_token():
+    q = [np.array([0.1, 0.2, -1.0, 0.3]), np.array([0.5, 0.5]), np.array([9.0, 9.0])]
+    ref = [np.array([-0.1, -0.1, -3.0, -0.2]), np.array([-0.1, -0.1]), np.array([0.0, 0.0])]
+    out = probe.credit(q, ref, slips=[2, None, None], correct=[False, True, False])
+    assert out["wrong_rows_with_slip"] == 1  # the third row is wrong with no slip found: left out
+    np.testing.assert_allclose([out["q_per_token"][k] for k in ("before", "at", "after", "correct_rows")],
+                               [0.15, -1.0, 0.3, 0.5])
+    np.testing.assert_allclose([out["ref_logprob_per_token"][k] for k in ("before", "at", "after")], [-0.1, -3.0, -0.2])
