@@ -39,4 +39,9 @@ def get_config():
     c.algo.process_coef = 1.0
     c.algo.process_ramp = "ranking"
     c.algo.process_norm_floor = 0.5
+    # The PRM settings this task was measured with (tiny.py's until 2026-12-03): the frozen SFT model as the PRM's
+    # reference and one PRM update per step. tiny.py's newer ones (the rollout policy as reference, four updates)
+    # were not measured on chains.
+    c.algo.prm_ref = "freeze"
+    c.batch.prm_mini_batch = 64
     return c

@@ -111,6 +111,7 @@ def test_wrong_type_and_unknown_field():
 
 def test_data_parallel_divisibility():
     c = tiny()  # mini_batch 32 responses
+    c.batch.prm_mini_batch = 64  # (the PRM's mini-batch obeys the same rule; this test is about the policy's)
     c.batch.micro_batches = 4  # 8 rows per micro-batch
     validate(c, num_devices=8)
     c.batch.micro_batches = 8  # 4 rows per micro-batch, 8 devices

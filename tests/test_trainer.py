@@ -115,8 +115,6 @@ def test_kill9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_nan_guard_metrics_html_and_hf_export(tmp_path):
     """In-process on the 8 fake CPU devices of conftest (mesh data=8)."""
-    import importlib.util
-
     import jax
     import torch
     import transformers
