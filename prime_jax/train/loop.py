@@ -263,7 +263,8 @@ class Trainer:
                 n=self.n, process_coef=float(c.algo.process_coef), outcome_coef=float(c.algo.outcome_coef),
                 normalize=self.uses_process_rewards, norm_floor=float(c.algo.process_norm_floor))
             row.update(prm_metrics)
-            if step > c.algo.prm_warmup_steps:  # PRM warm-up steps leave the policy as it is
+            # PRM warm-up steps leave the policy as it is (their advantages are still logged: what it would get)
+            if step > c.algo.prm_warmup_steps:
                 batch = batch.replace(advantages=advantages)
                 row.update(self.update_policy(batch, step))  # shuffled PPO mini-batches
             else:
