@@ -118,8 +118,7 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
     from prime_jax import eval_lib
     from prime_jax.data import load_eval_sets, render_prompts
     from prime_jax.data.synthetic_tasks import task_demonstration
-    from prime_jax.evaluate import (_run_reference, load_model, resolve_checkpoint, resolve_tokenizer_path,
-                                    run_prm_reference)
+    from prime_jax.evaluate import _run_reference, load_model, resolve_checkpoint, resolve_tokenizer_path
     from prime_jax.models.tokenizer import eos_token_ids, load_tokenizer
     from prime_jax.parallel import mesh_from_config
     from prime_jax.rewards import RewardPool
@@ -138,7 +137,7 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
     policy = load_model(spec, config, mesh, vocab_size=vocab, which="policy")
     prm = load_model(spec, config, mesh, vocab_size=vocab, which="prm")
     ref = _run_reference(workdir, config, mesh, vocab)  # the SFT model
-    prm_ref = run_prm_reference(spec, config, mesh, vocab)  # what the PRM was trained against (algo.prm_ref)
+    prm_ref = policy if config.algo.prm_ref == "policy" else ref  # what the run trained its PRM against
     settings = eval_lib.settings_from_config(
         config, n=n, temperature=config.rollout.temperature if temperature is None else temperature, seed=seed)
     sets, _ = load_eval_sets(config, limit=limit)
