@@ -14,7 +14,9 @@ run's rollout temperature), grades them, and scores every response with three si
   policy defines);
 * ``ref_logprob``: Σ_t log π_ref alone (the SFT model's confidence: the baseline any PRM must beat);
 * ``prm_per_token``: the PRM's Σq divided by the response length (a diagnostic: summed scores favour
-  short responses in a top-1 pick).
+  short responses in a top-1 pick);
+* ``prm_min``: the PRM's lowest q over the response's tokens (its worst step: how PRMs are usually
+  aggregated for best-of-n; PRIME's returns use sums).
 
 For each signal it reports the ranking accuracy on groups with both correct and wrong samples
 (``algo.dpo_accuracy``: the fraction of correct/wrong pairs ordered correctly; chance 0.5) and the
@@ -156,10 +158,14 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
                                  for r in range(len(gen.texts))])
             scores = np.asarray(graded.scores, np.float64).reshape(len(kept), n)
             prompts = [ids[r // n] for r in range(len(gen.texts))]
+            prm_q = scorers["prm"].token_rewards(prompts, gen.response_ids)  # per token: sums, minima, credit
             signals = {k: np.asarray(s(prompts, gen.response_ids), np.float64).reshape(len(kept), n)
-                       for k, s in scorers.items()}
+                       for k, s in scorers.items() if k != "prm"}
+            signals["prm"] = np.asarray([q.sum(dtype=np.float64) for q in prm_q]).reshape(len(kept), n)
             lengths = np.asarray([max(len(r), 1) for r in gen.response_ids], np.float64).reshape(len(kept), n)
             signals["prm_per_token"] = signals["prm"] / lengths  # a length-free variant (not PRIME's)
+            # the worst step decides (the usual PRM aggregation for best-of-n; PRIME's returns use sums)
+            signals["prm_min"] = np.asarray([q.min() if len(q) else 0.0 for q in prm_q], np.float64).reshape(len(kept), n)
             majority = []
             for i in range(len(kept)):
                 keys = [eval_lib.answer_key(extract_answer(gen.texts[i * n + s])) for s in range(n)]
@@ -183,8 +189,7 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
                          for r, ok in enumerate(correct)]
                 slips = [None if c is None else token_at_char(tokenizer, gen.response_ids[r], c)
                          for r, c in enumerate(slips)]
-                result["credit"] = credit(scorers["prm"].token_rewards(prompts, gen.response_ids),
-                                          scorers["ref_logprob"].token_rewards(prompts, gen.response_ids),
+                result["credit"] = credit(prm_q, scorers["ref_logprob"].token_rewards(prompts, gen.response_ids),
                                           slips, correct)
             out["benchmarks"][name] = result
     out["wall_s"] = round(time.perf_counter() - t0, 1)
