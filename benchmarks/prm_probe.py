@@ -101,15 +101,17 @@ def credit(q_rows, ref_rows, slips, correct) -> dict:
     slip or None; correct: per response bool."""
     parts = {"before": [], "at": [], "after": []}
     ref_parts = {"before": [], "at": [], "after": []}
+    rows = 0
     for q, ref, slip, ok in zip(q_rows, ref_rows, slips, correct):
         if ok or slip is None:
             continue
+        rows += 1
         for name, sl in (("before", slice(0, slip)), ("at", slice(slip, slip + 1)), ("after", slice(slip + 1, None))):
             parts[name] += list(q[sl])
             ref_parts[name] += list(ref[sl])
     right_q = [x for q, ok in zip(q_rows, correct) if ok for x in q]
     mean = lambda xs: float(np.mean(xs)) if xs else None
-    return {"wrong_rows_with_slip": int(sum(1 for s, ok in zip(slips, correct) if s is not None and not ok)),
+    return {"wrong_rows_with_slip": rows,
             "q_per_token": {**{k: mean(v) for k, v in parts.items()}, "correct_rows": mean(right_q)},
             "ref_logprob_per_token": {k: mean(v) for k, v in ref_parts.items()}}
 

@@ -303,7 +303,6 @@ def test_cli_end_to_end(tmp_path):
     assert "math500: pass@1" in proc.stdout
 
 
-
 @pytest.mark.parametrize("prm_ref, expected", [("freeze", "frozen reference"), ("policy", "policy at step 7")])
 def test_prm_reference_is_what_the_run_trained_its_prm_against(tmp_path, monkeypatch, prm_ref, expected):
     """--prm=RUN scores q against the run's frozen reference, or (algo.prm_ref "policy") the
