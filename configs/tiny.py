@@ -9,11 +9,11 @@ is greedy pass@1 on a fixed seeded set of 200 problems. The outcome-only baselin
 `--config.algo.estimator=outcome_rloo` (benchmarks/ablation.py runs both on the same seeds).
 
 The PRM settings below are what benchmarks/README.md measured to make the implicit PRM rank fresh
-samples while the policy moves ("The implicit PRM on the CPU demo"): the PRM's reference is the
-rollout policy (algo.prm_ref "policy", one of the reference's two options), so that q measures
-what the PRM learned beyond the policy's own drift, with four PRM updates per step; process
-rewards at full weight (process_coef 1.0, the spec's). The 3-seed comparison with outcome-only
-RLOO is in benchmarks/README.md and the README.
+samples while the policy moves ("The implicit PRM on the CPU demo"): the reference's cross-entropy
+loss, the rollout policy as the PRM's reference (algo.prm_ref "policy", one of the reference's two
+options), and a PRM that moves fast enough to keep up with the policy (8 updates per step at 0.2x
+the policy's learning rate); process rewards at full weight (process_coef 1.0, the spec's). The
+3-seed comparison with outcome-only RLOO is in benchmarks/README.md and the README.
 """
 
 from prime_jax.config import base_config
@@ -72,12 +72,15 @@ def get_config():
 
     c.algo.estimator = "prime_rloo"
     # The PRM settings that ranked fresh samples best in the sweeps (benchmarks/README.md, "The implicit PRM on
-    # the CPU demo"): the dpo loss on each group's other-outcome responses, q taken after the PRM's updates of
-    # the step (veRL's "before"), beta scaled to ~18-token answers, and the rollout policy as the PRM's
-    # reference: with the frozen SFT model as reference, the PRM's q followed the policy's own drift (whose
-    # log-ratio anti-ranks) and its fresh ranking fell from 0.69 to 0.37-0.46 within 10 steps of the policy
-    # starting to move; against the policy it stayed at 0.6-0.65 for 100 steps.
-    c.algo.prm_loss = "dpo"
+    # the CPU demo"): q taken after the PRM's updates of the step (veRL's "before"), beta scaled to ~18-token
+    # answers, and the rollout policy as the PRM's reference: with the frozen SFT model as reference, the PRM's
+    # q followed the policy's own drift (whose log-ratio anti-ranks) and its fresh ranking fell from 0.69 to
+    # 0.37-0.46 within 10 steps of the policy starting to move. Against the policy, q is what the PRM learned
+    # minus what the policy learned since the start, so the PRM must keep up: with 4 updates per step at 2e-5
+    # its ranking decayed to 0.49-0.61 over the second half of the run (and recovered to 0.65-0.70 within 30
+    # steps once the policy was frozen); 8 updates at 4e-5 keep it at 0.68-0.71 with the ce loss, while the
+    # dpo loss, which leaves sum q's level free, drifted to sum q -5..-8 nats at that speed.
+    c.algo.prm_loss = "ce"
     c.algo.prm_update = "before"
     c.algo.prm_ref = "policy"
     c.algo.beta = 1.0
@@ -87,12 +90,12 @@ def get_config():
     c.policy_optim.lr = 2e-4
     c.policy_optim.weight_decay = 0.0
     c.policy_optim.warmup_steps = 20
-    c.prm_optim.lr = 2e-5  # 0.1x the policy's: 4e-4 (the reference's 2x) collapsed the PRM (sum q -15 nats)
+    c.prm_optim.lr = 4e-5  # 0.2x the policy's: 4e-4 (the reference's 2x) collapsed the PRM (sum q -15 nats)
     c.prm_optim.warmup_steps = 0
 
     c.batch.prompts_per_step = 16
     c.batch.mini_batch = 32  # 2 PPO updates per step
-    c.batch.prm_mini_batch = 16  # 4 PRM updates per step (1 update: fresh ranking 0.54, 4: 0.59, frozen reference)
+    c.batch.prm_mini_batch = 8  # 8 PRM updates per step (the PRM must keep up with the policy; see above)
     c.batch.score_batch = 64
 
     c.checkpoint.keep = 2

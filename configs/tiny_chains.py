@@ -39,9 +39,11 @@ def get_config():
     c.algo.process_coef = 1.0
     c.algo.process_ramp = "ranking"
     c.algo.process_norm_floor = 0.5
-    # The PRM settings this task was measured with (tiny.py's until 2026-12-03): the frozen SFT model as the PRM's
-    # reference and one PRM update per step. tiny.py's newer ones (the rollout policy as reference, four updates)
-    # were not measured on chains.
+    # The PRM settings this task was measured with (tiny.py's until 2026-12-03): the dpo loss, the frozen SFT model
+    # as the PRM's reference and one PRM update per step at 2e-5. tiny.py's newer ones (ce, the rollout policy as
+    # reference, eight updates at 4e-5) were not measured on chains.
+    c.algo.prm_loss = "dpo"
     c.algo.prm_ref = "freeze"
+    c.prm_optim.lr = 2e-5
     c.batch.prm_mini_batch = 64
     return c

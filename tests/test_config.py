@@ -37,7 +37,7 @@ def test_tiny_and_base_configs_validate():
     validate(tiny(), num_devices=1)
     chains = tiny("tiny_chains")
     validate(chains, num_devices=1)
-    assert chains.data.synthetic.task == "chains" and chains.algo.prm_loss == tiny().algo.prm_loss
+    assert chains.data.synthetic.task == "chains" and chains.model.hidden_size == tiny().model.hidden_size
     validate(tiny(), num_devices=8)  # mesh.data = -1 fills the devices
     c = base_config()
     c.tokenizer.path = "tiny"
