@@ -21,7 +21,9 @@ run's rollout temperature), grades them, and scores every response with three si
 For each signal it reports the ranking accuracy on groups with both correct and wrong samples
 (``algo.dpo_accuracy``: the fraction of correct/wrong pairs ordered correctly; chance 0.5) and the
 best-of-n accuracy when picking the top-scored sample, beside majority vote (maj@n), a random pick
-(avg@n, its expectation) and pass@n. None of these problems was trained on (the synthetic held-out
+(avg@n, its expectation) and pass@n; and how often the top pick is a response sampled only once in
+its group (a random pick favours the answers sampled often, which a nearly deterministic policy's
+are, so a signal that favours rare responses picks below random even when it ranks above 0.5). None of these problems was trained on (the synthetic held-out
 set is excluded from training and SFT). Writes WORKDIR/prm_probe.json (and --out, if given) and
 prints a markdown table.
 """
@@ -62,15 +64,33 @@ def load_run_config(config_path: str, workdir: Path):
     return config
 
 
-def signal_metrics(scores: np.ndarray, signal: np.ndarray, n: int) -> dict:
-    """scores, signal: `[P, n]`. Ranking accuracy on mixed groups and top-pick accuracy."""
+def signal_metrics(scores: np.ndarray, signal: np.ndarray, n: int, copies: np.ndarray | None = None) -> dict:
+    """scores, signal: `[P, n]`. Ranking accuracy on mixed groups and top-pick accuracy.
+
+    copies: `[P, n]`, how many of its group's samples share each sample's text (a nearly
+    deterministic policy samples the same answer many times). With it, also the share of mixed
+    groups whose top pick is a text sampled once, and how often that pick is right: a random pick
+    is weighted by how often each answer is sampled, a top pick is not."""
     from prime_jax import algo
 
     mixed = (scores.max(1) > scores.min(1))
     ranking = (float(algo.dpo_accuracy(signal[mixed].reshape(-1, 1), np.ones((int(mixed.sum()) * n, 1)),
                                        scores[mixed].reshape(-1), n)) if mixed.any() else float("nan"))
-    picked = scores[np.arange(len(scores)), np.argmax(signal, axis=1)]
-    return {"ranking_accuracy": ranking, f"best_of_{n}": float(picked.mean())}
+    top = np.argmax(signal, axis=1)
+    picked = scores[np.arange(len(scores)), top]
+    out = {"ranking_accuracy": ranking, f"best_of_{n}": float(picked.mean())}
+    if copies is not None and mixed.any():
+        once = (copies[np.arange(len(scores)), top] == 1) & mixed
+        out["top_pick_sampled_once"] = float(once.sum() / mixed.sum())
+        out["top_pick_sampled_once_accuracy"] = float(picked[once].mean()) if once.any() else None
+    return out
+
+
+def text_copies(texts: list[str], n: int) -> np.ndarray:
+    """`[P, n]`: for each of the P*n texts (grouped by problem, n contiguous), how many texts of its
+    group are equal to it (itself included)."""
+    groups = [texts[i:i + n] for i in range(0, len(texts), n)]
+    return np.asarray([[group.count(t) for t in group] for group in groups], np.int64)
 
 
 def first_deviation(demonstration: str, response: str) -> int | None:
@@ -174,11 +194,13 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
                 m = eval_lib.majority_index(keys)
                 majority.append(scores[i, m] if m is not None else 0.0)
             mixed = scores.max(1) > scores.min(1)
+            copies = text_copies(gen.texts, n)
             result = {"problems": len(kept), "mixed_groups": int(mixed.sum()),
+                      "distinct_answers_per_mixed_group": float((1.0 / copies[mixed]).sum(1).mean()) if mixed.any() else None,
                       "mean_length_correct": float(lengths[scores >= 0.5].mean()) if (scores >= 0.5).any() else None,
                       "mean_length_wrong": float(lengths[scores < 0.5].mean()) if (scores < 0.5).any() else None,
                       "shorter_ranking": signal_metrics(scores, -lengths, n)["ranking_accuracy"],
-                      "signals": {k: signal_metrics(scores, v, n) for k, v in signals.items()},
+                      "signals": {k: signal_metrics(scores, v, n, copies) for k, v in signals.items()},
                       f"maj@{n}": float(np.mean(majority)), f"random_pick (avg@{n})": float(scores.mean()),
                       f"pass@{n}": float((scores.max(1) >= eval_lib.CORRECT_THRESHOLD).mean()),
                       "mean_sum_correct": {k: float(v[scores >= 0.5].mean()) if (scores >= 0.5).any() else None
@@ -203,19 +225,22 @@ def markdown(out: dict) -> str:
     lines = []
     for name, r in out["benchmarks"].items():
         lines += [f"{name}: {r['problems']} problems x {n} samples (T={out['temperature']}), {r['mixed_groups']} groups "
-                  f"with both correct and wrong samples; checkpoint step {out['checkpoint_step']}; mean length "
+                  f"with both correct and wrong samples ({r.get('distinct_answers_per_mixed_group') or 0:.1f} distinct "
+                  f"responses each); checkpoint step {out['checkpoint_step']}; mean length "
                   f"correct {r['mean_length_correct']} / wrong {r['mean_length_wrong']} tokens (ranking by shortness: "
                   f"{r['shorter_ranking']:.3f})", "",
                   f"| signal | ranking accuracy (mixed groups; chance 0.5) | best-of-{n} accuracy | mean sum, correct | "
-                  "mean sum, wrong |", "|---|---|---|---|---|"]
+                  "mean sum, wrong | top pick sampled once (mixed groups; right) |", "|---|---|---|---|---|---|"]
         for k, m in r["signals"].items():
             right, wrong = r["mean_sum_correct"][k], r["mean_sum_wrong"][k]
             fmt = lambda x: "-" if x is None else f"{x:.3f}"
+            once, once_right = m.get("top_pick_sampled_once"), m.get("top_pick_sampled_once_accuracy")
+            rare = "-" if once is None else f"{100 * once:.0f}%; " + ("-" if once_right is None else f"{100 * once_right:.0f}%")
             lines.append(f"| {k} | {m['ranking_accuracy']:.3f} | {100 * m[f'best_of_{n}']:.1f}% | {fmt(right)} | "
-                         f"{fmt(wrong)} |")
-        lines += [f"| majority vote (maj@{n}) | - | {100 * r[f'maj@{n}']:.1f}% | | |",
-                  f"| random pick (avg@{n}) | - | {100 * r[f'random_pick (avg@{n})']:.1f}% | | |",
-                  f"| pass@{n} (an oracle pick) | - | {100 * r[f'pass@{n}']:.1f}% | | |", ""]
+                         f"{fmt(wrong)} | {rare} |")
+        lines += [f"| majority vote (maj@{n}) | - | {100 * r[f'maj@{n}']:.1f}% | | | |",
+                  f"| random pick (avg@{n}) | - | {100 * r[f'random_pick (avg@{n})']:.1f}% | | | |",
+                  f"| pass@{n} (an oracle pick) | - | {100 * r[f'pass@{n}']:.1f}% | | | |", ""]
         if "credit" in r:
             c, fmt = r["credit"], (lambda x: "-" if x is None else f"{x:+.3f}")
             lines += [f"Credit on {c['wrong_rows_with_slip']} wrong responses, per token, around their first slip "

@@ -40,3 +40,21 @@ def test_credit_splits_wrong_rows_at_their_slip_and_averages_per_token():
     np.testing.assert_allclose([out["q_per_token"][k] for k in ("before", "at", "after", "correct_rows")],
                                [0.15, -1.0, 0.3, 0.5])
     np.testing.assert_allclose([out["ref_logprob_per_token"][k] for k in ("before", "at", "after")], [-0.1, -3.0, -0.2])
+
+
+def test_text_copies_counts_equal_responses_within_each_group():
+    texts = ["a", "a", "b", "a", "x", "y", "x", "x"]
+    np.testing.assert_array_equal(probe.text_copies(texts, 4), [[3, 3, 1, 3], [3, 1, 3, 3]])
+
+
+def test_signal_metrics_reports_top_picks_of_answers_sampled_once():
+    """A signal that ranks above chance pairwise but tops each group with its one-off wrong answer
+    picks below a random pick, and the rare-pick share says why."""
+    scores = np.array([[1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0]], np.float64)
+    copies = np.array([[3, 3, 3, 1], [3, 3, 3, 1], [4, 4, 4, 4]])
+    signal = np.array([[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    m = probe.signal_metrics(scores, signal, 4, copies)
+    assert m["ranking_accuracy"] == 0.5  # the first group's pairs all wrong, the second's all right
+    assert abs(m["best_of_4"] - 1 / 3) < 1e-12  # wrong, right, (all wrong)
+    assert m["top_pick_sampled_once"] == 0.5 and m["top_pick_sampled_once_accuracy"] == 0.0
+    assert "top_pick_sampled_once" not in probe.signal_metrics(scores, signal, 4)
