@@ -22,9 +22,9 @@ For each signal it reports the ranking accuracy on groups with both correct and 
 (``algo.dpo_accuracy``: the fraction of correct/wrong pairs ordered correctly; chance 0.5) and the
 best-of-n accuracy when picking the top-scored sample, beside majority vote (maj@n), a random pick
 (avg@n, its expectation) and pass@n; and how often the top pick is a response sampled only once in
-its group (a random pick favours the answers sampled often, which a nearly deterministic policy's
-are, so a signal that favours rare responses picks below random even when it ranks above 0.5). None of these problems was trained on (the synthetic held-out
-set is excluded from training and SFT). Writes WORKDIR/prm_probe.json (and --out, if given) and
+its group (a random pick favours the responses sampled often, as a nearly deterministic policy's
+are, so a signal that favours rare responses can pick below random while it ranks above 0.5).
+None of these problems was trained on (the synthetic held-out set is excluded from training and SFT). Writes WORKDIR/prm_probe.json (and --out, if given) and
 prints a markdown table.
 """
 
@@ -196,7 +196,7 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
             mixed = scores.max(1) > scores.min(1)
             copies = text_copies(gen.texts, n)
             result = {"problems": len(kept), "mixed_groups": int(mixed.sum()),
-                      "distinct_answers_per_mixed_group": float((1.0 / copies[mixed]).sum(1).mean()) if mixed.any() else None,
+                      "distinct_responses_per_mixed_group": float((1.0 / copies[mixed]).sum(1).mean()) if mixed.any() else None,
                       "mean_length_correct": float(lengths[scores >= 0.5].mean()) if (scores >= 0.5).any() else None,
                       "mean_length_wrong": float(lengths[scores < 0.5].mean()) if (scores < 0.5).any() else None,
                       "shorter_ranking": signal_metrics(scores, -lengths, n)["ranking_accuracy"],
@@ -225,7 +225,7 @@ def markdown(out: dict) -> str:
     lines = []
     for name, r in out["benchmarks"].items():
         lines += [f"{name}: {r['problems']} problems x {n} samples (T={out['temperature']}), {r['mixed_groups']} groups "
-                  f"with both correct and wrong samples ({r.get('distinct_answers_per_mixed_group') or 0:.1f} distinct "
+                  f"with both correct and wrong samples ({r.get('distinct_responses_per_mixed_group') or 0:.1f} distinct "
                   f"responses each); checkpoint step {out['checkpoint_step']}; mean length "
                   f"correct {r['mean_length_correct']} / wrong {r['mean_length_wrong']} tokens (ranking by shortness: "
                   f"{r['shorter_ranking']:.3f})", "",

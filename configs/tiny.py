@@ -78,8 +78,8 @@ def get_config():
     # 0.37-0.46 within 10 steps of the policy starting to move. Against the policy, q is what the PRM learned
     # minus what the policy learned since the start, so the PRM must keep up: with 4 updates per step at 2e-5
     # its ranking decayed to 0.49-0.61 over the second half of the run (and recovered to 0.65-0.70 within 30
-    # steps once the policy was frozen); 8 updates at 4e-5 keep it at 0.68-0.71 with the ce loss, while the
-    # dpo loss, which leaves sum q's level free, drifted to sum q -5..-8 nats at that speed.
+    # steps once the policy was frozen); 8 updates at 4e-5 keep it at 0.68-0.71 with the ce loss (0.60 with
+    # dpo, which leaves sum q's level free: faster still, dpo's sum q drifted to -2..-9 nats on every row).
     c.algo.prm_loss = "ce"
     c.algo.prm_update = "before"
     c.algo.prm_ref = "policy"

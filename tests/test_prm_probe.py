@@ -48,8 +48,8 @@ def test_text_copies_counts_equal_responses_within_each_group():
 
 
 def test_signal_metrics_reports_top_picks_of_answers_sampled_once():
-    """A signal that ranks above chance pairwise but tops each group with its one-off wrong answer
-    picks below a random pick, and the rare-pick share says why."""
+    """A signal whose top pick is a once-sampled wrong response in one group picks below a random
+    pick (which favours the frequent right one), and the rare-pick share says why."""
     scores = np.array([[1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0]], np.float64)
     copies = np.array([[3, 3, 3, 1], [3, 3, 3, 1], [4, 4, 4, 4]])
     signal = np.array([[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
