@@ -90,7 +90,9 @@ def get_config():
     c.policy_optim.lr = 2e-4
     c.policy_optim.weight_decay = 0.0
     c.policy_optim.warmup_steps = 20
-    c.prm_optim.lr = 4e-5  # 0.2x the policy's: 4e-4 (the reference's 2x) collapsed the PRM (sum q -15 nats)
+    # 0.2x the policy's: 4e-4 (the reference's 2x) collapsed the PRM (sum q -15 nats); 8e-5 gives a better PRM
+    # (held-out ranking 0.75-0.79 against 0.54-0.62, 3 seeds) and a level policy, but seed 0 gains 17.5 points.
+    c.prm_optim.lr = 4e-5
     c.prm_optim.warmup_steps = 0
 
     c.batch.prompts_per_step = 16
