@@ -24,8 +24,8 @@ best-of-n accuracy when picking the top-scored sample, beside majority vote (maj
 (avg@n, its expectation) and pass@n; and how often the top pick is a response sampled only once in
 its group (a random pick favours the responses sampled often, as a nearly deterministic policy's
 are, so a signal that favours rare responses can pick below random while it ranks above 0.5).
-None of these problems was trained on (the synthetic held-out set is excluded from training and SFT). Writes WORKDIR/prm_probe.json (and --out, if given) and
-prints a markdown table.
+None of these problems was trained on (the synthetic held-out set is excluded from training and
+SFT). Writes WORKDIR/prm_probe.json (and --out, if given) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -224,9 +224,9 @@ def markdown(out: dict) -> str:
     n = out["n"]
     lines = []
     for name, r in out["benchmarks"].items():
+        distinct = "-" if r.get("distinct_responses_per_mixed_group") is None else f"{r['distinct_responses_per_mixed_group']:.1f}"
         lines += [f"{name}: {r['problems']} problems x {n} samples (T={out['temperature']}), {r['mixed_groups']} groups "
-                  f"with both correct and wrong samples ({r.get('distinct_responses_per_mixed_group') or 0:.1f} distinct "
-                  f"responses each); checkpoint step {out['checkpoint_step']}; mean length "
+                  f"with both correct and wrong samples ({distinct} distinct responses each); checkpoint step {out['checkpoint_step']}; mean length "
                   f"correct {r['mean_length_correct']} / wrong {r['mean_length_wrong']} tokens (ranking by shortness: "
                   f"{r['shorter_ranking']:.3f})", "",
                   f"| signal | ranking accuracy (mixed groups; chance 0.5) | best-of-{n} accuracy | mean sum, correct | "
