@@ -20,8 +20,9 @@ run's rollout temperature), grades them, and scores every response with three si
 
 For each signal it reports the ranking accuracy on groups with both correct and wrong samples
 (``algo.dpo_accuracy``: the fraction of correct/wrong pairs ordered correctly; chance 0.5) and the
-best-of-n accuracy when picking the top-scored sample, beside majority vote (maj@n), a random pick
-(avg@n, its expectation) and pass@n; and how often the top pick is a response sampled only once in
+best-of-n accuracy when picking the top-scored sample, beside majority vote (maj@n), a vote weighted
+by the PRM's P(correct) = sigmoid(β Σq) (what its ce loss fits; the weighted best-of-n of the
+implicit-PRM paper's evaluation), a random pick (avg@n, its expectation) and pass@n; and how often the top pick is a response sampled only once in
 its group (a random pick favours the responses sampled often, as a nearly deterministic policy's
 are, so a signal that favours rare responses can pick below random while it ranks above 0.5).
 None of these problems was trained on (the synthetic held-out set is excluded from training and
@@ -188,11 +189,15 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
             signals["prm_per_token"] = signals["prm"] / lengths  # a length-free variant (not PRIME's)
             # the worst step decides (the usual PRM aggregation for best-of-n; PRIME's returns use sums)
             signals["prm_min"] = np.asarray([q.min() if len(q) else 0.0 for q in prm_q], np.float64).reshape(len(kept), n)
-            majority = []
+            # the PRM's P(correct) of each sample, sigmoid(beta * sum q) (what its ce loss fits), summed per answer
+            prm_p_correct = 1.0 / (1.0 + np.exp(-config.algo.beta * signals["prm"]))
+            majority, weighted = [], []
             for i in range(len(kept)):
                 keys = [eval_lib.answer_key(extract_answer(gen.texts[i * n + s])) for s in range(n)]
                 m = eval_lib.majority_index(keys)
                 majority.append(scores[i, m] if m is not None else 0.0)
+                w = eval_lib.weighted_vote_index(keys, prm_p_correct[i])
+                weighted.append(scores[i, w] if w is not None else 0.0)
             mixed = scores.max(1) > scores.min(1)
             copies = text_copies(gen.texts, n)
             result = {"problems": len(kept), "mixed_groups": int(mixed.sum()),
@@ -201,7 +206,8 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
                       "mean_length_wrong": float(lengths[scores < 0.5].mean()) if (scores < 0.5).any() else None,
                       "shorter_ranking": signal_metrics(scores, -lengths, n)["ranking_accuracy"],
                       "signals": {k: signal_metrics(scores, v, n, copies) for k, v in signals.items()},
-                      f"maj@{n}": float(np.mean(majority)), f"random_pick (avg@{n})": float(scores.mean()),
+                      f"maj@{n}": float(np.mean(majority)), f"prm_weighted_vote@{n}": float(np.mean(weighted)),
+                      f"random_pick (avg@{n})": float(scores.mean()),
                       f"pass@{n}": float((scores.max(1) >= eval_lib.CORRECT_THRESHOLD).mean()),
                       "mean_sum_correct": {k: float(v[scores >= 0.5].mean()) if (scores >= 0.5).any() else None
                                            for k, v in signals.items()},
@@ -239,6 +245,8 @@ def markdown(out: dict) -> str:
             lines.append(f"| {k} | {m['ranking_accuracy']:.3f} | {100 * m[f'best_of_{n}']:.1f}% | {fmt(right)} | "
                          f"{fmt(wrong)} | {rare} |")
         lines += [f"| majority vote (maj@{n}) | - | {100 * r[f'maj@{n}']:.1f}% | | | |",
+                  f"| PRM-weighted vote (sum of sigmoid(beta sum q) per answer) | - | "
+                  f"{100 * r[f'prm_weighted_vote@{n}']:.1f}% | | | |",
                   f"| random pick (avg@{n}) | - | {100 * r[f'random_pick (avg@{n})']:.1f}% | | | |",
                   f"| pass@{n} (an oracle pick) | - | {100 * r[f'pass@{n}']:.1f}% | | | |", ""]
         if "credit" in r:

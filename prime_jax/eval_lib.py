@@ -164,6 +164,24 @@ def majority_index(keys: Sequence[str | None]) -> int | None:
     return None  # unreachable
 
 
+def weighted_vote_index(keys: Sequence[str | None], weights: Sequence[float]) -> int | None:
+    """Index of the first sample holding the answer with the largest summed weight (non-None keys).
+
+    A reward-weighted majority vote: with weights all 1 it is ``majority_index``; with a verifier's
+    estimate of P(correct) per sample it weighs how often an answer is sampled by how likely each
+    copy is right (the weighted best-of-n of the implicit-PRM paper's evaluation). Ties: first seen."""
+    if len(keys) != len(weights):
+        raise ValueError(f"weighted_vote_index: {len(keys)} keys but {len(weights)} weights")
+    totals: dict[str, float] = {}
+    for k, w in zip(keys, weights):
+        if k is not None:
+            totals[k] = totals.get(k, 0.0) + float(w)
+    if not totals:
+        return None
+    best = max(totals.values())
+    return next(i for i, k in enumerate(keys) if k is not None and totals[k] == best)
+
+
 def problem_metrics(scores: Sequence[float], keys: Sequence[str | None] | None = None,
                     prm_rewards: Sequence[float] | None = None) -> dict[str, float]:
     """Metrics of one problem's n samples (see the module docstring). ``keys``: the samples'

@@ -121,6 +121,20 @@ def test_problem_metrics_majority_and_best_of_n():
     assert agg == {"pass@1": 0.375, "maj@2": 0.25}
 
 
+def test_weighted_vote_weighs_each_answer_by_the_summed_weights_of_its_samples():
+    keys = ["7", "5", "7", None, "5"]
+    # all weights 1: the majority vote (a 2-2 tie between "7" and "5": the first seen wins)
+    assert eval_lib.weighted_vote_index(keys, [1, 1, 1, 1, 1]) == eval_lib.majority_index(keys) == 0
+    # "5": 0.9 + 0.8 > "7": 0.2 + 0.3; the unanswered sample's weight counts for nothing
+    assert eval_lib.weighted_vote_index(keys, [0.2, 0.9, 0.3, 5.0, 0.8]) == 1
+    # one confident sample outweighs two doubtful copies, and the reverse
+    assert eval_lib.weighted_vote_index(["a", "a", "b"], [0.3, 0.3, 0.9]) == 2
+    assert eval_lib.weighted_vote_index(["a", "a", "b"], [0.5, 0.5, 0.9]) == 0
+    assert eval_lib.weighted_vote_index([None, None], [1.0, 1.0]) is None
+    with pytest.raises(ValueError, match="2 keys but 1 weights"):
+        eval_lib.weighted_vote_index(["a", "b"], [1.0])
+
+
 # ------------------------------------------------------------------------------ the pipeline with a fake model
 def _ground_truth_generate(benchmarks, tokenizer_holder, n_wrong: int = 0):
     """A stand-in for eval_lib.generate_responses that answers every prompt with its ground truth
