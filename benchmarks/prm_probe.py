@@ -190,7 +190,7 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
             # the worst step decides (the usual PRM aggregation for best-of-n; PRIME's returns use sums)
             signals["prm_min"] = np.asarray([q.min() if len(q) else 0.0 for q in prm_q], np.float64).reshape(len(kept), n)
             # the PRM's P(correct) of each sample, sigmoid(beta * sum q) (what its ce loss fits), summed per answer
-            prm_p_correct = 1.0 / (1.0 + np.exp(-config.algo.beta * signals["prm"]))
+            prm_p_correct = np.vectorize(lambda q: eval_lib.prm_p_correct(q, config.algo.beta))(signals["prm"])
             majority, weighted = [], []
             for i in range(len(kept)):
                 keys = [eval_lib.answer_key(extract_answer(gen.texts[i * n + s])) for s in range(n)]

@@ -20,6 +20,10 @@ Metrics, per benchmark, over its problems (a problem's ``n`` samples are rows ``
   answer do not vote; none at all scores 0).
 * ``best@n`` (with a PRM): the grade of the sample with the largest implicit process reward
   ``Σ_t (log π_prm(y_t) − log π_ref(y_t))`` (PRIME's PRM used as a best-of-n reranker).
+* ``prm_vote@n`` (with a PRM, math): a vote weighted by the PRM: each answer scores the sum of
+  its samples' P(correct) = sigmoid(β Σq) (what the PRM's cross-entropy loss fits; β of the
+  config's ``algo.beta``), and the top answer's grade counts (the implicit-PRM paper's weighted
+  best-of-n; with all weights equal it is maj@n).
 
 Problems whose prompt is longer than the prompt limit are not generated for; they count as
 wrong (score 0) in every metric, so scores stay comparable with published numbers, and are
@@ -33,6 +37,7 @@ import collections
 import dataclasses
 import functools
 import logging
+import math
 import time
 import zlib
 from typing import Any, Callable, Mapping, Sequence
@@ -182,10 +187,18 @@ def weighted_vote_index(keys: Sequence[str | None], weights: Sequence[float]) ->
     return next(i for i, k in enumerate(keys) if k is not None and totals[k] == best)
 
 
+def prm_p_correct(q_sum: float, beta: float) -> float:
+    """The implicit PRM's probability that a response is right, sigmoid(β Σq) (what its ce loss fits)."""
+    z = beta * float(q_sum)
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
 def problem_metrics(scores: Sequence[float], keys: Sequence[str | None] | None = None,
-                    prm_rewards: Sequence[float] | None = None) -> dict[str, float]:
+                    prm_rewards: Sequence[float] | None = None,
+                    prm_weights: Sequence[float] | None = None) -> dict[str, float]:
     """Metrics of one problem's n samples (see the module docstring). ``keys``: the samples'
-    normalised answers (``answer_key``; None where none was extracted) for maj@k."""
+    normalised answers (``answer_key``; None where none was extracted) for maj@k; ``prm_rewards``:
+    their summed q (best@n); ``prm_weights``: their P(correct) by the PRM (prm_vote@n)."""
     scores = [float(s) for s in scores]
     n = len(scores)
     if n == 0:
@@ -201,6 +214,9 @@ def problem_metrics(scores: Sequence[float], keys: Sequence[str | None] | None =
             out[f"maj@{k}"] = scores[i] if i is not None else 0.0
     if prm_rewards is not None and n > 1:
         out[f"best@{n}"] = scores[int(np.argmax(np.asarray(prm_rewards, np.float64)))]
+    if prm_weights is not None and keys is not None and n > 1:
+        i = weighted_vote_index(keys, prm_weights)
+        out[f"prm_vote@{n}"] = scores[i] if i is not None else 0.0
     return out
 
 
@@ -272,11 +288,12 @@ class PRMScorer:
     is how the trainer scores the PRM and its reference. Rows are scored ``batch_size`` at a time,
     padded to power-of-two buckets (few compilations) and, with a mesh, split over its data axes.
     The jitted programs are shared by scorers of the same graphs, so a new scorer of new weights
-    compiles nothing new.
+    compiles nothing new. ``beta``: the PRM's training β; with it, evaluation records each sample's
+    P(correct) = sigmoid(β Σq) and reports the PRM-weighted vote (prm_vote@n).
     """
 
     def __init__(self, prm_model, ref_model, *, mesh=None, temperature: float = 1.0, chunk_size: int = 128,
-                 batch_size: int = 64):
+                 batch_size: int = 64, beta: float | None = None):
         from flax import nnx
 
         from prime_jax.parallel import batch_shards
@@ -284,6 +301,7 @@ class PRMScorer:
         split = lambda m: m if isinstance(m, tuple) else nnx.split(m)
         self.mesh = mesh
         self.batch_size = int(batch_size)
+        self.beta = None if beta is None else float(beta)  # the PRM's training β: P(correct) = sigmoid(β Σq)
         prm_graphdef, self.prm_state = split(prm_model)
         ref_graphdef, self.ref_state = split(ref_model) if ref_model is not None else (None, None)
         self._programs = _q_programs(prm_graphdef, ref_graphdef, mesh, float(temperature), int(chunk_size))
@@ -453,7 +471,8 @@ def evaluate_benchmark(name: str, problems: Sequence, *, tokenizer, pool, settin
     sampled = [r for r in records if r["sample"] is not None]
     per_problem = [problem_metrics([r["score"] for r in recs],
                                    [answer_key(r["extracted_answer"]) for r in recs] if p.ability == "math" else None,
-                                   [r["prm_reward"] for r in recs] if "prm_reward" in recs[0] else None)
+                                   [r["prm_reward"] for r in recs] if "prm_reward" in recs[0] else None,
+                                   [r["prm_p_correct"] for r in recs] if "prm_p_correct" in recs[0] else None)
                    for p in kept for recs in [records_by_problem[id(p)]]]
 
     metrics: dict[str, Any] = aggregate(per_problem, len(dropped))
@@ -519,6 +538,8 @@ def _chunk_records(name: str, problems: Sequence, ids: Sequence[Sequence[int]], 
             if problem_rewards is not None:
                 rec["prm_reward"] = problem_rewards[s]
                 rec["prm_best"] = s == best
+                if prm_scorer.beta is not None:
+                    rec["prm_p_correct"] = prm_p_correct(problem_rewards[s], prm_scorer.beta)
             recs.append(rec)
         out.append(recs)
     if observe is not None:

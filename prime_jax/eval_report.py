@@ -81,6 +81,8 @@ def _fmt(x: Any, percent: bool = True) -> str:
         return str(x)
     if isinstance(x, int):
         return str(x)
+    if x != x:  # NaN: a metric this benchmark has not (maj@k, prm_vote@n of code problems)
+        return "-"
     return f"{100 * x:.1f}" if percent else f"{x:.1f}"
 
 
@@ -93,7 +95,7 @@ def scores_markdown(results: Mapping[str, BenchmarkResult], settings: EvalSettin
     if n > 1:
         cols += [f"avg@{n}"] + [f"maj@{k}" for k in ks if k >= 2]
         if prm:
-            cols.append(f"best@{n}")
+            cols += [f"best@{n}", f"prm_vote@{n}"]
     lines = [f"# {title or 'Evaluation'}", ""]
     decoding = "greedy" if settings.temperature == 0 else (
         f"temperature {settings.temperature}, top_p {settings.top_p}, top_k {settings.top_k}")

@@ -1,4 +1,4 @@
-"""Benchmark evaluation CLI: sample, grade, and report pass@k / maj@k / avg@k (and PRM best-of-n).
+"""Benchmark evaluation CLI: sample, grade, and report pass@k / maj@k / avg@k (and PRM best-of-n, PRM-weighted vote).
 
     # greedy pass@1 of an HF checkpoint on two packaged benchmarks
     python -m prime_jax.evaluate --config=configs/qwen7b.py --workdir=runs/eval_sft \\
@@ -280,7 +280,7 @@ def _prm_scorer(prm: str, reference: str, config, mesh, settings, *, vocab_size:
     ref_model = load_reference(resolve_checkpoint(reference), prm_spec, config, mesh, vocab_size=vocab_size)
     # raw logits, as the trainer scores the PRM and its reference (PRIME_SPEC: no temperature)
     scorer = eval_lib.PRMScorer(prm_model, ref_model, mesh=mesh, chunk_size=config.model.logprob_chunk,
-                                batch_size=max(1, min(config.batch.score_batch, 256)))
+                                batch_size=max(1, min(config.batch.score_batch, 256)), beta=config.algo.beta)
     return scorer, {"prm": prm_spec.describe(), "reference": reference or "(default)",
                     "prm_logprobs": "raw logits (temperature 1)"}
 

@@ -104,6 +104,13 @@ def test_problem_metrics_majority_and_best_of_n():
     assert m["maj@2"] == 1.0  # tie 1-1 between "1/2" and "3": the first seen wins
     assert m["maj@4"] == 1.0  # "1/2" has 2 votes
     assert m["best@4"] == 0.0  # the PRM prefers sample 1 (wrong)
+    assert "prm_vote@4" not in m  # no P(correct) given
+    # weighted vote: "1/2" (0.4 + 0.3) beats "3" (0.6); with "3" at 0.8 the wrong answer wins
+    assert eval_lib.problem_metrics(scores, keys, prm_weights=[0.4, 0.6, 0.3, 0.9])["prm_vote@4"] == 1.0
+    assert eval_lib.problem_metrics(scores, keys, prm_weights=[0.4, 0.8, 0.3, 0.9])["prm_vote@4"] == 0.0
+    assert eval_lib.prm_p_correct(0.0, 0.05) == 0.5
+    assert eval_lib.prm_p_correct(2.0, 0.5) == pytest.approx(1 / (1 + np.exp(-1.0)))
+    assert eval_lib.prm_p_correct(-1e4, 1.0) == 0.0 and eval_lib.prm_p_correct(1e4, 1.0) == 1.0  # no overflow
 
     # The majority answer is wrong although one sample is right.
     keys = [eval_lib.answer_key(a) for a in ["7", "5", "7", "7"]]
@@ -196,7 +203,7 @@ def test_majority_and_prm_best_of_n(tmp_path, monkeypatch, tiny_model_dir, one_d
     assert m["avg@3"] == pytest.approx(1 / 3) and m["maj@2"] == 1.0 and m["maj@3"] == 0.0
     records = [json.loads(line) for line in (tmp_path / "eval" / "n3" / "gsm8k.jsonl").read_text().splitlines()]
     assert len(records) == 6
-    best_scores = []
+    best_scores, vote_scores = [], []
     for i in range(2):
         group = records[3 * i: 3 * i + 3]
         assert [r["sample"] for r in group] == [0, 1, 2]
@@ -205,8 +212,15 @@ def test_majority_and_prm_best_of_n(tmp_path, monkeypatch, tiny_model_dir, one_d
         rewards = [r["prm_reward"] for r in group]
         assert all(math.isfinite(x) for x in rewards) and rewards[1] == pytest.approx(rewards[2], abs=1e-5)
         best_scores.append(next(r["score"] for r in group if r["prm_best"]))
+        # P(correct) = sigmoid(beta sum q) with the config's beta; the vote sums it per answer
+        weights = [r["prm_p_correct"] for r in group]
+        assert weights == pytest.approx([eval_lib.prm_p_correct(x, _config().algo.beta) for x in rewards])
+        wrong_votes = weights[1] + weights[2]
+        vote_scores.append(1.0 if weights[0] > wrong_votes else 0.0)
     assert m["best@3"] == pytest.approx(np.mean(best_scores))
-    assert "best@3" in (tmp_path / "eval" / "n3" / "scores.md").read_text()
+    assert m["prm_vote@3"] == pytest.approx(np.mean(vote_scores))
+    md = (tmp_path / "eval" / "n3" / "scores.md").read_text()
+    assert "best@3" in md and "prm_vote@3" in md
 
 
 def test_prm_scorer_matches_unpadded_logprobs(one_device_mesh):
