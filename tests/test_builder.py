@@ -1,12 +1,12 @@
 """train/builder.py: the memory plan compiles exactly the programs a training step runs."""
 
 import collections
-import importlib.util
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from config_files import load_config
 from prime_jax import plan
 from prime_jax.parallel import mesh_from_config
 from prime_jax.rewards import RewardPool
@@ -26,17 +26,7 @@ SETTINGS = {
 
 
 def tiny_config(**overrides):
-    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for key, value in {**SETTINGS, **overrides}.items():
-        *path, name = key.split(".")
-        section = config
-        for p in path:
-            section = section[p]
-        section[name] = value
-    return config
+    return load_config("tiny", {**SETTINGS, **overrides})
 
 
 def _avals(args):

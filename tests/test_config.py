@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from config_files import load_config
 from prime_jax import config as config_lib
 from prime_jax.config import ConfigError, base_config, validate
 
@@ -16,13 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(name="tiny"):
-    sys.path.insert(0, str(ROOT))
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"{name}_config", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(name)
 
 
 def error_of(config, num_devices=1) -> str:

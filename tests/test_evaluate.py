@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from config_files import load_config
 from prime_jax import eval_lib
 from prime_jax import evaluate as ev
 from prime_jax.data import build_tiny_tokenizer, load_benchmark, render_prompts
@@ -39,19 +40,8 @@ def _save_tiny_model(folder: Path, tokenizer_dir: Path | None, vocab_size: int, 
 
 
 def _config(**changes):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.reward.workers = 1
-    c.data.max_prompt_tokens = 2048
-    c.rollout.eval_batch = 8
-    for k, v in changes.items():
-        section, field = k.split(".")
-        c[section][field] = v
-    return c
+    return load_config("tiny", {"reward.workers": 1, "data.max_prompt_tokens": 2048, "rollout.eval_batch": 8,
+                                **changes})
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 """configs/qwen7b.py: the reference hyper-parameters, the real Qwen2.5-Math-7B shapes, the presets."""
 
-import importlib.util
 from pathlib import Path
 
 import jax
 import pytest
 from flax import nnx
 
+from config_files import config_module
 from prime_jax.config import ConfigError, base_config, validate
 from prime_jax.parallel import MESH_PRESETS, mesh_preset, mesh_sizes_from_config
 
@@ -14,10 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_qwen7b():
-    spec = importlib.util.spec_from_file_location("qwen7b_config", ROOT / "configs" / "qwen7b.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return config_module("qwen7b")
 
 
 @pytest.fixture(autouse=True)

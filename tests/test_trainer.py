@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from config_files import load_config
 from prime_jax.train.metrics import WALL_CLOCK_PREFIXES, read_metrics, truncate_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,20 +56,9 @@ def _command(workdir: Path) -> list[str]:
 
 def tiny_config(values: dict):
     """configs/tiny.py with `values` ({"section.field": value}) set, validated."""
-    import importlib.util
-
     from prime_jax.config import validate
 
-    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for key, value in values.items():
-        *path, name = key.split(".")
-        section = config
-        for p in path:
-            section = section[p]
-        section[name] = value
+    config = load_config("tiny", values)
     validate(config)
     return config
 

@@ -1,0 +1,27 @@
+"""The repository's config files (configs/<name>.py) as the tests load them, with dotted overrides."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config_module(name: str = "tiny"):
+    """The module of configs/<name>.py (its get_config(), presets, ...)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_config", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(name: str = "tiny", overrides: dict | None = None):
+    """configs/<name>.py's get_config() with `overrides` ({"section.field": value}) set (not validated)."""
+    config = config_module(name).get_config()
+    for key, value in (overrides or {}).items():
+        *path, field = key.split(".")
+        section = config
+        for part in path:
+            section = section[part]
+        section[field] = value
+    return config
