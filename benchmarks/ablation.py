@@ -192,6 +192,7 @@ def _probe(workdir: Path) -> dict | None:
     n = out["n"]
     r = next(iter(out["benchmarks"].values()))
     return {"prm_ranking": r["signals"]["prm"]["ranking_accuracy"], "prm_best_of_n": r["signals"]["prm"][f"best_of_{n}"],
+            "prm_weighted_vote": r.get(f"prm_weighted_vote@{n}"),  # probes before 2026-12-03 lack it
             "random_pick": r[f"random_pick (avg@{n})"], "majority": r[f"maj@{n}"], "pass_at_n": r[f"pass@{n}"], "n": n}
 
 
@@ -234,16 +235,21 @@ def plot(summary: dict, path: Path, window: int) -> None:
     plt.close(fig)
 
 
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
 def markdown(summary: dict) -> str:
     lines = ["| estimator | held-out start | held-out final | gain (points) | best | train reward (last 10) | "
-             "PRM dpo_accuracy, 2nd half (per seed) | PRM best-of-n / random / maj (per seed) | s/step |",
+             "PRM dpo_accuracy, 2nd half (per seed) | PRM best-of-n / PRM-weighted vote / random / maj (per seed) | s/step |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s in summary.values():
         half = s["prm_dpo_accuracy_second_half_per_seed"]
         dpo = "-" if not half else ", ".join(f"{v:.3f}" for v in half)
         probes = s["probe_per_seed"]
         bon = "-" if not probes else "; ".join(
-            "-" if p is None else f"{100 * p['prm_best_of_n']:.1f} / {100 * p['random_pick']:.1f} / {100 * p['majority']:.1f}"
+            "-" if p is None else f"{100 * p['prm_best_of_n']:.1f} / {_pct(p.get('prm_weighted_vote'))} / "
+                                  f"{100 * p['random_pick']:.1f} / {100 * p['majority']:.1f}"
             for p in probes)
         lines.append(f"| {s['label']} | {100 * s['eval_accuracy_start']:.1f}% | {100 * s['eval_accuracy_final']:.1f}% | "
                      f"{s['eval_accuracy_gain_points']:+.1f} | {100 * s['eval_accuracy_best']:.1f}% | "

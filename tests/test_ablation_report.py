@@ -1,0 +1,26 @@
+"""benchmarks/ablation.py's markdown table from a summary (no runs)."""
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("ablation", ROOT / "benchmarks" / "ablation.py")
+ablation = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ablation)
+
+
+def _row(label, probes, half):
+    return {"label": label, "eval_accuracy_start": 0.5, "eval_accuracy_final": 0.7, "eval_accuracy_best": 0.72,
+            "eval_accuracy_gain_points": 20.0, "train_reward_last10": 0.68, "prm_dpo_accuracy_second_half_per_seed": half,
+            "probe_per_seed": probes, "seconds_per_step": 1.5}
+
+
+def test_markdown_lists_each_seeds_pick_with_the_weighted_vote_when_the_probe_has_it():
+    new = {"prm_best_of_n": 0.63, "prm_weighted_vote": 0.66, "random_pick": 0.602, "majority": 0.64}
+    old = {"prm_best_of_n": 0.605, "prm_weighted_vote": None, "random_pick": 0.652, "majority": 0.69}
+    prime = {**_row("PRIME", [new, old, None], [0.68, 0.71, 0.69]), "steps_to_outcome_final_mean": 150,
+             "fraction_of_steps_to_outcome_final_mean": 0.5, "final_minus_outcome_final_points": 3.5}
+    md = ablation.markdown({"prime_rloo": prime, "outcome_rloo": _row("RLOO, outcome only", None, None)})
+    assert "| PRIME | 50.0% | 70.0% | +20.0 | 72.0% | 68.0% | 0.680, 0.710, 0.690 | " \
+           "63.0 / 66.0 / 60.2 / 64.0; 60.5 / - / 65.2 / 69.0; - | 1.50 |" in md
+    assert "| RLOO, outcome only | 50.0% | 70.0% | +20.0 | 72.0% | 68.0% | - | - | 1.50 |" in md
+    assert "reaches outcome-only's final mean (70.0%) at step 150 (50% of the steps); final difference +3.5" in md
