@@ -279,10 +279,13 @@ def _prm_scorer(prm: str, reference: str, config, mesh, settings, *, vocab_size:
     prm_model = load_model(prm_spec, config, mesh, vocab_size=vocab_size, which="prm")
     ref_model = load_reference(resolve_checkpoint(reference), prm_spec, config, mesh, vocab_size=vocab_size)
     # raw logits, as the trainer scores the PRM and its reference (PRIME_SPEC: no temperature)
+    # the β the PRM was trained with (its run's config), for its P(correct) = sigmoid(β Σq) in prm_vote@n
+    beta = float(_run_config(prm_spec.run_dir).get("algo", {}).get("beta", config.algo.beta)
+                 if prm_spec.kind == "run" else config.algo.beta)
     scorer = eval_lib.PRMScorer(prm_model, ref_model, mesh=mesh, chunk_size=config.model.logprob_chunk,
-                                batch_size=max(1, min(config.batch.score_batch, 256)), beta=config.algo.beta)
+                                batch_size=max(1, min(config.batch.score_batch, 256)), beta=beta)
     return scorer, {"prm": prm_spec.describe(), "reference": reference or "(default)",
-                    "prm_logprobs": "raw logits (temperature 1)"}
+                    "prm_logprobs": "raw logits (temperature 1)", "prm_beta": beta}
 
 
 def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: str | Sequence[str] = "",

@@ -275,12 +275,16 @@ def test_run_checkpoint_policy_prm_and_sampled_eval(tmp_path, one_device_mesh):
     with pytest.raises(FileNotFoundError):
         ev.resolve_checkpoint(str(tmp_path / "nowhere"))
 
-    # No --checkpoint: the workdir is the run, so its latest policy is evaluated.
-    scores = ev.evaluate(config, run, benchmarks="synthetic", limit=3, n=2, temperature=1.0, max_new_tokens=8,
+    # No --checkpoint: the workdir is the run, so its latest policy is evaluated. The PRM's β for
+    # prm_vote@n is the run's own (config.json), not the evaluation config's.
+    eval_config = config.copy_and_resolve_references()
+    eval_config.algo.beta = config.algo.beta / 4
+    scores = ev.evaluate(eval_config, run, benchmarks="synthetic", limit=3, n=2, temperature=1.0, max_new_tokens=8,
                          prm=str(run), mesh=one_device_mesh)
     assert scores["info"]["checkpoint"].endswith("checkpoints/3 (orbax run checkpoint)")
+    assert scores["info"]["prm_beta"] == config.algo.beta
     m = scores["benchmarks"]["synthetic"]
-    assert {"pass@1", "pass@2", "avg@2", "maj@2", "best@2"} <= set(m) and m["num_problems"] == 3
+    assert {"pass@1", "pass@2", "avg@2", "maj@2", "best@2", "prm_vote@2"} <= set(m) and m["num_problems"] == 3
     assert 0.0 <= m["pass@1"] <= m["pass@2"] <= 1.0 and m["response_length"] <= 8
     lines = (run / "eval" / "synthetic.jsonl").read_text().splitlines()
     assert len(lines) == 6 and all("prm_reward" in json.loads(x) for x in lines)
