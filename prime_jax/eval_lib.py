@@ -159,14 +159,7 @@ def answer_key(answer: str | None) -> str | None:
 
 def majority_index(keys: Sequence[str | None]) -> int | None:
     """Index of the first sample holding the most common (non-None) key; ties: first seen."""
-    counts = collections.Counter(k for k in keys if k is not None)
-    if not counts:
-        return None
-    best = max(counts.values())
-    for i, k in enumerate(keys):
-        if k is not None and counts[k] == best:
-            return i
-    return None  # unreachable
+    return weighted_vote_index(keys, [1.0] * len(keys))
 
 
 def weighted_vote_index(keys: Sequence[str | None], weights: Sequence[float]) -> int | None:
