@@ -23,10 +23,11 @@ For each signal it reports the ranking accuracy on groups with both correct and 
 best-of-n accuracy when picking the top-scored sample, beside majority vote (maj@n), a vote weighted
 by the PRM's P(correct) = sigmoid(β Σq) (what its ce loss fits; reward-weighted voting, which the
 implicit-PRM paper's evaluation code also reports), a random pick (avg@n, its expectation) and
-pass@n; and how often the top pick is a response sampled only once in its group (a random pick favours the responses sampled often, as a nearly deterministic policy's
-are, so a signal that favours rare responses can pick below random while it ranks above 0.5).
-None of these problems was trained on (the synthetic held-out set is excluded from training and
-SFT). Writes WORKDIR/prm_probe.json (and --out, if given) and prints a markdown table.
+pass@n; and how often the top pick is a response sampled only once in its group (a random pick
+favours the responses sampled often, as a nearly deterministic policy's are, so a signal that
+favours rare responses can pick below random while it ranks above 0.5). None of these problems was
+trained on (the synthetic held-out set is excluded from training and SFT). Writes
+WORKDIR/prm_probe.json (and --out, if given) and prints a markdown table.
 """
 
 from __future__ import annotations

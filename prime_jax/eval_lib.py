@@ -20,10 +20,11 @@ Metrics, per benchmark, over its problems (a problem's ``n`` samples are rows ``
   answer do not vote; none at all scores 0).
 * ``best@n`` (with a PRM): the grade of the sample with the largest implicit process reward
   ``Σ_t (log π_prm(y_t) − log π_ref(y_t))`` (PRIME's PRM used as a best-of-n reranker).
-* ``prm_vote@n`` (with a PRM, math): a vote weighted by the PRM: each answer scores the sum of
-  its samples' P(correct) = sigmoid(β Σq) (what the PRM's cross-entropy loss fits; β: the
-  PRM run's ``algo.beta``, else the config's), and the top answer's grade counts (reward-weighted voting, which the
-  implicit-PRM paper's evaluation code also reports; with all weights equal it is maj@n).
+* ``prm_vote@n`` (with a PRM, math): a vote weighted by the PRM: each answer scores the sum of its
+  samples' P(correct) = sigmoid(β Σq) (what the PRM's cross-entropy loss fits; β: the PRM run's
+  ``algo.beta``, else the config's), and the top answer's grade counts (reward-weighted voting,
+  which the implicit-PRM paper's evaluation code also reports; with all weights equal it is
+  maj@n).
 
 Problems whose prompt is longer than the prompt limit are not generated for; they count as
 wrong (score 0) in every metric, so scores stay comparable with published numbers, and are
@@ -167,8 +168,8 @@ def weighted_vote_index(keys: Sequence[str | None], weights: Sequence[float]) ->
 
     A reward-weighted majority vote: with weights all 1 it is ``majority_index``; with a verifier's
     estimate of P(correct) per sample it weighs how often an answer is sampled by how likely each
-    copy is right (reward-weighted voting, as the implicit-PRM paper's evaluation code has it). Ties: the
-    first seen."""
+    copy is right (reward-weighted voting, as the implicit-PRM paper's evaluation code has it).
+    Ties: the first seen."""
     if len(keys) != len(weights):
         raise ValueError(f"weighted_vote_index: {len(keys)} keys but {len(weights)} weights")
     totals: dict[str, float] = {}
