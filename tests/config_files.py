@@ -1,4 +1,5 @@
-"""The repository's config files (configs/<name>.py) as the tests load them, with dotted overrides."""
+"""The repository's files that are not importable packages (configs/<name>.py, benchmarks/*.py) as the
+tests load them, with dotted overrides for configs."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,12 +8,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def config_module(name: str = "tiny"):
-    """The module of configs/<name>.py (its get_config(), presets, ...)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_config", ROOT / "configs" / f"{name}.py")
+def module_at(relative_path: str, name: str):
+    """The Python file ROOT/relative_path executed as a module called `name`."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def config_module(name: str = "tiny"):
+    """The module of configs/<name>.py (its get_config(), presets, ...)."""
+    return module_at(f"configs/{name}.py", f"{name}_config")
 
 
 def load_config(name: str = "tiny", overrides: dict | None = None):

@@ -1,11 +1,8 @@
 """benchmarks/ablation.py's markdown table from a summary (no runs)."""
-import importlib.util
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("ablation", ROOT / "benchmarks" / "ablation.py")
-ablation = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ablation)
+from config_files import module_at
+
+ablation = module_at("benchmarks/ablation.py", "ablation")
 
 
 def _row(label, probes, half):

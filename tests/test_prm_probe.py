@@ -1,14 +1,10 @@
 """benchmarks/prm_probe.py's credit diagnostic: where a signal puts its (dis)credit around a slipped step."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("prm_probe", ROOT / "benchmarks" / "prm_probe.py")
-probe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(probe)
+from config_files import module_at
+
+probe = module_at("benchmarks/prm_probe.py", "prm_probe")
 
 
 class CharTokenizer:
