@@ -191,7 +191,8 @@ def _probe(workdir: Path) -> dict | None:
     out = json.loads(path.read_text())
     n = out["n"]
     r = next(iter(out["benchmarks"].values()))
-    return {"prm_ranking": r["signals"]["prm"]["ranking_accuracy"], "prm_best_of_n": r["signals"]["prm"][f"best_of_{n}"],
+    prm = r["signals"]["prm"]
+    return {"prm_ranking": prm["ranking_accuracy"], "prm_best_of_n": prm[f"best_of_{n}"],
             "prm_weighted_vote": r.get(f"prm_weighted_vote@{n}"),  # probes before 2026-12-03 lack it
             "random_pick": r[f"random_pick (avg@{n})"], "majority": r[f"maj@{n}"], "pass_at_n": r[f"pass@{n}"], "n": n}
 
@@ -241,7 +242,8 @@ def _pct(x) -> str:
 
 def markdown(summary: dict) -> str:
     lines = ["| estimator | held-out start | held-out final | gain (points) | best | train reward (last 10) | "
-             "PRM dpo_accuracy, 2nd half (per seed) | PRM best-of-n / PRM-weighted vote / random / maj (per seed) | s/step |",
+             "PRM dpo_accuracy, 2nd half (per seed) | "
+             "PRM best-of-n / PRM-weighted vote / random / maj (per seed) | s/step |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s in summary.values():
         half = s["prm_dpo_accuracy_second_half_per_seed"]
@@ -251,8 +253,9 @@ def markdown(summary: dict) -> str:
             "-" if p is None else f"{100 * p['prm_best_of_n']:.1f} / {_pct(p.get('prm_weighted_vote'))} / "
                                   f"{100 * p['random_pick']:.1f} / {100 * p['majority']:.1f}"
             for p in probes)
-        lines.append(f"| {s['label']} | {100 * s['eval_accuracy_start']:.1f}% | {100 * s['eval_accuracy_final']:.1f}% | "
-                     f"{s['eval_accuracy_gain_points']:+.1f} | {100 * s['eval_accuracy_best']:.1f}% | "
+        lines.append(f"| {s['label']} | {100 * s['eval_accuracy_start']:.1f}% | "
+                     f"{100 * s['eval_accuracy_final']:.1f}% | {s['eval_accuracy_gain_points']:+.1f} | "
+                     f"{100 * s['eval_accuracy_best']:.1f}% | "
                      f"{100 * s['train_reward_last10']:.1f}% | {dpo} | {bon} | {s['seconds_per_step']:.2f} |")
     prime = summary.get("prime_rloo", {})
     if "steps_to_outcome_final_mean" in prime:

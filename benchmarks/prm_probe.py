@@ -27,7 +27,7 @@ pass@n; and how often the top pick is a response sampled only once in its group 
 favours the responses sampled often, as a nearly deterministic policy's are, so a signal that
 favours rare responses can pick below random while it ranks above 0.5). None of these problems was
 trained on (the synthetic held-out set is excluded from training and SFT). Writes
-WORKDIR/prm_probe.json (and --out, if given) and prints a markdown table.
+WORKDIR/prm_probe.json (or --out) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -167,7 +167,8 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
     settings = eval_lib.settings_from_config(
         config, n=n, temperature=config.rollout.temperature if temperature is None else temperature, seed=seed)
     sets, _ = load_eval_sets(config, limit=limit)
-    scorers = {"prm": eval_lib.PRMScorer(prm, prm_ref, mesh=mesh), "policy_log_ratio": eval_lib.PRMScorer(policy, ref, mesh=mesh),
+    scorers = {"prm": eval_lib.PRMScorer(prm, prm_ref, mesh=mesh),
+               "policy_log_ratio": eval_lib.PRMScorer(policy, ref, mesh=mesh),
                "ref_logprob": eval_lib.PRMScorer(ref, None, mesh=mesh)}
     out = {"workdir": str(workdir), "checkpoint_step": spec.step, "n": n, "temperature": settings.temperature,
            "seed": settings.seed, "benchmarks": {}}
@@ -175,7 +176,8 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
                     code_timeout=config.reward.timeout_s) as pool:
         for name, problems in sets.items():
             ids, kept, _ = render_prompts(problems, tokenizer, settings.max_prompt_tokens)
-            gen = eval_lib.generate_responses(Sampler(mesh, min_prompt_bucket=MIN_PROMPT_BUCKET), policy, tokenizer, ids, settings,
+            sampler = Sampler(mesh, min_prompt_bucket=MIN_PROMPT_BUCKET)
+            gen = eval_lib.generate_responses(sampler, policy, tokenizer, ids, settings,
                                               stop_token_ids=eos_token_ids(tokenizer),
                                               key=eval_lib.benchmark_key(jax.random.PRNGKey(settings.seed), name))
             graded = pool.score([(gen.texts[r], kept[r // n].ground_truth, kept[r // n].ability)
@@ -189,7 +191,8 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
             lengths = np.asarray([max(len(r), 1) for r in gen.response_ids], np.float64).reshape(len(kept), n)
             signals["prm_per_token"] = signals["prm"] / lengths  # a length-free variant (not PRIME's)
             # the worst step decides (the usual PRM aggregation for best-of-n; PRIME's returns use sums)
-            signals["prm_min"] = np.asarray([q.min() if len(q) else 0.0 for q in prm_q], np.float64).reshape(len(kept), n)
+            worst = [q.min() if len(q) else 0.0 for q in prm_q]
+            signals["prm_min"] = np.asarray(worst, np.float64).reshape(len(kept), n)
             # the PRM's P(correct) of each sample, sigmoid(beta * sum q) (what its ce loss fits), summed per answer
             prm_p_correct = np.vectorize(lambda q: eval_lib.prm_p_correct(q, config.algo.beta))(signals["prm"])
             majority, weighted = [], []
@@ -202,7 +205,8 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
             mixed = scores.max(1) > scores.min(1)
             copies = text_copies(gen.texts, n)
             result = {"problems": len(kept), "mixed_groups": int(mixed.sum()),
-                      "distinct_responses_per_mixed_group": float((1.0 / copies[mixed]).sum(1).mean()) if mixed.any() else None,
+                      "distinct_responses_per_mixed_group":
+                          float((1.0 / copies[mixed]).sum(1).mean()) if mixed.any() else None,
                       "mean_length_correct": float(lengths[scores >= 0.5].mean()) if (scores >= 0.5).any() else None,
                       "mean_length_wrong": float(lengths[scores < 0.5].mean()) if (scores < 0.5).any() else None,
                       "shorter_ranking": signal_metrics(scores, -lengths, n)["ranking_accuracy"],
@@ -231,18 +235,21 @@ def markdown(out: dict) -> str:
     n = out["n"]
     lines = []
     for name, r in out["benchmarks"].items():
-        distinct = "-" if r.get("distinct_responses_per_mixed_group") is None else f"{r['distinct_responses_per_mixed_group']:.1f}"
-        lines += [f"{name}: {r['problems']} problems x {n} samples (T={out['temperature']}), {r['mixed_groups']} groups "
-                  f"with both correct and wrong samples ({distinct} distinct responses each); checkpoint step {out['checkpoint_step']}; mean length "
-                  f"correct {r['mean_length_correct']} / wrong {r['mean_length_wrong']} tokens (ranking by shortness: "
-                  f"{r['shorter_ranking']:.3f})", "",
-                  f"| signal | ranking accuracy (mixed groups; chance 0.5) | best-of-{n} accuracy | mean sum, correct | "
+        distinct = r.get("distinct_responses_per_mixed_group")
+        distinct = "-" if distinct is None else f"{distinct:.1f}"
+        lines += [f"{name}: {r['problems']} problems x {n} samples (T={out['temperature']}), {r['mixed_groups']} "
+                  f"groups with both correct and wrong samples ({distinct} distinct responses each); checkpoint step "
+                  f"{out['checkpoint_step']}; mean length correct {r['mean_length_correct']} / wrong "
+                  f"{r['mean_length_wrong']} tokens (ranking by shortness: {r['shorter_ranking']:.3f})", "",
+                  "| signal | ranking accuracy (mixed groups; chance 0.5) | "
+                  f"best-of-{n} accuracy | mean sum, correct | "
                   "mean sum, wrong | top pick sampled once (mixed groups; right) |", "|---|---|---|---|---|---|"]
         for k, m in r["signals"].items():
             right, wrong = r["mean_sum_correct"][k], r["mean_sum_wrong"][k]
             fmt = lambda x: "-" if x is None else f"{x:.3f}"
             once, once_right = m.get("top_pick_sampled_once"), m.get("top_pick_sampled_once_accuracy")
-            rare = "-" if once is None else f"{100 * once:.0f}%; " + ("-" if once_right is None else f"{100 * once_right:.0f}%")
+            rare = "-" if once is None else (f"{100 * once:.0f}%; "
+                                              + ("-" if once_right is None else f"{100 * once_right:.0f}%"))
             lines.append(f"| {k} | {m['ranking_accuracy']:.3f} | {100 * m[f'best_of_{n}']:.1f}% | {fmt(right)} | "
                          f"{fmt(wrong)} | {rare} |")
         lines += [f"| majority vote (maj@{n}) | - | {100 * r[f'maj@{n}']:.1f}% | | | |",
@@ -256,9 +263,11 @@ def markdown(out: dict) -> str:
                       "(first departure from the step-by-step solution):", "",
                       "| signal | before the slip | the slipped token | after it | correct responses |",
                       "|---|---|---|---|---|",
-                      "| PRM q | " + " | ".join(fmt(c["q_per_token"][k]) for k in ("before", "at", "after", "correct_rows"))
+                      "| PRM q | "
+                      + " | ".join(fmt(c["q_per_token"][k]) for k in ("before", "at", "after", "correct_rows"))
                       + " |",
-                      "| log π_ref | " + " | ".join(fmt(c["ref_logprob_per_token"][k]) for k in ("before", "at", "after"))
+                      "| log π_ref | "
+                      + " | ".join(fmt(c["ref_logprob_per_token"][k]) for k in ("before", "at", "after"))
                       + " | |", ""]
     return "\n".join(lines)
 
@@ -272,18 +281,17 @@ def main(argv=None) -> None:
     parser.add_argument("--limit", type=int, default=0, help="first k held-out problems (0: all)")
     parser.add_argument("--temperature", type=float, default=None, help="default: the run's rollout temperature")
     parser.add_argument("--seed", type=int, default=1234, help="sampling seed")
-    parser.add_argument("--out", default="", help="also write the JSON here")
+    parser.add_argument("--out", default="",
+                        help="write the JSON here instead of WORKDIR/prm_probe.json (which ablation.py reads)")
     args = parser.parse_args(argv)
     if args.n < 2:
         raise SystemExit("--n must be >= 2 (ranking needs several samples per problem)")
     workdir = Path(args.workdir)
     out = probe(workdir, args.config, n=args.n, limit=args.limit, temperature=args.temperature, seed=args.seed)
-    text = json.dumps(out, indent=2)
-    (workdir / "prm_probe.json").write_text(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    path = Path(args.out) if args.out else workdir / "prm_probe.json"
+    path.write_text(json.dumps(out, indent=2))
     print(markdown(out))
-    print(f"wrote {workdir / 'prm_probe.json'} ({out['wall_s']} s)")
+    print(f"wrote {path} ({out['wall_s']} s)")
 
 
 if __name__ == "__main__":
