@@ -14,8 +14,9 @@ it already holds checkpoints). Then it writes
   min-max band over seeds;
 * OUT/ablation.json and OUT/ablation.md: start and final held-out accuracy, the best one, the final
   training reward, the PRM's ranking accuracy averaged over the second half of each run, the step
-  at which PRIME's mean held-out accuracy reaches outcome-only's final mean, time per step and,
-  with --probe, each PRIME run's best-of-8 pick by the PRM (benchmarks/prm_probe.py).
+  at which PRIME's mean held-out accuracy reaches outcome-only's final mean, PRIME's final minus
+  outcome-only's per seed with its standard error, the mean and per-seed held-out curves (JSON),
+  time per step and, with --probe, each PRIME run's best-of-8 pick by the PRM (benchmarks/prm_probe.py).
 """
 
 from __future__ import annotations
@@ -180,6 +181,11 @@ def summarize(out: Path, seeds: list[int], wall: dict) -> dict:
         prime["steps_to_outcome_final_mean"] = reach
         prime["fraction_of_steps_to_outcome_final_mean"] = None if reach is None else reach / max(steps)
         prime["final_minus_outcome_final_points"] = 100 * (prime["eval_accuracy_final"] - target)
+        # paired by seed (same SFT start): the spread of the per-seed difference sets how far the mean can be trusted
+        paired = 100 * (np.asarray(prime["per_seed_final"]) - np.asarray(base["per_seed_final"]))
+        prime["final_minus_outcome_per_seed_points"] = paired.tolist()
+        prime["final_minus_outcome_standard_error_points"] = (
+            float(paired.std(ddof=1) / np.sqrt(len(paired))) if len(paired) > 1 else None)
     return summary
 
 
@@ -264,8 +270,13 @@ def markdown(summary: dict) -> str:
                       f"({100 * summary['outcome_rloo']['eval_accuracy_final']:.1f}%) "
                       + ("never" if reach is None else f"at step {reach} "
                          f"({100 * prime['fraction_of_steps_to_outcome_final_mean']:.0f}% of the steps)")
-                      + f"; final difference {prime['final_minus_outcome_final_points']:+.1f} points."]
+                      + f"; final difference {prime['final_minus_outcome_final_points']:+.1f} points"
+                      + _standard_error(prime.get("final_minus_outcome_standard_error_points")) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _standard_error(se: float | None) -> str:
+    return "" if se is None else f" (standard error {se:.1f}, paired by seed)"
 
 
 def main(argv=None) -> None:
@@ -301,7 +312,10 @@ def main(argv=None) -> None:
     plot(summary, out / "ablation.png", args.smooth)
     slim = {e: {k: v for k, v in s.items() if k != "curves"} for e, s in summary.items()}
     for e, s in summary.items():
-        slim[e]["eval_curve"] = list(zip(s["curves"][0]["eval_steps"], s["curves"][0]["eval_accuracy"]))
+        steps, acc = _common(s["curves"], "eval_steps", "eval_accuracy")
+        slim[e]["eval_curve_mean"] = list(zip(steps, acc.mean(0).tolist()))
+        slim[e]["eval_curve_per_seed"] = {seed: list(zip(c["eval_steps"], c["eval_accuracy"]))
+                                          for seed, c in zip(s["seeds"], s["curves"])}
     (out / "ablation.json").write_text(json.dumps(slim, indent=2))
     table = markdown(summary)
     (out / "ablation.md").write_text(f"# PRIME vs outcome-only RLOO ({args.config}, seeds {seeds})\n\n{table}\n"

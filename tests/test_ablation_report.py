@@ -21,3 +21,31 @@ def test_markdown_lists_each_seeds_pick_with_the_weighted_vote_when_the_probe_ha
            "63.0 / 66.0 / 60.2 / 64.0; 60.5 / - / 65.2 / 69.0; - | 1.50 |" in md
     assert "| RLOO, outcome only | 50.0% | 70.0% | +20.0 | 72.0% | 68.0% | - | - | 1.50 |" in md
     assert "reaches outcome-only's final mean (70.0%) at step 150 (50% of the steps); final difference +3.5" in md
+
+
+def _write_run(workdir, evals, dpo=None):
+    """A run's metrics.jsonl with eval rows at steps 0, 10, ... and one train row per step."""
+    import json
+
+    workdir.mkdir(parents=True)
+    rows = []
+    for i, accuracy in enumerate(evals):
+        rows.append({"step": 10 * i, "eval/accuracy": accuracy})
+        rows.append({"step": 10 * i, "train/reward": 0.5, "time/step_s": 1.0, "prm/dpo_accuracy": dpo})
+    (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_summary_pairs_the_final_difference_by_seed_and_reports_its_standard_error(tmp_path):
+    # PRIME minus outcome-only per seed: +0.02, -0.04, +0.05 -> mean +1.0 point, s.d. 4.58, s.e. 2.65
+    finals = {"prime_rloo": [0.62, 0.50, 0.75], "outcome_rloo": [0.60, 0.54, 0.70]}
+    for estimator, per_seed in finals.items():
+        for seed, final in enumerate(per_seed):
+            _write_run(tmp_path / f"{estimator}_s{seed}", [0.4, 0.5, final],
+                       dpo=0.7 if estimator == "prime_rloo" else None)
+    summary = ablation.summarize(tmp_path, [0, 1, 2], {})
+    prime = summary["prime_rloo"]
+    assert [round(d, 6) for d in prime["final_minus_outcome_per_seed_points"]] == [2.0, -4.0, 5.0]
+    assert abs(prime["final_minus_outcome_standard_error_points"] - 2.6458) < 1e-3
+    assert abs(prime["final_minus_outcome_final_points"] - 1.0) < 1e-9
+    md = ablation.markdown(summary)
+    assert "final difference +1.0 points (standard error 2.6, paired by seed)." in md
