@@ -7,7 +7,8 @@ ablation = module_at("benchmarks/ablation.py", "ablation")
 
 def _row(label, probes, half):
     return {"label": label, "eval_accuracy_start": 0.5, "eval_accuracy_final": 0.7, "eval_accuracy_best": 0.72,
-            "eval_accuracy_gain_points": 20.0, "train_reward_last10": 0.68, "prm_dpo_accuracy_second_half_per_seed": half,
+            "eval_accuracy_gain_points": 20.0, "train_reward_last10": 0.68,
+            "prm_dpo_accuracy_second_half_per_seed": half,
             "probe_per_seed": probes, "seconds_per_step": 1.5}
 
 
