@@ -1,4 +1,6 @@
-"""benchmarks/ablation.py's markdown table from a summary (no runs)."""
+"""benchmarks/ablation.py's report: its markdown table from a summary, and the summary of runs' metrics files."""
+
+import json
 
 from config_files import module_at
 
@@ -26,8 +28,6 @@ def test_markdown_lists_each_seeds_pick_with_the_weighted_vote_when_the_probe_ha
 
 def _write_run(workdir, evals, dpo=None):
     """A run's metrics.jsonl with eval rows at steps 0, 10, ... and one train row per step."""
-    import json
-
     workdir.mkdir(parents=True)
     rows = []
     for i, accuracy in enumerate(evals):
