@@ -2,11 +2,13 @@
 
     python -m prime_jax.main --config=configs/tiny_chains.py
 
-configs/tiny.py's model, SFT, rollout and PRM settings on a different task: `Chain 7-5+4-3+2+1`
-answered in five `a<op>x=r` lines and a \\boxed{}. Every step is easy, but one slipped step makes the
-final answer wrong, so an outcome reward says only that a response failed, while a token-level
-reward can point at the wrong result digit. See benchmarks/README.md ("A task where per-step credit
-matters") for what it measured.
+configs/tiny.py's model, rollout and PRM settings on a different task: `Chain 7-5+4-3+2+1` answered in
+five `a<op>x=r` lines and a \\boxed{}. Every step is easy, but one slipped step makes the final answer
+wrong, so an outcome reward says only that a response failed, while a token-level reward can point at
+the wrong result digit. The SFT demonstrations slip systematically (sft.flawed_steps): a clean SFT of
+this task is either ~100% right or on a cliff, while RL is for a model with errors it repeats.
+benchmarks/README.md ("Chains from an SFT with systematic slips") has what it measured: over 6 seeds both
+PRIME and outcome-only RLOO gain ~19 points held-out in 150 steps, PRIME -0.5 +- 1.3 points against it.
 """
 
 import importlib.util
@@ -24,26 +26,20 @@ def get_config():
     c = _tiny()
     c.name = "tiny_chains"
     c.data.synthetic.task = "chains"
-    c.data.synthetic.min_steps = 5  # chain length (steps); about 40 response tokens
+    c.data.synthetic.min_steps = 5  # chain length (steps); about 34 response tokens
     c.data.synthetic.max_steps = 5
     c.data.max_prompt_tokens = 48
     c.rollout.max_new_tokens = 44
-    c.total_steps = 100
-    # The spec's temperature: at tiny.py's 0.7 the SFT model answered most chains the same way in all 4
-    # samples, the accuracy filter kept 5-15% of the groups and 60-80% of the steps had no update at all.
+    c.total_steps = 150
+    c.checkpoint_every = 50
+    # 27 of the 90 step types (a, op, x) are demonstrated with a result one off 60% of the time: the SFT model
+    # slips there when sampling and, where it learned the slip as the likelier token, greedily too (46% held-out
+    # greedy on seed 0; 48% of the demonstrations end on a wrong answer). A chain passes 1.3 such steps on average
+    # (38% of chains two or more), any of which can make the response wrong: credit that an outcome reward spreads
+    # over the whole response.
+    c.sft.flawed_steps = 0.3
+    c.sft.flaw_prob = 0.6
+    # The spec's temperature: at tiny.py's 0.7 the SFT model answered most chains the same way in all 4 samples,
+    # the accuracy filter kept 5-15% of the groups and 60-80% of the steps had no update at all (clean SFT).
     c.rollout.temperature = 1.0
-    # Process rewards at full weight (process_coef 1.0) only as the PRM earns it: weighted by how well it ranks
-    # fresh samples (a moving average of prm/dpo_accuracy; 0 at chance, full from 0.65 on), and not lifted
-    # above their size while the PRM is within 0.5 nats of its reference. Both are departures from the spec
-    # (docs/algorithm.md); without them (the spec) PRIME fell from 64.5% to 44.5% held-out in 25 steps here.
-    c.algo.process_coef = 1.0
-    c.algo.process_ramp = "ranking"
-    c.algo.process_norm_floor = 0.5
-    # The PRM settings this task was measured with (tiny.py's until 2026-12-03): the dpo loss, the frozen SFT model
-    # as the PRM's reference and one PRM update per step at 2e-5. tiny.py's newer ones (ce, the rollout policy as
-    # reference, eight updates at 4e-5) were not measured on chains.
-    c.algo.prm_loss = "dpo"
-    c.algo.prm_ref = "freeze"
-    c.prm_optim.lr = 2e-5
-    c.batch.prm_mini_batch = 64
     return c

@@ -205,6 +205,11 @@ def _system_sections(c: ml_collections.ConfigDict) -> None:
     c.sft.clip_norm = 1.0  # global grad-norm clip (0: off)
     c.sft.num_examples = 4096  # demonstrations used (generated, seeded, for "synthetic"; the first k of a file)
     c.sft.data = SYNTHETIC  # "synthetic" (step-by-step demonstrations) or a JSONL of {"messages": [..., assistant]}
+    # Systematic slips in the synthetic chains demonstrations (data.synthetic.task "chains"; data/chains.py): a seeded
+    # fraction of the 90 one-digit step types whose demonstrated result is one off with probability flaw_prob.
+    c.sft.flawed_steps = 0.0  # fraction of step types with slips (0: clean demonstrations)
+    c.sft.flaw_prob = 0.6  # probability that a demonstration slips at a flawed step (above 0.5: greedy decoding slips too)
+    c.sft.flaw_seed = 0  # picks the flawed step types (the same for every run seed, like the held-out set)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 3  # keep the last k checkpoints
@@ -554,6 +559,13 @@ def _check_sft(c) -> None:
     _positive("sft.num_examples", c.sft.num_examples)
     if c.sft.steps and c.sft.data != SYNTHETIC:
         _check("sft.data", Path(c.sft.data).expanduser().is_file(), f"SFT data file {c.sft.data!r} does not exist")
+    _check("sft.flawed_steps", 0 <= c.sft.flawed_steps <= 1, f"must be in [0, 1], got {c.sft.flawed_steps}")
+    _check("sft.flaw_prob", 0 <= c.sft.flaw_prob <= 1, f"must be in [0, 1], got {c.sft.flaw_prob}")
+    _non_negative("sft.flaw_seed", c.sft.flaw_seed)
+    if c.sft.flawed_steps:
+        _check("sft.flawed_steps", c.sft.data == SYNTHETIC and c.data.synthetic.task == "chains",
+               "needs the synthetic chains demonstrations (sft.data 'synthetic', data.synthetic.task 'chains'), "
+               f"got sft.data {c.sft.data!r}, task {c.data.synthetic.task!r}")
     _non_negative("debug.inject_nan_step", c.debug.inject_nan_step)
 
 

@@ -83,6 +83,9 @@ def test_schema_top_level_fields_and_every_field_commented():
     (lambda c: setattr(c.algo, "prm_warmup_steps", c.total_steps), "algo.prm_warmup_steps", "below total_steps"),
     (lambda c: (setattr(c.algo, "prm_warmup_steps", 5), setattr(c.algo, "estimator", "outcome_rloo")),
      "algo.prm_warmup_steps", "trains no PRM"),
+    (lambda c: setattr(c.sft, "flawed_steps", 1.5), "sft.flawed_steps", "[0, 1]"),
+    (lambda c: setattr(c.sft, "flaw_prob", -0.1), "sft.flaw_prob", "[0, 1]"),
+    (lambda c: setattr(c.sft, "flawed_steps", 0.3), "sft.flawed_steps", "task 'arith'"),
 ])
 def test_bad_values_name_the_field(change, field, words):
     c = tiny()

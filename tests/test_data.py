@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from prime_jax.data import (
@@ -490,6 +491,52 @@ def test_chains_task_deterministic_correct_and_selectable(tiny_tok):
     assert arith[0].source == synthetic.SOURCE and task_demonstration(arith[0]) == demonstration(arith[0])
     with pytest.raises(ValueError, match="unknown task"):
         make_task_problems(ml_collections.ConfigDict({**cfg, "task": "sudoku"}), 1, 0, stream=0)
+
+
+def test_flawed_chains_demonstrations_slip_by_one_at_flawed_steps_and_carry_on():
+    from prime_jax.data import chains
+
+    types = chains.step_types()
+    assert len(types) == len(set(types)) == 90
+    assert all(0 <= (a + x if op == "+" else a - x) <= 9 for a, op, x in types)
+    flawed = chains.flawed_step_types(0.3, seed=0)
+    assert len(flawed) == 27 and flawed <= set(types) and flawed == chains.flawed_step_types(0.3, seed=0)
+    assert flawed != chains.flawed_step_types(0.3, seed=1) and not chains.flawed_step_types(0.0, seed=0)
+    problems = chains.make_problems(400, seed=0)
+    rng = np.random.default_rng(0)
+    assert all(chains.flawed_demonstration(p, flawed, 0.0, rng) == chains.demonstration(p) for p in problems)
+    assert all(chains.flawed_demonstration(p, frozenset(), 1.0, rng) == chains.demonstration(p) for p in problems)
+    every = frozenset(types)
+    slipped = steps = 0
+    for p in problems:
+        demo = chains.flawed_demonstration(p, every, 0.6, rng)
+        *lines, final = demo.split("\n")
+        value = p.meta["start"]
+        for line, (op, x) in zip(lines, p.meta["steps"]):
+            assert line.startswith(f"{value}{op}{x}=")  # goes on from the (possibly slipped) running value
+            result, right = int(line.split("=")[1]), value + x if op == "+" else value - x
+            assert 0 <= result <= 9 and abs(result - right) <= 1
+            slipped, steps, value = slipped + (result != right), steps + 1, result
+        assert final == f"\\boxed{{{value}}}"
+    assert 0.4 < slipped / steps < 0.6  # 0.6 where a one-off result keeps the chain in [0, 9]
+
+
+def test_flawed_chains_sft_pairs_from_the_config():
+    from config_files import load_config
+    from prime_jax.data import chains, sft_pairs
+
+    c = load_config("tiny_chains")
+    assert c.sft.flawed_steps == 0.3
+    c.sft.num_examples, c.sft.flawed_steps = 300, 0.0
+    clean = sft_pairs(c, set())
+    c.sft.flawed_steps = 0.3
+    flawed = sft_pairs(c, set())
+    assert flawed == sft_pairs(c, set()) and [m for m, _ in flawed] == [m for m, _ in clean]
+    wrong = [last_boxed(d) != last_boxed(f) for (_, d), (_, f) in zip(clean, flawed)]
+    assert 0.2 < np.mean(wrong) < 0.8
+    c.sft.flawed_steps = 1.0
+    assert np.mean([last_boxed(d) != last_boxed(f) for (_, d), (_, f) in zip(clean, sft_pairs(c, set()))]) > np.mean(wrong) + 0.2
+    assert chains.flawed_step_types(0.3, c.sft.flaw_seed) < chains.flawed_step_types(1.0, c.sft.flaw_seed)
 
 
 def test_tiny_tokenizer_round_trip_and_chat_template(tmp_path, tiny_tok):

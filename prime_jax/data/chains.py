@@ -21,6 +21,13 @@ digit, so there is little "where" to learn.
 
 The ground truth is the final value as a string, so the ordinary math verifier (last ``\\boxed{}``)
 grades it. Generation is deterministic: problem ``i`` depends only on ``(seed, stream, i)``.
+
+A clean SFT on these chains is either near 100% or on a cliff (the tiny model learns the rule
+abruptly), which leaves RL nothing to fix. ``flawed_demonstration`` gives the SFT model the kind of
+error RL is for, systematic slips at particular steps: for a seeded set of step types (``3+4``,
+``8-2``, ...) the demonstration writes a result one off with some probability and carries it on, so
+the SFT policy slips at those steps, greedy decoding is wrong on chains that pass through them, and
+a response usually has several uncertain steps of which any one can make it wrong.
 """
 from __future__ import annotations
 
@@ -68,6 +75,46 @@ def make_problems(n: int, seed: int = 0, *, min_length: int = 5, max_length: int
         n, seed, stream, lambda rng: _draw(rng, int(rng.integers(min_length, max_length + 1))), expression,
         exclude=exclude, unique=unique, system_prompt=system_prompt, prefix=PROMPT_PREFIX, source=SOURCE,
         id_prefix="chain", salt=(7,))  # 7: streams apart from the arithmetic task's
+
+
+def step_types() -> list[tuple[int, str, int]]:
+    """Every step ``(a, op, x)`` a chain can take: x in 1..9 and a result in [0, 9] (45 + and 45 -)."""
+    return ([(a, "+", x) for a in range(MAX_VALUE) for x in range(1, MAX_VALUE + 1 - a)]
+            + [(a, "-", x) for a in range(1, MAX_VALUE + 1) for x in range(1, a + 1)])
+
+
+def flawed_step_types(fraction: float, seed: int) -> frozenset:
+    """A seeded ``round(fraction * 90)`` of the step types (the same set for the same seed)."""
+    types = step_types()
+    order = np.random.default_rng([int(seed), 99]).permutation(len(types))
+    return frozenset(types[i] for i in order[: int(round(fraction * len(types)))])
+
+
+def _stays_in_range(value: int, steps: list[tuple[str, int]]) -> bool:
+    for op, x in steps:
+        value = value + x if op == "+" else value - x
+        if not 0 <= value <= MAX_VALUE:
+            return False
+    return True
+
+
+def flawed_demonstration(problem: Problem, flawed: frozenset, prob: float, rng: np.random.Generator) -> str:
+    """The demonstration, except that at a step whose ``(running value, op, x)`` is in ``flawed`` it
+    writes, with probability ``prob``, a result one off (r+1 or r-1, in random order, whichever keeps
+    this and every later running value in [0, 9]; neither: the right one) and goes on from it, so
+    its later lines and its ``\\boxed{}`` follow the slip. Draws from ``rng`` only at flawed steps."""
+    value, steps = synthetic.parse_expression(problem.meta.get("expression") or problem.user_content)
+    lines = []
+    for k, (op, x) in enumerate(steps):
+        result = value + x if op == "+" else value - x
+        if (value, op, x) in flawed and rng.random() < prob:
+            slips = [result + 1, result - 1] if rng.random() < 0.5 else [result - 1, result + 1]
+            slips = [r for r in slips if 0 <= r <= MAX_VALUE and _stays_in_range(r, steps[k + 1:])]
+            result = slips[0] if slips else result
+        lines.append(f"{value}{op}{x}={result}")
+        value = result
+    lines.append(f"\\boxed{{{value}}}")
+    return "\n".join(lines)
 
 
 def demonstration(problem: Problem) -> str:

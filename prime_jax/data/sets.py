@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
+from . import chains
 from .problems import EURUS2_SYSTEM_PROMPT, DataError, Problem
 from .readers import read_problems
 from .sources import eval_source_names, read_sft_pairs, source_format
@@ -65,5 +68,9 @@ def sft_pairs(config, exclude: set[str]) -> list[tuple[list[dict], str]]:
     if config.sft.data == SYNTHETIC:
         problems = make_task_problems(config.data.synthetic, config.sft.num_examples, config.seed, stream=2,
                                       exclude=exclude, system_prompt=system_prompt(config))
+        if config.sft.flawed_steps:  # chains with systematic slips (validated: the chains task)
+            flawed = chains.flawed_step_types(config.sft.flawed_steps, config.sft.flaw_seed)
+            rng = np.random.default_rng([config.seed, 77])
+            return [(p.messages, chains.flawed_demonstration(p, flawed, config.sft.flaw_prob, rng)) for p in problems]
         return [(p.messages, task_demonstration(p)) for p in problems]
     return read_sft_pairs(config.sft.data, config.sft.num_examples)[0]
