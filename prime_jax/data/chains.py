@@ -26,8 +26,8 @@ A clean SFT on these chains is either near 100% or on a cliff (the tiny model le
 abruptly), which leaves RL nothing to fix. ``flawed_demonstration`` gives the SFT model the kind of
 error RL is for, systematic slips at particular steps: for a seeded set of step types (``3+4``,
 ``8-2``, ...) the demonstration writes a result one off with some probability and carries it on, so
-the SFT policy slips at those steps, greedy decoding is wrong on chains that pass through them, and
-a response usually has several uncertain steps of which any one can make it wrong.
+the SFT policy slips at those steps when sampling (and greedily where it learned the slip as the
+likelier token), and a response often meets more than one such step, any of which can make it wrong.
 """
 from __future__ import annotations
 
