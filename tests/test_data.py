@@ -535,7 +535,8 @@ def test_flawed_chains_sft_pairs_from_the_config():
     wrong = [last_boxed(d) != last_boxed(f) for (_, d), (_, f) in zip(clean, flawed)]
     assert 0.2 < np.mean(wrong) < 0.8
     c.sft.flawed_steps = 1.0
-    assert np.mean([last_boxed(d) != last_boxed(f) for (_, d), (_, f) in zip(clean, sft_pairs(c, set()))]) > np.mean(wrong) + 0.2
+    wrong_everywhere = [last_boxed(d) != last_boxed(f) for (_, d), (_, f) in zip(clean, sft_pairs(c, set()))]
+    assert np.mean(wrong_everywhere) > np.mean(wrong) + 0.2
     assert chains.flawed_step_types(0.3, c.sft.flaw_seed) < chains.flawed_step_types(1.0, c.sft.flaw_seed)
 
 

@@ -92,7 +92,7 @@ def flawed_step_types(fraction: float, seed: int) -> frozenset:
 
 def _stays_in_range(value: int, steps: list[tuple[str, int]]) -> bool:
     for op, x in steps:
-        value = value + x if op == "+" else value - x
+        value = synthetic._apply(value, op, x)
         if not 0 <= value <= MAX_VALUE:
             return False
     return True
@@ -106,7 +106,7 @@ def flawed_demonstration(problem: Problem, flawed: frozenset, prob: float, rng: 
     value, steps = synthetic.parse_expression(problem.meta.get("expression") or problem.user_content)
     lines = []
     for k, (op, x) in enumerate(steps):
-        result = value + x if op == "+" else value - x
+        result = synthetic._apply(value, op, x)
         if (value, op, x) in flawed and rng.random() < prob:
             slips = [result + 1, result - 1] if rng.random() < 0.5 else [result - 1, result + 1]
             slips = [r for r in slips if 0 <= r <= MAX_VALUE and _stays_in_range(r, steps[k + 1:])]
