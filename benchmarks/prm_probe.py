@@ -44,6 +44,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from prime_jax.data.synthetic_tasks import first_deviation, token_at_char  # noqa: E402  (after the path)
+
 
 def load_run_config(config_path: str, workdir: Path):
     """The config file's get_config(), overridden by the run's own WORKDIR/config.json values."""
@@ -93,26 +95,6 @@ def text_copies(texts: list[str], n: int) -> np.ndarray:
     group are equal to it (itself included)."""
     groups = [texts[i:i + n] for i in range(0, len(texts), n)]
     return np.asarray([[group.count(t) for t in group] for group in groups], np.int64)
-
-
-def first_deviation(demonstration: str, response: str) -> int | None:
-    """Character index where `response` first departs from the task's step-by-step `demonstration`
-    (its first slipped step, on the synthetic tasks, whose answers have one fixed form); None if
-    it does not (a correct response, or one that only stops early)."""
-    for i, (want, got) in enumerate(zip(demonstration, response)):
-        if want != got:
-            return i
-    return None
-
-
-def token_at_char(tokenizer, response_ids, char: int) -> int:
-    """Index of the response token that holds character `char` of the decoded response."""
-    end = 0
-    for t, token in enumerate(response_ids):
-        end += len(tokenizer.decode([int(token)]))
-        if char < end:
-            return t
-    return len(response_ids) - 1
 
 
 def credit(q_rows, ref_rows, slips, correct) -> dict:

@@ -23,6 +23,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
 PRM_UPDATE_MODES = ("after", "before", "reverse", "none")  # see prime_jax/train/prm_phase.py
+PROCESS_SOURCES = ("prm", "oracle")  # algo.process_source; see prime_jax/train/prm_phase.py
 RANDOM_MODEL = "random"
 TINY_TOKENIZER = "tiny"
 SYNTHETIC = "synthetic"
@@ -141,6 +142,10 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     # "pairwise" (Bradley-Terry on each group's better/worse pairs, both sides with gradient; not in the reference)
     c.algo.prm_loss = "ce"  # ce | dpo | bon_acc | bon_rm | pairwise (algo.prm_loss, prm_dpo_loss, prm_pairwise_loss)
     c.algo.prm_ref = "freeze"  # the PRM's reference: "freeze" (the start/SFT model) | "policy" (the rollout policy)
+    # Where the process rewards come from: "prm" (the implicit PRM: PRIME) | "oracle" (a diagnostic, not PRIME: -1 on
+    # the first token where a wrong response departs from the synthetic task's demonstration, 0 elsewhere, the PRM
+    # left untrained; an upper bound for what a step-level reward can add on that task; train/prm_phase.py)
+    c.algo.process_source = "prm"  # prm | oracle (oracle: data.train "synthetic" and a prime_* estimator only)
     # PRM warm-up (not in the reference; docs/algorithm.md): the first k steps train only the PRM, on the start policy's
     # rollouts, and leave the policy as it is; the warm-up steps count in total_steps. 0: off (the spec).
     c.algo.prm_warmup_steps = 0  # steps that train only the PRM before the policy starts training
@@ -456,6 +461,12 @@ def _check_algo(c) -> None:
     _one_of("algo.prm_update", a.prm_update, PRM_UPDATE_MODES)
     _one_of("algo.prm_loss", a.prm_loss, PRM_LOSS_TYPES)
     _one_of("algo.prm_ref", a.prm_ref, ("freeze", "policy"))
+    _one_of("algo.process_source", a.process_source, PROCESS_SOURCES)
+    _check("algo.process_source", a.process_source == "prm" or (c.data.train == SYNTHETIC and needs_prm(a.estimator)),
+           "oracle process rewards need the synthetic task's demonstrations (data.train 'synthetic') and an estimator "
+           f"with process rewards (prime_*), got data.train {c.data.train!r}, algo.estimator {a.estimator!r}")
+    _check("algo.process_source", a.process_source == "prm" or a.prm_warmup_steps == 0,
+           f"oracle process rewards train no PRM, so algo.prm_warmup_steps must be 0, got {a.prm_warmup_steps}")
     _non_negative("algo.prm_warmup_steps", a.prm_warmup_steps)
     _check("algo.prm_warmup_steps", a.prm_warmup_steps == 0 or (needs_prm(a.estimator) and a.prm_update != "none"),
            f"{a.prm_warmup_steps} warm-up steps train only the PRM, but algo.estimator={a.estimator!r} / "

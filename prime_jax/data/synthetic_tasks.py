@@ -39,3 +39,33 @@ def make_task_problems(synthetic_cfg, n: int, seed: int, *, stream: int, exclude
 def task_demonstration(problem: Problem) -> str:
     """The step-by-step solution of a problem of either task (told apart by its source)."""
     return (chains if problem.source == chains.SOURCE else synthetic).demonstration(problem)
+
+
+def first_deviation(demonstration: str, response: str) -> int | None:
+    """Character index where `response` first departs from the task's step-by-step `demonstration`
+    (its first slipped step, on the synthetic tasks, whose answers have one fixed form); None if
+    it does not (a correct response, or one that only stops early)."""
+    for i, (want, got) in enumerate(zip(demonstration, response)):
+        if want != got:
+            return i
+    return None
+
+
+def token_at_char(tokenizer, response_ids, char: int) -> int:
+    """Index of the response token that holds character `char` of the decoded response."""
+    end = 0
+    for t, token in enumerate(response_ids):
+        end += len(tokenizer.decode([int(token)]))
+        if char < end:
+            return t
+    return len(response_ids) - 1
+
+
+def first_error_token(problem: Problem, response_ids, tokenizer) -> int | None:
+    """Token index where a response first departs from the problem's demonstration (its first
+    error, on the synthetic tasks); None if it never does (it is right, or stopped early).
+
+    response_ids: the response's text tokens (no padding, no stop token)."""
+    text = tokenizer.decode([int(t) for t in response_ids], skip_special_tokens=True)
+    char = first_deviation(task_demonstration(problem), text)
+    return None if char is None else token_at_char(tokenizer, response_ids, char)

@@ -19,7 +19,7 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,8 @@ from prime_jax.train.builder import RunBuilder, RunLayout, abstract_model
 from prime_jax.train.evaluation import TrainingEvaluator
 from prime_jax.train.metrics import MetricsLogger, masked_stats
 from prime_jax.train.preemption import PreemptionWatch
-from prime_jax.train.prm_phase import process_reward_scale, run_prm_phase
-from prime_jax.train.rollouts import PromptSource, RolloutCollector, RolloutScorer, assemble_batch
+from prime_jax.train.prm_phase import oracle_process_rewards, process_reward_scale, run_prm_phase
+from prime_jax.train.rollouts import Group, PromptSource, RolloutCollector, RolloutScorer, assemble_batch
 from prime_jax.train.state import create_train_state, split_params
 from prime_jax.train.warm_start import reference_params
 
@@ -253,7 +253,7 @@ class Trainer:
             row["time/score_s"] += time.perf_counter() - t
             if step == c.debug.inject_nan_step:  # test hook: the NaN guard must skip this step's updates
                 batch = batch.replace(old_logprobs=jnp.full_like(batch.old_logprobs, jnp.nan))
-            q, prm_metrics = self.update_prm(batch, step)  # PRM phase; q as algo.prm_update says
+            q, prm_metrics = self.update_prm(batch, groups)  # PRM phase; q as algo.prm_update says
             self.ranking_ema, process_scale = process_reward_scale(c.algo, self.ranking_ema, prm_metrics)
             if self.uses_process_rewards:
                 prm_metrics["prm/process_scale"] = process_scale
@@ -304,11 +304,19 @@ class Trainer:
         """The `rows` of a device batch, still on the devices (sharded by rows)."""
         return self._take_rows(batch, put_replicated(np.asarray(rows, np.int32), self.mesh))
 
-    def update_prm(self, batch: PrimeBatch, step: int) -> tuple[jax.Array, dict]:
+    def update_prm(self, batch: PrimeBatch, groups: Sequence[Group]) -> tuple[jax.Array, dict]:
         """The PRM phase (`prm_phase.run_prm_phase`, mode algo.prm_update); returns the q [B, R] the
-        policy gets (on the devices) and the metrics."""
+        policy gets (on the devices) and the metrics. algo.process_source "oracle": the task's own
+        step-level rewards instead (`prm_phase.oracle_process_rewards`), no PRM update."""
         if not self.uses_process_rewards:
             return put_rows(np.zeros(batch.response_mask.shape, np.float32), self.mesh), {}
+        if self.config.algo.process_source == "oracle":
+            rows = PrimeBatch.concatenate([g.rows for g in groups])
+            width = batch.response_mask.shape[1]  # the device batch's (cropped) response columns
+            q = oracle_process_rewards([g.problem for g in groups for _ in range(g.rows.num_rows)],
+                                       rows.response_ids[:, :width], rows.response_mask[:, :width], rows.outcome,
+                                       self.tokenizer, set(self.stop_ids))
+            return put_rows(q, self.mesh), {"prm/oracle_marked_frac": float((q < 0).any(1).mean())}
         self.prm, q, metrics = run_prm_phase(
             self.steps, self.prm, batch, mode=self.config.algo.prm_update, mini_batch=self.config.batch.prm_mini_batch,
             n=self.n, take_rows=functools.partial(self._mini_batch, batch))

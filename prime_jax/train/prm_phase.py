@@ -18,7 +18,7 @@ that has just fitted these very rows.
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -89,6 +89,31 @@ def run_prm_phase(steps: TrainSteps, prm_state, batch: PrimeBatch, *, mode: str,
     metrics.update(ranking_metrics(q_fresh, q_given, host["response_mask"], host["outcome"], n))
     metrics["time/prm_s"] = time.perf_counter() - t
     return prm_state, q_given, metrics
+
+
+def oracle_process_rewards(problems: Sequence, response_ids: np.ndarray, response_mask: np.ndarray,
+                           outcome: np.ndarray, tokenizer, stop_ids: Collection[int]) -> np.ndarray:
+    """`[B, R]` step-level rewards from the synthetic task itself (algo.process_source "oracle", not PRIME):
+    -1 on each wrong row's first error token (`synthetic_tasks.first_error_token`; its last token when
+    it never departs from the demonstration: a premature stop or a truncation), 0 elsewhere.
+
+    What an ideal step-level reward would say on the synthetic tasks, whose answers have one fixed
+    form: a run with it bounds what any process reward, the implicit PRM's included, can add there.
+    problems: one `Problem` per row; response_ids, response_mask `[B, R]`; outcome `[B]`; stop_ids: the
+    tokens that end a response (not part of its text)."""
+    from prime_jax.data.synthetic_tasks import first_error_token
+    from prime_jax.eval_lib import CORRECT_THRESHOLD
+
+    q = np.zeros(response_mask.shape, np.float32)
+    for row, problem in enumerate(problems):
+        if outcome[row] >= CORRECT_THRESHOLD:
+            continue
+        tokens = response_ids[row][response_mask[row].astype(bool)]
+        if not len(tokens):
+            continue
+        first = first_error_token(problem, tokens[:-1] if int(tokens[-1]) in stop_ids else tokens, tokenizer)
+        q[row, len(tokens) - 1 if first is None else first] = -1.0  # None: it stopped early (or ran on)
+    return q
 
 
 def process_reward_scale(algo_config, ema: float, metrics: dict) -> tuple[float, float]:
