@@ -39,18 +39,18 @@ def slipped(demo: str) -> tuple[str, int]:
     return demo[:at] + digit + demo[at + 1:], at
 
 
-def test_oracle_marks_the_first_wrong_token_of_wrong_rows_only():
+def test_oracle_marks_the_first_departure_from_the_demonstration_in_any_row():
     problem = chains.make_problems(1, seed=3)[0]
     demo = task_demonstration(problem)
     wrong, at = slipped(demo)
     tok = CharTokenizer()
-    rows = [ids(demo, stop=True), ids(wrong, stop=True), ids(wrong), ids(demo[:6], stop=True), []]
+    rows = [ids(demo, stop=True), ids(wrong, stop=True), ids(wrong), ids(demo[:6], stop=True), [], ids(wrong)]
     response_ids, mask = padded(rows, len(demo) + 4)
-    outcome = np.array([1.0, 0.0, 0.0, 0.0, 0.0], np.float32)
-    q = oracle_process_rewards([problem] * 5, response_ids, mask, outcome, tok, {STOP})
+    outcome = np.array([1.0, 0.0, 0.0, 0.0, 0.0, 1.0], np.float32)  # the last: a right answer through a wrong step
+    q = oracle_process_rewards([problem] * 6, response_ids, mask, outcome, tok, {STOP})
     assert q.shape == mask.shape and q.dtype == np.float32
-    assert not q[0].any() and not q[4].any()  # correct row; empty row
-    for r in (1, 2):  # with or without the stop token: the slipped digit
+    assert not q[0].any() and not q[4].any()  # right and faithful; empty row
+    for r in (1, 2, 5):  # with or without the stop token, wrong or right answer: the slipped digit
         assert q[r, at] == -1.0 and np.count_nonzero(q[r]) == 1
     # stopped early without departing from the demonstration: its last token (the stop) takes the blame
     assert q[3, len(rows[3]) - 1] == -1.0 and np.count_nonzero(q[3]) == 1
@@ -70,3 +70,16 @@ def test_oracle_needs_the_synthetic_task_and_process_rewards():
         with pytest.raises(ConfigError, match=said) as e:
             validate(bad, num_devices=1)
         assert "algo.process_source" in str(e.value) or field in str(e.value)
+
+
+def test_steps_right_needs_every_step_not_only_the_answer():
+    from prime_jax.data.synthetic_tasks import is_task_problem, steps_right
+
+    problem = chains.make_problems(1, seed=3)[0]
+    demo = task_demonstration(problem)
+    wrong, _ = slipped(demo)
+    lines = wrong.split("\n")
+    right_answer_wrong_step = "\n".join(lines[:-1] + [demo.split("\n")[-1]])  # the slip, then the right \boxed{}
+    assert is_task_problem(problem)
+    assert steps_right(problem, demo) and steps_right(problem, demo + "\n")
+    assert not steps_right(problem, right_answer_wrong_step) and not steps_right(problem, demo[:-3])

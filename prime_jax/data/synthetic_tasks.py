@@ -69,3 +69,15 @@ def first_error_token(problem: Problem, response_ids, tokenizer) -> int | None:
     text = tokenizer.decode([int(t) for t in response_ids], skip_special_tokens=True)
     char = first_deviation(task_demonstration(problem), text)
     return None if char is None else token_at_char(tokenizer, response_ids, char)
+
+
+def is_task_problem(problem: Problem) -> bool:
+    """Whether `problem` is one of the synthetic tasks' (whose demonstrations are known)."""
+    return problem.source in (chains.SOURCE, synthetic.SOURCE)
+
+
+def steps_right(problem: Problem, response: str) -> bool:
+    """Whether `response` writes every step of the problem's demonstration as it is (right steps, not
+    only a right final answer: an outcome reward cannot tell the two apart)."""
+    return response.strip().startswith(task_demonstration(problem))
+

@@ -4,7 +4,9 @@ held-out responses coloured by the PRM's token rewards (WORKDIR/rollouts/step_N.
 
 accuracy is the mean score of a set's problems (avg@1: greedy pass@1 on math; a prompt longer
 than data.max_prompt_tokens counts as wrong, as in the CLI); a set whose every prompt is too long
-has no accuracy (warned), rather than a 0.0.
+has no accuracy (warned), rather than a 0.0. On the synthetic tasks `eval/<set>/steps_right` is
+the share of responses that write every step of the demonstration: a policy can learn right
+answers through wrong steps, which the accuracy (and an outcome reward) does not see.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax
 import numpy as np
 
 from prime_jax import eval_lib
+from prime_jax.data.synthetic_tasks import is_task_problem, steps_right
 from prime_jax.eval_report import all_dropped
 from prime_jax.train.builder import RunLayout
 from prime_jax.train.report import mix_outcomes, write_rollouts_html
@@ -56,6 +59,10 @@ class TrainingEvaluator:
                                "it is not evaluated", name, len(problems), c.data.max_prompt_tokens)
                 continue
             row[f"eval/{name}/accuracy"] = result.metrics["avg@1"]
+            if all(is_task_problem(p) for p in problems):  # known demonstrations: are the steps right too?
+                done = [r for r in result.records if r["sample"] is not None]
+                row[f"eval/{name}/steps_right"] = float(np.mean(
+                    [steps_right(problems[r["problem_index"]], r["response"]) for r in done])) if done else 0.0
             accuracies.append(result.metrics["avg@1"])
             sampled += [r for r in result.records if r["sample"] is not None]
         row["eval/accuracy"] = float(np.mean(accuracies)) if accuracies else 0.0

@@ -94,11 +94,13 @@ def run_prm_phase(steps: TrainSteps, prm_state, batch: PrimeBatch, *, mode: str,
 def oracle_process_rewards(problems: Sequence, response_ids: np.ndarray, response_mask: np.ndarray,
                            outcome: np.ndarray, tokenizer, stop_ids: Collection[int]) -> np.ndarray:
     """`[B, R]` step-level rewards from the synthetic task itself (algo.process_source "oracle", not PRIME):
-    -1 on each wrong row's first error token (`synthetic_tasks.first_error_token`; its last token when
-    it never departs from the demonstration: a premature stop or a truncation), 0 elsewhere.
+    -1 on the first token where a row departs from the problem's demonstration, right answer or not
+    (`synthetic_tasks.first_error_token`); on a wrong row that never departs (a premature stop, a
+    truncation) its last token; 0 elsewhere.
 
-    What an ideal step-level reward would say on the synthetic tasks, whose answers have one fixed
-    form: a run with it bounds what any process reward, the implicit PRM's included, can add there.
+    A step-level verifier for the synthetic tasks, whose answers have one fixed form: it also marks
+    right answers reached through wrong steps, which outcome labels (and a PRM learnt from them)
+    cannot see. A run with it bounds what a process reward can add on those tasks.
     problems: one `Problem` per row; response_ids, response_mask `[B, R]`; outcome `[B]`; stop_ids: the
     tokens that end a response (not part of its text)."""
     from prime_jax.data.synthetic_tasks import first_error_token
@@ -106,13 +108,14 @@ def oracle_process_rewards(problems: Sequence, response_ids: np.ndarray, respons
 
     q = np.zeros(response_mask.shape, np.float32)
     for row, problem in enumerate(problems):
-        if outcome[row] >= CORRECT_THRESHOLD:
-            continue
         tokens = response_ids[row][response_mask[row].astype(bool)]
         if not len(tokens):
             continue
         first = first_error_token(problem, tokens[:-1] if int(tokens[-1]) in stop_ids else tokens, tokenizer)
-        q[row, len(tokens) - 1 if first is None else first] = -1.0  # None: it stopped early (or ran on)
+        if first is not None:
+            q[row, first] = -1.0
+        elif outcome[row] < CORRECT_THRESHOLD:
+            q[row, len(tokens) - 1] = -1.0
     return q
 
 
