@@ -4,6 +4,8 @@
     python benchmarks/ablation.py --seeds=0,1 --parallel   # both estimators at once (2+ cores)
     python benchmarks/ablation.py --out=runs/abl -- --config.total_steps=60   # extra overrides for both
     python benchmarks/ablation.py --seeds=0,1,2 --probe    # the README's figure: 3 seeds + PRM probes
+    python benchmarks/ablation.py --config=configs/tiny_chains.py --prime_overrides=--config.algo.process_source=oracle
+                                                           # a step-level verifier in the PRM's place (the bound)
 
 Each (estimator, seed) is one `python -m prime_jax.main` run in OUT/<estimator>_s<seed> (resumed if
 it already holds checkpoints). Then it writes
@@ -52,7 +54,7 @@ def command(config: str, workdir: Path, estimator: str, seed: int, extra: list[s
 
 
 def run_all(config: str, out: Path, seeds: list[int], extra: list[str], parallel: bool,
-            estimators: tuple[str, ...] = ESTIMATORS) -> dict:
+            estimators: tuple[str, ...] = ESTIMATORS, prime_extra: tuple[str, ...] = ()) -> dict:
     jobs = [(e, s) for s in seeds for e in estimators]
     wall = {}
     running = []
@@ -62,7 +64,8 @@ def run_all(config: str, out: Path, seeds: list[int], extra: list[str], parallel
         _reuse_reference(out, workdir, seed)
         log = open(workdir / "stdout.log", "a")
         start = time.time()
-        proc = subprocess.Popen(command(config, workdir, estimator, seed, extra), cwd=ROOT, stdout=log,
+        overrides = [*extra, *(prime_extra if estimator != "outcome_rloo" else ())]
+        proc = subprocess.Popen(command(config, workdir, estimator, seed, overrides), cwd=ROOT, stdout=log,
                                 stderr=subprocess.STDOUT, env=dict(os.environ))
         print(f"started {estimator} seed {seed} -> {workdir}", flush=True)
         running.append((estimator, seed, proc, start))
@@ -140,7 +143,8 @@ def _common(runs: list[dict], key_steps: str, key_values: str) -> tuple[list[int
     return common, table
 
 
-def summarize(out: Path, seeds: list[int], wall: dict) -> dict:
+def summarize(out: Path, seeds: list[int], wall: dict, prime_label: str = "") -> dict:
+    """prime_label: the PRIME runs' own overrides, shown beside their label."""
     summary = {}
     for estimator in ESTIMATORS:
         if not all((run_dir(out, estimator, s) / "metrics.jsonl").exists() for s in seeds):
@@ -157,7 +161,8 @@ def summarize(out: Path, seeds: list[int], wall: dict) -> dict:
         # the probe ranks by the trained PRM: meaningless for outcome-only runs (their PRM never trains)
         probes = [_probe(run_dir(out, estimator, s)) if estimator != "outcome_rloo" else None for s in seeds]
         summary[estimator] = {
-            "label": LABELS[estimator],
+            "label": (f"process + outcome RLOO [{prime_label}]" if prime_label and estimator != "outcome_rloo"
+                      else LABELS[estimator]),
             "seeds": seeds,
             "eval_accuracy_start": float(np.mean(start)),
             "eval_accuracy_final": float(np.mean(final)),
@@ -290,6 +295,9 @@ def main(argv=None) -> None:
     parser.add_argument("--smooth", type=int, default=10, help="training-reward moving-average window")
     parser.add_argument("--probe", action="store_true",
                         help="run benchmarks/prm_probe.py on every finished PRIME run (best-of-8 by the PRM)")
+    parser.add_argument("--prime_overrides", default="",
+                        help="space-separated --config.x=y overrides for the PRIME runs only (the outcome-only "
+                             "baseline stays as it is), e.g. --config.algo.process_source=oracle")
     parser.add_argument("extra", nargs="*", help="extra --config.x=y overrides (after --) for every run")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -299,14 +307,16 @@ def main(argv=None) -> None:
     unknown = set(estimators) - set(ESTIMATORS)
     if unknown:
         raise SystemExit(f"unknown estimators {sorted(unknown)}; expected some of {ESTIMATORS}")
-    wall = {} if args.report_only else run_all(args.config, out, seeds, args.extra, args.parallel, estimators)
+    prime_extra = tuple(args.prime_overrides.split())
+    wall = {} if args.report_only else run_all(args.config, out, seeds, args.extra, args.parallel, estimators,
+                                               prime_extra)
     if args.probe:
         for seed in seeds:
             workdir = run_dir(out, "prime_rloo", seed)
             if not (workdir / "prm_probe.json").exists():
                 subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prm_probe.py"), f"--workdir={workdir}",
                                 f"--config={args.config}"], cwd=ROOT, check=True)
-    summary = summarize(out, seeds, wall)
+    summary = summarize(out, seeds, wall, prime_label=" ".join(prime_extra))
     if not summary:
         raise SystemExit("no finished runs to report")
     plot(summary, out / "ablation.png", args.smooth)
