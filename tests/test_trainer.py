@@ -205,3 +205,27 @@ def test_process_reward_scale_follows_the_fresh_ranking():
     a.process_ramp = "none"
     assert process_reward_scale(a, 0.5, {"prm/dpo_accuracy": 0.1}) == (0.5, 1.0)  # the spec: full weight
 
+
+
+def test_oracle_process_rewards_train_the_policy_and_leave_the_prm(tmp_path):
+    """algo.process_source "oracle": the task's step-level verdicts take the PRM's place (no PRM update),
+    every wrong row is marked, and the eval logs steps_right beside the accuracy."""
+    import jax
+
+    from prime_jax.parallel import mesh_from_config
+    from prime_jax.train.loop import Trainer
+
+    config = tiny_config(dict(SHORT, total_steps=2, eval_every=2, checkpoint_every=0,
+                              **{"algo.process_source": "oracle"}))
+    trainer = Trainer.create(config, tmp_path, mesh_from_config(config))
+    start_prm = jax.device_get(trainer.prm.params)
+    trainer.run()
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), jax.device_get(trainer.prm.params), start_prm)
+    assert all(jax.tree.leaves(same)), "the PRM trained under oracle process rewards"
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    steps = [r for r in rows if "train/reward" in r]
+    for r in steps:  # a barely fine-tuned model: (almost) every row wrong, so (almost) every row marked
+        assert r["prm/oracle_marked_frac"] >= 1.0 - r["verifier/accuracy_before_filter"] - 1e-6
+        assert "prm/loss" not in r and np.isfinite(r["policy/loss"])
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert evals and all(0.0 <= r["eval/synthetic/steps_right"] <= 1.0 for r in evals)
