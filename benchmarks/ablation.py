@@ -271,10 +271,12 @@ def markdown(summary: dict) -> str:
     prime = summary.get("prime_rloo", {})
     if "steps_to_outcome_final_mean" in prime:
         reach = prime["steps_to_outcome_final_mean"]
-        lines += ["", f"PRIME's mean held-out accuracy reaches outcome-only's final mean "
-                      f"({100 * summary['outcome_rloo']['eval_accuracy_final']:.1f}%) "
-                      + ("never" if reach is None else f"at step {reach} "
-                         f"({100 * prime['fraction_of_steps_to_outcome_final_mean']:.0f}% of the steps)")
+        name = "PRIME" if prime["label"] == LABELS["prime_rloo"] else prime["label"]
+        when = ("never" if reach is None else
+                "at step 0: outcome-only ends no higher than it starts" if reach == 0 else
+                f"at step {reach} ({100 * prime['fraction_of_steps_to_outcome_final_mean']:.0f}% of the steps)")
+        lines += ["", f"{name}'s mean held-out accuracy reaches outcome-only's final mean "
+                      f"({100 * summary['outcome_rloo']['eval_accuracy_final']:.1f}%) " + when
                       + f"; final difference {prime['final_minus_outcome_final_points']:+.1f} points"
                       + _standard_error(prime.get("final_minus_outcome_standard_error_points")) + "."]
     return "\n".join(lines) + "\n"

@@ -50,3 +50,35 @@ def test_summary_pairs_the_final_difference_by_seed_and_reports_its_standard_err
     assert abs(prime["final_minus_outcome_final_points"] - 1.0) < 1e-9
     md = ablation.markdown(summary)
     assert "final difference +1.0 points (standard error 2.6, paired by seed)." in md
+
+
+def test_markdown_names_the_overridden_runs_and_a_start_already_above_the_baseline():
+    """--prime_overrides: the runs' label (not "PRIME") says whose curve reaches the baseline; a reach at
+    step 0 says that outcome-only ended no higher than it started."""
+    label = "process + outcome RLOO [--config.algo.process_source=oracle]"
+    prime = {**_row(label, None, None), "steps_to_outcome_final_mean": 0,
+             "fraction_of_steps_to_outcome_final_mean": 0.0, "final_minus_outcome_final_points": 1.0}
+    md = ablation.markdown({"prime_rloo": prime, "outcome_rloo": _row("RLOO, outcome only", None, None)})
+    assert f"{label}'s mean held-out accuracy reaches" in md and "PRIME's" not in md
+    assert "at step 0: outcome-only ends no higher than it starts; final difference +1.0" in md
+
+
+def test_prime_overrides_reach_the_prime_runs_only(tmp_path, monkeypatch):
+    commands = []
+
+    class Done:
+        returncode = 0
+
+        def __init__(self, cmd, **_):
+            commands.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(ablation.subprocess, "Popen", Done)
+    ablation.run_all("configs/tiny.py", tmp_path, [0], ["--config.total_steps=2"], parallel=False,
+                     prime_extra=("--config.algo.process_source=oracle",))
+    by_estimator = {next(a for a in c if a.startswith("--config.algo.estimator=")).split("=")[1]: c for c in commands}
+    assert "--config.algo.process_source=oracle" in by_estimator["prime_rloo"]
+    assert "--config.algo.process_source=oracle" not in by_estimator["outcome_rloo"]
+    assert all("--config.total_steps=2" in c for c in commands)
