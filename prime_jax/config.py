@@ -144,7 +144,7 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     c.algo.prm_ref = "freeze"  # the PRM's reference: "freeze" (the start/SFT model) | "policy" (the rollout policy)
     # Where the process rewards come from: "prm" (the implicit PRM: PRIME) | "oracle" (a diagnostic, not PRIME: -1 on
     # the first token where a response departs from the synthetic task's demonstration, right answer or not, 0
-    # elsewhere, the PRM left untrained: a step-level verifier, bounding what a process reward can add; prm_phase.py)
+    # elsewhere, the PRM left untrained: a step-level verifier, to measure what a process reward could add; prm_phase.py)
     c.algo.process_source = "prm"  # prm | oracle (oracle: data.train "synthetic" and a prime_* estimator only)
     # PRM warm-up (not in the reference; docs/algorithm.md): the first k steps train only the PRM, on the start policy's
     # rollouts, and leave the policy as it is; the warm-up steps count in total_steps. 0: off (the spec).

@@ -80,4 +80,3 @@ def steps_right(problem: Problem, response: str) -> bool:
     """Whether `response` writes every step of the problem's demonstration as it is (right steps, not
     only a right final answer: an outcome reward cannot tell the two apart)."""
     return response.strip().startswith(task_demonstration(problem))
-

@@ -100,7 +100,7 @@ def oracle_process_rewards(problems: Sequence, response_ids: np.ndarray, respons
 
     A step-level verifier for the synthetic tasks, whose answers have one fixed form: it also marks
     right answers reached through wrong steps, which outcome labels (and a PRM learnt from them)
-    cannot see. A run with it bounds what a process reward can add on those tasks.
+    cannot see. A run with it measures what a step-level reward could add on those tasks.
     problems: one `Problem` per row; response_ids, response_mask `[B, R]`; outcome `[B]`; stop_ids: the
     tokens that end a response (not part of its text)."""
     from prime_jax.data.synthetic_tasks import first_error_token
