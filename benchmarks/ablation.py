@@ -5,7 +5,7 @@
     python benchmarks/ablation.py --out=runs/abl -- --config.total_steps=60   # extra overrides for both
     python benchmarks/ablation.py --seeds=0,1,2 --probe    # the README's figure: 3 seeds + PRM probes
     python benchmarks/ablation.py --config=configs/tiny_chains.py --prime_overrides=--config.algo.process_source=oracle
-                                                           # a step-level verifier in the PRM's place (the bound)
+                                                           # a step-level verifier in the PRM's place
 
 Each (estimator, seed) is one `python -m prime_jax.main` run in OUT/<estimator>_s<seed> (resumed if
 it already holds checkpoints). Then it writes

@@ -59,12 +59,12 @@ class TrainingEvaluator:
                                "it is not evaluated", name, len(problems), c.data.max_prompt_tokens)
                 continue
             row[f"eval/{name}/accuracy"] = result.metrics["avg@1"]
+            done = [r for r in result.records if r["sample"] is not None]
             if all(is_task_problem(p) for p in problems):  # known demonstrations: are the steps right too?
-                done = [r for r in result.records if r["sample"] is not None]
                 row[f"eval/{name}/steps_right"] = float(np.mean(
                     [steps_right(problems[r["problem_index"]], r["response"]) for r in done])) if done else 0.0
             accuracies.append(result.metrics["avg@1"])
-            sampled += [r for r in result.records if r["sample"] is not None]
+            sampled += done
         row["eval/accuracy"] = float(np.mean(accuracies)) if accuracies else 0.0
         row["eval/response_length"] = float(np.mean([r["num_tokens"] for r in sampled])) if sampled else 0.0
         row["eval/truncated_frac"] = float(np.mean([not r["finished"] for r in sampled])) if sampled else 0.0

@@ -247,13 +247,14 @@ class Trainer:
                                                  self.prm_reference_params, self.pool)
         row = {"step": step, **collect}
         if groups:
-            batch = assemble_batch(groups, c.rollout.max_new_tokens).to_device(self.mesh)  # stays on the devices
+            host_rows = assemble_batch(groups, c.rollout.max_new_tokens)
+            batch = host_rows.to_device(self.mesh)  # stays on the devices
             t = time.perf_counter()
             batch = self.score(batch)  # old/ref log-probs not taken while grading: the kept rows only
             row["time/score_s"] += time.perf_counter() - t
             if step == c.debug.inject_nan_step:  # test hook: the NaN guard must skip this step's updates
                 batch = batch.replace(old_logprobs=jnp.full_like(batch.old_logprobs, jnp.nan))
-            q, prm_metrics = self.update_prm(batch, groups)  # PRM phase; q as algo.prm_update says
+            q, prm_metrics = self.update_prm(batch, groups, host_rows)  # PRM phase; q as algo.prm_update says
             self.ranking_ema, process_scale = process_reward_scale(c.algo, self.ranking_ema, prm_metrics)
             if self.uses_process_rewards:
                 prm_metrics["prm/process_scale"] = process_scale
@@ -304,17 +305,17 @@ class Trainer:
         """The `rows` of a device batch, still on the devices (sharded by rows)."""
         return self._take_rows(batch, put_replicated(np.asarray(rows, np.int32), self.mesh))
 
-    def update_prm(self, batch: PrimeBatch, groups: Sequence[Group]) -> tuple[jax.Array, dict]:
+    def update_prm(self, batch: PrimeBatch, groups: Sequence[Group], host_rows: PrimeBatch
+                   ) -> tuple[jax.Array, dict]:
         """The PRM phase (`prm_phase.run_prm_phase`, mode algo.prm_update); returns the q [B, R] the
         policy gets (on the devices) and the metrics. algo.process_source "oracle": the task's own
-        step-level rewards instead (`prm_phase.oracle_process_rewards`), no PRM update."""
+        step-level rewards instead (`prm_phase.oracle_process_rewards`, from `host_rows`, the host
+        copy of `batch`), no PRM update."""
         if not self.uses_process_rewards:
             return put_rows(np.zeros(batch.response_mask.shape, np.float32), self.mesh), {}
         if self.config.algo.process_source == "oracle":
-            rows = PrimeBatch.concatenate([g.rows for g in groups])
-            width = batch.response_mask.shape[1]  # the device batch's (cropped) response columns
             q = oracle_process_rewards([g.problem for g in groups for _ in range(g.rows.num_rows)],
-                                       rows.response_ids[:, :width], rows.response_mask[:, :width], rows.outcome,
+                                       host_rows.response_ids, host_rows.response_mask, host_rows.outcome,
                                        self.tokenizer, set(self.stop_ids))
             return put_rows(q, self.mesh), {"prm/oracle_marked_frac": float((q < 0).any(1).mean())}
         self.prm, q, metrics = run_prm_phase(
