@@ -97,9 +97,21 @@ def text_copies(texts: list[str], n: int) -> np.ndarray:
     return np.asarray([[group.count(t) for t in group] for group in groups], np.int64)
 
 
-def credit(q_rows, ref_rows, slips, correct) -> dict:
-    """Where a signal puts its (dis)credit on wrong responses with a known first slip: per-token means
-    of q (PRM) and log π_ref before the slipped token, at it and after it; beside correct rows' mean.
+def pair_ranking(signal: np.ndarray, better: np.ndarray, worse: np.ndarray) -> tuple[float | None, int]:
+    """Within each group, the fraction of (better, worse) pairs that `signal` orders right (ties count
+    half), and the number of pairs. signal, better, worse: `[P, n]` (better/worse: bool masks)."""
+    hits, pairs = 0.0, 0
+    for s, b, w in zip(signal, better, worse):
+        diff = s[b][:, None] - s[w][None, :]
+        hits += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+        pairs += diff.size
+    return (hits / pairs if pairs else None), pairs
+
+
+def credit(q_rows, ref_rows, slips, correct, want_correct: bool = False) -> dict:
+    """Where a signal puts its (dis)credit on wrong responses with a known first slip (or, with
+    want_correct, on right answers reached through a slipped step): per-token means of q (PRM) and
+    log π_ref before the slipped token, at it and after it; beside correct rows' mean.
 
     q_rows, ref_rows: per response `[len]` arrays; slips: per response the token index of the first
     slip or None; correct: per response bool."""
@@ -107,7 +119,7 @@ def credit(q_rows, ref_rows, slips, correct) -> dict:
     ref_parts = {"before": [], "at": [], "after": []}
     rows = 0
     for q, ref, slip, ok in zip(q_rows, ref_rows, slips, correct):
-        if ok or slip is None:
+        if ok != want_correct or slip is None:
             continue
         rows += 1
         for name, sl in (("before", slice(0, slip)), ("at", slice(slip, slip + 1)), ("after", slice(slip + 1, None))):
@@ -202,12 +214,20 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
                                          for k, v in signals.items()}}
             if all(p.source.startswith("synthetic") for p in kept):  # a fixed answer form: where is the slip?
                 correct = [graded.scores[r] >= 0.5 for r in range(len(gen.texts))]
-                slips = [None if ok else first_deviation(task_demonstration(kept[r // n]), gen.texts[r])
-                         for r, ok in enumerate(correct)]
+                slips = [first_deviation(task_demonstration(kept[r // n]), gen.texts[r]) for r in range(len(correct))]
                 slips = [None if c is None else token_at_char(tokenizer, gen.response_ids[r], c)
                          for r, c in enumerate(slips)]
-                result["credit"] = credit(prm_q, scorers["ref_logprob"].token_rewards(prompts, gen.response_ids),
-                                          slips, correct)
+                ref_q = scorers["ref_logprob"].token_rewards(prompts, gen.response_ids)
+                result["credit"] = credit(prm_q, ref_q, slips, correct)
+                # right answers through a wrong step: does a signal rank them below right answers with
+                # right steps (what a step-level reward adds over the outcome; outcome labels call both right)?
+                right = scores >= 0.5
+                clean = right & np.asarray([s is None for s in slips]).reshape(len(kept), n)
+                slipped = right & ~clean
+                result["right_answer_wrong_steps"] = float(slipped.sum() / max(right.sum(), 1))
+                result["credit_right_answers"] = credit(prm_q, ref_q, slips, correct, want_correct=True)
+                result["steps_ranking"] = {k: pair_ranking(v, clean, slipped)[0] for k, v in signals.items()}
+                result["steps_ranking_pairs"] = pair_ranking(signals["prm"], clean, slipped)[1]
             out["benchmarks"][name] = result
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     return out
@@ -251,6 +271,15 @@ def markdown(out: dict) -> str:
                       "| log π_ref | "
                       + " | ".join(fmt(c["ref_logprob_per_token"][k]) for k in ("before", "at", "after"))
                       + " | |", ""]
+        if "steps_ranking" in r:
+            c, fmt = r["credit_right_answers"], (lambda x: "-" if x is None else f"{x:+.3f}")
+            lines += [f"Right answers through a wrong step: {100 * r['right_answer_wrong_steps']:.1f}% of right answers "
+                      f"({c['wrong_rows_with_slip']} responses). Ranking of right answers with right steps above "
+                      f"them, {r['steps_ranking_pairs']} pairs in the same group (chance 0.5): "
+                      + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in r["steps_ranking"].items())
+                      + ". PRM q per token around their first slip: before "
+                      + " / at ".join(fmt(c["q_per_token"][k]) for k in ("before", "at"))
+                      + f" / after {fmt(c['q_per_token']['after'])}.", ""]
     return "\n".join(lines)
 
 

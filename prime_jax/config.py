@@ -23,7 +23,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
 PRM_UPDATE_MODES = ("after", "before", "reverse", "none")  # see prime_jax/train/prm_phase.py
-PROCESS_SOURCES = ("prm", "oracle")  # algo.process_source; see prime_jax/train/prm_phase.py
+PROCESS_SOURCES = ("prm", "oracle", "oracle_wrong_rows")  # algo.process_source; see prime_jax/train/prm_phase.py
 RANDOM_MODEL = "random"
 TINY_TOKENIZER = "tiny"
 SYNTHETIC = "synthetic"
@@ -145,7 +145,9 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     # Where the process rewards come from: "prm" (the implicit PRM: PRIME) | "oracle" (a diagnostic, not PRIME: -1 on
     # the first token where a response departs from the synthetic task's demonstration, right answer or not, 0
     # elsewhere, the PRM left untrained: a step-level verifier, to measure what a process reward could add; prm_phase.py)
-    c.algo.process_source = "prm"  # prm | oracle (oracle: data.train "synthetic" and a prime_* estimator only)
+    # | "oracle_wrong_rows" (the same marks on the rows the outcome calls wrong only: exact credit where an outcome
+    # label says something, the most a PRM learnt from outcome labels can place without generalising beyond them)
+    c.algo.process_source = "prm"  # prm | oracle | oracle_wrong_rows (oracle*: data.train "synthetic", prime_* only)
     # PRM warm-up (not in the reference; docs/algorithm.md): the first k steps train only the PRM, on the start policy's
     # rollouts, and leave the policy as it is; the warm-up steps count in total_steps. 0: off (the spec).
     c.algo.prm_warmup_steps = 0  # steps that train only the PRM before the policy starts training

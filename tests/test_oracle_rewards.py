@@ -55,16 +55,21 @@ def test_oracle_marks_the_first_departure_from_the_demonstration_in_any_row():
     # stopped early without departing from the demonstration: its last token (the stop) takes the blame
     assert q[3, len(rows[3]) - 1] == -1.0 and np.count_nonzero(q[3]) == 1
     assert first_error_token(problem, ids(wrong), tok) == at
+    # oracle_wrong_rows: the same marks on the rows the outcome calls wrong; right answers (row 5) unmarked
+    q_wrong = oracle_process_rewards([problem] * 6, response_ids, mask, outcome, tok, {STOP}, wrong_rows_only=True)
+    np.testing.assert_array_equal(q_wrong[[0, 1, 2, 3, 4]], q[[0, 1, 2, 3, 4]])
+    assert not q_wrong[5].any()
 
 
-def test_oracle_needs_the_synthetic_task_and_process_rewards():
+@pytest.mark.parametrize("source", ["oracle", "oracle_wrong_rows"])
+def test_oracle_needs_the_synthetic_task_and_process_rewards(source):
     config = load_config("tiny_chains")
-    config.algo.process_source = "oracle"
+    config.algo.process_source = source
     validate(config, num_devices=1)
     for field, value, said in (("algo.estimator", "outcome_rloo", "estimator"), ("data.train", "math500", "data.train"),
                                ("algo.process_source", "verifier", "one of")):
         bad = load_config("tiny_chains")
-        bad.algo.process_source = "oracle"
+        bad.algo.process_source = source
         section, key = field.split(".")
         bad[section][key] = value
         with pytest.raises(ConfigError, match=said) as e:

@@ -54,3 +54,22 @@ def test_signal_metrics_reports_top_picks_of_answers_sampled_once():
     assert abs(m["best_of_4"] - 1 / 3) < 1e-12  # wrong, right, (all wrong)
     assert m["top_pick_sampled_once"] == 0.5 and m["top_pick_sampled_once_accuracy"] == 0.0
     assert "top_pick_sampled_once" not in probe.signal_metrics(scores, signal, 4)
+
+
+def test_pair_ranking_orders_better_above_worse_within_groups_only():
+    """Right answers with right steps (better) against right answers through a wrong step (worse):
+    pairs form inside each group, ties count half, a group without both kinds adds no pair."""
+    signal = np.array([[3.0, 1.0, 2.0, 0.0], [5.0, 5.0, 9.0, 9.0], [1.0, 2.0, 3.0, 4.0]])
+    better = np.array([[1, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0]], bool)
+    worse = np.array([[0, 1, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]], bool)
+    ranking, pairs = probe.pair_ranking(signal, better, worse)
+    assert pairs == 3 and abs(ranking - 2.5 / 3) < 1e-12  # 3 > 1, 3 > 2, 5 = 5
+    assert probe.pair_ranking(signal, better & False, worse) == (None, 0)
+
+
+def test_credit_on_right_answers_through_a_wrong_step():
+    q = [np.array([0.1, -0.5, 0.2]), np.array([0.3, 0.3]), np.array([1.0, 1.0])]
+    ref = [np.array([-0.1, -2.0, -0.1]), np.array([-0.1, -0.1]), np.array([0.0, 0.0])]
+    out = probe.credit(q, ref, slips=[1, None, 0], correct=[True, True, False], want_correct=True)
+    assert out["wrong_rows_with_slip"] == 1  # the right answer with a slip; the wrong row is left out
+    np.testing.assert_allclose([out["q_per_token"][k] for k in ("before", "at", "after")], [0.1, -0.5, 0.2])

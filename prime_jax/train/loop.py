@@ -310,13 +310,14 @@ class Trainer:
         """The PRM phase (`prm_phase.run_prm_phase`, mode algo.prm_update); returns the q [B, R] the
         policy gets (on the devices) and the metrics. algo.process_source "oracle": the task's own
         step-level rewards instead (`prm_phase.oracle_process_rewards`, from `host_rows`, the host
-        copy of `batch`), no PRM update."""
+        copy of `batch`), no PRM update; "oracle_wrong_rows": the same on the rows the outcome calls wrong."""
         if not self.uses_process_rewards:
             return put_rows(np.zeros(batch.response_mask.shape, np.float32), self.mesh), {}
-        if self.config.algo.process_source == "oracle":
+        if self.config.algo.process_source != "prm":
             q = oracle_process_rewards([g.problem for g in groups for _ in range(g.rows.num_rows)],
                                        host_rows.response_ids, host_rows.response_mask, host_rows.outcome,
-                                       self.tokenizer, set(self.stop_ids))
+                                       self.tokenizer, set(self.stop_ids),
+                                       wrong_rows_only=self.config.algo.process_source == "oracle_wrong_rows")
             return put_rows(q, self.mesh), {"prm/oracle_marked_frac": float((q < 0).any(1).mean())}
         self.prm, q, metrics = run_prm_phase(
             self.steps, self.prm, batch, mode=self.config.algo.prm_update, mini_batch=self.config.batch.prm_mini_batch,

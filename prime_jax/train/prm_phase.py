@@ -92,7 +92,8 @@ def run_prm_phase(steps: TrainSteps, prm_state, batch: PrimeBatch, *, mode: str,
 
 
 def oracle_process_rewards(problems: Sequence, response_ids: np.ndarray, response_mask: np.ndarray,
-                           outcome: np.ndarray, tokenizer, stop_ids: Collection[int]) -> np.ndarray:
+                           outcome: np.ndarray, tokenizer, stop_ids: Collection[int],
+                           wrong_rows_only: bool = False) -> np.ndarray:
     """`[B, R]` step-level rewards from the synthetic task itself (algo.process_source "oracle", not PRIME):
     -1 on the first token where a row departs from the problem's demonstration, right answer or not
     (`synthetic_tasks.first_error_token`); on a wrong row that never departs (a premature stop, a
@@ -100,7 +101,9 @@ def oracle_process_rewards(problems: Sequence, response_ids: np.ndarray, respons
 
     A step-level verifier for the synthetic tasks, whose answers have one fixed form: it also marks
     right answers reached through wrong steps, which outcome labels (and a PRM learnt from them)
-    cannot see. A run with it measures what a step-level reward could add on those tasks.
+    cannot see. A run with it measures what a step-level reward could add on those tasks. wrong_rows_only
+    (algo.process_source "oracle_wrong_rows"): only the rows the outcome calls wrong are marked (exact
+    credit within what an outcome label says).
     problems: one `Problem` per row; response_ids, response_mask `[B, R]`; outcome `[B]`; stop_ids: the
     tokens that end a response (not part of its text)."""
     from prime_jax.data.synthetic_tasks import first_error_token
@@ -109,7 +112,7 @@ def oracle_process_rewards(problems: Sequence, response_ids: np.ndarray, respons
     q = np.zeros(response_mask.shape, np.float32)
     for row, problem in enumerate(problems):
         tokens = response_ids[row][response_mask[row].astype(bool)]
-        if not len(tokens):
+        if not len(tokens) or (wrong_rows_only and outcome[row] >= CORRECT_THRESHOLD):
             continue
         first = first_error_token(problem, tokens[:-1] if int(tokens[-1]) in stop_ids else tokens, tokenizer)
         if first is not None:
