@@ -23,7 +23,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
 PRM_UPDATE_MODES = ("after", "before", "reverse", "none")  # see prime_jax/train/prm_phase.py
-PROCESS_SOURCES = ("prm", "oracle", "oracle_wrong_rows")  # algo.process_source; see prime_jax/train/prm_phase.py
+PROCESS_SOURCES = ("prm", "oracle", "oracle_wrong_rows", "ref_logprob")  # algo.process_source; see prime_jax/train/prm_phase.py
 RANDOM_MODEL = "random"
 TINY_TOKENIZER = "tiny"
 SYNTHETIC = "synthetic"
@@ -147,7 +147,9 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     # elsewhere, the PRM left untrained: a step-level verifier, to measure what a process reward could add; prm_phase.py)
     # | "oracle_wrong_rows" (the same marks on the rows the outcome calls wrong only: exact credit where an outcome
     # label says something, the most a PRM learnt from outcome labels can place without generalising beyond them)
-    c.algo.process_source = "prm"  # prm | oracle | oracle_wrong_rows (oracle*: data.train "synthetic", prime_* only)
+    # | "ref_logprob" (q = log π_ref of each token, the frozen SFT model's own confidence, which the implicit reward
+    # log π_φ - log π_ref subtracts away; needs algo.prm_ref "freeze"; a diagnostic too, the PRM left untrained)
+    c.algo.process_source = "prm"  # prm | oracle | oracle_wrong_rows | ref_logprob (all but prm: prime_* only)
     # PRM warm-up (not in the reference; docs/algorithm.md): the first k steps train only the PRM, on the start policy's
     # rollouts, and leave the policy as it is; the warm-up steps count in total_steps. 0: off (the spec).
     c.algo.prm_warmup_steps = 0  # steps that train only the PRM before the policy starts training
@@ -464,11 +466,16 @@ def _check_algo(c) -> None:
     _one_of("algo.prm_loss", a.prm_loss, PRM_LOSS_TYPES)
     _one_of("algo.prm_ref", a.prm_ref, ("freeze", "policy"))
     _one_of("algo.process_source", a.process_source, PROCESS_SOURCES)
-    _check("algo.process_source", a.process_source == "prm" or (c.data.train == SYNTHETIC and needs_prm(a.estimator)),
-           "oracle process rewards need the synthetic task's demonstrations (data.train 'synthetic') and an estimator "
-           f"with process rewards (prime_*), got data.train {c.data.train!r}, algo.estimator {a.estimator!r}")
+    _check("algo.process_source", a.process_source == "prm" or needs_prm(a.estimator),
+           f"{a.process_source!r} gives process rewards, which only a prime_* estimator uses, got algo.estimator "
+           f"{a.estimator!r}")
+    _check("algo.process_source", not a.process_source.startswith("oracle") or c.data.train == SYNTHETIC,
+           "oracle process rewards need the synthetic task's demonstrations (data.train 'synthetic'), got data.train "
+           f"{c.data.train!r}")
+    _check("algo.process_source", a.process_source != "ref_logprob" or a.prm_ref == "freeze",
+           f"ref_logprob scores tokens by the frozen start (SFT) model, so algo.prm_ref must be 'freeze', got {a.prm_ref!r}")
     _check("algo.process_source", a.process_source == "prm" or a.prm_warmup_steps == 0,
-           f"oracle process rewards train no PRM, so algo.prm_warmup_steps must be 0, got {a.prm_warmup_steps}")
+           f"{a.process_source!r} trains no PRM, so algo.prm_warmup_steps must be 0, got {a.prm_warmup_steps}")
     _non_negative("algo.prm_warmup_steps", a.prm_warmup_steps)
     _check("algo.prm_warmup_steps", a.prm_warmup_steps == 0 or (needs_prm(a.estimator) and a.prm_update != "none"),
            f"{a.prm_warmup_steps} warm-up steps train only the PRM, but algo.estimator={a.estimator!r} / "

@@ -88,3 +88,16 @@ def test_steps_right_needs_every_step_not_only_the_answer():
     assert is_task_problem(problem)
     assert steps_right(problem, demo) and steps_right(problem, demo + "\n")
     assert not steps_right(problem, right_answer_wrong_step) and not steps_right(problem, demo[:-3])
+
+
+def test_ref_logprob_needs_the_frozen_reference_and_process_rewards():
+    config = load_config("tiny_chains")
+    config.algo.process_source, config.algo.prm_ref = "ref_logprob", "freeze"
+    validate(config, num_devices=1)
+    for field, value, said in (("algo.prm_ref", "policy", "prm_ref"), ("algo.estimator", "outcome_rloo", "estimator")):
+        bad = load_config("tiny_chains")
+        bad.algo.process_source, bad.algo.prm_ref = "ref_logprob", "freeze"
+        section, key = field.split(".")
+        bad[section][key] = value
+        with pytest.raises(ConfigError, match=said):
+            validate(bad, num_devices=1)

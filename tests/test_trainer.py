@@ -229,3 +229,24 @@ def test_oracle_process_rewards_train_the_policy_and_leave_the_prm(tmp_path):
         assert "prm/loss" not in r and np.isfinite(r["policy/loss"])
     evals = [r for r in rows if "eval/accuracy" in r]
     assert evals and all(0.0 <= r["eval/synthetic/steps_right"] <= 1.0 for r in evals)
+
+
+def test_ref_logprob_process_rewards_leave_the_prm(tmp_path):
+    """algo.process_source "ref_logprob": the frozen SFT model's log-probs are the process rewards (the
+    PRM is not trained), and the run logs their per-token mean."""
+    import jax
+
+    from prime_jax.parallel import mesh_from_config
+    from prime_jax.train.loop import Trainer
+
+    config = tiny_config(dict(SHORT, total_steps=2, eval_every=0, checkpoint_every=0,
+                              **{"algo.process_source": "ref_logprob", "algo.prm_ref": "freeze"}))
+    trainer = Trainer.create(config, tmp_path, mesh_from_config(config))
+    start_prm = jax.device_get(trainer.prm.params)
+    trainer.run()
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), jax.device_get(trainer.prm.params), start_prm)
+    assert all(jax.tree.leaves(same)), "the PRM trained under ref_logprob process rewards"
+    steps = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/reward" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert r["prm/ref_logprob_per_token"] < 0 and np.isfinite(r["policy/loss"]) and "prm/loss" not in r

@@ -310,9 +310,13 @@ class Trainer:
         """The PRM phase (`prm_phase.run_prm_phase`, mode algo.prm_update); returns the q [B, R] the
         policy gets (on the devices) and the metrics. algo.process_source "oracle": the task's own
         step-level rewards instead (`prm_phase.oracle_process_rewards`, from `host_rows`, the host
-        copy of `batch`), no PRM update; "oracle_wrong_rows": the same on the rows the outcome calls wrong."""
+        copy of `batch`), no PRM update; "oracle_wrong_rows": the same on the rows the outcome calls wrong;
+        "ref_logprob": the frozen SFT model's log-prob of each token (no PRM update either)."""
         if not self.uses_process_rewards:
             return put_rows(np.zeros(batch.response_mask.shape, np.float32), self.mesh), {}
+        if self.config.algo.process_source == "ref_logprob":
+            q = batch.ref_logprobs * batch.response_mask
+            return q, {"prm/ref_logprob_per_token": float(q.sum() / batch.response_mask.sum())}
         if self.config.algo.process_source != "prm":
             q = oracle_process_rewards([g.problem for g in groups for _ in range(g.rows.num_rows)],
                                        host_rows.response_ids, host_rows.response_mask, host_rows.outcome,
