@@ -42,6 +42,7 @@ from prime_jax.train.metrics import read_metrics  # noqa: E402
 
 ESTIMATORS = ("prime_rloo", "outcome_rloo")
 LABELS = {"prime_rloo": "PRIME (implicit PRM + outcome, RLOO)", "outcome_rloo": "RLOO, outcome verifier only"}
+BASELINE = "outcome_rloo"  # the run without process rewards; --prime_overrides and the probe skip it
 
 
 def run_dir(out: Path, estimator: str, seed: int) -> Path:
@@ -64,7 +65,7 @@ def run_all(config: str, out: Path, seeds: list[int], extra: list[str], parallel
         _reuse_reference(out, workdir, seed)
         log = open(workdir / "stdout.log", "a")
         start = time.time()
-        overrides = [*extra, *(prime_extra if estimator != "outcome_rloo" else ())]
+        overrides = [*extra, *(prime_extra if estimator != BASELINE else ())]
         proc = subprocess.Popen(command(config, workdir, estimator, seed, overrides), cwd=ROOT, stdout=log,
                                 stderr=subprocess.STDOUT, env=dict(os.environ))
         print(f"started {estimator} seed {seed} -> {workdir}", flush=True)
@@ -159,9 +160,9 @@ def summarize(out: Path, seeds: list[int], wall: dict, prime_label: str = "") ->
         dpo = [float(np.mean(c["dpo_accuracy"])) for c in per_seed if c["dpo_accuracy"]]
         dpo_half = [second_half_mean(c["dpo_steps"], c["dpo_accuracy"]) for c in per_seed if c["dpo_accuracy"]]
         # the probe ranks by the trained PRM: meaningless for outcome-only runs (their PRM never trains)
-        probes = [_probe(run_dir(out, estimator, s)) if estimator != "outcome_rloo" else None for s in seeds]
+        probes = [_probe(run_dir(out, estimator, s)) if estimator != BASELINE else None for s in seeds]
         summary[estimator] = {
-            "label": (f"process + outcome RLOO [{prime_label}]" if prime_label and estimator != "outcome_rloo"
+            "label": (f"process + outcome RLOO [{prime_label}]" if prime_label and estimator != BASELINE
                       else LABELS[estimator]),
             "seeds": seeds,
             "eval_accuracy_start": float(np.mean(start)),
@@ -310,6 +311,9 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"unknown estimators {sorted(unknown)}; expected some of {ESTIMATORS}")
     prime_extra = tuple(args.prime_overrides.split())
+    untrained = [o for o in prime_extra if "algo.process_source=" in o and not o.endswith("=prm")]
+    if args.probe and untrained:
+        raise SystemExit(f"--probe probes the implicit PRM, and runs with {untrained[0]} do not train one")
     wall = {} if args.report_only else run_all(args.config, out, seeds, args.extra, args.parallel, estimators,
                                                prime_extra)
     if args.probe:
