@@ -23,7 +23,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
 PRM_UPDATE_MODES = ("after", "before", "reverse", "none")  # see prime_jax/train/prm_phase.py
-PROCESS_SOURCES = ("prm", "oracle", "oracle_wrong_rows", "ref_logprob")  # algo.process_source; see prime_jax/train/prm_phase.py
+PROCESS_SOURCES = ("prm", "prm_logprob", "oracle", "oracle_wrong_rows", "ref_logprob")  # algo.process_source; see prime_jax/train/prm_phase.py
 RANDOM_MODEL = "random"
 TINY_TOKENIZER = "tiny"
 SYNTHETIC = "synthetic"
@@ -149,7 +149,9 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     # label says something, the most a PRM learnt from outcome labels can place without generalising beyond them)
     # | "ref_logprob" (q = log π_ref of each token, the frozen SFT model's own confidence, which the implicit reward
     # log π_φ - log π_ref subtracts away; needs algo.prm_ref "freeze"; a diagnostic too, the PRM left untrained)
-    c.algo.process_source = "prm"  # prm | oracle | oracle_wrong_rows | ref_logprob (all but prm: prime_* only)
+    # | "prm_logprob" (the PRM trains as PRIME's, and the policy gets its own log-probs log π_φ = q + log π_ref,
+    # the implicit reward with the SFT model's confidence left in; needs algo.prm_ref "freeze"; not in the paper)
+    c.algo.process_source = "prm"  # prm | prm_logprob | oracle | oracle_wrong_rows | ref_logprob
     # PRM warm-up (not in the reference; docs/algorithm.md): the first k steps train only the PRM, on the start policy's
     # rollouts, and leave the policy as it is; the warm-up steps count in total_steps. 0: off (the spec).
     c.algo.prm_warmup_steps = 0  # steps that train only the PRM before the policy starts training
@@ -472,9 +474,10 @@ def _check_algo(c) -> None:
     _check("algo.process_source", not a.process_source.startswith("oracle") or c.data.train == SYNTHETIC,
            "oracle process rewards need the synthetic task's demonstrations (data.train 'synthetic'), got data.train "
            f"{c.data.train!r}")
-    _check("algo.process_source", a.process_source != "ref_logprob" or a.prm_ref == "freeze",
-           f"ref_logprob scores tokens by the frozen start (SFT) model, so algo.prm_ref must be 'freeze', got {a.prm_ref!r}")
-    _check("algo.process_source", a.process_source == "prm" or a.prm_warmup_steps == 0,
+    _check("algo.process_source", a.process_source not in ("ref_logprob", "prm_logprob") or a.prm_ref == "freeze",
+           f"{a.process_source} adds the frozen start (SFT) model's log-probs, so algo.prm_ref must be 'freeze', got "
+           f"{a.prm_ref!r}")
+    _check("algo.process_source", a.process_source in ("prm", "prm_logprob") or a.prm_warmup_steps == 0,
            f"{a.process_source!r} trains no PRM, so algo.prm_warmup_steps must be 0, got {a.prm_warmup_steps}")
     _non_negative("algo.prm_warmup_steps", a.prm_warmup_steps)
     _check("algo.prm_warmup_steps", a.prm_warmup_steps == 0 or (needs_prm(a.estimator) and a.prm_update != "none"),

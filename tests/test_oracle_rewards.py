@@ -90,13 +90,14 @@ def test_steps_right_needs_every_step_not_only_the_answer():
     assert not steps_right(problem, right_answer_wrong_step) and not steps_right(problem, demo[:-3])
 
 
-def test_ref_logprob_needs_the_frozen_reference_and_process_rewards():
+@pytest.mark.parametrize("source", ["ref_logprob", "prm_logprob"])
+def test_ref_logprob_needs_the_frozen_reference_and_process_rewards(source):
     config = load_config("tiny_chains")
-    config.algo.process_source, config.algo.prm_ref = "ref_logprob", "freeze"
+    config.algo.process_source, config.algo.prm_ref = source, "freeze"
     validate(config, num_devices=1)
     for field, value, said in (("algo.prm_ref", "policy", "prm_ref"), ("algo.estimator", "outcome_rloo", "estimator")):
         bad = load_config("tiny_chains")
-        bad.algo.process_source, bad.algo.prm_ref = "ref_logprob", "freeze"
+        bad.algo.process_source, bad.algo.prm_ref = source, "freeze"
         section, key = field.split(".")
         bad[section][key] = value
         with pytest.raises(ConfigError, match=said):

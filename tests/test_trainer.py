@@ -231,22 +231,42 @@ def test_oracle_process_rewards_train_the_policy_and_leave_the_prm(tmp_path):
     assert evals and all(0.0 <= r["eval/synthetic/steps_right"] <= 1.0 for r in evals)
 
 
-def test_ref_logprob_process_rewards_leave_the_prm(tmp_path):
+@pytest.mark.parametrize("source", ["ref_logprob", "prm_logprob"])
+def test_process_rewards_with_the_sft_log_probs(tmp_path, monkeypatch, source):
     """algo.process_source "ref_logprob": the frozen SFT model's log-probs are the process rewards (the
-    PRM is not trained), and the run logs their per-token mean."""
+    PRM is not trained; the run logs their per-token mean); "prm_logprob": the PRM trains as PRIME's and
+    the policy gets q + log π_ref."""
     import jax
 
     from prime_jax.parallel import mesh_from_config
+    from prime_jax.train import loop
     from prime_jax.train.loop import Trainer
 
+    given = []  # the q the policy gets, and the PRM phase's own, per step
+    real_phase = loop.run_prm_phase
+    monkeypatch.setattr(loop, "run_prm_phase", lambda *a, **k: (lambda out: given.append(out[1]) or out)(
+        real_phase(*a, **k)))
     config = tiny_config(dict(SHORT, total_steps=2, eval_every=0, checkpoint_every=0,
-                              **{"algo.process_source": "ref_logprob", "algo.prm_ref": "freeze"}))
+                              **{"algo.process_source": source, "algo.prm_ref": "freeze"}))
     trainer = Trainer.create(config, tmp_path, mesh_from_config(config))
     start_prm = jax.device_get(trainer.prm.params)
+    seen = []
+    real_update = trainer.update_prm
+    trainer.update_prm = lambda batch, *a: (lambda out: seen.append(
+        (np.asarray(jax.device_get(out[0])), np.asarray(jax.device_get(batch.ref_logprobs * batch.response_mask))))
+        or out)(real_update(batch, *a))
     trainer.run()
     same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), jax.device_get(trainer.prm.params), start_prm)
-    assert all(jax.tree.leaves(same)), "the PRM trained under ref_logprob process rewards"
     steps = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/reward" in r]
-    assert len(steps) == 2
-    for r in steps:
-        assert r["prm/ref_logprob_per_token"] < 0 and np.isfinite(r["policy/loss"]) and "prm/loss" not in r
+    assert len(steps) == 2 and len(seen) == 2 and all(np.isfinite(r["policy/loss"]) for r in steps)
+    if source == "ref_logprob":
+        assert all(jax.tree.leaves(same)), "the PRM trained under ref_logprob process rewards"
+        assert not given
+        for r, (q, ref) in zip(steps, seen):
+            np.testing.assert_array_equal(q, ref)
+            assert r["prm/ref_logprob_per_token"] < 0 and "prm/loss" not in r
+    else:
+        assert not all(jax.tree.leaves(same)), "the PRM did not train"
+        for r, (q, ref), prm_q in zip(steps, seen, given):
+            np.testing.assert_allclose(q, prm_q + ref, rtol=1e-6, atol=1e-6)
+            assert np.isfinite(r["prm/loss"])

@@ -311,13 +311,14 @@ class Trainer:
         policy gets (on the devices) and the metrics. algo.process_source "oracle": the task's own
         step-level rewards instead (`prm_phase.oracle_process_rewards`, from `host_rows`, the host
         copy of `batch`), no PRM update; "oracle_wrong_rows": the same on the rows the outcome calls wrong;
-        "ref_logprob": the frozen SFT model's log-prob of each token (no PRM update either)."""
+        "ref_logprob": the frozen SFT model's log-prob of each token (no PRM update either); "prm_logprob":
+        the PRM phase as usual, and the policy gets q + log π_ref = log π_φ."""
         if not self.uses_process_rewards:
             return put_rows(np.zeros(batch.response_mask.shape, np.float32), self.mesh), {}
         if self.config.algo.process_source == "ref_logprob":
             q = batch.ref_logprobs * batch.response_mask
             return q, {"prm/ref_logprob_per_token": float(q.sum() / batch.response_mask.sum())}
-        if self.config.algo.process_source != "prm":
+        if self.config.algo.process_source in ("oracle", "oracle_wrong_rows"):
             q = oracle_process_rewards([g.problem for g in groups for _ in range(g.rows.num_rows)],
                                        host_rows.response_ids, host_rows.response_mask, host_rows.outcome,
                                        self.tokenizer, set(self.stop_ids),
@@ -326,6 +327,9 @@ class Trainer:
         self.prm, q, metrics = run_prm_phase(
             self.steps, self.prm, batch, mode=self.config.algo.prm_update, mini_batch=self.config.batch.prm_mini_batch,
             n=self.n, take_rows=functools.partial(self._mini_batch, batch))
+        if self.config.algo.process_source == "prm_logprob":  # the SFT model's confidence left in
+            ref_logprobs, mask = to_host((batch.ref_logprobs, batch.response_mask))
+            q = q + ref_logprobs * mask
         return put_rows(q, self.mesh), metrics
 
     @property
