@@ -26,8 +26,11 @@ implicit-PRM paper's evaluation code also reports), a random pick (avg@n, its ex
 pass@n; and how often the top pick is a response sampled only once in its group (a random pick
 favours the responses sampled often, as a nearly deterministic policy's are, so a signal that
 favours rare responses can pick below random while it ranks above 0.5). None of these problems was
-trained on (the synthetic held-out set is excluded from training and SFT). Writes
-WORKDIR/prm_probe.json (or --out) and prints a markdown table.
+trained on (the synthetic held-out set is excluded from training and SFT). On the synthetic tasks
+(one fixed answer form) it also reports where the credit sits around a response's first slipped step,
+and the right answers reached through a wrong step: their share, how well each signal ranks the right
+answers with right steps above them (``steps_ranking``; outcome labels call both right) and the
+PRM's q at their slip. Writes WORKDIR/prm_probe.json (or --out) and prints markdown tables.
 """
 
 from __future__ import annotations
