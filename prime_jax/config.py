@@ -23,7 +23,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
 PRM_UPDATE_MODES = ("after", "before", "reverse", "none")  # see prime_jax/train/prm_phase.py
-PROCESS_SOURCES = ("prm", "prm_logprob", "oracle", "oracle_wrong_rows", "ref_logprob")  # algo.process_source; see prime_jax/train/prm_phase.py
+# algo.process_source; see Trainer.update_prm (prime_jax/train/loop.py)
+PROCESS_SOURCES = ("prm", "prm_logprob", "oracle", "oracle_wrong_rows", "ref_logprob")
 RANDOM_MODEL = "random"
 TINY_TOKENIZER = "tiny"
 SYNTHETIC = "synthetic"

@@ -315,9 +315,10 @@ class Trainer:
         the PRM phase as usual, and the policy gets q + log π_ref = log π_φ."""
         if not self.uses_process_rewards:
             return put_rows(np.zeros(batch.response_mask.shape, np.float32), self.mesh), {}
-        if self.config.algo.process_source == "ref_logprob":
-            q = batch.ref_logprobs * batch.response_mask
-            return q, {"prm/ref_logprob_per_token": float(q.sum() / batch.response_mask.sum())}
+        if self.config.algo.process_source == "ref_logprob":  # via the host: rows span processes on a pod
+            ref_logprobs, mask = to_host((batch.ref_logprobs, batch.response_mask))
+            q = (ref_logprobs * mask).astype(np.float32)
+            return put_rows(q, self.mesh), {"prm/ref_logprob_per_token": float(q.sum() / mask.sum())}
         if self.config.algo.process_source in ("oracle", "oracle_wrong_rows"):
             q = oracle_process_rewards([g.problem for g in groups for _ in range(g.rows.num_rows)],
                                        host_rows.response_ids, host_rows.response_mask, host_rows.outcome,
@@ -329,7 +330,7 @@ class Trainer:
             n=self.n, take_rows=functools.partial(self._mini_batch, batch))
         if self.config.algo.process_source == "prm_logprob":  # the SFT model's confidence left in
             ref_logprobs, mask = to_host((batch.ref_logprobs, batch.response_mask))
-            q = q + ref_logprobs * mask
+            q = (q + ref_logprobs * mask).astype(np.float32)
         return put_rows(q, self.mesh), metrics
 
     @property
