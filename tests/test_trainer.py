@@ -242,19 +242,29 @@ def test_process_rewards_with_the_sft_log_probs(tmp_path, monkeypatch, source):
     from prime_jax.train import loop
     from prime_jax.train.loop import Trainer
 
-    given = []  # the q the policy gets, and the PRM phase's own, per step
+    given = []  # the q of each PRM phase (prm_logprob only)
+
+    def recording_phase(*args, **kwargs):
+        out = real_phase(*args, **kwargs)
+        given.append(out[1])
+        return out
+
     real_phase = loop.run_prm_phase
-    monkeypatch.setattr(loop, "run_prm_phase", lambda *a, **k: (lambda out: given.append(out[1]) or out)(
-        real_phase(*a, **k)))
+    monkeypatch.setattr(loop, "run_prm_phase", recording_phase)
     config = tiny_config(dict(SHORT, total_steps=2, eval_every=0, checkpoint_every=0,
                               **{"algo.process_source": source, "algo.prm_ref": "freeze"}))
     trainer = Trainer.create(config, tmp_path, mesh_from_config(config))
     start_prm = jax.device_get(trainer.prm.params)
-    seen = []
+    seen = []  # per step: (the q the policy gets, the SFT log-probs of the batch)
     real_update = trainer.update_prm
-    trainer.update_prm = lambda batch, *a: (lambda out: seen.append(
-        (np.asarray(jax.device_get(out[0])), np.asarray(jax.device_get(batch.ref_logprobs * batch.response_mask))))
-        or out)(real_update(batch, *a))
+
+    def recording_update(batch, *args):
+        out = real_update(batch, *args)
+        seen.append((np.asarray(jax.device_get(out[0])),
+                     np.asarray(jax.device_get(batch.ref_logprobs * batch.response_mask))))
+        return out
+
+    trainer.update_prm = recording_update
     trainer.run()
     same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), jax.device_get(trainer.prm.params), start_prm)
     steps = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/reward" in r]
