@@ -311,7 +311,8 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"unknown estimators {sorted(unknown)}; expected some of {ESTIMATORS}")
     prime_extra = tuple(args.prime_overrides.split())
-    untrained = [o for o in prime_extra if "algo.process_source=" in o and o.split("=")[-1] not in ("prm", "prm_logprob")]
+    trains_prm = ("prm", "prm_logprob")  # the process sources with a trained implicit PRM to probe
+    untrained = [o for o in prime_extra if "algo.process_source=" in o and o.split("=")[-1] not in trains_prm]
     if args.probe and untrained:
         raise SystemExit(f"--probe probes the implicit PRM, and runs with {untrained[0]} do not train one")
     wall = {} if args.report_only else run_all(args.config, out, seeds, args.extra, args.parallel, estimators,
