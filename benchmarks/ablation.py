@@ -37,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from prime_jax.config import PRM_TRAINING_SOURCES  # noqa: E402
 from prime_jax.train import checkpoint as ckpt  # noqa: E402
 from prime_jax.train.metrics import read_metrics  # noqa: E402
 
@@ -311,8 +312,8 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"unknown estimators {sorted(unknown)}; expected some of {ESTIMATORS}")
     prime_extra = tuple(args.prime_overrides.split())
-    trains_prm = ("prm", "prm_logprob")  # the process sources with a trained implicit PRM to probe
-    untrained = [o for o in prime_extra if "algo.process_source=" in o and o.split("=")[-1] not in trains_prm]
+    untrained = [o for o in prime_extra
+                 if "algo.process_source=" in o and o.split("=")[-1] not in PRM_TRAINING_SOURCES]
     if args.probe and untrained:
         raise SystemExit(f"--probe probes the implicit PRM, and runs with {untrained[0]} do not train one")
     wall = {} if args.report_only else run_all(args.config, out, seeds, args.extra, args.parallel, estimators,

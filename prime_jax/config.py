@@ -23,8 +23,11 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
 PRM_UPDATE_MODES = ("after", "before", "reverse", "none")  # see prime_jax/train/prm_phase.py
-# algo.process_source; see Trainer.update_prm (prime_jax/train/loop.py)
+# algo.process_source; see Trainer.update_prm (prime_jax/train/loop.py). Grouped by what a source needs:
 PROCESS_SOURCES = ("prm", "prm_logprob", "oracle", "oracle_wrong_rows", "ref_logprob")
+PRM_TRAINING_SOURCES = ("prm", "prm_logprob")  # a trained implicit PRM (what benchmarks/prm_probe.py probes)
+ORACLE_SOURCES = ("oracle", "oracle_wrong_rows")  # the synthetic task's demonstrations
+SFT_LOGPROB_SOURCES = ("ref_logprob", "prm_logprob")  # the frozen SFT model's log-probs (algo.prm_ref "freeze")
 RANDOM_MODEL = "random"
 TINY_TOKENIZER = "tiny"
 SYNTHETIC = "synthetic"
@@ -472,13 +475,13 @@ def _check_algo(c) -> None:
     _check("algo.process_source", a.process_source == "prm" or needs_prm(a.estimator),
            f"{a.process_source!r} gives process rewards, which only a prime_* estimator uses, got algo.estimator "
            f"{a.estimator!r}")
-    _check("algo.process_source", not a.process_source.startswith("oracle") or c.data.train == SYNTHETIC,
+    _check("algo.process_source", a.process_source not in ORACLE_SOURCES or c.data.train == SYNTHETIC,
            "oracle process rewards need the synthetic task's demonstrations (data.train 'synthetic'), got data.train "
            f"{c.data.train!r}")
-    _check("algo.process_source", a.process_source not in ("ref_logprob", "prm_logprob") or a.prm_ref == "freeze",
+    _check("algo.process_source", a.process_source not in SFT_LOGPROB_SOURCES or a.prm_ref == "freeze",
            f"{a.process_source} adds the frozen start (SFT) model's log-probs, so algo.prm_ref must be 'freeze', got "
            f"{a.prm_ref!r}")
-    _check("algo.process_source", a.process_source in ("prm", "prm_logprob") or a.prm_warmup_steps == 0,
+    _check("algo.process_source", a.process_source in PRM_TRAINING_SOURCES or a.prm_warmup_steps == 0,
            f"{a.process_source!r} trains no PRM, so algo.prm_warmup_steps must be 0, got {a.prm_warmup_steps}")
     _non_negative("algo.prm_warmup_steps", a.prm_warmup_steps)
     _check("algo.prm_warmup_steps", a.prm_warmup_steps == 0 or (needs_prm(a.estimator) and a.prm_update != "none"),

@@ -243,13 +243,13 @@ def test_process_rewards_with_the_sft_log_probs(tmp_path, monkeypatch, source):
     from prime_jax.train.loop import Trainer
 
     given = []  # the q of each PRM phase (prm_logprob only)
+    real_phase = loop.run_prm_phase
 
     def recording_phase(*args, **kwargs):
         out = real_phase(*args, **kwargs)
         given.append(out[1])
         return out
 
-    real_phase = loop.run_prm_phase
     monkeypatch.setattr(loop, "run_prm_phase", recording_phase)
     config = tiny_config(dict(SHORT, total_steps=2, eval_every=0, checkpoint_every=0,
                               **{"algo.process_source": source, "algo.prm_ref": "freeze"}))

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from prime_jax import algo
-from prime_jax.config import RANDOM_MODEL, SYNTHETIC
+from prime_jax.config import ORACLE_SOURCES, RANDOM_MODEL, SYNTHETIC
 from prime_jax.data import Problem, held_out, load_eval_sets, load_train_problems
 from prime_jax.models import Qwen2ForCausalLM
 from prime_jax.models.tokenizer import eos_token_ids
@@ -315,11 +315,11 @@ class Trainer:
         the PRM phase as usual, and the policy gets q + log π_ref = log π_φ."""
         if not self.uses_process_rewards:
             return put_rows(np.zeros(batch.response_mask.shape, np.float32), self.mesh), {}
-        if self.config.algo.process_source == "ref_logprob":  # via the host: rows span processes on a pod
-            ref_logprobs, mask = to_host((batch.ref_logprobs, batch.response_mask))
-            q = (ref_logprobs * mask).astype(np.float32)
+        if self.config.algo.process_source == "ref_logprob":
+            q = self._sft_logprobs(batch, host_rows)
+            mask = host_rows.response_mask
             return put_rows(q, self.mesh), {"prm/ref_logprob_per_token": float(q.sum() / mask.sum())}
-        if self.config.algo.process_source in ("oracle", "oracle_wrong_rows"):
+        if self.config.algo.process_source in ORACLE_SOURCES:
             q = oracle_process_rewards([g.problem for g in groups for _ in range(g.rows.num_rows)],
                                        host_rows.response_ids, host_rows.response_mask, host_rows.outcome,
                                        self.tokenizer, set(self.stop_ids),
@@ -329,9 +329,14 @@ class Trainer:
             self.steps, self.prm, batch, mode=self.config.algo.prm_update, mini_batch=self.config.batch.prm_mini_batch,
             n=self.n, take_rows=functools.partial(self._mini_batch, batch))
         if self.config.algo.process_source == "prm_logprob":  # the SFT model's confidence left in
-            ref_logprobs, mask = to_host((batch.ref_logprobs, batch.response_mask))
-            q = (q + ref_logprobs * mask).astype(np.float32)
+            q = q + self._sft_logprobs(batch, host_rows)
         return put_rows(q, self.mesh), metrics
+
+    @staticmethod
+    def _sft_logprobs(batch: PrimeBatch, host_rows: PrimeBatch) -> np.ndarray:
+        """`[B, R]` float32 on the host: the scored reference (the frozen SFT model) log-probs of `batch`,
+        0 at padding (fetched whole: a pod's rows span processes)."""
+        return (to_host(batch.ref_logprobs) * host_rows.response_mask).astype(np.float32)
 
     @property
     def prm_reference_params(self):
