@@ -13,6 +13,9 @@ with a perfect step-level reward in the PRM's place (--config.algo.process_sourc
 penalising right answers reached through wrong steps, which outcome labels call right. The frozen SFT
 model's log-prob as the process reward (--config.algo.process_source=ref_logprob --config.algo.prm_ref=freeze,
 a diagnostic) gets most of that: +6.9 +- 4.4; the implicit reward subtracts it.
+With slips that cannot cancel (--config.sft.flaw_direction=up) outcome-only RLOO fixes five-step chains by
+itself, and ten-step chains bring the cancelling back through the model's own errors (benchmarks/README.md,
+"Where an outcome label already says where").
 """
 
 import importlib.util

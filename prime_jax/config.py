@@ -224,6 +224,7 @@ def _system_sections(c: ml_collections.ConfigDict) -> None:
     # fraction of the 90 one-digit step types whose demonstrated result is one off with probability flaw_prob.
     c.sft.flawed_steps = 0.0  # fraction of step types with slips (0: clean demonstrations)
     c.sft.flaw_prob = 0.6  # probability that a demonstration slips at a flawed step (above 0.5: greedy decoding slips too)
+    c.sft.flaw_direction = "either"  # a slip writes r+1 or r-1 ("either"), or r+1 only ("up": two slips never cancel)
     c.sft.flaw_seed = 0  # picks the flawed step types (the same for every run seed, like the held-out set)
 
     c.checkpoint = ml_collections.ConfigDict()
@@ -588,6 +589,7 @@ def _check_sft(c) -> None:
         _check("sft.data", Path(c.sft.data).expanduser().is_file(), f"SFT data file {c.sft.data!r} does not exist")
     _check("sft.flawed_steps", 0 <= c.sft.flawed_steps <= 1, f"must be in [0, 1], got {c.sft.flawed_steps}")
     _check("sft.flaw_prob", 0 <= c.sft.flaw_prob <= 1, f"must be in [0, 1], got {c.sft.flaw_prob}")
+    _one_of("sft.flaw_direction", c.sft.flaw_direction, ("either", "up"))
     _non_negative("sft.flaw_seed", c.sft.flaw_seed)
     if c.sft.flawed_steps:
         _check("sft.flawed_steps", c.sft.data == SYNTHETIC and c.data.synthetic.task == "chains",

@@ -85,6 +85,7 @@ def test_schema_top_level_fields_and_every_field_commented():
      "algo.prm_warmup_steps", "trains no PRM"),
     (lambda c: setattr(c.sft, "flawed_steps", 1.5), "sft.flawed_steps", "[0, 1]"),
     (lambda c: setattr(c.sft, "flaw_prob", -0.1), "sft.flaw_prob", "[0, 1]"),
+    (lambda c: setattr(c.sft, "flaw_direction", "down"), "sft.flaw_direction", "'up'"),
     (lambda c: setattr(c.sft, "flawed_steps", 0.3), "sft.flawed_steps", "task 'arith'"),
 ])
 def test_bad_values_name_the_field(change, field, words):

@@ -521,6 +521,26 @@ def test_flawed_chains_demonstrations_slip_by_one_at_flawed_steps_and_carry_on()
     assert 0.4 < slipped / steps < 0.6  # 0.6 where a one-off result keeps the chain in [0, 9]
 
 
+def test_upward_slips_never_cancel_so_a_slipped_demonstration_ends_wrong():
+    from prime_jax.data import chains
+
+    problems = chains.make_problems(600, seed=1)
+    every, rng = frozenset(chains.step_types()), np.random.default_rng(1)
+    slipped = 0
+    for p in problems:
+        demo = chains.flawed_demonstration(p, every, 0.6, rng, direction="up")
+        value, right_value = p.meta["start"], p.meta["start"]
+        for line, (op, x) in zip(demo.split("\n")[:-1], p.meta["steps"]):
+            result, right = int(line.split("=")[1]), value + x if op == "+" else value - x
+            assert result in (right, right + 1)  # up only
+            value, right_value = result, right_value + x if op == "+" else right_value - x
+        slipped += value != right_value
+        assert (demo != chains.demonstration(p)) == (value != right_value)  # any slip leaves the answer wrong
+    assert 0.5 < slipped / len(problems) < 1.0
+    with pytest.raises(ValueError, match="direction"):
+        chains.flawed_demonstration(problems[0], every, 0.6, rng, direction="down")
+
+
 def test_flawed_chains_sft_pairs_from_the_config():
     from config_files import load_config
     from prime_jax.data import chains, sft_pairs

@@ -98,17 +98,26 @@ def _stays_in_range(value: int, steps: list[tuple[str, int]]) -> bool:
     return True
 
 
-def flawed_demonstration(problem: Problem, flawed: frozenset, prob: float, rng: np.random.Generator) -> str:
+FLAW_DIRECTIONS = ("either", "up")
+
+
+def flawed_demonstration(problem: Problem, flawed: frozenset, prob: float, rng: np.random.Generator,
+                         direction: str = "either") -> str:
     """The demonstration, except that at a step whose ``(running value, op, x)`` is in ``flawed`` it
-    writes, with probability ``prob``, a result one off (r+1 or r-1, in random order, whichever keeps
-    this and every later running value in [0, 9]; neither: the right one) and goes on from it, so
-    its later lines and its ``\\boxed{}`` follow the slip. Draws from ``rng`` only at flawed steps."""
+    writes, with probability ``prob``, a result one off (``direction`` "either": r+1 or r-1, in random
+    order; "up": r+1 only; whichever keeps this and every later running value in [0, 9]; none: the
+    right one) and goes on from it, so its later lines and its ``\\boxed{}`` follow the slip. With
+    "up" two slips add up instead of cancelling, so a right answer never goes through a demonstrated
+    slip. Draws from ``rng`` only at flawed steps."""
+    if direction not in FLAW_DIRECTIONS:
+        raise ValueError(f"direction must be one of {FLAW_DIRECTIONS}, got {direction!r}")
     value, steps = synthetic.parse_expression(problem.meta.get("expression") or problem.user_content)
     lines = []
     for k, (op, x) in enumerate(steps):
         result = synthetic._apply(value, op, x)
         if (value, op, x) in flawed and rng.random() < prob:
             slips = [result + 1, result - 1] if rng.random() < 0.5 else [result - 1, result + 1]
+            slips = [result + 1] if direction == "up" else slips
             slips = [r for r in slips if 0 <= r <= MAX_VALUE and _stays_in_range(r, steps[k + 1:])]
             result = slips[0] if slips else result
         lines.append(f"{value}{op}{x}={result}")

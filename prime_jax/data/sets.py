@@ -71,6 +71,7 @@ def sft_pairs(config, exclude: set[str]) -> list[tuple[list[dict], str]]:
         if config.sft.flawed_steps:  # chains with systematic slips (validated: the chains task)
             flawed = chains.flawed_step_types(config.sft.flawed_steps, config.sft.flaw_seed)
             rng = np.random.default_rng([config.seed, 77])
-            return [(p.messages, chains.flawed_demonstration(p, flawed, config.sft.flaw_prob, rng)) for p in problems]
+            return [(p.messages, chains.flawed_demonstration(p, flawed, config.sft.flaw_prob, rng,
+                                                           config.sft.flaw_direction)) for p in problems]
         return [(p.messages, task_demonstration(p)) for p in problems]
     return read_sft_pairs(config.sft.data, config.sft.num_examples)[0]
