@@ -373,19 +373,22 @@ def test_decode_step_cost_follows_live_rows_not_capacity():
 
     decode = jax.jit(decode, donate_argnums=1)
 
-    def best_time(capacity, live):
+    def filled(capacity, live):
         cache = KVCache.init(config, rows, capacity)
-        cache = jax.block_until_ready(decode(state, dataclasses.replace(
+        return jax.block_until_ready(decode(state, dataclasses.replace(
             cache, valid=cache.valid.at[:, :live].set(True), next_position=cache.next_position + live,
             end=cache.end + live)))
-        times = []
-        for _ in range(7):
-            start = time.perf_counter()
-            cache = jax.block_until_ready(decode(state, cache))
-            times.append(time.perf_counter() - start)
-        return min(times)
 
-    short_small, short_big, long_big = best_time(512, 20), best_time(4096, 20), best_time(4096, 4000)
+    # Interleaved rounds, best of each: a burst of load from another test process (xdist) then hits all
+    # three cases alike instead of one block of repeats.
+    caches = [filled(512, 20), filled(4096, 20), filled(4096, 4000)]
+    best = [float("inf")] * 3
+    for _ in range(9):
+        for i in range(3):
+            start = time.perf_counter()
+            caches[i] = jax.block_until_ready(decode(state, caches[i]))
+            best[i] = min(best[i], time.perf_counter() - start)
+    short_small, short_big, long_big = best
     assert short_big < 2.0 * short_small, (short_small, short_big)
     assert long_big > 2.0 * short_big, (short_big, long_big)
 
@@ -421,8 +424,8 @@ def test_remat_policies_give_identical_logits_and_grads(untied_checkpoint):
         assert value == pytest.approx(ref_loss, rel=1e-6, abs=1e-6)
         flat_ref, flat = jax.tree.leaves(ref_grads), jax.tree.leaves(grads)
         assert len(flat) == len(flat_ref)
-        for a, b in zip(flat, flat_ref):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=policy)
+        for a, b in zip(flat, flat_ref):  # float32 reassociation: an error on the scale of the leaf's largest entry
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()), err_msg=policy)
 
 
 def test_config_validation():
