@@ -116,8 +116,11 @@ def flawed_demonstration(problem: Problem, flawed: frozenset, prob: float, rng: 
     for k, (op, x) in enumerate(steps):
         result = synthetic._apply(value, op, x)
         if (value, op, x) in flawed and rng.random() < prob:
-            slips = [result + 1, result - 1] if rng.random() < 0.5 else [result - 1, result + 1]
-            slips = [result + 1] if direction == "up" else slips
+            up_first = rng.random() < 0.5  # drawn with "up" too, so both directions draw the same stream
+            if direction == "up":
+                slips = [result + 1]
+            else:
+                slips = [result + 1, result - 1] if up_first else [result - 1, result + 1]
             slips = [r for r in slips if 0 <= r <= MAX_VALUE and _stays_in_range(r, steps[k + 1:])]
             result = slips[0] if slips else result
         lines.append(f"{value}{op}{x}={result}")
