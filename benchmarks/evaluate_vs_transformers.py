@@ -4,10 +4,10 @@ prompts, same grader, timed side by side in one run.
     python benchmarks/evaluate_vs_transformers.py                          # SmolLM2-135M-Instruct, GSM8K, 100 problems
     python benchmarks/evaluate_vs_transformers.py --limit=8 --max-new-tokens=128   # a quick look
 
-Ours: `prime_jax.evaluate.evaluate` with `configs/smollm2.py` (the model's chat template around
+Ours: `prime_jax.evaluate.evaluate` with `configs/smollm2_135m.py` (the model's chat template around
 the problem and the paper's instruction "Please reason step by step, and put your final answer
 within \\boxed{}.", greedy, `--max-new-tokens`, `--batch` prompts per generate call), exactly what
-`python -m prime_jax.evaluate --config=configs/smollm2.py --checkpoint=MODEL --benchmarks=gsm8k
+`python -m prime_jax.evaluate --config=configs/smollm2_135m.py --checkpoint=MODEL --benchmarks=gsm8k
 --limit=N` runs. transformers: the same weights (the HF folder the model resolves to: for a GGUF the
 converted one), `generate(do_sample=False)` on the same prompt ids in the same chunks (left-padded,
 stopping at the same end-of-response ids), graded by the same `eval_lib.evaluate_benchmark`.
@@ -76,7 +76,7 @@ def main():
     import torch
     import transformers
 
-    from configs.smollm2 import get_config
+    from configs.smollm2_135m import get_config
     from prime_jax import eval_lib
     from prime_jax.data import load_eval_sets
     from prime_jax.evaluate import evaluate

