@@ -112,9 +112,15 @@ def hf_config(reader, path: str | os.PathLike = "") -> dict[str, Any]:
     """The transformers `config.json` dict of a GGUF's model, from its metadata (and whether it
     has an `output.weight`, i.e. an untied head)."""
     arch = architecture(reader, path)
-    get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
+
+    def get(key, default=None):
+        value = _field(reader, f"{arch}.{key}", default)
+        if value is None:
+            raise UnsupportedModelError(f"GGUF {str(path) or 'file'} lacks the metadata key {arch}.{key}")
+        return value
+
     scaling = get("rope.scaling.type", "none")
-    if scaling not in ("none", None) or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    if scaling != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise UnsupportedModelError(f"GGUF {str(path) or 'file'}: rope scaling ({scaling}) is not supported "
                                     "(only default RoPE)")
     heads = int(get("attention.head_count"))
@@ -128,7 +134,7 @@ def hf_config(reader, path: str | os.PathLike = "") -> dict[str, Any]:
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embed is None:
         raise UnsupportedModelError(f"GGUF {str(path) or 'file'} has no token_embd.weight tensor")
-    vocab = int(get("vocab_size", 0) or int(embed.shape[-1]))
+    vocab = int(get("vocab_size", 0)) or int(embed.shape[-1])
     config = {
         "model_type": arch,
         "vocab_size": vocab,
