@@ -247,10 +247,25 @@ def earlier_results(folder: Path, identity: Mapping[str, Any]) -> dict[str, Benc
     return {name: BenchmarkResult(name=name, metrics=m, records=[]) for name, m in saved.items()}
 
 
+def _keep_a_single_evaluation(root: Path) -> None:
+    """A workdir evaluated before evaluations had folders holds its results in eval/ itself: they
+    move to eval/earlier/ (listed in the index like the others) instead of being overwritten."""
+    try:
+        legacy = "evaluations" not in json.loads((root / "scores.json").read_text())
+    except (OSError, ValueError):
+        return
+    if legacy:
+        (root / "earlier").mkdir(exist_ok=True)
+        for f in [root / "scores.json", root / "scores.md", *root.glob("*.jsonl")]:
+            if f.is_file():
+                os.replace(f, root / "earlier" / f.name)
+
+
 def write_index(root: str | os.PathLike) -> Path:
     """``root/scores.md`` and ``scores.json``: every evaluation folder under `root` side by side (one
     row per evaluation and benchmark: what was evaluated, how, and its headline scores)."""
     root = Path(root)
+    _keep_a_single_evaluation(root)
     rows, entries = [], {}
     for folder in sorted(p for p in root.iterdir() if (p / "scores.json").is_file()):
         try:

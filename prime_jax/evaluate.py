@@ -508,8 +508,11 @@ def run() -> None:
     cli.quiet_startup()
     flag_names = ["config", "workdir", "checkpoint", "benchmarks", "limit", "n", "temperature", "top_p",
                   "max_new_tokens", "batch_size", "seed", "tokenizer_path", "prm", "reference", "tag"]
-    app.run(main, flags_parser=cli.flags_parser("evaluate", cli.help_text("evaluate", __doc__, flag_names,
-                                                                            DEFAULT_CONFIG)))
+    try:
+        app.run(main, flags_parser=cli.flags_parser("evaluate", cli.help_text("evaluate", __doc__, flag_names,
+                                                                                DEFAULT_CONFIG)))
+    except KeyboardInterrupt:  # Ctrl-C while starting up (imports, flags): nothing to keep
+        cli.interrupted("evaluate", "stopped while starting; nothing was done")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def main(argv) -> None:
                                           or params_saved(layout.reference))
     except run_config.ResumeConfigError as e:
         fail(str(e))
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not _EXPORT_HF.value:
         run_config.log_changes(changes, layout, max(layout.checkpoint_steps(), default=0))
     try:
         if _EXPORT_HF.value:
@@ -167,7 +167,10 @@ def run() -> None:
     cli.quiet_startup()
     help_text = cli.help_text("main", __doc__, ["config", "workdir", "export_hf", "sft_only", "skip_memory_check"],
                               DEFAULT_CONFIG)
-    app.run(main, flags_parser=cli.flags_parser("main", help_text))
+    try:
+        app.run(main, flags_parser=cli.flags_parser("main", help_text))
+    except KeyboardInterrupt:  # Ctrl-C while starting up (imports, flags): nothing to keep
+        cli.interrupted("main", "stopped while starting; nothing was done")
 
 
 if __name__ == "__main__":

@@ -155,11 +155,15 @@ def stop() -> None:
         _active.stop()
 
 
+_LOST_PEER = ("Gloo", "Connection closed by peer", "Connection reset by peer", "UNAVAILABLE", "DEADLINE_EXCEEDED",
+              "coordination service", "Barrier", "barrier", "heartbeat", "Socket closed", "Broken pipe")
+
+
 def looks_like_a_lost_host(error: BaseException) -> bool:
-    """An error a dead peer causes in this process's main thread: a failed cross-process collective."""
-    text = str(error)
-    return type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError") or any(
-        s in text for s in ("Gloo", "Connection closed by peer", "Connection reset by peer", "coordination service"))
+    """An error a dead peer causes in this process's main thread: a failed cross-process collective,
+    barrier or key-value call (an out-of-memory or a bug keeps its traceback at once)."""
+    text = f"{type(error).__name__}: {error}"
+    return any(s in text for s in _LOST_PEER)
 
 
 def explain_failure(error: BaseException) -> None:

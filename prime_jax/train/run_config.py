@@ -29,6 +29,7 @@ HISTORY_FILE = "config_history.jsonl"
 SHAPE_FIELDS = (
     "model.path", "tokenizer.path", "model.vocab_size", "model.hidden_size", "model.intermediate_size",
     "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.head_dim", "model.tie_word_embeddings",
+    "model.model_type",  # qwen2 | llama: whether q/k/v have biases
 )
 
 
