@@ -234,7 +234,7 @@ def test_token_reward_pages_show_the_prms_ranking_and_page_through_the_responses
     for k, page in enumerate(pages, 1):
         text = page.read_text()
         HTMLParser().feed(text)  # parses
-        assert f"put the right response above the wrong one in <b>{ranking:.0%}</b>" in text
+        assert f"put the right one above the wrong one in <b>{ranking:.0%}</b>" in text
         assert "How to read it: &Sigma;q is the PRM's total reward" in text and "<code>prm/dpo_accuracy</code>" in text
         others = [name for j, name in enumerate(("step_2.html", "step_2_p2.html", "step_2_p3.html"), 1) if j != k]
         assert f"<b>{k}</b>" in text and all(f"href='{name}'" in text for name in others)

@@ -75,35 +75,36 @@ def _piece(text: str) -> str:
 
 
 def _ranking_line(ranking: float | None, ranking_note: str) -> str:
-    """How well the PRM ranked at this step, and how to read Σq with that in mind."""
-    guide = ("How to read it: &Sigma;q is the PRM's total reward for a response, and within one prompt the PRM "
-             "prefers the response with the higher &Sigma;q")
+    """How to read Σq, and how well the PRM ranked at this step (its prm/dpo_accuracy)."""
+    guide = ("How to read it: &Sigma;q is the PRM's total reward for a response; between responses to one prompt, "
+             "the higher &Sigma;q is the one the PRM thinks right")
     if ranking is None or ranking != ranking:
         return f"<p class='rank'>{guide}. {html.escape(ranking_note or 'No ranking was measured at this step.')}</p>"
-    wrong_way = 1.0 - ranking
-    return (f"<p class='rank'>{guide}. At this step it put the right response above the wrong one in "
-            f"<b>{ranking:.0%}</b> of its fresh samples' right/wrong pairs (<code>prm/dpo_accuracy</code>; 50% is "
-            f"chance), so about {wrong_way:.0%} of such pairs are ordered the wrong way: a wrong answer with a "
-            "higher &Sigma;q than a right one is expected that often, not a bug.</p>")
+    return (f"<p class='rank'>{guide}. At this step it put the right one above the wrong one in <b>{ranking:.0%}</b> "
+            f"of its fresh samples' right/wrong pairs (<code>prm/dpo_accuracy</code>; 50% is chance), so a wrong "
+            f"answer with a higher &Sigma;q than a right one is expected in about {1 - ranking:.0%} of pairs.</p>")
 
 
-def _nav(page: int, pages: int, name: Callable[[int], str]) -> str:
+def _nav(page: int, pages: int, name: Callable[[int], str], total: int) -> str:
+    """Links to the step's other pages, and which settings choose how many responses there are."""
+    settings = (f"{total} responses (<code>--config.logging.html_samples</code>), "
+                "<code>--config.logging.html_per_page</code> to a page")
     if pages <= 1:
-        return ""
+        return f"<p class='nav'>{settings}.</p>"
     links = [f"<b>{k}</b>" if k == page else f"<a href='{name(k)}'>{k}</a>" for k in range(1, pages + 1)]
     prev = f"<a href='{name(page - 1)}'>&lsaquo; previous</a> " if page > 1 else ""
     nxt = f" <a href='{name(page + 1)}'>next &rsaquo;</a>" if page < pages else ""
-    return f"<p class='nav'>{prev}page {' '.join(links)} of {pages}{nxt}</p>"
+    return f"<p class='nav'>{prev}page {' '.join(links)} of {pages}{nxt} &middot; {settings}.</p>"
 
 
 def render_html(samples: Sequence[Sample], *, title: str, ranking: float | None = None, ranking_note: str = "",
                 scale: float | None = None, page: int = 1, pages: int = 1, first: int = 0,
-                page_name: Callable[[int], str] | None = None) -> str:
-    """One page: `samples` (numbered from `first` + 1), coloured on `scale` (default: theirs), the
-    PRM's ranking at the step (`ranking`, prm/dpo_accuracy; None: `ranking_note` says why), links to
-    the other pages (page of pages, `page_name(k)` is page k's file name)."""
+                page_name: Callable[[int], str] | None = None, total: int | None = None) -> str:
+    """One page: `samples` (numbered from `first` + 1, of `total`), coloured on `scale` (default:
+    theirs), the PRM's ranking at the step (`ranking`, prm/dpo_accuracy; None: `ranking_note` says
+    why), links to the other pages (page of pages, `page_name(k)` is page k's file name)."""
     scale = colour_scale(samples) if scale is None else scale
-    nav = _nav(page, pages, page_name or (lambda k: f"page_{k}.html"))
+    nav = _nav(page, pages, page_name or (lambda k: f"page_{k}.html"), len(samples) if total is None else total)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
@@ -161,7 +162,7 @@ def write_rollouts_html(path: str | Path, samples: Sequence[Sample], *, title: s
         tmp = page.with_suffix(".html.tmp")
         tmp.write_text(render_html(samples[first:first + per_page], title=title, ranking=ranking,
                                    ranking_note=ranking_note, scale=scale, page=k, pages=pages, first=first,
-                                   page_name=name), encoding="utf-8")
+                                   page_name=name, total=len(samples)), encoding="utf-8")
         os.replace(tmp, page)
         written.append(page)
     return written
