@@ -278,15 +278,18 @@ def write_index(root: str | os.PathLike) -> Path:
         entries[folder.name] = {"checkpoint": scores.get("info", {}).get("checkpoint"), "settings": settings,
                                 "benchmarks": scores.get("benchmarks", {}), "average": scores.get("average", {})}
         decoding = ("greedy" if not settings.get("temperature") else f"T={settings.get('temperature')}") + f", n={n}"
+        decoding += f", {settings.get('max_new_tokens')} tokens"
+        prompts = f"{scores.get('info', {}).get('instruction', '?')}, <= {settings.get('max_prompt_tokens')} tokens"
         for bench, m in scores.get("benchmarks", {}).items():
             score = "all dropped" if all_dropped(m) else f"{metric} {_fmt(m.get(metric, float('nan')))}"
             extra = ", ".join(f"{k} {_fmt(m[k])}" for k in (f"pass@{n}", f"maj@{n}", f"best@{n}") if n > 1 and k in m)
             rows.append(f"| [{folder.name}]({folder.name}/scores.md) | {entries[folder.name]['checkpoint']} | "
-                        f"{decoding} | {bench} | {m.get('num_problems')} | {score} | {extra} |")
+                        f"{decoding} | {prompts} | {bench} | {m.get('num_problems')} | {score} | {extra} |")
     lines = ["# Evaluations in this folder", "",
-             "One row per evaluation and benchmark; each folder's scores.md has every metric. Scores in %.", "",
-             "| evaluation | checkpoint | decoding | benchmark | problems | score | more |", "|---|---|---|---|---|---|---|",
-             *rows]
+             "One row per evaluation and benchmark; each folder's scores.md (and evaluation.json) has every metric "
+             "and setting. Scores in %; prompts: data.instruction and data.max_prompt_tokens.", "",
+             "| evaluation | checkpoint | decoding | prompts | benchmark | problems | score | more |",
+             "|---|---|---|---|---|---|---|---|", *rows]
     (root / "scores.md").write_text("\n".join(lines) + "\n")
     (root / "scores.json").write_text(json.dumps({"evaluations": entries}, indent=2, default=_json_default) + "\n")
     return root / "scores.md"
