@@ -128,7 +128,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     """Once: the run stops after the step in progress with a checkpoint, exit 130; the same command
     resumes from it. Twice in a row: it stops at once, in one line naming the last checkpoint."""
     workdir, cache = tmp_path / "run", tmp_path / "xla"
-    args = overrides(dict(SHORT, total_steps=40, eval_every=0, checkpoint_every=0))
+    args = overrides(dict(SHORT, total_steps=40, eval_every=0, checkpoint_every=0, **{"sft.steps": 0}))
     proc, err = _start("main", workdir, cache, *args)
     _wait_until(proc, _trained_to(workdir, 1), err)
     code, out = _ctrl_c(proc)
