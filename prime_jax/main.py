@@ -85,6 +85,7 @@ def main(argv) -> None:
             fail(f"memory plan does not fit (rerun with a bigger mesh or more micro-batches):\n{e}")
 
     from prime_jax.data import DataError
+    from prime_jax.models.config import UnsupportedModelError
     from prime_jax.train import run_config
     from prime_jax.train.checkpoint import CheckpointError, params_saved
     from prime_jax.train.builder import RunLayout
@@ -115,7 +116,7 @@ def main(argv) -> None:
             return
         trainer = Trainer.create(config, workdir, mesh)
         last_eval = trainer.run()
-    except (DataError, CheckpointError, FileNotFoundError, PermissionError) as e:
+    except (DataError, CheckpointError, FileNotFoundError, PermissionError, UnsupportedModelError) as e:
         fail(" ".join(str(e).split()))
     except KeyboardInterrupt:  # a second Ctrl-C in the loop, or Ctrl-C before it or during SFT / export
         cli.interrupted("main", _nothing_saved_since(config, layout))
