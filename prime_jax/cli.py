@@ -108,15 +108,21 @@ def define_list_fields_flag():
                              "value, the default where the config changes it, and what it means) and exit.")
 
 
+def print_text(text: str) -> None:
+    """Prints `text` (a help or a listing) on stdout; a reader that stops early (`--help | head`)
+    is not an error: no BrokenPipeError traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more reaches the closed pipe
+
+
 def list_fields(config, argv: Sequence[str], default_config: str) -> None:
     """What `--list_fields` prints (`config_fields.format_fields` of the loaded config)."""
     from prime_jax.config_fields import format_fields
 
     name = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "") or _shown(default_config)
-    try:
-        print(format_fields(config, config_name=name), flush=True)
-    except BrokenPipeError:  # `--list_fields | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    print_text(format_fields(config, config_name=name))  # `--list_fields | head` included
 
 
 def _shown(path: str) -> str:
@@ -181,7 +187,7 @@ def flags_parser(tool: str, help_text: str = "") -> Callable[[Sequence[str]], li
         from absl import flags
 
         if help_text and any(a in HELP_ARGS for a in argv[1:]):
-            print(help_text, flush=True)
+            print_text(help_text)
             sys.exit(0)
         try:
             return flags.FLAGS(list(argv))

@@ -408,7 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags.DEFINE_bool("list_fields", False, "print every field of --config and exit", flag_values=FLAGS)
     argv = list(sys.argv if argv is None else argv)
     if any(a in cli.HELP_ARGS for a in argv[1:]):
-        print(cli.help_text("plan", __doc__, [name for name in FLAGS if name != "config_json"], flag_values=FLAGS))
+        cli.print_text(cli.help_text("plan", __doc__, [name for name in FLAGS if name != "config_json"],
+                                     flag_values=FLAGS))
         return 0
 
     def error(message: str) -> int:

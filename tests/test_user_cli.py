@@ -37,6 +37,15 @@ def test_help_exits_0_and_shows_config_and_how_to_list_and_set_fields(tool, tmp_
         assert "--workdir=VALUE" in proc.stdout and "Default: configs/tiny.py." in proc.stdout
 
 
+def test_help_and_field_listing_read_through_head_end_quietly():
+    """`--help | head` / `--list_fields | head`: the reader closes the pipe early; no BrokenPipeError
+    traceback, exit 0 (every CLI prints them with cli.print_text)."""
+    code = "from prime_jax.cli import print_text; print_text('a line of help\\n' * 100000)"
+    proc = subprocess.run(["bash", "-c", f'set -o pipefail; {sys.executable} -c "{code}" | head -1'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "a line of help\n", ""), proc.stderr
+
+
 def test_list_fields_shows_every_documented_field_by_section_with_its_default(tmp_path):
     from prime_jax.config import field_names
     from prime_jax.config_fields import field_docs
