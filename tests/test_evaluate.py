@@ -40,8 +40,10 @@ def _save_tiny_model(folder: Path, tokenizer_dir: Path | None, vocab_size: int, 
 
 
 def _config(**changes):
+    # The 7B models' prompts (Eurus-2's instruction after each benchmark problem), which the fake model
+    # below renders too; configs/tiny.py itself appends no instruction.
     return load_config("tiny", {"reward.workers": 1, "data.max_prompt_tokens": 2048, "rollout.eval_batch": 8,
-                                **changes})
+                                "data.instruction": "eurus2", **changes})
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +142,7 @@ def _ground_truth_generate(benchmarks, tokenizer_holder, n_wrong: int = 0):
         if "map" not in tokenizer_holder:
             table = {}
             for name in benchmarks:
-                ids, kept, _ = render_prompts(load_benchmark(name)[0], tokenizer, None)
+                ids, kept, _ = render_prompts(load_benchmark(name)[0], tokenizer, None)  # eurus2, as _config
                 table.update({tuple(i): p.ground_truth for i, p in zip(ids, kept)})
             tokenizer_holder["map"] = table
         texts = []
