@@ -36,8 +36,13 @@ _active: "HostWatch | None" = None
 
 
 def service_timeout(timeout_s: int) -> int:
-    """The coordination service's own heartbeat timeout: the watch (at `timeout_s`) speaks first."""
-    return 2 * int(timeout_s) + 30
+    """The coordination service's own heartbeat timeout: the watch (at `timeout_s`) speaks first.
+
+    At least 5 minutes: the service's heartbeats starve on a loaded CPU (measured on a 2-core box at load
+    ~5: both processes of a 2-process run declared dead 40 s into compiling, and aborted), and a false
+    verdict there aborts every host, where the watch's only names one.
+    """
+    return max(2 * int(timeout_s) + 30, 300)
 
 
 class HostWatch:
