@@ -49,6 +49,7 @@ def get_config():
     c.data.train = "synthetic"
     c.data.eval = "synthetic"
     c.data.max_prompt_tokens = 40
+    c.data.instruction = "none"  # the demo's prompts carry no instruction: a problem file's rows get none either
     c.data.synthetic.difficulty = "easy"
     c.data.synthetic.min_steps = 2
     c.data.synthetic.num_train = 2000
@@ -106,5 +107,4 @@ def get_config():
     c.checkpoint.keep = 2
     c.reward.workers = 2
     c.reward.timeout_s = 5.0
-    c.logging.html_samples = 6
     return c

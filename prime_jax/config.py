@@ -68,7 +68,7 @@ def _model_and_data_sections(c: ml_collections.ConfigDict) -> None:
     # Shape of a "random" model (ignored when loading a checkpoint).
     c.model.model_type = "qwen2"  # architecture: qwen2 (q/k/v biases) | llama (none); a checkpoint's own config.json decides
     c.model.vocab_size = 0  # 0: the tokenizer's size (len(tokenizer))
-    c.model.hidden_size = 64  # D
+    c.model.hidden_size = 64  # hidden size D
     c.model.intermediate_size = 256  # MLP width F
     c.model.num_layers = 2  # decoder layers L
     c.model.num_heads = 4  # query heads N
@@ -78,10 +78,10 @@ def _model_and_data_sections(c: ml_collections.ConfigDict) -> None:
     c.model.max_position_embeddings = 4096  # written to config.json on export
     c.model.tie_word_embeddings = True  # share the embedding and the output projection
 
-    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer = ml_collections.ConfigDict()  # which tokenizer (and chat template) the run uses
     c.tokenizer.path = ""  # "" = model.path; "tiny" = build the tiny ChatML tokenizer in WORKDIR/tokenizer; or a folder / hub id / .gguf file / packaged model
 
-    c.data = ml_collections.ConfigDict()
+    c.data = ml_collections.ConfigDict()  # training and held-out problems, and how prompts are built
     c.data.train = "PRIME-RL/Eurus-2-RL-Data"  # "synthetic", a file/folder (veRL schema), a packaged benchmark or a HF dataset
     c.data.train_split = "train"  # split of a HF dataset / file stem in a folder
     c.data.eval = "aime24,amc23,math500,minerva_math,olympiadbench"  # comma list of eval sources ("synthetic" or as data.train); named as prime_jax/data/sources.py says
@@ -111,7 +111,7 @@ def _model_and_data_sections(c: ml_collections.ConfigDict) -> None:
 
 def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     """rollout, algo, the two optimizers, batch."""
-    c.rollout = ml_collections.ConfigDict()
+    c.rollout = ml_collections.ConfigDict()  # sampling: training rollouts and the held-out evaluation
     c.rollout.n = 4  # samples per prompt (>= 2 for leave-one-out baselines)
     c.rollout.temperature = 1.0  # sampling temperature of training rollouts (> 0)
     c.rollout.top_p = 1.0  # nucleus sampling (1.0: off)
@@ -135,7 +135,7 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     # (with decode_slots > 0 only the kept rows are scored, after the filter: grading overlaps decoding instead)
     c.rollout.overlap_scoring = True  # score every sampled row while the graders run (overlap); False: only kept rows, after
 
-    c.algo = ml_collections.ConfigDict()
+    c.algo = ml_collections.ConfigDict()  # PRIME's algorithm: implicit PRM, advantages, PPO, filter
     c.algo.estimator = "prime_rloo"  # advantage estimator: prime_rloo | outcome_rloo | prime_grpo | prime_reinforce
     c.algo.beta = 0.05  # implicit-PRM scale in the PRM's cross-entropy
     c.algo.clip_eps = 0.2  # PPO clip range
@@ -143,7 +143,7 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     c.algo.outcome_coef = 1.0  # weight of the verifier's outcome returns
     c.algo.filter = True  # accuracy filter on; False keeps every group
     c.algo.filter_low = 0.2  # keep prompts whose mean outcome is >= this ...
-    c.algo.filter_high = 0.8  # ... and <= this
+    c.algo.filter_high = 0.8  # ... and <= this (the accuracy filter's upper bound)
     # When the policy's q is taken relative to the PRM update (PRIME_SPEC "One iteration" 6): "after" (each PRM
     # mini-batch's q from its own update's forward: the released run), "before" (all PRM updates, then one scoring
     # pass: the veRL port's default), "reverse" (veRL's: one scoring pass for the dpo losses' group scores, then the
@@ -171,9 +171,9 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     # Departures from the spec, off by default (PRIME_SPEC "Pitfalls": normalisation lifts q to O(1) whatever the PRM knows):
     c.algo.process_norm_floor = 0.0  # nats; divide q by max(largest |suffix sum|, this) (0: the spec's divisor)
     c.algo.process_ramp = "none"  # "none" | "ranking": scale a trained PRM's rewards by clip((ema - low)/(high - low), 0, 1)
-    c.algo.process_ramp_low = 0.5  # ... where ema is the moving average of prm/dpo_accuracy on fresh samples
-    c.algo.process_ramp_high = 0.65  # ... (full weight from here on)
-    c.algo.process_ramp_decay = 0.9  # ... its decay per step (starts at 0.5, chance; saved in checkpoints)
+    c.algo.process_ramp_low = 0.5  # ramp: no process reward up to this ema (moving average of prm/dpo_accuracy on fresh samples)
+    c.algo.process_ramp_high = 0.65  # ramp: full weight from this ema on
+    c.algo.process_ramp_decay = 0.9  # ramp: the ema's decay per step (starts at 0.5, chance; saved in checkpoints)
     c.algo.agg = "seq-mean-token-mean"  # policy-loss aggregation: seq-mean-token-mean | token-mean
     c.algo.recompute_old_logprobs = True  # True: old log-probs from a trainer forward pass; False: the sampler's own
 
@@ -191,7 +191,7 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     c.policy_optim = optim(5e-7, 0.01, 1.0)  # policy optimizer
     c.prm_optim = optim(1e-6, 0.0, 10.0)  # implicit PRM optimizer
 
-    c.batch = ml_collections.ConfigDict()
+    c.batch = ml_collections.ConfigDict()  # batch sizes, in responses (rows) unless the name says prompts
     c.batch.prompts_per_step = 256  # prompt groups that survive the filter and are trained on per step
     c.batch.mini_batch = 256  # responses per PPO update (multiple of rollout.n)
     c.batch.prm_mini_batch = 256  # responses per PRM update (multiple of rollout.n)
@@ -201,7 +201,7 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
 
 def _system_sections(c: ml_collections.ConfigDict) -> None:
     """mesh, distributed, sft, checkpoint, reward, logging, debug."""
-    c.mesh = ml_collections.ConfigDict()
+    c.mesh = ml_collections.ConfigDict()  # the device mesh (data, fsdp, tensor) or a named preset
     c.mesh.data = -1  # data-parallel axis size (-1: the devices left over)
     c.mesh.fsdp = 1  # parameter-sharding axis size
     c.mesh.tensor = 1  # tensor-parallel axis size
@@ -215,8 +215,8 @@ def _system_sections(c: ml_collections.ConfigDict) -> None:
     c.distributed.process_id = -1  # -1: from the env or auto-detect
     c.distributed.local_device_ids = ""  # comma list of this process's device ids ("": all)
     c.distributed.initialization_timeout = 300  # seconds to wait for the other processes
-    # A process silent this long counts as dead: the coordination service then fails every other process
-    # (exit non-zero, naming the lost task) instead of letting them wait forever in a collective.
+    # A process silent this long counts as dead: every other process then exits with status 1 and one line naming
+    # it and how to resume (prime_jax/parallel/host_watch.py) instead of waiting forever in a collective.
     c.distributed.heartbeat_timeout = 0  # seconds; 0: env PRIME_HEARTBEAT_TIMEOUT, else 100
 
     # Supervised warm start on demonstrations before RL (the synthetic task's step-by-step ones).
@@ -236,23 +236,24 @@ def _system_sections(c: ml_collections.ConfigDict) -> None:
     c.sft.flaw_direction = "either"  # a slip writes r+1 or r-1 ("either"), or r+1 only ("up": two slips never cancel)
     c.sft.flaw_seed = 0  # picks the flawed step types (the same for every run seed, like the held-out set)
 
-    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint = ml_collections.ConfigDict()  # run checkpoints (WORKDIR/checkpoints) and the HF export
     c.checkpoint.keep = 3  # keep the last k checkpoints
     c.checkpoint.async_save = True  # write checkpoints in the background
     c.checkpoint.export_hf = True  # export the policy (HF format) to WORKDIR/hf_export at the end
 
-    c.reward = ml_collections.ConfigDict()
+    c.reward = ml_collections.ConfigDict()  # the verifiers' process pool
     c.reward.workers = 4  # grader processes
     c.reward.timeout_s = 10.0  # time budget per graded response (timeout -> 0.0)
 
-    c.logging = ml_collections.ConfigDict()
+    c.logging = ml_collections.ConfigDict()  # what a run writes besides metrics.jsonl
     c.logging.tensorboard = True  # TensorBoard events in WORKDIR/tb
     c.logging.wandb = False  # Weights & Biases (needs `wandb` installed)
     c.logging.wandb_project = "prime-jax"  # W&B project
-    c.logging.html_samples = 6  # responses shown in WORKDIR/rollouts/step_N.html per eval
+    c.logging.html_samples = 24  # held-out responses shown per eval in WORKDIR/rollouts/step_N.html (and its pages)
+    c.logging.html_per_page = 8  # of them on each page (step_N.html, step_N_p2.html, ...; 0: all on one)
     c.logging.progress_bar = True  # tqdm bar on stderr
 
-    c.debug = ml_collections.ConfigDict()
+    c.debug = ml_collections.ConfigDict()  # fault injection for tests
     c.debug.inject_nan_step = 0  # fault injection for tests: NaN old log-probs in this step's batch (0: off)
 
 
@@ -639,6 +640,7 @@ def _check_outputs(c) -> None:
     _positive("reward.timeout_s", c.reward.timeout_s)
     _check("logging.wandb_project", bool(c.logging.wandb_project) or not c.logging.wandb, "is empty")
     _non_negative("logging.html_samples", c.logging.html_samples)
+    _non_negative("logging.html_per_page", c.logging.html_per_page)
 
 
 

@@ -16,6 +16,7 @@ whose checkpoints are all damaged prints one line and exits with 2.
 from __future__ import annotations
 
 import logging as py_logging
+import sys
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -35,6 +36,7 @@ _EXPORT_HF = flags.DEFINE_bool("export_hf", False, "Only export the latest check
                                "(Hugging Face format) and exit.")
 _SFT_ONLY = flags.DEFINE_bool("sft_only", False, "Only run the SFT stage (the frozen reference, saved in "
                               "WORKDIR/reference; skipped when it is there) and exit.")
+_LIST_FIELDS = cli.define_list_fields_flag()
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -45,9 +47,12 @@ def main(argv) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     from prime_jax.config import ConfigError, validate
-    from prime_jax.parallel import initialize_distributed, mesh_from_config
+    from prime_jax.parallel import host_watch, initialize_distributed, mesh_from_config
 
     config = cli.config_value("main", _CONFIG)
+    if _LIST_FIELDS.value:
+        cli.list_fields(config, sys.argv, DEFAULT_CONFIG)
+        return
     try:
         initialize_distributed(config)  # multi-host start-up; a no-op on one host
         validate(config)
@@ -81,12 +86,22 @@ def main(argv) -> None:
 
     from prime_jax.data import DataError
     from prime_jax.models.config import UnsupportedModelError
-    from prime_jax.train.checkpoint import CheckpointError
+    from prime_jax.train import run_config
+    from prime_jax.train.checkpoint import CheckpointError, params_saved
     from prime_jax.train.builder import RunLayout
     from prime_jax.train.loop import Trainer, export_latest
     from prime_jax.train.warm_start import reference_params
     from prime_jax.train.metrics import last_eval_row
 
+    layout = RunLayout(workdir)
+    host_watch.configure("main", lambda: _resume_hint(layout))  # what a lost host's line says (several hosts)
+    try:  # a resume may change settings, not the shapes of the weights it holds
+        changes = run_config.check_resume(config, layout, has_weights=bool(layout.checkpoint_steps())
+                                          or params_saved(layout.reference))
+    except run_config.ResumeConfigError as e:
+        fail(str(e))
+    if jax.process_index() == 0 and not _EXPORT_HF.value:
+        run_config.log_changes(changes, layout, max(layout.checkpoint_steps(), default=0))
     try:
         if _EXPORT_HF.value:
             folder = export_latest(config, workdir, mesh)
@@ -94,6 +109,8 @@ def main(argv) -> None:
             return
         if _SFT_ONLY.value:
             reference_params(config, workdir, mesh)
+            if jax.process_index() == 0:
+                run_config.record(config, layout, max(layout.checkpoint_steps(), default=0))
             print(f"SFT stage done: {RunLayout(workdir).reference}" if config.sft.steps else
                   "sft.steps is 0: the reference is the start model; nothing to train")
             return
@@ -101,9 +118,18 @@ def main(argv) -> None:
         last_eval = trainer.run()
     except (DataError, CheckpointError, FileNotFoundError, PermissionError, UnsupportedModelError) as e:
         fail(" ".join(str(e).split()))
-    if trainer.preempted_at is not None:  # SIGTERM on some host: a checkpoint was saved, exit 0
-        print(f"preempted: stopped after step {trainer.preempted_at} with a checkpoint in {workdir}; "
-              "rerun the same command to resume")
+    except KeyboardInterrupt:  # a second Ctrl-C in the loop, or Ctrl-C before it or during SFT / export
+        cli.interrupted("main", _nothing_saved_since(config, layout))
+    except Exception as e:  # noqa: BLE001 - a collective that failed because a host died: said in one line
+        host_watch.explain_failure(e)
+        raise
+    if trainer.preempted_at is not None:  # a signal on some host: a checkpoint was saved
+        saved = f"after step {trainer.preempted_at} with a checkpoint in {workdir}" if trainer.preempted_at else \
+            f"before step 1 (no checkpoint yet) in {workdir}"
+        if trainer.stop_signal == "SIGINT":  # Ctrl-C here: the shell's status for an interrupted command
+            print(f"interrupted (Ctrl-C): stopped {saved}; rerun the same command to resume", flush=True)
+            sys.exit(130)
+        print(f"preempted: stopped {saved}; rerun the same command to resume")  # SIGTERM: exit 0
         return
     if not last_eval:  # a finished run rerun: nothing new was evaluated; report its last evaluation
         last_eval = last_eval_row(workdir / "metrics.jsonl") or {}
@@ -113,9 +139,39 @@ def main(argv) -> None:
               f"{last_eval.get('step', '?')} (workdir {workdir})")
 
 
+def _resume_hint(layout) -> str:
+    steps = layout.checkpoint_steps()
+    if steps:
+        return (f"the last checkpoint is step {steps[-1]} in {layout.checkpoints}; rerun the same command on all "
+                "hosts to resume")
+    return "no checkpoint was saved yet; rerun the same command on all hosts to start again"
+
+
+def _nothing_saved_since(config, layout) -> str:
+    """What an interruption outside the loop's step boundaries leaves to resume from."""
+    from prime_jax.train.checkpoint import params_saved
+
+    steps = layout.checkpoint_steps()
+    if steps:
+        return (f"stopped without saving the step in progress; the last checkpoint is step {steps[-1]} in "
+                f"{layout.checkpoints}: rerun the same command to resume from it")
+    if config.sft.steps and params_saved(layout.reference):
+        return (f"stopped before the first checkpoint; the SFT weights are kept in {layout.reference}: rerun the "
+                "same command to start PRIME from them")
+    if config.sft.steps:
+        return ("stopped before the SFT stage finished (its weights are saved only at its end); rerun the same "
+                "command to start again")
+    return "stopped before the first checkpoint; rerun the same command to start again"
+
+
 def run() -> None:
     cli.quiet_startup()
-    app.run(main, flags_parser=cli.flags_parser("main"))
+    help_text = cli.help_text("main", __doc__, ["config", "workdir", "export_hf", "sft_only", "skip_memory_check"],
+                              DEFAULT_CONFIG)
+    try:
+        app.run(main, flags_parser=cli.flags_parser("main", help_text))
+    except KeyboardInterrupt:  # Ctrl-C while starting up (imports, flags): nothing to keep
+        cli.interrupted("main", "stopped while starting; nothing was done")
 
 
 if __name__ == "__main__":

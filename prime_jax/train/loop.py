@@ -28,13 +28,14 @@ import numpy as np
 from flax import nnx
 
 from prime_jax import algo
-from prime_jax.config import ORACLE_SOURCES, RANDOM_MODEL, SYNTHETIC
+from prime_jax.config import ORACLE_SOURCES, PRM_TRAINING_SOURCES, RANDOM_MODEL, SYNTHETIC
 from prime_jax.data import Problem, held_out, load_eval_sets, load_train_problems
 from prime_jax.models import Qwen2ForCausalLM
 from prime_jax.models.tokenizer import eos_token_ids
 from prime_jax.parallel import is_logging_process, put_replicated, put_rows, to_host
 from prime_jax.rewards import RewardPool
 from prime_jax.train import checkpoint as ckpt
+from prime_jax.train import run_config
 from prime_jax.train.batch import PrimeBatch
 from prime_jax.train.builder import RunBuilder, RunLayout, abstract_model
 from prime_jax.train.evaluation import TrainingEvaluator
@@ -146,6 +147,7 @@ class Trainer:
         self.pool = None
         self.log = None
         self.preempted_at: int | None = None
+        self.stop_signal: str | None = None  # the signal this process got when preempted_at is set (None: another host's)
         # Rows of a device batch (mini-batches, scoring chunks), kept sharded by rows.
         self._take_rows = jax.jit(lambda batch, index: jax.tree.map(lambda x: x[index], batch),
                                   out_shardings=self.steps.batch_sharding)
@@ -189,7 +191,7 @@ class Trainer:
                                  wandb=c.logging.wandb, wandb_project=c.logging.wandb_project, run_name=c.name,
                                  config=c.to_dict(), enabled=self.is_main)
         if self.is_main:
-            (self.workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+            run_config.record(c, self.layout, self.start_step)  # config.json, and the changes kept in a history
         bar = None
         if c.logging.progress_bar and self.is_main:
             from tqdm import tqdm
@@ -202,15 +204,14 @@ class Trainer:
                     last_eval = self.evaluate(0)
                 for step in range(self.start_step + 1, c.total_steps + 1):
                     if preemption.should_stop():  # every host votes at every step boundary
+                        preemption.saving = True
                         if step - 1 > last_saved:
                             self._save(step - 1)
-                        self.preempted_at = step - 1
-                        logger.warning("preempted: stopped after step %d with a checkpoint; rerun the same command "
-                                       "to resume", step - 1)
+                        self.preempted_at, self.stop_signal = step - 1, preemption.signal_name
                         break
                     row = self.step(step)
                     if self._due(step, c.eval_every):
-                        last_eval = self.evaluate(step)
+                        last_eval = self.evaluate(step, row)
                     if self._due(step, c.checkpoint_every):
                         self._save(step)
                         last_saved = step
@@ -219,7 +220,7 @@ class Trainer:
                         bar.set_postfix(reward=f"{row['train/reward']:.2f}", kept=f"{row['filter/kept_group_frac']:.2f}",
                                         dpo=f"{row.get('prm/dpo_accuracy', float('nan')):.2f}",
                                         eval=f"{last_eval.get('eval/accuracy', float('nan')):.3f}")
-            self.checkpointer.wait()
+                self.checkpointer.wait()  # (a Ctrl-C during the last save waits for it, see PreemptionWatch)
             if c.checkpoint.export_hf and self.preempted_at is None:
                 self.export_hf()  # on every process: the export gathers the sharded weights
         finally:
@@ -376,9 +377,21 @@ class Trainer:
         return out
 
     # ---------------------------------------------------------------- held-out evaluation
-    def evaluate(self, step: int) -> dict:
-        """Greedy (rollout.eval_temperature) accuracy on every eval set (`TrainingEvaluator`)."""
-        row = self.evaluator(step, self.policy.params, self.prm.params, self.prm_reference_params, self.pool)
+    def evaluate(self, step: int, step_row: dict | None = None) -> dict:
+        """Greedy (rollout.eval_temperature) accuracy on every eval set (`TrainingEvaluator`); the
+        HTML page shows the step's PRM ranking (prm/dpo_accuracy of `step_row`, the step's metrics)."""
+        ranking = (step_row or {}).get("prm/dpo_accuracy")
+        note = ""
+        if step == 0:
+            note = "At step 0 the PRM has not trained yet, so there is no ranking to read."
+        elif not self.builder.updates_prm or self.config.algo.process_source not in PRM_TRAINING_SOURCES:
+            note = (f"This run trains no implicit PRM (algo.estimator={self.config.algo.estimator}, algo.prm_update="
+                    f"{self.config.algo.prm_update}, algo.process_source={self.config.algo.process_source}).")
+        elif ranking is None:
+            note = ("No prompt of this step had both a right and a wrong sample, so the ranking was not measured "
+                    "(earlier steps' prm/dpo_accuracy is in metrics.jsonl).")
+        row = self.evaluator(step, self.policy.params, self.prm.params, self.prm_reference_params, self.pool,
+                             ranking=ranking, ranking_note=note)
         return self.log.write(row) if self.log else row
 
 
