@@ -146,11 +146,13 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     c.algo.filter_high = 0.8  # ... and <= this (the accuracy filter's upper bound)
     # When the policy's q is taken relative to the PRM update (PRIME_SPEC "One iteration" 6): "after" (each PRM
     # mini-batch's q from its own update's forward: the released run), "before" (all PRM updates, then one scoring
-    # pass: the veRL port's default), "reverse" (one scoring pass, then the updates), "none" (frozen PRM, ablation)
+    # pass: the veRL port's default), "reverse" (veRL's: one scoring pass for the dpo losses' group scores, then the
+    # updates as in "after", whose q the policy gets), "none" (frozen PRM, ablation; needs algo.prm_ref "policy")
     c.algo.prm_update = "after"  # after | before | reverse | none (see above and prime_jax/train/prm_phase.py)
     # PRM loss (PRIME_SPEC "PRM loss types"): "ce" (BCE of sigmoid(beta*sum q) on the outcome: the released run),
-    # "dpo" (each response against its group's other-outcome responses), "bon_acc" / "bon_rm" (best-of-n weighted dpo),
-    # "pairwise" (Bradley-Terry on each group's better/worse pairs, both sides with gradient; not in the reference)
+    # "dpo" (each response against its group's other-outcome responses), "bon_acc" / "bon_rm" (best-of-n weighted dpo;
+    # these three need algo.prm_update "reverse", as in veRL), "pairwise" (Bradley-Terry on each group's better/worse
+    # pairs, both sides with gradient; not in the reference)
     c.algo.prm_loss = "ce"  # ce | dpo | bon_acc | bon_rm | pairwise (algo.prm_loss, prm_dpo_loss, prm_pairwise_loss)
     c.algo.prm_ref = "freeze"  # the PRM's reference: "freeze" (the start/SFT model) | "policy" (the rollout policy)
     # Where the process rewards come from: "prm" (the implicit PRM: PRIME) | "oracle" (a diagnostic, not PRIME: -1 on
@@ -168,10 +170,10 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     c.algo.prm_warmup_steps = 0  # steps that train only the PRM before the policy starts training
     # Departures from the spec, off by default (PRIME_SPEC "Pitfalls": normalisation lifts q to O(1) whatever the PRM knows):
     c.algo.process_norm_floor = 0.0  # nats; divide q by max(largest |suffix sum|, this) (0: the spec's divisor)
-    c.algo.process_ramp = "none"  # "none" | "ranking": scale process rewards by clip((ema - low)/(high - low), 0, 1)
+    c.algo.process_ramp = "none"  # "none" | "ranking": scale a trained PRM's rewards by clip((ema - low)/(high - low), 0, 1)
     c.algo.process_ramp_low = 0.5  # ramp: no process reward up to this ema (moving average of prm/dpo_accuracy on fresh samples)
     c.algo.process_ramp_high = 0.65  # ramp: full weight from this ema on
-    c.algo.process_ramp_decay = 0.9  # ... its decay per step (starts at 0.5, chance; restarts there on resume)
+    c.algo.process_ramp_decay = 0.9  # ramp: the ema's decay per step (starts at 0.5, chance; saved in checkpoints)
     c.algo.agg = "seq-mean-token-mean"  # policy-loss aggregation: seq-mean-token-mean | token-mean
     c.algo.recompute_old_logprobs = True  # True: old log-probs from a trainer forward pass; False: the sampler's own
 
@@ -479,7 +481,7 @@ def _check_rollout(c) -> None:
 def _check_algo(c) -> None:
     """PRIME's algorithm settings."""
     a = c.algo
-    from prime_jax.algo import ADVANTAGE_ESTIMATORS, PRM_LOSS_TYPES, needs_prm  # jax-only module; cheap
+    from prime_jax.algo import ADVANTAGE_ESTIMATORS, GROUP_SCORE_LOSS_TYPES, PRM_LOSS_TYPES, needs_prm  # jax-only; cheap
 
     _one_of("algo.estimator", a.estimator, sorted(ADVANTAGE_ESTIMATORS))
     _positive("algo.beta", a.beta)
@@ -511,8 +513,20 @@ def _check_algo(c) -> None:
            f"algo.prm_update={a.prm_update!r} trains no PRM: set it to 0")
     _check("algo.prm_warmup_steps", a.prm_warmup_steps == 0 or a.prm_warmup_steps < c.total_steps,
            f"must be below total_steps ({c.total_steps}) so that the policy trains at all, got {a.prm_warmup_steps}")
+    trains_prm = needs_prm(a.estimator) and a.process_source in PRM_TRAINING_SOURCES
+    _check("algo.prm_update", not (trains_prm and a.prm_update == "none" and a.prm_ref == "freeze"),
+           "'none' with algo.prm_ref 'freeze' leaves the PRM equal to its reference, so q = log π_φ - log π_ref is 0 "
+           + ("and the policy gets the SFT log-probs alone (algo.process_source 'ref_logprob' under another name)"
+              if a.process_source == "prm_logprob" else "(outcome-only under another name: algo.estimator=outcome_rloo)")
+           + "; train the PRM (after | before | reverse) or set algo.prm_ref 'policy'")
+    _check("algo.prm_update", not (trains_prm and a.prm_loss in GROUP_SCORE_LOSS_TYPES and a.prm_update != "reverse"),
+           f"algo.prm_loss {a.prm_loss!r} reads group scores from a scoring pass before the PRM's updates, which only "
+           f"'reverse' runs (as in veRL's recipe/prime), got {a.prm_update!r}")
     _non_negative("algo.process_norm_floor", a.process_norm_floor)
     _one_of("algo.process_ramp", a.process_ramp, ("none", "ranking"))
+    _check("algo.process_ramp", a.process_ramp == "none" or a.process_source in PRM_TRAINING_SOURCES,
+           f"'ranking' weighs process rewards by the trained PRM's ranking (prm/dpo_accuracy), which algo.process_source "
+           f"{a.process_source!r} has none of: its weight would stay 0; set algo.process_ramp 'none'")
     _check("algo.process_ramp_high", 0 <= a.process_ramp_low < a.process_ramp_high <= 1,
           f"need 0 <= algo.process_ramp_low < algo.process_ramp_high <= 1, got {a.process_ramp_low}, {a.process_ramp_high}")
     _check("algo.process_ramp_decay", 0 <= a.process_ramp_decay < 1, f"must be in [0, 1), got {a.process_ramp_decay}")

@@ -165,11 +165,18 @@ class Trainer:
         self.start_step = step
         self.policy, self.prm, self.key = state["policy"], state["prm"], state["key"]
         self.prompts.set_state(meta["prompts"])
+        if "ranking_ema" in meta:
+            self.ranking_ema = float(meta["ranking_ema"])
+        elif self.config.algo.process_ramp != "none":
+            logger.warning("the checkpoint of step %d predates the saved process_ramp average: it restarts at chance "
+                           "(0.5), so this run departs from an uninterrupted one", step)
         logger.info("resumed from the checkpoint of step %d", step)
 
     def _save(self, step: int) -> None:
+        # everything a step reads besides the config: the states, the key, the prompt buffer and iterator, the
+        # process_ramp average (a float: JSON keeps it exactly)
         self.checkpointer.save(step, {"policy": self.policy, "prm": self.prm, "key": self.key},
-                               {"step": step, "prompts": self.prompts.state()})
+                               {"step": step, "prompts": self.prompts.state(), "ranking_ema": self.ranking_ema})
 
     @property
     def policy_model(self) -> Qwen2ForCausalLM:
@@ -259,6 +266,8 @@ class Trainer:
             self.ranking_ema, process_scale = process_reward_scale(c.algo, self.ranking_ema, prm_metrics)
             if self.uses_process_rewards:
                 prm_metrics["prm/process_scale"] = process_scale
+                if c.algo.process_ramp != "none":
+                    prm_metrics["prm/ranking_ema"] = self.ranking_ema
             q_norm, advantages, adv_stats = process_rewards_and_advantages(
                 q, batch.outcome, batch.response_mask,
                 None if c.algo.process_ramp == "none" else jnp.float32(process_scale), estimator=c.algo.estimator,
@@ -328,7 +337,8 @@ class Trainer:
             return put_rows(q, self.mesh), {"prm/oracle_marked_frac": float((q < 0).any(1).mean())}
         self.prm, q, metrics = run_prm_phase(
             self.steps, self.prm, batch, mode=self.config.algo.prm_update, mini_batch=self.config.batch.prm_mini_batch,
-            n=self.n, take_rows=functools.partial(self._mini_batch, batch))
+            n=self.n, take_rows=functools.partial(self._mini_batch, batch),
+            group_scores=self.config.algo.prm_loss in algo.GROUP_SCORE_LOSS_TYPES)
         if self.config.algo.process_source == "prm_logprob":  # the SFT model's confidence left in
             q = q + self._sft_logprobs(batch, host_rows)
         return put_rows(q, self.mesh), metrics
