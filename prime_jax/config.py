@@ -87,6 +87,11 @@ def _model_and_data_sections(c: ml_collections.ConfigDict) -> None:
     c.data.eval_max_problems = 0  # per eval source: 0 = all, k = the first k
     c.data.max_prompt_tokens = 1024  # prompts longer than this are dropped (and counted)
     c.data.system_prompt = "keep"  # "keep": rows' own system message; "none": remove; "eurus2": Eurus-2's action-tag prompt
+    # What follows a math problem's text in its user message (benchmark-format rows; veRL rows keep theirs):
+    # "eurus2" (Eurus-2-SFT's "Present the answer in LaTex format: \\boxed{Your answer}"), "step_by_step" (the
+    # paper's "Please reason step by step, and put your final answer within \\boxed{}."), "none",
+    # or any sentence: your own instruction, after a blank line
+    c.data.instruction = "eurus2"  # eurus2 | step_by_step | none | your own text (see above)
     # The synthetic multi-step arithmetic task (data.train / data.eval = "synthetic").
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.task = "arith"  # arith (prime_jax/data/synthetic.py) | chains (one-digit steps, 5 by default; data/chains.py)
@@ -411,6 +416,9 @@ def _check_data(c) -> None:
     _non_negative("data.eval_max_problems", d.eval_max_problems)
     _positive("data.max_prompt_tokens", d.max_prompt_tokens)
     _one_of("data.system_prompt", d.system_prompt, ("keep", "none", "eurus2"))
+    from prime_jax.data import instruction_error
+
+    _check("data.instruction", instruction_error(d.instruction) is None, str(instruction_error(d.instruction)))
     s = d.synthetic
     from prime_jax.data.synthetic_tasks import SYNTHETIC_TASKS, task_kwargs
 
