@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from prime_jax import algo
-from prime_jax.config import ORACLE_SOURCES, RANDOM_MODEL, SYNTHETIC
+from prime_jax.config import ORACLE_SOURCES, RANDOM_MODEL
 from prime_jax.data import Problem, held_out, load_eval_sets, load_train_problems
 from prime_jax.models import Qwen2ForCausalLM
 from prime_jax.models.tokenizer import eos_token_ids
@@ -91,7 +91,7 @@ class RunData:
         c = builder.config
         tokenizer = builder.tokenizer(layout, is_main)
         eval_sets, _ = load_eval_sets(c)
-        exclude = held_out(eval_sets) if c.data.train == SYNTHETIC else set()
+        exclude = held_out(eval_sets)  # the synthetic eval problems' expressions, which generation skips
         prompts = PromptSource(load_train_problems(c, exclude), tokenizer, c.data.max_prompt_tokens, c.seed)
         return cls(tokenizer, eval_sets, prompts)
 

@@ -101,12 +101,16 @@ def make_sft_step(graphdef, optimizer: optax.GradientTransformation, *, chunk_si
 def run_sft(model: nnx.Module, examples: Sequence[tuple[Sequence[int], Sequence[int]]], *, steps: int,
             lr: float, batch_size: int, mesh, seed: int = 0, warmup_steps: int = 0, weight_decay: float = 0.0,
             clip_norm: float = 1.0, pad_id: int = 0, chunk_size: int = 128,
-            log_fn: Callable[[int, dict], None] | None = None, log_every: int = 25) -> nnx.Module:
+            log_fn: Callable[[int, dict], None] | None = None, log_every: int = 25,
+            pad_multiple: int = 64) -> nnx.Module:
     """Fine-tunes `model` on `examples` for `steps` AdamW steps; returns the trained model.
 
     Batches are drawn epoch by epoch from a permutation seeded by `seed` (deterministic).
-    Every batch is padded to the longest prompt/response of the whole set, so the step compiles
-    once. `log_fn(step, metrics)` is called every `log_every` steps and at the end.
+    A batch's prompts and responses are padded to its own longest, rounded up to a multiple of
+    `pad_multiple` and capped at the whole set's longest, so the step compiles once per bucket
+    (once when the set is short, as the synthetic tasks are) and real chat data with a long tail
+    is not padded to its longest everywhere. `log_fn(step, metrics)` is called every `log_every`
+    steps and at the end.
     """
     if not examples:
         raise ValueError("SFT needs at least one example")
@@ -115,7 +119,11 @@ def run_sft(model: nnx.Module, examples: Sequence[tuple[Sequence[int], Sequence[
     optimizer = make_optimizer(schedule, weight_decay=weight_decay, clip_norm=clip_norm or None)
     state = create_train_state(params, optimizer, mesh)
     step_fn = make_sft_step(graphdef, optimizer, chunk_size=chunk_size)
-    data = pad_examples(examples, pad_id)
+    longest_prompt = max(len(p) for p, _ in examples)
+    longest_response = max(len(r) for _, r in examples)
+
+    def bucket(length: int, longest: int) -> int:
+        return min(-(-length // pad_multiple) * pad_multiple, longest)
     rng = np.random.default_rng([int(seed), 7_001])
     order, pos = rng.permutation(len(examples)), 0
     start, acc = time.time(), []
@@ -124,7 +132,10 @@ def run_sft(model: nnx.Module, examples: Sequence[tuple[Sequence[int], Sequence[
             order, pos = rng.permutation(len(examples)), 0
         idx = order[pos:pos + batch_size] if batch_size <= len(order) else rng.choice(len(order), batch_size)
         pos += batch_size
-        batch = put_rows({key: value[idx] for key, value in data.items()}, mesh)
+        rows = [examples[i] for i in idx]
+        batch = pad_examples(rows, pad_id, bucket(max(len(p) for p, _ in rows), longest_prompt),
+                             bucket(max(len(r) for _, r in rows), longest_response))
+        batch = put_rows(batch, mesh)
         state, metrics = step_fn(state, batch)
         acc.append(metrics)
         if log_fn is not None and (k % log_every == 0 or k == steps):

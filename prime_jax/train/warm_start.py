@@ -3,18 +3,24 @@
     python -m prime_jax.main --config=configs/tiny.py --sft_only   # this stage alone
 
 The reference is the start model (model.path, or the seeded random init) after `sft.steps` of
-SFT on demonstrations (`data.sft_pairs`; the synthetic eval problems are held out). It is
-trained once, saved in WORKDIR/reference and restored from there by every later start (resume,
-evaluation of the run's PRM); with `sft.steps` 0 it is the start model itself. Policy and PRM
-start from it (`train.loop.Trainer`).
+SFT on demonstrations (`data.sft_pairs`; the eval problems are held out). It is trained once,
+saved in WORKDIR/reference and restored from there by every later start (resume, evaluation of
+the run's PRM); with `sft.steps` 0 it is the start model itself. `sft.reference_dir` names an
+earlier run's reference to restore instead, so one SFT stage serves several seeds and estimators:
+
+    python -m prime_jax.main --config=configs/smollm2_135m.py --workdir=runs/sft --sft_only
+    python -m prime_jax.main --config=configs/smollm2_135m.py --workdir=runs/prime \\
+        --config.sft.reference_dir=runs/sft/reference
+
+Policy and PRM start from it (`train.loop.Trainer`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
-from prime_jax.config import SYNTHETIC
 from prime_jax.data import held_out, load_eval_sets, sft_pairs
 from prime_jax.parallel import is_logging_process
 from prime_jax.sampling import PAD_ID
@@ -33,14 +39,15 @@ def reference_params(config, workdir, mesh):
     builder, layout = RunBuilder(c, mesh), RunLayout(workdir)
     is_main = is_logging_process()
     tokenizer = builder.tokenizer(layout, is_main)
-    if c.sft.steps and ckpt.params_saved(layout.reference):
-        logger.info("reference (SFT) weights: restoring %s", layout.reference)
+    saved = Path(c.sft.reference_dir).expanduser() if c.sft.reference_dir else layout.reference
+    if c.sft.reference_dir or (c.sft.steps and ckpt.params_saved(saved)):
+        logger.info("reference (SFT) weights: restoring %s", saved)
         _, target = abstract_params(builder.model_config(len(tokenizer)), mesh)
-        return ckpt.restore_params(layout.reference, target)
+        return ckpt.restore_or_raise(lambda: ckpt.restore_params(saved, target), f"reference {saved}")
     model = builder.initial_model(len(tokenizer))
     if c.sft.steps == 0:
         return split_params(model)[1]
-    exclude = held_out(load_eval_sets(c)[0]) if c.sft.data == SYNTHETIC else set()
+    exclude = held_out(load_eval_sets(c)[0])
     examples, dropped = encode_examples(tokenizer, sft_pairs(c, exclude), max_prompt_tokens=c.data.max_prompt_tokens,
                                         max_response_tokens=c.rollout.max_new_tokens)
     logger.info("SFT: %d examples (%d too long), %d steps", len(examples), dropped, c.sft.steps)
