@@ -3,6 +3,8 @@
     python benchmarks/sampler.py              # ~25 s on a quiet 2-core CPU
     python benchmarks/sampler.py --model=tiny # the CPU demo's model (configs/tiny.py)
     python benchmarks/sampler.py --workload=rl  # long-tailed lengths: static batch vs decode slots vs HF
+    python benchmarks/sampler.py --model=smollm2-135m-instruct --workload=rl --prompts=16 --new-tokens=256
+        # a real model (an HF folder, a .gguf file or a packaged name), its own GSM8K chat prompts and stop tokens
 
 `--workload=rl` (see `rl_workload`): 64 prompts x 4 samples, max_new_tokens=512, the same random
 model with a set of stop tokens (`--stop-tokens`, default 40 of the 4,096 ids, so about 1% per step)
@@ -18,6 +20,12 @@ Work: 16 prompts (lengths 8-24) x 4 samples x 128 new tokens, temperature 1 (no 
 no stop token, so both run all 128 steps for all 64 rows (8,192 new tokens).
 HF: `generate(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=4)` on
 the left-padded batch; ours: one `Sampler`, compiled by a warm-up call on the same shapes.
+
+With a real model (`--model=PATH-or-name`), both sides run its own weights (ours from
+`from_pretrained`, transformers from the same HF folder: for a GGUF, the converted one), the
+prompts are the first `--prompts` GSM8K problems in the model's chat template with the paper's
+instruction, and the rl workload stops at the tokenizer's end-of-response ids (its lengths are the
+model's own) instead of `--stop-tokens` random ids.
 
 Each side is timed in wall seconds and in process CPU seconds (user + system of all threads),
 the latter being less sensitive to other jobs on a shared box. Order: ours, HF, ours (best of the
@@ -92,6 +100,23 @@ def build_model(path: Path, args):
     return hf
 
 
+def real_model(args):
+    """(ours, transformers', GSM8K chat prompts, end-of-response ids) of `--model`."""
+    import transformers
+
+    from prime_jax.data import instruction_suffix, load_benchmark
+    from prime_jax.models.packaged import resolve_model_folder
+    from prime_jax.models.tokenizer import encode_chat, eos_token_ids, load_tokenizer
+
+    folder = resolve_model_folder(args.model) or args.model  # a GGUF: the converted HF folder
+    model = from_pretrained(folder, dtype=args.dtype, param_dtype=args.dtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval()
+    tokenizer = load_tokenizer(folder)
+    problems, _ = load_benchmark("gsm8k", task_suffix=instruction_suffix("step_by_step"))
+    prompts = [encode_chat(tokenizer, p.messages) for p in problems[:args.prompts]]
+    return model, hf, prompts, eos_token_ids(tokenizer)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=16)
@@ -106,9 +131,10 @@ def main():
     parser.add_argument("--tied", action="store_true", help="tie the LM head to the embedding")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and compute on both sides")
-    parser.add_argument("--model", choices=("default", "tiny"), default="default",
-                        help="tiny: the shapes of configs/tiny.py's model (the CPU demo's policy) and its "
-                             "tokenizer's vocabulary; overrides --hidden/--layers/--mlp/--vocab/--heads")
+    parser.add_argument("--model", default="default",
+                        help="default: the random Qwen2 above; tiny: the shapes of configs/tiny.py's model (the CPU "
+                             "demo's policy) and its tokenizer's vocabulary; else a real model: an HF folder, a "
+                             ".gguf file or a packaged name (smollm2-135m-instruct), with real prompts (see above)")
     parser.add_argument("--workload", choices=("default", "rl"), default="default",
                         help="rl: 64 prompts x 4 samples x 512 new tokens with long-tailed lengths (sets "
                              "--prompts/--n/--new-tokens), static vs decode slots vs transformers")
@@ -141,10 +167,15 @@ def main():
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, args.vocab, size=int(rng.integers(8, 25))).tolist() for _ in range(args.prompts)]
     rows, new = args.prompts * args.n, args.new_tokens
+    args.stop_ids = list(range(args.vocab - args.stop_tokens, args.vocab))  # the last ids: never a prompt's pad
 
-    with tempfile.TemporaryDirectory() as tmp:
-        hf = build_model(Path(tmp), args)
-        model = from_pretrained(tmp, dtype=args.dtype, param_dtype=args.dtype)
+    if args.model in ("default", "tiny"):
+        with tempfile.TemporaryDirectory() as tmp:
+            hf = build_model(Path(tmp), args)
+            model = from_pretrained(tmp, dtype=args.dtype, param_dtype=args.dtype)
+    else:
+        model, hf, prompts, args.stop_ids = real_model(args)
+        args.vocab = model.config.vocab_size
     if args.dtype == "bfloat16":
         hf = hf.to(torch.bfloat16)
     config = model.config
@@ -255,7 +286,7 @@ def rl_workload(args, model, hf, prompts):
 
     load_start = os.getloadavg()
     new, rows = args.new_tokens, args.prompts * args.n
-    stop_ids = list(range(args.vocab - args.stop_tokens, args.vocab))  # the last ids: never a prompt's pad
+    stop_ids = args.stop_ids
     kwargs = dict(max_new_tokens=new, n=args.n, temperature=1.0, stop_token_ids=stop_ids)
     samplers = {"static": Sampler()}
     refills = ("loop", "chunks") if args.refill == "both" else (args.refill,)
@@ -295,7 +326,7 @@ def rl_workload(args, model, hf, prompts):
     config = model.config
     print(f"model: hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads}/"
           f"{config.num_key_value_heads} heads, MLP {config.intermediate_size}, vocab {config.vocab_size}, "
-          f"{config.num_params() / 1e6:.2f} M params, {args.dtype}; {len(stop_ids)} stop ids")
+          f"{config.num_params() / 1e6:.2f} M params, {args.dtype}; {len(stop_ids)} stop ids; model {args.model}")
     print(f"work: {args.prompts} prompts x {args.n} samples = {rows} rows, max_new_tokens {new}")
     print(f"lengths, ours: {length_summary(reference.lengths)}; {tokens} tokens")
     decoded = tokens - len(reference.lengths)  # the first tokens come from prefill

