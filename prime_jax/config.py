@@ -241,6 +241,7 @@ def _system_sections(c: ml_collections.ConfigDict) -> None:
     # Reuse an SFT stage: the reference folder of an earlier run of the same model and SFT settings (its
     # WORKDIR/reference, e.g. from --sft_only), restored instead of trained ("": WORKDIR/reference, trained there once).
     c.sft.reference_dir = ""  # a saved reference (SFT) folder to start from (see above)
+    c.sft.checkpoint_every = 0  # save the SFT state every k steps (0: only on SIGTERM); a rerun resumes from it
     # Systematic slips in the synthetic chains demonstrations (data.synthetic.task "chains"; data/chains.py): a seeded
     # fraction of the 90 one-digit step types whose demonstrated result is one off with probability flaw_prob.
     c.sft.flawed_steps = 0.0  # fraction of step types with slips (0: clean demonstrations)
@@ -636,6 +637,7 @@ def _check_sft(c) -> None:
     _positive("sft.batch", c.sft.batch)
     _non_negative("sft.warmup_steps", c.sft.warmup_steps)
     _non_negative("sft.clip_norm", c.sft.clip_norm)
+    _non_negative("sft.checkpoint_every", c.sft.checkpoint_every)
     _positive("sft.num_examples", c.sft.num_examples)
     sources = [s.strip() for s in c.sft.data.split(",")]
     _check("sft.data", all(sources) and len(set(sources)) == len(sources),

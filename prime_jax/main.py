@@ -84,6 +84,7 @@ def main(argv) -> None:
     from prime_jax.train.checkpoint import CheckpointError
     from prime_jax.train.builder import RunLayout
     from prime_jax.train.loop import Trainer, export_latest
+    from prime_jax.train.sft import SFTPreempted
     from prime_jax.train.warm_start import reference_params
     from prime_jax.train.metrics import last_eval_row
 
@@ -101,6 +102,10 @@ def main(argv) -> None:
         last_eval = trainer.run()
     except (DataError, CheckpointError, FileNotFoundError, PermissionError, UnsupportedModelError) as e:
         fail(" ".join(str(e).split()))
+    except SFTPreempted as e:  # SIGTERM during the SFT stage: its state was saved, exit 0
+        print(f"preempted: the SFT stage stopped after step {e.step} with its state in "
+              f"{RunLayout(workdir).workdir / 'sft_checkpoints'}; rerun the same command to resume")
+        return
     if trainer.preempted_at is not None:  # SIGTERM on some host: a checkpoint was saved, exit 0
         print(f"preempted: stopped after step {trainer.preempted_at} with a checkpoint in {workdir}; "
               "rerun the same command to resume")
