@@ -87,7 +87,7 @@ def reference_params(config, workdir, mesh):
             model = run_sft(model, examples, steps=c.sft.steps, lr=c.sft.lr, batch_size=c.sft.batch, mesh=mesh,
                             seed=c.seed, warmup_steps=c.sft.warmup_steps, weight_decay=c.sft.weight_decay,
                             clip_norm=c.sft.clip_norm, pad_id=PAD_ID, chunk_size=c.model.logprob_chunk,
-                            log_fn=log_fn, resume=resume, save_fn=save_fn, save_every=c.sft.checkpoint_every,
+                            log_fn=log_fn, log_every=10, resume=resume, save_fn=save_fn, save_every=c.sft.checkpoint_every,
                             should_stop=preemption.should_stop)
     finally:
         checkpointer.close()
