@@ -119,9 +119,9 @@ def real_model(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=0, help="default 16 (rl workload: 64)")
     parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=0, help="default 128 (rl workload: 512)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--mlp", type=int, default=1024)
@@ -136,8 +136,8 @@ def main():
                              "demo's policy) and its tokenizer's vocabulary; else a real model: an HF folder, a "
                              ".gguf file or a packaged name (smollm2-135m-instruct), with real prompts (see above)")
     parser.add_argument("--workload", choices=("default", "rl"), default="default",
-                        help="rl: 64 prompts x 4 samples x 512 new tokens with long-tailed lengths (sets "
-                             "--prompts/--n/--new-tokens), static vs decode slots vs transformers")
+                        help="rl: 64 prompts x 4 samples x 512 new tokens (unless --prompts/--new-tokens say "
+                             "otherwise) with long-tailed lengths, static vs decode slots vs transformers")
     parser.add_argument("--slots", default="64", help="decode slots of the rl workload (comma list: each timed)")
     parser.add_argument("--no-hf", action="store_true", help="rl workload: skip transformers (ours only)")
     parser.add_argument("--stop-tokens", type=int, default=40, help="stop token ids of the rl workload")
@@ -147,8 +147,8 @@ def main():
                         help="rl workload: also stream with each slot setting and stop once this many groups are "
                              "back, as the trainer does with decode slots (43 = 64 / rollout.oversample 1.5); 0: off")
     args = parser.parse_args()
-    if args.workload == "rl":
-        args.prompts, args.n, args.new_tokens = 64, 4, 512
+    rl = args.workload == "rl"
+    args.prompts, args.new_tokens = args.prompts or (64 if rl else 16), args.new_tokens or (512 if rl else 128)
     if args.model == "tiny":
         from configs.tiny import get_config
         from prime_jax.data.tiny_tokenizer import tiny_vocab

