@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.total_steps = 240  # PRIME iterations (0: only SFT + the step-0 eval)
     c.eval_every = 16  # held-out eval after every k-th step (also at step 0 and the last); 0: start/end only
     c.checkpoint_every = 16  # checkpoint after every k-th step (also the last); 0: only the last
+    c.eval_at_start = True  # the step-0 eval of the start policy; false: skip it (e.g. the SFT run already measured it)
     _model_and_data_sections(c)
     _sampling_and_algorithm_sections(c)
     _system_sections(c)
