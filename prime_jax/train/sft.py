@@ -170,6 +170,9 @@ def run_sft(model: nnx.Module, examples: Sequence[tuple[Sequence[int], Sequence[
             log_fn(k, row)
             acc = []
         if save_fn is not None and k < steps:
+            # the step's result first: otherwise async dispatch runs the loop ahead of the device and a SIGTERM
+            # waits for every step dispatched up to the next save (minutes a step on a CPU)
+            jax.block_until_ready(metrics["loss"])
             stop = should_stop is not None and should_stop()  # a collective vote on several processes
             if stop or (save_every and k % save_every == 0):
                 save_fn(k, state)
