@@ -13,7 +13,7 @@ makes the run continue in 15-minute slots on a shared box):
 1. SFT (`main --sft_only`, its state saved every 5 steps) -> OUT/sft/reference;
 2. the SFT model: `main --config.total_steps=0` (the in-run held-out eval of the start, the
    token-reward page, and the export OUT/sft/hf_export);
-3. the raw model: `prime_jax.evaluate` on the same problems -> OUT/raw/eval/greedy32;
+3. the raw model: `prime_jax.evaluate` on the same GSM8K problems (heldout, gsm8k) -> OUT/raw/eval;
 4. for each seed, PRIME and outcome-only (OUT/<estimator>_s<seed>, benchmarks/ablation.py's
    layout, `--config.sft.reference_dir=OUT/sft/reference --config.eval_at_start=false`), `--chunk`
    steps at a time (`main --stop_after`), the run that is behind first; the last piece of a run
@@ -41,8 +41,8 @@ from benchmarks.smollm2_gpu import run_summary  # noqa: E402
 from prime_jax.train.metrics import read_metrics  # noqa: E402
 
 ESTIMATORS = ("prime_rloo", "outcome_rloo")
-RAW_EVAL = ["--checkpoint=smollm2-135m-instruct", "--tag=greedy32", "--benchmarks=heldout,synthetic,gsm8k",
-            "--limit=32"]  # the config's in-run eval sets, the first 32 of each
+RAW_EVAL = ["--checkpoint=smollm2-135m-instruct", "--tag=greedy32", "--benchmarks=heldout,gsm8k",
+            "--limit=32"]  # the first 32 of the in-run eval's GSM8K sets
 
 
 class Stopped(Exception):
@@ -85,15 +85,16 @@ def pieces(args, out: Path):
         yield "sft", [*main, f"--workdir={out / 'sft'}", "--sft_only", "--config.sft.checkpoint_every=5"]
     if not (out / "sft" / "hf_export" / "config.json").exists():
         yield "sft eval + export", [*main, f"--workdir={out / 'sft'}", "--config.total_steps=0"]
-    if not (out / "raw" / "eval" / "greedy32" / "scores.json").exists():
+    if not any((out / "raw" / "eval").rglob("scores.json")):
         yield "raw eval", [sys.executable, "-m", "prime_jax.evaluate", f"--config={args.config}",
                            f"--workdir={out / 'raw'}", *RAW_EVAL]
     while True:
-        runs = [(steps_done(out / f"{e}_s{s}"), s, e) for s in args.seeds for e in ESTIMATORS
+        runs = [(steps_done(out / f"{e}_s{s}"), s, i) for s in args.seeds for i, e in enumerate(ESTIMATORS)
                 if not finished(out / f"{e}_s{s}", args.steps)]
         if not runs:
             return
-        done, seed, estimator = min(runs)
+        done, seed, index = min(runs)  # the run furthest behind; PRIME first
+        estimator = ESTIMATORS[index]
         target = min(args.steps, (done // args.chunk + 1) * args.chunk)
         workdir = out / f"{estimator}_s{seed}"
         yield f"{workdir.name} to step {target}", [
@@ -104,11 +105,10 @@ def pieces(args, out: Path):
 
 def report(out: Path, args) -> str:
     lines = [f"### {out}", ""]
-    for name, f in (("raw", out / "raw" / "eval" / "greedy32" / "scores.json"),):
-        if f.exists():
-            s = json.loads(f.read_text())
-            lines.append(f"- {name} model, greedy: " + ", ".join(
-                f"{k} {b.get('avg@1', float('nan')):.3f}" for k, b in s["benchmarks"].items()))
+    for f in sorted((out / "raw" / "eval").rglob("scores.json")):
+        s = json.loads(f.read_text())
+        lines.append("- raw model, greedy: " + ", ".join(
+            f"{k} {b.get('avg@1', float('nan')):.3f}" for k, b in s["benchmarks"].items()))
     sft = read_metrics(out / "sft" / "metrics.jsonl") if (out / "sft" / "metrics.jsonl").exists() else []
     for r in sft:
         if "eval/accuracy" in r:

@@ -26,9 +26,12 @@ SFT demonstrations: GSM8K train's worked solutions rewritten to end with `The an
 
 Hyper-parameters are the paper's (configs/qwen7b.py) except where a 135M model on a 2-core CPU
 forces otherwise; every departure is marked DEPARTURE below with its reason. What the CPU budget
-(SFT + >= 30 RL steps in about two hours, benchmarks/README.md "SmolLM2-135M on CPU") forces:
-8 prompts (32 responses) per step instead of 256, answers cut at 256 tokens instead of 3072, and
-100 problems per held-out set. `:full` restores the paper's batch and lengths for an accelerator.
+forces: 20 SFT steps of 8, 8 prompts (32 responses) per step instead of 256, rollouts cut at 192
+tokens instead of 3072, and 32 problems per held-out set. Measured on the 2-core box
+(benchmarks/README.md, "SmolLM2-135M on CPU"): XLA:CPU trains this model at ~30 GFLOP/s, so an SFT
+step takes ~66 s and a PRIME step at these sizes is estimated at ~13 min (outcome-only ~7): the
+issue's "SFT + 30 RL steps in two hours" would need about 2 prompts per step. `:full` restores the
+paper's batch and lengths for an accelerator.
 """
 
 from __future__ import annotations
