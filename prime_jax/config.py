@@ -32,6 +32,7 @@ SFT_LOGPROB_SOURCES = ("ref_logprob", "prm_logprob")  # the frozen SFT model's l
 RANDOM_MODEL = "random"
 TINY_TOKENIZER = "tiny"
 SYNTHETIC = "synthetic"
+HELDOUT = "heldout"  # the eval source of data.holdout's problems
 
 
 class ConfigError(ValueError):
@@ -50,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.total_steps = 240  # PRIME iterations (0: only SFT + the step-0 eval)
     c.eval_every = 16  # held-out eval after every k-th step (also at step 0 and the last); 0: start/end only
     c.checkpoint_every = 16  # checkpoint after every k-th step (also the last); 0: only the last
+    c.eval_at_start = True  # the step-0 eval of the start policy; false: skip it (e.g. the SFT run already measured it)
     _model_and_data_sections(c)
     _sampling_and_algorithm_sections(c)
     _system_sections(c)
@@ -82,21 +84,28 @@ def _model_and_data_sections(c: ml_collections.ConfigDict) -> None:
     c.tokenizer.path = ""  # "" = model.path; "tiny" = build the tiny ChatML tokenizer in WORKDIR/tokenizer; or a folder / hub id / .gguf file / packaged model
 
     c.data = ml_collections.ConfigDict()  # training and held-out problems, and how prompts are built
-    c.data.train = "PRIME-RL/Eurus-2-RL-Data"  # "synthetic", a file/folder (veRL schema), a packaged benchmark or a HF dataset
+    # Training prompts: "synthetic", a file/folder (veRL schema or a benchmark's own), a packaged benchmark (e.g.
+    # gsm8k_train) or a HF dataset; a comma list is one pool, its sources one after another.
+    c.data.train = "PRIME-RL/Eurus-2-RL-Data"  # source or comma list of sources (see above)
     c.data.train_split = "train"  # split of a HF dataset / file stem in a folder
-    c.data.eval = "aime24,amc23,math500,minerva_math,olympiadbench"  # comma list of eval sources ("synthetic" or as data.train); named as prime_jax/data/sources.py says
+    # The last k problems of every non-synthetic data.train source are held out: never trained or SFT'd on,
+    # evaluated as the eval source "heldout" when data.eval lists it (0: none held out).
+    c.data.holdout = 0  # problems held out of each data.train file source (see above)
+    c.data.eval = "aime24,amc23,math500,minerva_math,olympiadbench"  # comma list of eval sources ("synthetic", "heldout" or as data.train); named as prime_jax/data/sources.py says
     c.data.format = "auto"  # row layout of data.train / data.eval files: auto (detect from the fields) or a prime_jax.data.FORMATS name
     c.data.eval_max_problems = 0  # per eval source: 0 = all, k = the first k
     c.data.max_prompt_tokens = 1024  # prompts longer than this are dropped (and counted)
     c.data.system_prompt = "keep"  # "keep": rows' own system message; "none": remove; "eurus2": Eurus-2's action-tag prompt
-    # What follows a math problem's text in its user message (benchmark-format rows; veRL rows keep theirs):
-    # "eurus2" (Eurus-2-SFT's "Present the answer in LaTex format: \\boxed{Your answer}"), "step_by_step" (the
-    # paper's "Please reason step by step, and put your final answer within \\boxed{}."), "none",
+    # What follows a math problem's text in its user message (benchmark-format rows and the synthetic word task;
+    # veRL rows keep theirs): "eurus2" (Eurus-2-SFT's "Present the answer in LaTex format: \boxed{Your answer}"),
+    # "step_by_step" (the paper's "Please reason step by step, and put your final answer within \boxed{}."), "none",
     # or any sentence: your own instruction, after a blank line
     c.data.instruction = "eurus2"  # eurus2 | step_by_step | none | your own text (see above)
     # The synthetic multi-step arithmetic task (data.train / data.eval = "synthetic").
     c.data.synthetic = ml_collections.ConfigDict()
-    c.data.synthetic.task = "arith"  # arith (prime_jax/data/synthetic.py) | chains (one-digit steps, 5 by default; data/chains.py)
+    # arith (prime_jax/data/synthetic.py) | chains (one-digit steps, 5 by default; data/chains.py) | word (word problems
+    # in natural language with worked solutions, 1-2 operations by default, for real tokenizers; data/word_problems.py)
+    c.data.synthetic.task = "arith"  # arith | chains | word (see above)
     c.data.synthetic.num_train = 20000  # size of the training pool (seeded from seed)
     c.data.synthetic.num_eval = 200  # held-out problems (a fixed set, seeded from eval_seed)
     c.data.synthetic.eval_seed = 12345  # seed of the held-out set (the same for every run seed; excluded from training)
@@ -227,8 +236,15 @@ def _system_sections(c: ml_collections.ConfigDict) -> None:
     c.sft.batch = 32  # demonstrations per step
     c.sft.warmup_steps = 20  # linear warm-up steps
     c.sft.clip_norm = 1.0  # global grad-norm clip (0: off)
-    c.sft.num_examples = 4096  # demonstrations used (generated, seeded, for "synthetic"; the first k of a file)
-    c.sft.data = SYNTHETIC  # "synthetic" (step-by-step demonstrations) or a JSONL of {"messages": [..., assistant]}
+    c.sft.num_examples = 4096  # demonstrations used from each sft.data source (generated, seeded, for "synthetic"; the first k of a file)
+    # Comma list of: "synthetic" (the task's step-by-step demonstrations), a JSONL of {"messages": [..., assistant]},
+    # or problems with worked solutions (gsm8k_train, math_train, or a file in their format): GSM8K's rewritten to end
+    # with \boxed{n}; eval problems and data.holdout's are left out.
+    c.sft.data = SYNTHETIC  # demonstration sources (see above)
+    # Reuse an SFT stage: the reference folder of an earlier run of the same model and SFT settings (its
+    # WORKDIR/reference, e.g. from --sft_only), restored instead of trained ("": WORKDIR/reference, trained there once).
+    c.sft.reference_dir = ""  # a saved reference (SFT) folder to start from (see above)
+    c.sft.checkpoint_every = 0  # save the SFT state every k steps (0: only on SIGTERM); a rerun resumes from it
     # Systematic slips in the synthetic chains demonstrations (data.synthetic.task "chains"; data/chains.py): a seeded
     # fraction of the 90 one-digit step types whose demonstrated result is one off with probability flaw_prob.
     c.sft.flawed_steps = 0.0  # fraction of step types with slips (0: clean demonstrations)
@@ -401,6 +417,20 @@ def _check_model(c) -> None:
     _check("model.head_dim", head % 2 == 0, f"head size {head} must be even (rotary embedding)")
 
 
+def _check_source(field: str, source: str, reserved: tuple[str, ...]) -> None:
+    """A data source exists: a reserved name, an existing file, a packaged benchmark or a hub-id-shaped name."""
+    from prime_jax.data import DataError, check_source_name
+
+    if source in reserved:
+        return
+    if source.startswith((".", "/", "~")) or source.lower().endswith((".parquet", ".jsonl", ".json")):
+        _check(field, Path(source).expanduser().exists(), f"data file {source!r} does not exist")
+    try:  # a misspelt benchmark fails here, not after the hub client's retries
+        check_source_name(source)
+    except DataError as e:
+        raise ConfigError(field, str(e)) from None
+
+
 def _check_tokenizer(c) -> None:
     """tokenizer.path."""
     m = c.model
@@ -413,19 +443,23 @@ def _check_tokenizer(c) -> None:
 
 def _check_data(c) -> None:
     """Training and eval sources, formats, the synthetic task."""
-    from prime_jax.data import FORMATS, DataError, check_source_name
+    from prime_jax.data import FORMATS
 
     d = c.data
-    for field, sources in (("data.train", [d.train]), ("data.eval", [s.strip() for s in d.eval.split(",")])):
+    for field, sources in (("data.train", [s.strip() for s in d.train.split(",")]),
+                           ("data.eval", [s.strip() for s in d.eval.split(",")])):
+        reserved = (SYNTHETIC, HELDOUT) if field == "data.eval" else (SYNTHETIC,)
+        _check(field, len(set(sources)) == len(sources), f"lists a source twice in {getattr(d, field.split('.')[1])!r}")
         for s in sources:
             _check(field, bool(s), f"has an empty source in {getattr(d, field.split('.')[1])!r}")
-            if s != SYNTHETIC and (s.startswith((".", "/", "~")) or s.lower().endswith((".parquet", ".jsonl", ".json"))):
-                _check(field, Path(s).expanduser().exists(), f"data file {s!r} does not exist")
-            try:  # a misspelt benchmark fails here, not after the hub client's retries
-                if s != SYNTHETIC:
-                    check_source_name(s)
-            except DataError as e:
-                raise ConfigError(field, str(e)) from None
+            _check_source(field, s, reserved)
+    _non_negative("data.holdout", d.holdout)
+    train = [s.strip() for s in d.train.split(",")]
+    _check("data.eval", HELDOUT not in [s.strip() for s in d.eval.split(",")] or (d.holdout and train != [SYNTHETIC]),
+           "lists 'heldout', but data.holdout is 0 or data.train has no file source to hold problems out of")
+    from prime_jax.data import instruction_error
+
+    _check("data.instruction", instruction_error(d.instruction) is None, str(instruction_error(d.instruction)))
     _one_of("data.format", d.format, ["auto", *sorted(FORMATS)])
     _check("data.train_split", bool(d.train_split), "is empty")
     _non_negative("data.eval_max_problems", d.eval_max_problems)
@@ -499,7 +533,7 @@ def _check_algo(c) -> None:
     _check("algo.process_source", a.process_source == "prm" or needs_prm(a.estimator),
            f"{a.process_source!r} gives process rewards, which only a prime_* estimator uses, got algo.estimator "
            f"{a.estimator!r}")
-    _check("algo.process_source", a.process_source not in ORACLE_SOURCES or c.data.train == SYNTHETIC,
+    _check("algo.process_source", a.process_source not in ORACLE_SOURCES or c.data.train.strip() == SYNTHETIC,
            "oracle process rewards need the synthetic task's demonstrations (data.train 'synthetic'), got data.train "
            f"{c.data.train!r}")
     _check("algo.process_source", a.process_source not in SFT_LOGPROB_SOURCES or a.prm_ref == "freeze",
@@ -619,15 +653,26 @@ def _check_sft(c) -> None:
     _positive("sft.batch", c.sft.batch)
     _non_negative("sft.warmup_steps", c.sft.warmup_steps)
     _non_negative("sft.clip_norm", c.sft.clip_norm)
+    _non_negative("sft.checkpoint_every", c.sft.checkpoint_every)
     _positive("sft.num_examples", c.sft.num_examples)
-    if c.sft.steps and c.sft.data != SYNTHETIC:
-        _check("sft.data", Path(c.sft.data).expanduser().is_file(), f"SFT data file {c.sft.data!r} does not exist")
+    sources = [s.strip() for s in c.sft.data.split(",")]
+    _check("sft.data", all(sources) and len(set(sources)) == len(sources),
+           f"has an empty or repeated source in {c.sft.data!r}")
+    if c.sft.steps and not c.sft.reference_dir:
+        for s in sources:
+            _check_source("sft.data", s, (SYNTHETIC,))
+    if c.sft.reference_dir:
+        from prime_jax.train.checkpoint import params_saved  # orbax: imported only when a folder is named
+
+        _check("sft.reference_dir", params_saved(Path(c.sft.reference_dir).expanduser()),
+               f"{c.sft.reference_dir!r} holds no saved reference (an earlier run's WORKDIR/reference, e.g. from "
+               "--sft_only)")
     _check("sft.flawed_steps", 0 <= c.sft.flawed_steps <= 1, f"must be in [0, 1], got {c.sft.flawed_steps}")
     _check("sft.flaw_prob", 0 <= c.sft.flaw_prob <= 1, f"must be in [0, 1], got {c.sft.flaw_prob}")
     _one_of("sft.flaw_direction", c.sft.flaw_direction, ("either", "up"))
     _non_negative("sft.flaw_seed", c.sft.flaw_seed)
     if c.sft.flawed_steps:
-        _check("sft.flawed_steps", c.sft.data == SYNTHETIC and c.data.synthetic.task == "chains",
+        _check("sft.flawed_steps", c.sft.data.strip() == SYNTHETIC and c.data.synthetic.task == "chains",
                "needs the synthetic chains demonstrations (sft.data 'synthetic', data.synthetic.task 'chains'), "
                f"got sft.data {c.sft.data!r}, task {c.data.synthetic.task!r}")
     _non_negative("debug.inject_nan_step", c.debug.inject_nan_step)

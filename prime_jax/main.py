@@ -6,6 +6,7 @@
     python -m prime_jax.main --config=configs/qwen7b.py --workdir=gs://... --config.total_steps=100
     python -m prime_jax.main --config=configs/tiny.py --export_hf   # latest checkpoint -> WORKDIR/hf_export
     python -m prime_jax.main --config=configs/tiny.py --sft_only    # the SFT stage alone -> WORKDIR/reference
+    python -m prime_jax.main --config=configs/tiny.py --stop_after=10   # steps up to 10, a checkpoint, exit 0
 
 A workdir that holds checkpoints is resumed from the latest intact one. Every config field is
 checked before anything heavy starts; a bad value, an unknown field, a missing config file, a
@@ -37,6 +38,9 @@ _EXPORT_HF = flags.DEFINE_bool("export_hf", False, "Only export the latest check
 _SFT_ONLY = flags.DEFINE_bool("sft_only", False, "Only run the SFT stage (the frozen reference, saved in "
                               "WORKDIR/reference; skipped when it is there) and exit.")
 _LIST_FIELDS = cli.define_list_fields_flag()
+_STOP_AFTER = flags.DEFINE_integer("stop_after", None, "Stop after this step with a checkpoint, as on SIGTERM, and "
+                                   "exit 0 (a long run in chunks); the same command with a larger value, or "
+                                   "without it, continues the run.", lower_bound=0)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -90,6 +94,7 @@ def main(argv) -> None:
     from prime_jax.train.checkpoint import CheckpointError, params_saved
     from prime_jax.train.builder import RunLayout
     from prime_jax.train.loop import Trainer, export_latest
+    from prime_jax.train.sft import SFTPreempted
     from prime_jax.train.warm_start import reference_params
     from prime_jax.train.metrics import last_eval_row
 
@@ -115,21 +120,28 @@ def main(argv) -> None:
                   "sft.steps is 0: the reference is the start model; nothing to train")
             return
         trainer = Trainer.create(config, workdir, mesh)
-        last_eval = trainer.run()
+        last_eval = trainer.run(stop_after=_STOP_AFTER.value)
     except (DataError, CheckpointError, FileNotFoundError, PermissionError, UnsupportedModelError) as e:
         fail(" ".join(str(e).split()))
+    except SFTPreempted as e:  # SIGTERM during the SFT stage: its state was saved, exit 0
+        print(f"preempted: the SFT stage stopped after step {e.step} with its state in "
+              f"{RunLayout(workdir).workdir / 'sft_checkpoints'}; rerun the same command to resume")
+        return
     except KeyboardInterrupt:  # a second Ctrl-C in the loop, or Ctrl-C before it or during SFT / export
         cli.interrupted("main", _nothing_saved_since(config, layout))
     except Exception as e:  # noqa: BLE001 - a collective that failed because a host died: said in one line
         host_watch.explain_failure(e)
         raise
-    if trainer.preempted_at is not None:  # a signal on some host: a checkpoint was saved
+    if trainer.preempted_at is not None:  # a signal on some host, or --stop_after: a checkpoint was saved
         saved = f"after step {trainer.preempted_at} with a checkpoint in {workdir}" if trainer.preempted_at else \
             f"before step 1 (no checkpoint yet) in {workdir}"
         if trainer.stop_signal == "SIGINT":  # Ctrl-C here: the shell's status for an interrupted command
             print(f"interrupted (Ctrl-C): stopped {saved}; rerun the same command to resume", flush=True)
             sys.exit(130)
-        print(f"preempted: stopped {saved}; rerun the same command to resume")  # SIGTERM: exit 0
+        if trainer.stop_signal is None and _STOP_AFTER.value is not None and trainer.preempted_at >= _STOP_AFTER.value:
+            print(f"stopped {saved} (--stop_after); rerun with a larger --stop_after, or without it, to continue")
+        else:
+            print(f"preempted: stopped {saved}; rerun the same command to resume")  # SIGTERM: exit 0
         return
     if not last_eval:  # a finished run rerun: nothing new was evaluated; report its last evaluation
         last_eval = last_eval_row(workdir / "metrics.jsonl") or {}

@@ -189,6 +189,19 @@ def test_prm_warmup_steps_train_only_the_prm(tmp_path):
     assert row["policy/warmup"] == 1.0 and "policy/loss" not in row and np.isfinite(row["prm/loss"])
 
 
+def test_stop_after_leaves_with_a_checkpoint_and_eval_at_start_false_skips_the_step_0_eval(tmp_path):
+    """A long run in chunks (main's --stop_after): steps up to k, a checkpoint there, no export; a rerun resumes."""
+    from prime_jax.parallel import mesh_from_config
+    from prime_jax.train.loop import Trainer
+
+    config = tiny_config(dict(SHORT, total_steps=3, eval_every=0, checkpoint_every=0, eval_at_start=False))
+    trainer = Trainer.create(config, tmp_path, mesh_from_config(config))
+    assert trainer.run(stop_after=1) == {} and trainer.preempted_at == 1
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]  # no step-0 eval row
+    assert _finalized_checkpoints(tmp_path) == [1] and not (tmp_path / "hf_export").exists()
+    assert Trainer.create(config, tmp_path, mesh_from_config(config)).start_step == 1
+
+
 def test_truncate_metrics_drops_later_and_partial_rows(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": 0, "eval/accuracy": 0.1}, {"step": 1, "x": 1}, {"step": 2, "x": 2}, {"step": 2, "eval/accuracy": 0.2},

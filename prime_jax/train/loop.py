@@ -92,7 +92,7 @@ class RunData:
         c = builder.config
         tokenizer = builder.tokenizer(layout, is_main)
         eval_sets, _ = load_eval_sets(c)
-        exclude = held_out(eval_sets) if c.data.train == SYNTHETIC else set()
+        exclude = held_out(eval_sets)  # the synthetic eval problems' expressions, which generation skips
         prompts = PromptSource(load_train_problems(c, exclude), tokenizer, c.data.max_prompt_tokens, c.seed)
         return cls(tokenizer, eval_sets, prompts)
 
@@ -183,8 +183,10 @@ class Trainer:
         return nnx.merge(self.graphdef, self.policy.params)
 
     # ------------------------------------------------------------------ the run
-    def run(self) -> dict:
-        """Steps start_step+1 .. total_steps, with evals and checkpoints; returns the last eval row."""
+    def run(self, stop_after: int | None = None) -> dict:
+        """Steps start_step+1 .. total_steps, with evals and checkpoints; returns the last eval row.
+        `stop_after`: leave after that step with a checkpoint, as on SIGTERM (`preempted_at`), so a
+        long run can go in chunks; rerunning continues it."""
         c = self.config
         self.pool = RewardPool(c.reward.workers, math_timeout=c.reward.timeout_s, code_timeout=c.reward.timeout_s)
         self.log = MetricsLogger(self.workdir, resume_step=self.start_step or None, tensorboard=c.logging.tensorboard,
@@ -200,14 +202,18 @@ class Trainer:
         last_eval, last_saved = {}, self.start_step
         try:
             with PreemptionWatch() as preemption:
-                if self.start_step == 0:
+                if self.start_step == 0 and c.eval_at_start:
                     last_eval = self.evaluate(0)
                 for step in range(self.start_step + 1, c.total_steps + 1):
-                    if preemption.should_stop():  # every host votes at every step boundary
+                    stop_here = stop_after is not None and step > stop_after
+                    if preemption.should_stop() or stop_here:  # every host votes at every step boundary
                         preemption.saving = True
                         if step - 1 > last_saved:
                             self._save(step - 1)
-                        self.preempted_at, self.stop_signal = step - 1, preemption.signal_name
+                        self.preempted_at = step - 1
+                        self.stop_signal = preemption.signal_name if preemption.requested else None
+                        logger.warning("stopped after step %d with a checkpoint (%s); rerun to resume", step - 1,
+                                       preemption.signal_name if preemption.requested else f"stop_after {stop_after}")
                         break
                     row = self.step(step)
                     if self._due(step, c.eval_every):
