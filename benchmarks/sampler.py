@@ -96,7 +96,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 128; rl 512; a real model 256")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--mlp", type=int, default=1024)
@@ -106,13 +106,19 @@ def main():
     parser.add_argument("--tied", action="store_true", help="tie the LM head to the embedding")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and compute on both sides")
-    parser.add_argument("--model", choices=("default", "tiny"), default="default",
+    parser.add_argument("--model", default="default",
                         help="tiny: the shapes of configs/tiny.py's model (the CPU demo's policy) and its "
-                             "tokenizer's vocabulary; overrides --hidden/--layers/--mlp/--vocab/--heads")
+                             "tokenizer's vocabulary; overrides --hidden/--layers/--mlp/--vocab/--heads. "
+                             "A PATH (a checkpoint folder with its tokenizer): the RL workload on real weights "
+                             "(`real_workload`; --prompts/--n/--new-tokens/--slots apply)")
+    parser.add_argument("--instruction", default="Please reason step by step, and put your final answer within "
+                        "\\boxed{}.", help="real model: appended to each GSM8K question on a new line")
     parser.add_argument("--workload", choices=("default", "rl"), default="default",
                         help="rl: 64 prompts x 4 samples x 512 new tokens with long-tailed lengths (sets "
                              "--prompts/--n/--new-tokens), static vs decode slots vs transformers")
-    parser.add_argument("--slots", default="64", help="decode slots of the rl workload (comma list: each timed)")
+    parser.add_argument("--slots", default=None,
+                        help="decode slots of the rl workload (comma list: each timed; default 64) or of a real "
+                             "model's (default 16)")
     parser.add_argument("--no-hf", action="store_true", help="rl workload: skip transformers (ours only)")
     parser.add_argument("--stop-tokens", type=int, default=40, help="stop token ids of the rl workload")
     parser.add_argument("--refill", choices=("loop", "chunks", "both"), default="loop",
@@ -121,8 +127,11 @@ def main():
                         help="rl workload: also stream with each slot setting and stop once this many groups are "
                              "back, as the trainer does with decode slots (43 = 64 / rollout.oversample 1.5); 0: off")
     args = parser.parse_args()
+    if args.model not in ("default", "tiny"):
+        return real_workload(args)
     if args.workload == "rl":
         args.prompts, args.n, args.new_tokens = 64, 4, 512
+    args.new_tokens, args.slots = args.new_tokens or 128, args.slots or "64"
     if args.model == "tiny":
         from configs.tiny import get_config
         from prime_jax.data.tiny_tokenizer import tiny_vocab
@@ -319,6 +328,105 @@ def rl_workload(args, model, hf, prompts):
         for name, sampler in samplers.items():
             if name != "static":
                 print_streamed_until(sampler, name, model, prompts, kwargs, args.n, args.stop_after, reference)
+
+
+def real_workload(args):
+    """The RL workload on a real checkpoint: GSM8K questions in the model's chat template, n samples.
+
+    `--prompts` (16) GSM8K test questions with `--instruction` on a new line, rendered with the
+    checkpoint's own chat template; `--n` (4) samples each at temperature 1 with no top-k/top-p,
+    stopping at the tokenizer's end-of-response ids, at most `--new-tokens` (256). In one run:
+    ours with one slot per row (static) and with `--slots` decode slots (16), same key, so the
+    script asserts identical tokens; transformers `generate` on the left-padded batch (2 torch
+    threads), credited with its own lengths. Each side is timed once warm (ours compiled ahead with
+    `Sampler.compile`, HF after a 2-token warm-up), then again with one new token (its prefill), so
+    a decode step's time is (whole call - prefill) / steps. The step is compared with its matmul
+    FLOPs at the 2048^3 float32 matmul rate measured in the same run.
+    """
+    import torch
+    import transformers
+
+    from prime_jax.data.readers import load_benchmark
+    from prime_jax.models.tokenizer import encode_chat, eos_token_ids, load_tokenizer
+
+    load_start = os.getloadavg()
+    torch.set_num_threads(2)
+    new, n = args.new_tokens or 256, args.n
+    tokenizer = load_tokenizer(args.model)
+    problems, _ = load_benchmark("gsm8k", task_suffix="\n" + args.instruction)
+    prompts = [encode_chat(tokenizer, p.messages) for p in problems[:args.prompts]]
+    stop_ids = eos_token_ids(tokenizer)
+    model = from_pretrained(args.model, dtype=args.dtype, param_dtype=args.dtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+    config, rows = model.config, len(prompts) * n
+    kwargs = dict(max_new_tokens=new, n=n, temperature=1.0, stop_token_ids=stop_ids)
+    slots = int(str(args.slots or 16).split(",")[0])
+    samplers = {"static": Sampler(), f"{slots} slots": Sampler(decode_slots=slots)}
+    key = jax.random.key(1)
+    compile_s = {name: timed(lambda: s.compile(model, num_prompts=len(prompts), prompt_len=max(map(len, prompts)),
+                                               key=key, **kwargs))[1] for name, s in samplers.items()}
+    results, times, stats = {}, {}, {}
+    for name, sampler in samplers.items():
+        results[name], *times[name] = timed(lambda: sampler.generate(model, prompts, key=key, **kwargs))
+        stats[name] = dict(sampler.last_stats)
+    one_token = dict(kwargs, max_new_tokens=1)  # prefill (and one token): compiled first, then timed
+    samplers["static"].compile(model, num_prompts=len(prompts), prompt_len=max(map(len, prompts)), key=key, **one_token)
+    prefill = timed(lambda: samplers["static"].generate(model, prompts, key=key, **one_token))
+    with torch.no_grad():
+        hf_generate(hf, prompts[:2], args, max_new_tokens=2, eos_token_id=stop_ids)  # warm-up
+        hf_out, hf_wall, hf_cpu = timed(lambda: hf_generate(hf, prompts, args, max_new_tokens=new,
+                                                            eos_token_id=stop_ids))
+        _, hf_prefill, _ = timed(lambda: hf_generate(hf, prompts, args, max_new_tokens=1, eos_token_id=stop_ids))
+    gflops = matmul_gflops()
+    load_end = os.getloadavg()
+
+    reference = results["static"]
+    for name, out in results.items():  # static and slots: the same tokens, log-probs to rounding
+        assert np.array_equal(out.tokens, reference.tokens) and np.array_equal(out.lengths, reference.lengths), name
+        assert np.abs(out.logprobs - reference.logprobs).max() <= 1e-4, name
+    tokens = int(reference.lengths.sum())
+    ids, width = hf_out
+    hf_tokens = ids[:, width:].numpy()
+    is_stop = np.isin(hf_tokens, stop_ids)
+    hf_lengths = np.where(is_stop.any(axis=1), is_stop.argmax(axis=1) + 1, hf_tokens.shape[1])
+    hf_rate = hf_lengths.sum() / hf_wall
+
+    # matmul FLOPs of one decode step of all rows, at the mean cache length of the run
+    d, head = config.hidden_size, config.num_attention_heads * config.head_size
+    matmul_params = config.num_params() - (0 if config.tie_word_embeddings else config.vocab_size * d)
+    mean_columns = np.mean([len(p) for p in prompts]) + reference.lengths.mean() / 2
+    step_flops = rows * (2 * matmul_params + 4 * config.num_hidden_layers * head * mean_columns)
+    bound_ms = step_flops / (gflops * 1e9) * 1e3
+
+    print(f"machine: {cpu_model()}, nproc {os.cpu_count()}, jax {jax.__version__} ({jax.default_backend()}), "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
+    print(f"load average at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f}, "
+          f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} (1/5/15 min)")
+    print(f"model: {args.model}: hidden {d}, {config.num_hidden_layers} layers, {config.num_attention_heads}/"
+          f"{config.num_key_value_heads} heads of {config.head_size}, MLP {config.intermediate_size}, vocab "
+          f"{config.vocab_size}{' (tied)' if config.tie_word_embeddings else ''}, {config.num_params() / 1e6:.1f} M "
+          f"params, {args.dtype}")
+    print(f"work: {len(prompts)} GSM8K prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens, bucket "
+          f"{stats['static']['prompt_len_bucket']}) x {n} samples, temperature 1, stop ids {stop_ids}, "
+          f"<= {new} new tokens")
+    print(f"lengths, ours: {length_summary(reference.lengths)}; {tokens} tokens")
+    print(f"lengths, HF:   {length_summary(hf_lengths)}; {int(hf_lengths.sum())} tokens")
+    print(f"matmul 2048^3 float32: {gflops:.1f} GFLOP/s; a decode step of {rows} rows: {step_flops / 1e9:.1f} GFLOP "
+          f"= {bound_ms:.0f} ms at that rate")
+    prefill_s = prefill[1]
+    for name, (wall, cpu) in times.items():
+        st = stats[name]
+        step_ms = (wall - prefill_s) / max(1, st["decode_steps"]) * 1e3
+        print(f"ours {name:9s}: {tokens / wall:6.1f} tokens/s ({wall:.1f} s, {cpu:.1f} CPU s; prefill {prefill_s:.1f} s, "
+              f"{st['decode_steps']} steps of {st['decode_slots']} slots, {step_ms:.0f} ms/step = "
+              f"{bound_ms / step_ms:.0%} of the matmul rate; utilisation {st['slot_utilisation']:.2f}; "
+              f"compile {compile_s[name]:.1f} s)")
+    hf_step_ms = (hf_wall - hf_prefill) / max(1, hf_tokens.shape[1] - 1) * 1e3
+    print(f"HF generate   : {hf_rate:6.1f} tokens/s ({hf_wall:.1f} s, {hf_cpu:.1f} CPU s; prefill {hf_prefill:.1f} s, "
+          f"{hf_tokens.shape[1] - 1} steps, {hf_step_ms:.0f} ms/step = {bound_ms / hf_step_ms:.0%} of the matmul rate)")
+    for name, (wall, _) in times.items():
+        print(f"RATIO ours {name} / HF: {tokens / wall / hf_rate:.2f}x tokens/s")
+    print("static and slot tokens identical: yes")
 
 
 def print_streamed_until(sampler, name, model, prompts, kwargs, n, stop_after, reference):

@@ -7,7 +7,8 @@ The two programs a `Sampler` compiles per shape key:
 2. **decode** hands queued rows to idle slots (`refill`: the row's prompt keys/values are copied
    into the slot, so a prompt is prefilled once and shared by its n samples), then runs
    `lax.while_loop` steps: one token for every live slot, written into the row's place of the
-   `[B, R]` outputs. A slot whose row stops (stop token or R tokens) goes idle; with
+   `[B, R]` outputs. Each layer's weights are sliced out of the stacked parameters once, before the
+   loop (`Qwen2ForCausalLM.layer_params`), so a step reads them in place. A slot whose row stops (stop token or R tokens) goes idle; with
    `refill_in_loop` the loop refills idle slots after every step (`lax.cond`, only when a slot is
    idle and rows wait), else the program returns when `stop_at` steps are reached or no slot is
    live and the next call refills. The loop also returns at `stop_at`, so a caller can stream
@@ -50,11 +51,12 @@ class DecodeState:
     S cache columns per slot (>= P + R), R new tokens per row, D data shards; L, Kv, H: layers,
     kv heads, head size.
 
-    cache: the slots' `KVCache` (k `[L, K, Kv, S, H]`, v `[L, K, Kv, H, S]`, valid `[K, S]`,
-        next_position `[K]`, end `[K]`); a slot's prompt sits in columns `[0, P)` and its response
-        from P on; an idle slot's `end` is 0, so it does not lengthen the attention read.
-    prompt_k `[L, G, Kv, P, H]`, prompt_v `[L, G, Kv, H, P]`, prompt_valid `[G, P]` bool,
-        prompt_length `[G]` int32: the prefilled prompts, copied into a slot when it takes a row.
+    cache: the slots' `KVCache` (per layer, S / C blocks: k `[K, Kv, H, C]`, v `[K, Kv, C, H]`;
+        valid `[K, S]`, next_position `[K]`, end `[K]`); a slot's prompt sits in columns `[0, P)` and
+        its response from P on; an idle slot's `end` is 0, so it does not lengthen the attention read.
+    prompt_k, prompt_v: the prefilled prompts' keys and values, per layer and block as in `cache`
+        (G rows, P columns: the first min(P, C) columns of a slot's first P / C blocks);
+        prompt_valid `[G, P]` bool, prompt_length `[G]` int32: copied into a slot when it takes a row.
     row_id `[B]` int32: the row's index in the caller's order (the sampling key's row).
     tokens `[B, R]` int32, logprobs `[B, R]` float32: the responses, written in place.
     lengths `[B]` int32: tokens sampled so far; finished `[B]` bool: ended by a stop token;
@@ -112,7 +114,7 @@ class DecodeSpec:
     max_new_tokens: int
     num_slots: int  # K
     capacity: int  # S
-    block: int  # attention block (divides S)
+    block: int  # cache block (divides S)
     shards: int  # D
     greedy: bool
     top_k: int
@@ -150,7 +152,8 @@ def prefill_fn(spec: DecodeSpec) -> Callable:
     def prefill(state, prompt_ids, prompt_mask, row_id, active, stop_ids, rng, temperature, top_p):
         model = nnx.merge(spec.graphdef, state)
         num_prompts, prompt_len = prompt_ids.shape
-        prompt_cache = KVCache.init(model.config, num_prompts, prompt_len)
+        # the prompts' blocks are the first blocks of a slot's cache (P and the block are powers of two)
+        prompt_cache = KVCache.init(model.config, num_prompts, prompt_len, block=min(spec.block, prompt_len))
         hidden, prompt_cache = model.hidden_states(prompt_ids, prompt_mask, prompt_cache)
         logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]  # left padding: the last column is real
         rows = num_prompts * n
@@ -162,7 +165,7 @@ def prefill_fn(spec: DecodeSpec) -> Callable:
         logprobs = jnp.zeros((rows, new_tokens), jnp.float32).at[:, 0].set(jnp.where(active, first_logprobs, 0.0))
         slots, shards = spec.num_slots, spec.shards
         return DecodeState(
-            cache=KVCache.init(model.config, slots, spec.capacity, dtype=prompt_cache.k.dtype),
+            cache=KVCache.init(model.config, slots, spec.capacity, dtype=prompt_cache.k[0][0].dtype, block=spec.block),
             prompt_k=prompt_cache.k, prompt_v=prompt_cache.v, prompt_valid=prompt_cache.valid,
             prompt_length=prompt_cache.next_position, row_id=row_id, tokens=tokens, logprobs=logprobs,
             lengths=active.astype(jnp.int32), finished=finished,
@@ -205,38 +208,47 @@ def refill(spec: DecodeSpec, s: DecodeState) -> DecodeState:
                      s.prompt_valid, s.prompt_length)
     take, prompt = out.pop("take"), out.pop("prompt")  # prompt: local index within the shard
 
-    def copy_prompts(cache, prompts, column_axis):  # the prompt's columns into the taken slots
-        def one_shard(cache, prompts, take, prompt):  # cache [L, Kl, ...], prompts [L, Gl, ...]
+    def copy_prompt(cache, prompts, column_axis):
+        """The taken slots' prompt columns from `prompts` `[G, Kv, ., .]` into the first columns of
+        `cache` `[K, Kv, ., .]` (the same block of the slots' cache; columns on `column_axis`)."""
+        window = [slice(None)] * cache.ndim
+        window[column_axis] = slice(0, prompts.shape[column_axis])
+
+        def one_shard(cache, prompts, take, prompt):  # cache [Kl, ...], prompts [Gl, ...]
             if spec.static:
                 # The static batch's one refill: a scatter of the taken slots (the others index past
                 # the end and are dropped) never reads the cache, so XLA fills it in place; the
                 # select below made XLA copy the whole cache (B rows, the largest buffer of a run).
-                index = [slice(None)] * cache.ndim
-                index[1] = jnp.where(take, jnp.arange(take.shape[0]), take.shape[0])
-                index[column_axis] = slice(0, prompt_len)
-                return cache.at[tuple(index)].set(prompts[:, prompt], mode="drop")
-            # Slots: a select written back with dynamic_update_slice. XLA copies the (K-row) cache
+                index = list(window)
+                index[0] = jnp.where(take, jnp.arange(take.shape[0]), take.shape[0])
+                return cache.at[tuple(index)].set(prompts[prompt], mode="drop")
+            # Slots: a select written back with dynamic_update_slice. XLA copies the (K-row) block
             # for it, but on CPU that is ~1.6x faster per refill than the scatter.
-            window = [slice(None)] * cache.ndim
-            window[column_axis] = slice(0, prompt_len)
-            new = jnp.where(take.reshape((1, -1) + (1,) * (cache.ndim - 2)), prompts[:, prompt], cache[tuple(window)])
+            new = jnp.where(take.reshape((-1,) + (1,) * (cache.ndim - 1)), prompts[prompt], cache[tuple(window)])
             return jax.lax.dynamic_update_slice(cache, new, (0,) * cache.ndim)
 
-        split = lambda x, axis: x.reshape(x.shape[:axis] + (spec.shards, -1) + x.shape[axis + 1:])
-        out = jax.vmap(one_shard, in_axes=(1, 1, 0, 0), out_axes=1)(
-            split(cache, 1), split(prompts, 1), split(take, 0), split(prompt, 0))
+        split = lambda x: x.reshape((spec.shards, -1) + x.shape[1:])
+        out = jax.vmap(one_shard)(split(cache), split(prompts), split(take), split(prompt))
         return out.reshape(cache.shape)
 
-    cache = KVCache(k=copy_prompts(s.cache.k, s.prompt_k, 3), v=copy_prompts(s.cache.v, s.prompt_v, 4),
+    def copy_layer(blocks, prompt_blocks, column_axis):  # the prompt's blocks into the slots' first blocks
+        return tuple(copy_prompt(block, prompt_blocks[i], column_axis) if i < len(prompt_blocks) else block
+                     for i, block in enumerate(blocks))
+
+    cache = KVCache(k=tuple(copy_layer(blocks, prompts, 3) for blocks, prompts in zip(s.cache.k, s.prompt_k)),
+                    v=tuple(copy_layer(blocks, prompts, 2) for blocks, prompts in zip(s.cache.v, s.prompt_v)),
                     valid=out.pop("valid"), next_position=out.pop("next_position"), end=out.pop("end"))
     return dataclasses.replace(s, cache=cache, **out)
 
 
-def decode_step(spec: DecodeSpec, model, s: DecodeState, stop_ids, rng, temperature, top_p) -> DecodeState:
+def decode_step(spec: DecodeSpec, model, layer_params, s: DecodeState, stop_ids, rng, temperature, top_p
+                ) -> DecodeState:
     """One token for every live slot: feed `last_token`, sample with the row's key, write the token
-    into the row's outputs, and retire slots whose row stopped or reached R tokens."""
+    into the row's outputs, and retire slots whose row stopped or reached R tokens. `layer_params`:
+    `model.layer_params()`, taken once outside the decode loop."""
     slots = spec.num_slots
-    logits, cache = model.forward_with_cache(s.last_token[:, None], jnp.ones((slots, 1), bool), s.cache, spec.block)
+    logits, cache = model.forward_with_cache(s.last_token[:, None], jnp.ones((slots, 1), bool), s.cache,
+                                             layer_params)
     if spec.static:  # slot = row, and every live row's next token is token `step + 1`: the same keys
         keys = strategies.row_keys_at(rng, s.step + 1, s.row_id)
     else:
@@ -289,6 +301,7 @@ def decode_fn(spec: DecodeSpec, constrain_state: Callable[[DecodeState], DecodeS
 
     def decode(state, s: DecodeState, stop_ids, rng, temperature, top_p, stop_at):
         model = nnx.merge(spec.graphdef, state)
+        layer_params = model.layer_params()  # sliced once per call: in the loop, every step would copy them
         waiting = lambda s: jnp.any(s.queue_head < s.queue_end)
 
         def cond(s):
@@ -296,7 +309,7 @@ def decode_fn(spec: DecodeSpec, constrain_state: Callable[[DecodeState], DecodeS
             return (s.step < stop_at) & work
 
         def body(s):
-            s = decode_step(spec, model, s, stop_ids, rng, temperature, top_p)
+            s = decode_step(spec, model, layer_params, s, stop_ids, rng, temperature, top_p)
             if spec.refill_in_loop and not spec.static:  # run once or never (a `cond` would copy the cache)
                 needed = jnp.any(~s.slot_live) & waiting(s)
                 s, _ = jax.lax.while_loop(lambda c: c[1], lambda c: (refill(spec, c[0]), False), (s, needed))

@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from prime_jax.models.qwen2 import DECODE_BLOCK, KVCache
+from prime_jax.models.qwen2 import DECODE_BLOCK, MAX_DECODE_BLOCKS, KVCache
 from prime_jax.parallel import (batch_shards, batch_sharding, named_sharding, put_replicated, put_rows, replicated,
                                 shard_state, state_shardings, to_host, under_mesh)
 from prime_jax.sampling.decode import PAD_ID, DecodeSpec, DecodeState, decode_fn, prefill_fn
@@ -125,7 +125,8 @@ class Sampler:
     refill: "loop" refills idle slots inside the jitted loop after every step; "chunks" runs
         `chunk_steps` steps per program call and refills at the start of the next call.
     stream_steps: decode steps between two looks for finished groups in `stream`.
-    attention_block: cache columns per block of the decode attention read.
+    attention_block: cache columns per block (a power of two): a decode step reads the blocks up to
+        its longest row.
     """
 
     def __init__(self, mesh: Mesh | None = None, *, decode_slots: int | None = None, min_prompt_bucket: int = 16,
@@ -139,6 +140,8 @@ class Sampler:
                             ("attention_block", attention_block)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if int(attention_block) & (int(attention_block) - 1):  # so that it divides or holds a prompt bucket
+            raise ValueError(f"attention_block must be a power of two, got {attention_block}")
         self.mesh = mesh
         self.decode_slots = None if decode_slots is None else int(decode_slots)
         self.min_prompt_bucket = int(min_prompt_bucket)
@@ -265,6 +268,7 @@ class Sampler:
             prompt_ids, prompt_mask, row_id, active = put_rows((prompt_ids, prompt_mask, row_id, active), self.mesh)
         # a short cache is read in one block rather than padded up to a whole `attention_block`
         block = min(self.attention_block, _next_pow2(length + max_new_tokens))
+        block = max(block, _next_pow2(-(-(length + max_new_tokens) // MAX_DECODE_BLOCKS)))  # a bounded count
         spec = DecodeSpec(
             graphdef=graphdef, n=n, max_new_tokens=max_new_tokens, num_slots=self.num_slots(rows),
             capacity=_round_up(length + max_new_tokens, block), block=block, shards=shards, greedy=greedy, top_k=top_k,
@@ -380,10 +384,10 @@ class Sampler:
             return None
         mesh = self.mesh
         shapes = jax.eval_shape(prefill_fn(spec), *prefill_args)
-        axes = {**{f"cache.{f}": a for f, a in KVCache.LOGICAL_AXES.items()}, **DecodeState.LOGICAL_AXES}
-        cache = KVCache(**{f: named_sharding(mesh, axes[f"cache.{f}"], getattr(shapes.cache, f).shape)
-                           for f in KVCache.LOGICAL_AXES})
-        decode_state = DecodeState(cache=cache, **{f: named_sharding(mesh, a, getattr(shapes, f).shape)
+        # every leaf of a field (each layer's blocks, for the caches) has the field's logical axes
+        sharded = lambda axes, field: jax.tree.map(lambda x: named_sharding(mesh, axes, x.shape), field)
+        cache = KVCache(**{f: sharded(a, getattr(shapes.cache, f)) for f, a in KVCache.LOGICAL_AXES.items()})
+        decode_state = DecodeState(cache=cache, **{f: sharded(a, getattr(shapes, f))
                                                    for f, a in DecodeState.LOGICAL_AXES.items()})
         rep, params = replicated(mesh), state_shardings(prefill_args[0], mesh)
         rows1, rows2 = batch_sharding(mesh, 1), batch_sharding(mesh, 2)
