@@ -54,9 +54,9 @@ class DecodeState:
     cache: the slots' `KVCache` (per layer, S / C blocks: k `[K, Kv, H, C]`, v `[K, Kv, C, H]`;
         valid `[K, S]`, next_position `[K]`, end `[K]`); a slot's prompt sits in columns `[0, P)` and
         its response from P on; an idle slot's `end` is 0, so it does not lengthen the attention read.
-    prompt_k, prompt_v: the prefilled prompts' keys and values, per layer and block as in `cache`
-        (G rows, P columns: the first min(P, C) columns of a slot's first P / C blocks);
-        prompt_valid `[G, P]` bool, prompt_length `[G]` int32: copied into a slot when it takes a row.
+    prompt_k, prompt_v: the prefilled prompts' keys `[G, Kv, H, P]` and values `[G, Kv, P, H]`, per
+        layer (one block each, as a `KVCache`'s); prompt_valid `[G, P]` bool, prompt_length `[G]`
+        int32: copied into a slot's first columns when it takes a row.
     row_id `[B]` int32: the row's index in the caller's order (the sampling key's row).
     tokens `[B, R]` int32, logprobs `[B, R]` float32: the responses, written in place.
     lengths `[B]` int32: tokens sampled so far; finished `[B]` bool: ended by a stop token;
@@ -152,8 +152,7 @@ def prefill_fn(spec: DecodeSpec) -> Callable:
     def prefill(state, prompt_ids, prompt_mask, row_id, active, stop_ids, rng, temperature, top_p):
         model = nnx.merge(spec.graphdef, state)
         num_prompts, prompt_len = prompt_ids.shape
-        # the prompts' blocks are the first blocks of a slot's cache (P and the block are powers of two)
-        prompt_cache = KVCache.init(model.config, num_prompts, prompt_len, block=min(spec.block, prompt_len))
+        prompt_cache = KVCache.init(model.config, num_prompts, prompt_len, block=prompt_len)  # one block
         hidden, prompt_cache = model.hidden_states(prompt_ids, prompt_mask, prompt_cache)
         logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]  # left padding: the last column is real
         rows = num_prompts * n
@@ -231,9 +230,12 @@ def refill(spec: DecodeSpec, s: DecodeState) -> DecodeState:
         out = jax.vmap(one_shard)(split(cache), split(prompts), split(take), split(prompt))
         return out.reshape(cache.shape)
 
-    def copy_layer(blocks, prompt_blocks, column_axis):  # the prompt's blocks into the slots' first blocks
-        return tuple(copy_prompt(block, prompt_blocks[i], column_axis) if i < len(prompt_blocks) else block
-                     for i, block in enumerate(blocks))
+    def copy_layer(blocks, prompt_blocks, column_axis):  # prompt columns [i C, (i + 1) C) into slot block i
+        (prompts,) = prompt_blocks
+        size = blocks[0].shape[column_axis]
+        return tuple(block if i * size >= prompt_len else copy_prompt(
+            block, jax.lax.slice_in_dim(prompts, i * size, min((i + 1) * size, prompt_len), axis=column_axis),
+            column_axis) for i, block in enumerate(blocks))
 
     cache = KVCache(k=tuple(copy_layer(blocks, prompts, 3) for blocks, prompts in zip(s.cache.k, s.prompt_k)),
                     v=tuple(copy_layer(blocks, prompts, 2) for blocks, prompts in zip(s.cache.v, s.prompt_v)),

@@ -18,7 +18,7 @@ as they are all done (the decode program returns every `stream_steps` steps, and
 carried on with the donated state), so grading can run while decoding continues.
 
 Shapes are bucketed so that a training run compiles a handful of programs: prompt lengths are
-left-padded to a power of two (at least `min_prompt_bucket`), the number of prompts is padded with
+left-padded to a power of two or 1.5 times one (at least `min_prompt_bucket`), the number of prompts is padded with
 dummy rows to a power of two (a multiple of the mesh's data-parallel size) and the cache holds
 P + max_new_tokens columns rounded up to the attention block. Both programs are compiled ahead of
 time and kept per shape key, so `Sampler.num_compilations` is exactly the number of XLA programs
@@ -55,6 +55,13 @@ _NO_STOP = np.int32(2**31 - 1)
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _length_bucket(x: int) -> int:
+    """The smallest power of two or 1.5 x power of two >= x (16, 24, 32, 48, 64, 96, ...): prompts are
+    padded by at most a third, where powers of two alone pad a 130-token prompt to 256."""
+    power = _next_pow2(x)
+    return power * 3 // 4 if power >= 4 and power * 3 // 4 >= x else power
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -125,8 +132,7 @@ class Sampler:
     refill: "loop" refills idle slots inside the jitted loop after every step; "chunks" runs
         `chunk_steps` steps per program call and refills at the start of the next call.
     stream_steps: decode steps between two looks for finished groups in `stream`.
-    attention_block: cache columns per block (a power of two): a decode step reads the blocks up to
-        its longest row.
+    attention_block: cache columns per block: a decode step reads the blocks up to its longest row.
     """
 
     def __init__(self, mesh: Mesh | None = None, *, decode_slots: int | None = None, min_prompt_bucket: int = 16,
@@ -140,8 +146,6 @@ class Sampler:
                             ("attention_block", attention_block)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if int(attention_block) & (int(attention_block) - 1):  # so that it divides or holds a prompt bucket
-            raise ValueError(f"attention_block must be a power of two, got {attention_block}")
         self.mesh = mesh
         self.decode_slots = None if decode_slots is None else int(decode_slots)
         self.min_prompt_bucket = int(min_prompt_bucket)
@@ -167,7 +171,7 @@ class Sampler:
     def buckets(self, num_prompts: int, max_prompt_len: int) -> tuple[int, int]:
         """(bucketed prompt batch G, bucketed prompt length P) for a call."""
         batch = _round_up(_next_pow2(max(num_prompts, self.min_batch_bucket)), self.data_parallel_size)
-        length = max(self.min_prompt_bucket, _next_pow2(max_prompt_len))
+        length = max(self.min_prompt_bucket, _length_bucket(max_prompt_len))
         return batch, length
 
     def num_slots(self, rows: int) -> int:
