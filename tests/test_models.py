@@ -368,6 +368,32 @@ def test_decode_attention_matches_full_attention():
         np.testing.assert_array_equal(other, results[0])
 
 
+def test_decode_attention_with_a_shared_prefix():
+    """Rows that share a prefix (n consecutive rows per prefix) attend it as one group: the same as
+    attending the prefix's columns copied in front of each row's own."""
+    from prime_jax.models.qwen2 import cached_attention, decode_attention
+
+    rng = np.random.default_rng(1)
+    P, n, K, G, C, S, H, block = 2, 3, 2, 2, 12, 32, 8, 16
+    B = P * n
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    q, k, v, k_new, v_new = normal(B, K * G, H), normal(B, K, H, S), normal(B, K, S, H), normal(B, K, H), normal(B, K, H)
+    prefix_k, prefix_v = normal(P, K, H, C), normal(P, K, C, H)
+    prefix_valid = np.ones((P, C), bool)
+    prefix_valid[0, :5] = False  # left padding
+    columns = np.array([0, 3, 20, 7, 1, 17])
+    valid = np.arange(S)[None, :] <= columns[:, None]
+    out, k_blocks, v_blocks = jax.jit(decode_attention, static_argnums=8)(
+        q, k_new, v_new, (k[..., :block], k[..., block:]), (v[:, :, :block], v[:, :, block:]), jnp.asarray(columns),
+        jnp.asarray(valid), int(columns.max()) + 1, 0.3, (prefix_k, prefix_v, jnp.asarray(prefix_valid)))
+    rows = np.arange(B) // n
+    full_k = jnp.concatenate([prefix_k[rows], jnp.concatenate(k_blocks, axis=3)], axis=3)
+    full_v = jnp.concatenate([prefix_v[rows], jnp.concatenate(v_blocks, axis=2)], axis=2)
+    full_valid = jnp.concatenate([jnp.asarray(prefix_valid)[rows], jnp.asarray(valid)], axis=1)
+    expected = cached_attention(q[:, None], full_k, full_v, full_valid[:, None, None], 0.3)[:, 0]
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-5)
+
+
 def test_decode_step_cost_follows_live_rows_not_capacity():
     """Short rows in a 4,096-column cache cost about what they cost in a 512-column one; the same
     cache with long rows costs clearly more (so the timing can tell the two apart)."""

@@ -149,7 +149,7 @@ def decode_block_size(capacity: int, block: int | None = None) -> int:
 
 
 def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_blocks, v_blocks, columns: jax.Array,
-                     valid: jax.Array, num_columns, scale: float) -> tuple[jax.Array, tuple, tuple]:
+                     valid: jax.Array, num_columns, scale: float, prefix=None) -> tuple[jax.Array, tuple, tuple]:
     """One new token per row: writes its key and value at the row's own column and attends over
     columns `[0, num_columns)` of one layer's cache.
 
@@ -163,11 +163,24 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_blocks,
     leaves that row's result bit for bit unchanged, so a row's output does not depend on how many
     blocks the longest row in the batch needs. Returns the attention `[B, N, H]` in q's dtype and
     the new blocks.
+
+    prefix: optional (keys `[P, K, H, C']`, values `[P, K, C', H]`, valid `[P, C']`) of P shared
+    prefixes, each attended by B / P consecutive rows before their own columns (the sampler's n
+    samples of a prompt: the prompt's keys are read once for its n rows, as n x G query rows).
     """
     batch, heads, head_size = q.shape
     kv_heads, block = k_blocks[0].shape[1], k_blocks[0].shape[3]
     q = q.reshape(batch, kv_heads, heads // kv_heads, head_size)
     rows = jnp.arange(batch)
+
+    def softmax_part(q, k, v, mask, running_max):  # (max, sum, values) of one block, float32
+        scores = jnp.einsum("bkgh,bkhc->bkgc", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        new_max = jnp.maximum(running_max, scores.max(axis=-1))
+        probs = jnp.exp(scores - new_max[..., None])
+        values = jnp.einsum("bkgc,bkch->bkgh", probs.astype(q.dtype), v.astype(q.dtype),
+                            preferred_element_type=jnp.float32)
+        return new_max, probs.sum(axis=-1), values
 
     def attend(i, stats, k_blocks, v_blocks):  # block i (the first of k_blocks) and, if live, the next ones
         k, v = k_blocks[0], v_blocks[0]
@@ -175,16 +188,10 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_blocks,
         local = jnp.where((local >= 0) & (local < block), local, block)  # rows writing elsewhere: dropped
         k = k.at[rows, :, :, local].set(k_new.astype(k.dtype), mode="drop")
         v = v.at[rows, :, local, :].set(v_new.astype(v.dtype), mode="drop")
-        scores = jnp.einsum("bkgh,bkhc->bkgc", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
-        mask = valid[:, None, None, i * block:(i + 1) * block]
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         running_max, total, acc = stats
-        new_max = jnp.maximum(running_max, scores.max(axis=-1))
+        new_max, block_sum, values = softmax_part(q, k, v, valid[:, i * block:(i + 1) * block], running_max)
         correction = jnp.exp(running_max - new_max)
-        probs = jnp.exp(scores - new_max[..., None])
-        values = jnp.einsum("bkgc,bkch->bkgh", probs.astype(q.dtype), v.astype(q.dtype),
-                            preferred_element_type=jnp.float32)
-        stats = (new_max, total * correction + probs.sum(axis=-1), acc * correction[..., None] + values)
+        stats = (new_max, total * correction + block_sum, acc * correction[..., None] + values)
         if len(k_blocks) == 1:
             return stats, (k,), (v,)
         stats, k_rest, v_rest = jax.lax.cond(
@@ -193,8 +200,18 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_blocks,
         return stats, (k, *k_rest), (v, *v_rest)
 
     shape = (batch, kv_heads, heads // kv_heads)
-    stats = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-             jnp.zeros((*shape, head_size), jnp.float32))
+    if prefix is None:
+        stats = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+                 jnp.zeros((*shape, head_size), jnp.float32))
+    else:  # [B, K, G, ...] <-> [P, K, n G, ...]: a prefix's n rows as one group of query rows
+        prefix_k, prefix_v, prefix_valid = prefix
+        num_prefixes = prefix_k.shape[0]
+        group = lambda x: jnp.swapaxes(x.reshape(num_prefixes, -1, *x.shape[1:]), 1, 2).reshape(
+            num_prefixes, kv_heads, -1, *x.shape[3:])
+        ungroup = lambda x: jnp.swapaxes(x.reshape(num_prefixes, kv_heads, -1, *shape[2:], *x.shape[3:]), 1, 2
+                                         ).reshape(*shape, *x.shape[3:])
+        no_max = jnp.full((num_prefixes, kv_heads, batch // num_prefixes * shape[2]), -jnp.inf, jnp.float32)
+        stats = tuple(map(ungroup, softmax_part(group(q), prefix_k, prefix_v, prefix_valid, no_max)))
     (_, total, acc), k_blocks, v_blocks = attend(0, stats, tuple(k_blocks), tuple(v_blocks))
     return (acc / total[..., None]).astype(q.dtype).reshape(batch, heads, head_size), k_blocks, v_blocks
 
@@ -259,10 +276,10 @@ class DecoderLayers(nnx.Module):
 
         kv: optional (k_blocks, v_blocks): this layer's cache blocks (`KVCache` layouts). Only the new
         keys/values are written, in place, at column `end` (`[]`, shared by all rows); attention reads
-        the whole layer. decode: optional (valid `[B, S]`, num_columns) for one token per row (T = 1)
-        written at each row's own column `end` `[B]`, attention read block by block up to
-        `num_columns` (`decode_attention`; `mask` is unused). Returns (x, (k_blocks, v_blocks)) with
-        the updated blocks, or (x, None).
+        the whole layer. decode: optional (valid `[B, S]`, num_columns, prefix) for one token per row
+        (T = 1) written at each row's own column `end` `[B]`, attention read block by block up to
+        `num_columns` after this layer's shared prefix (`decode_attention`; `mask` is unused).
+        Returns (x, (k_blocks, v_blocks)) with the updated blocks, or (x, None).
         """
         c, dt = self.config, self.config.compute_dtype
         h = rms_norm(x, self.input_norm.get_value(), c.rms_norm_eps, dt)
@@ -275,9 +292,9 @@ class DecoderLayers(nnx.Module):
         scale = 1.0 / math.sqrt(c.head_size)
         if kv is not None and decode is not None:
             k_blocks, v_blocks = kv
-            valid, num_columns = decode
+            valid, num_columns, prefix = decode
             attn, k_blocks, v_blocks = decode_attention(q[:, 0], k[:, 0], v[:, 0], k_blocks, v_blocks, end, valid,
-                                                        num_columns, scale)
+                                                        num_columns, scale, prefix)
             attn = attn[:, None]
             new_kv = (k_blocks, v_blocks)
         elif kv is not None:
@@ -331,7 +348,7 @@ class Qwen2ForCausalLM(nnx.Module):
         return tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self.config.num_hidden_layers))
 
     def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None,
-                      layer_params: tuple | None = None):
+                      layer_params: tuple | None = None, prefix: KVCache | None = None):
         """Final-norm hidden states `[B, T, D]` (compute dtype), and the updated cache (or None).
 
         attention_mask `[B, T]` marks real tokens (1) vs padding (0); left padding is expected.
@@ -341,7 +358,9 @@ class Qwen2ForCausalLM(nnx.Module):
         separate buffers, updated in place), from `layer_params` (`self.layer_params()`, sliced here
         when not given); T > 1 tokens go to the column all rows share (`cache.end[0]`); T = 1 goes to
         each row's own `cache.end` and attention reads the cache's blocks up to the longest row, so
-        rows may be at different lengths.
+        rows may be at different lengths. prefix (T = 1 only): a cache of P rows (one block a layer)
+        that consecutive groups of B / P rows attend before their own columns (a prompt shared by
+        its samples, read once for all of them); `cache` then holds only the rows' own tokens.
         """
         c, dt = self.config, self.config.compute_dtype
         batch, length = input_ids.shape
@@ -359,7 +378,7 @@ class Qwen2ForCausalLM(nnx.Module):
             end = cache.end
             key_valid = jax.vmap(lambda row, column, real: row.at[column].set(real))(
                 cache.valid, end, attention_mask[:, 0])
-            decode = (key_valid, jnp.max(end) + 1)
+            decode = (key_valid, jnp.max(end) + 1, None)  # and each layer's prefix, below
         else:
             positions = jnp.maximum(cache.next_position[:, None] + new_positions, 0)
             end = cache.end[0]  # prompts are left-padded to a common length: every row is at the same column
@@ -390,7 +409,10 @@ class Qwen2ForCausalLM(nnx.Module):
 
         layer_params = self.layer_params() if layer_params is None else layer_params
         new_k, new_v = [], []
-        for params, k_blocks, v_blocks in zip(layer_params, cache.k, cache.v):
+        for layer, (params, k_blocks, v_blocks) in enumerate(zip(layer_params, cache.k, cache.v)):
+            if decode is not None and prefix is not None:  # a prefix is one block a layer
+                ((prefix_k,), (prefix_v,)) = prefix.k[layer], prefix.v[layer]
+                decode = (*decode[:2], (prefix_k, prefix_v, prefix.valid))
             x, (k_blocks, v_blocks) = nnx.merge(graphdef, params)(
                 constrain(x, _HIDDEN_AXES), positions, mask, (k_blocks, v_blocks), end, decode)
             x = constrain(x, _HIDDEN_AXES)
@@ -414,7 +436,8 @@ class Qwen2ForCausalLM(nnx.Module):
         hidden, _ = self.hidden_states(input_ids, attention_mask)
         return self.logits_from_hidden(hidden)
 
-    def forward_with_cache(self, input_ids, attention_mask, cache: KVCache, layer_params: tuple | None = None):
+    def forward_with_cache(self, input_ids, attention_mask, cache: KVCache, layer_params: tuple | None = None,
+                           prefix: KVCache | None = None):
         """Prefill or decode: logits `[B, T, V]` of the new tokens and the cache holding them."""
-        hidden, cache = self.hidden_states(input_ids, attention_mask, cache, layer_params)
+        hidden, cache = self.hidden_states(input_ids, attention_mask, cache, layer_params, prefix)
         return self.logits_from_hidden(hidden), cache

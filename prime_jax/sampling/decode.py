@@ -15,7 +15,9 @@ The two programs a `Sampler` compiles per shape key:
    finished groups out between calls; the state is donated and carried on.
 
 K = B (one slot per row) is the static batch: every row starts at once and nothing is refilled
-(`DecodeSpec.static`: a step writes one column of the outputs and folds the step into the keys once).
+(`DecodeSpec.static`: a step writes one column of the outputs and folds the step into the keys once,
+and the prompts are not copied into the slots: a prompt's n rows attend its prefilled keys/values as
+one group, which reads them once instead of n times).
 
 Determinism: row r's token t is drawn with `fold_in(fold_in(key, t), row_id[r])` from logits that
 do not depend on which slot decodes it or on K (a slot's cache columns hold exactly its row's
@@ -54,6 +56,8 @@ class DecodeState:
     cache: the slots' `KVCache` (per layer, S / C blocks: k `[K, Kv, H, C]`, v `[K, Kv, C, H]`;
         valid `[K, S]`, next_position `[K]`, end `[K]`); a slot's prompt sits in columns `[0, P)` and
         its response from P on; an idle slot's `end` is 0, so it does not lengthen the attention read.
+        The static batch's cache holds only the responses (S >= R): its rows attend their prompt
+        in `prompt_k`/`prompt_v` first, read once for a prompt's n rows.
     prompt_k, prompt_v: the prefilled prompts' keys `[G, Kv, H, P]` and values `[G, Kv, P, H]`, per
         layer (one block each, as a `KVCache`'s); prompt_valid `[G, P]` bool, prompt_length `[G]`
         int32: copied into a slot's first columns when it takes a row.
@@ -181,9 +185,10 @@ def prefill_fn(spec: DecodeSpec) -> Callable:
 def refill(spec: DecodeSpec, s: DecodeState) -> DecodeState:
     """Gives each idle slot the next waiting row of its shard, in row order, and copies that row's
     prompt keys/values, mask and position into the slot (columns `[0, P)`); its first token (from
-    prefill) is fed next. Rows already done (a stop token first) take a slot for no step."""
+    prefill) is fed next. Rows already done (a stop token first) take a slot for no step. The static
+    batch copies nothing: its rows read their prompt from `prompt_k`/`prompt_v` (`decode_step`)."""
     n = spec.n
-    prompt_len = s.prompt_valid.shape[1]
+    prompt_len = 0 if spec.static else s.prompt_valid.shape[1]  # prompt columns in a slot's cache
 
     def one_shard(slot_row, slot_live, head, end, last, slot_length, valid, position, column,
                   first_tokens, done, prompt_valid, prompt_length):
@@ -193,7 +198,7 @@ def refill(spec: DecodeSpec, s: DecodeState) -> DecodeState:
         row = jnp.clip(wanted, 0, first_tokens.shape[0] - 1)
         prompt = row // n
         live = slot_live | (take & ~done[row])
-        new_valid = jnp.zeros_like(valid).at[:, :prompt_len].set(prompt_valid[prompt])
+        new_valid = jnp.zeros_like(valid).at[:, :prompt_len].set(prompt_valid[prompt][:, :prompt_len])
         return dict(
             slot_row=jnp.where(take, row, jnp.where(free, -1, slot_row)), slot_live=live,
             queue_head=head + take.sum(dtype=jnp.int32), last_token=jnp.where(take, first_tokens[row], last),
@@ -214,15 +219,8 @@ def refill(spec: DecodeSpec, s: DecodeState) -> DecodeState:
         window[column_axis] = slice(0, prompts.shape[column_axis])
 
         def one_shard(cache, prompts, take, prompt):  # cache [Kl, ...], prompts [Gl, ...]
-            if spec.static:
-                # The static batch's one refill: a scatter of the taken slots (the others index past
-                # the end and are dropped) never reads the cache, so XLA fills it in place; the
-                # select below made XLA copy the whole cache (B rows, the largest buffer of a run).
-                index = list(window)
-                index[0] = jnp.where(take, jnp.arange(take.shape[0]), take.shape[0])
-                return cache.at[tuple(index)].set(prompts[prompt], mode="drop")
-            # Slots: a select written back with dynamic_update_slice. XLA copies the (K-row) block
-            # for it, but on CPU that is ~1.6x faster per refill than the scatter.
+            # A select written back with dynamic_update_slice. XLA copies the (K-row) block for it,
+            # but on CPU that is ~1.6x faster per refill than a scatter.
             new = jnp.where(take.reshape((-1,) + (1,) * (cache.ndim - 1)), prompts[prompt], cache[tuple(window)])
             return jax.lax.dynamic_update_slice(cache, new, (0,) * cache.ndim)
 
@@ -237,9 +235,11 @@ def refill(spec: DecodeSpec, s: DecodeState) -> DecodeState:
             block, jax.lax.slice_in_dim(prompts, i * size, min((i + 1) * size, prompt_len), axis=column_axis),
             column_axis) for i, block in enumerate(blocks))
 
-    cache = KVCache(k=tuple(copy_layer(blocks, prompts, 3) for blocks, prompts in zip(s.cache.k, s.prompt_k)),
-                    v=tuple(copy_layer(blocks, prompts, 2) for blocks, prompts in zip(s.cache.v, s.prompt_v)),
-                    valid=out.pop("valid"), next_position=out.pop("next_position"), end=out.pop("end"))
+    k, v = s.cache.k, s.cache.v
+    if not spec.static:
+        k = tuple(copy_layer(blocks, prompts, 3) for blocks, prompts in zip(k, s.prompt_k))
+        v = tuple(copy_layer(blocks, prompts, 2) for blocks, prompts in zip(v, s.prompt_v))
+    cache = KVCache(k=k, v=v, valid=out.pop("valid"), next_position=out.pop("next_position"), end=out.pop("end"))
     return dataclasses.replace(s, cache=cache, **out)
 
 
@@ -248,9 +248,12 @@ def decode_step(spec: DecodeSpec, model, layer_params, s: DecodeState, stop_ids,
     """One token for every live slot: feed `last_token`, sample with the row's key, write the token
     into the row's outputs, and retire slots whose row stopped or reached R tokens. `layer_params`:
     `model.layer_params()`, taken once outside the decode loop."""
-    slots = spec.num_slots
+    slots, prefix = spec.num_slots, None
+    if spec.static:  # the n rows of a prompt read its keys/values once, from the prefill's cache
+        prefix = KVCache(k=s.prompt_k, v=s.prompt_v, valid=s.prompt_valid, next_position=s.prompt_length,
+                         end=jnp.full_like(s.prompt_length, s.prompt_valid.shape[1]))
     logits, cache = model.forward_with_cache(s.last_token[:, None], jnp.ones((slots, 1), bool), s.cache,
-                                             layer_params)
+                                             layer_params, prefix)
     if spec.static:  # slot = row, and every live row's next token is token `step + 1`: the same keys
         keys = strategies.row_keys_at(rng, s.step + 1, s.row_id)
     else:

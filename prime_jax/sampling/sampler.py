@@ -270,14 +270,15 @@ class Sampler:
             state = shard_state(state, self.mesh)
             key, stop_ids, scalars = put_replicated((key, stop_ids, scalars), self.mesh)
             prompt_ids, prompt_mask, row_id, active = put_rows((prompt_ids, prompt_mask, row_id, active), self.mesh)
+        static = self.num_slots(rows) == rows
+        own = max_new_tokens if static else length + max_new_tokens  # a slot's columns (static: no prompt)
         # a short cache is read in one block rather than padded up to a whole `attention_block`
-        block = min(self.attention_block, _next_pow2(length + max_new_tokens))
-        block = max(block, _next_pow2(-(-(length + max_new_tokens) // MAX_DECODE_BLOCKS)))  # a bounded count
+        block = min(self.attention_block, _next_pow2(own))
+        block = max(block, _next_pow2(-(-own // MAX_DECODE_BLOCKS)))  # a bounded number of blocks
         spec = DecodeSpec(
             graphdef=graphdef, n=n, max_new_tokens=max_new_tokens, num_slots=self.num_slots(rows),
-            capacity=_round_up(length + max_new_tokens, block), block=block, shards=shards, greedy=greedy, top_k=top_k,
-            use_top_p=(not greedy) and top_p < 1.0, refill_in_loop=self.refill == "loop",
-            static=self.num_slots(rows) == rows)
+            capacity=_round_up(own, block), block=block, shards=shards, greedy=greedy, top_k=top_k,
+            use_top_p=(not greedy) and top_p < 1.0, refill_in_loop=self.refill == "loop", static=static)
         program_key = _ProgramKey(
             spec=spec, state_treedef=jax.tree.structure(state),
             state_avals=tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(state)),
