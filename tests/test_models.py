@@ -377,7 +377,8 @@ def test_decode_attention_with_a_shared_prefix():
     P, n, K, G, C, S, H, block = 2, 3, 2, 2, 12, 32, 8, 16
     B = P * n
     normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
-    q, k, v, k_new, v_new = normal(B, K * G, H), normal(B, K, H, S), normal(B, K, S, H), normal(B, K, H), normal(B, K, H)
+    q, k, v = normal(B, K * G, H), normal(B, K, H, S), normal(B, K, S, H)
+    k_new, v_new = normal(B, K, H), normal(B, K, H)
     prefix_k, prefix_v = normal(P, K, H, C), normal(P, K, C, H)
     prefix_valid = np.ones((P, C), bool)
     prefix_valid[0, :5] = False  # left padding

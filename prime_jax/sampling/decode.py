@@ -7,12 +7,13 @@ The two programs a `Sampler` compiles per shape key:
 2. **decode** hands queued rows to idle slots (`refill`: the row's prompt keys/values are copied
    into the slot, so a prompt is prefilled once and shared by its n samples), then runs
    `lax.while_loop` steps: one token for every live slot, written into the row's place of the
-   `[B, R]` outputs. Each layer's weights are sliced out of the stacked parameters once, before the
-   loop (`Qwen2ForCausalLM.layer_params`), so a step reads them in place. A slot whose row stops (stop token or R tokens) goes idle; with
-   `refill_in_loop` the loop refills idle slots after every step (`lax.cond`, only when a slot is
-   idle and rows wait), else the program returns when `stop_at` steps are reached or no slot is
-   live and the next call refills. The loop also returns at `stop_at`, so a caller can stream
-   finished groups out between calls; the state is donated and carried on.
+   `[B, R]` outputs. Each layer's weights are sliced out of the stacked parameters once, before
+   the loop (`Qwen2ForCausalLM.layer_params`), so a step reads them in place. A slot whose row
+   stops (stop token or R tokens) goes idle; with `refill_in_loop` the loop refills idle slots
+   after every step (only when a slot is idle and rows wait), else the program returns when
+   `stop_at` steps are reached or no slot is live and the next call refills. The loop also
+   returns at `stop_at`, so a caller can stream finished groups out between calls; the state is
+   donated and carried on.
 
 K = B (one slot per row) is the static batch: every row starts at once and nothing is refilled
 (`DecodeSpec.static`: a step writes one column of the outputs and folds the step into the keys once,
@@ -23,7 +24,9 @@ Determinism: row r's token t is drawn with `fold_in(fold_in(key, t), row_id[r])`
 do not depend on which slot decodes it or on K (a slot's cache columns hold exactly its row's
 prompt and response, and `models.qwen2.decode_attention` is blockwise exact under extra masked
 blocks), so the same call with any K gives the same tokens; log-probs agree to float rounding
-(a backend's matmul may round differently for another number of rows per step).
+(a backend's matmul may round differently for another number of rows per step, and the static
+batch sums a row's prompt part and its response part of the attention as two blocks where slots
+hold them in one cache), so a token could only differ where its draw is within rounding of a tie.
 
 Sharding: rows, prompts and slots are split over the data axes (logical `batch`). The queue is kept
 per data shard (D shards, `queue_head`/`queue_end` `[D]`): shard d's slots only take shard d's rows,
@@ -50,8 +53,8 @@ PAD_ID = 0  # prompt left-padding and response tokens after the end
 @dataclasses.dataclass
 class DecodeState:
     """What the decode loop carries. B rows (G prompts x n), K slots, P prompt columns (bucket),
-    S cache columns per slot (>= P + R), R new tokens per row, D data shards; L, Kv, H: layers,
-    kv heads, head size.
+    S cache columns per slot (>= P + R; static batch: >= R), R new tokens per row, D data shards;
+    L, Kv, H: layers, kv heads, head size.
 
     cache: the slots' `KVCache` (per layer, S / C blocks: k `[K, Kv, H, C]`, v `[K, Kv, C, H]`;
         valid `[K, S]`, next_position `[K]`, end `[K]`); a slot's prompt sits in columns `[0, P)` and
@@ -168,7 +171,8 @@ def prefill_fn(spec: DecodeSpec) -> Callable:
         logprobs = jnp.zeros((rows, new_tokens), jnp.float32).at[:, 0].set(jnp.where(active, first_logprobs, 0.0))
         slots, shards = spec.num_slots, spec.shards
         return DecodeState(
-            cache=KVCache.init(model.config, slots, spec.capacity, dtype=prompt_cache.k[0][0].dtype, block=spec.block),
+            cache=KVCache.init(model.config, slots, spec.capacity, dtype=prompt_cache.k[0][0].dtype,
+                               block=spec.block),
             prompt_k=prompt_cache.k, prompt_v=prompt_cache.v, prompt_valid=prompt_cache.valid,
             prompt_length=prompt_cache.next_position, row_id=row_id, tokens=tokens, logprobs=logprobs,
             lengths=active.astype(jnp.int32), finished=finished,
