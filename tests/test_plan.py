@@ -73,10 +73,11 @@ def test_report_has_every_phase_with_consistent_components(report):
         assert p.params == pytest.approx(3 * report.resident["policy_params"])  # policy, PRM, reference
         assert (p.grads > 0) == (p.name in ("prm", "policy"))
         assert (p.kv_cache > 0) == (p.name in ("prefill", "decode"))
-    # KV cache: 16 prompts (bucket of 12) x n=4 = 64 rows (one decode slot each) over 8 data-parallel
-    # devices, 32 columns; and the 16 prefilled prompts of 16 columns the slots copy from
+    # KV cache: 16 prompts (bucket of 12) x n=4 = 64 rows (one decode slot each: the static batch)
+    # over 8 data-parallel devices, 16 columns for the responses; and the 16 prefilled prompts of 16
+    # columns that each prompt's rows attend
     kv = next(p for p in report.phases if p.name == "decode").kv_cache
-    L, K, H, columns, rows, prompts, prompt_len = 2, 2, 8, 32, 64 // 8, 16 // 8, 16
+    L, K, H, columns, rows, prompts, prompt_len = 2, 2, 8, 16, 64 // 8, 16 // 8, 16
     assert kv == (2 * L * rows * columns * K * H * 4 + rows * columns + 2 * rows * 4
                   + 2 * L * prompts * prompt_len * K * H * 4)
     assert all(report.fits(t) for t in report.targets)
