@@ -3,12 +3,19 @@
     python benchmarks/sampler.py              # ~25 s on a quiet 2-core CPU
     python benchmarks/sampler.py --model=tiny # the CPU demo's model (configs/tiny.py)
     python benchmarks/sampler.py --workload=rl  # long-tailed lengths: static batch vs decode slots vs HF
+    python benchmarks/sampler.py --model=smollm2-135m-instruct
+        # a real model (an HF folder, a .gguf file or a packaged name): the RL workload on GSM8K chat prompts
 
 `--workload=rl` (see `rl_workload`): 64 prompts x 4 samples, max_new_tokens=512, the same random
 model with a set of stop tokens (`--stop-tokens`, default 40 of the 4,096 ids, so about 1% per step)
 that makes response lengths long-tailed (geometric, capped at 512). One run times transformers
 `generate` on the same batch, ours with one slot per row (static) and ours with `--slots` decode
 slots, and prints the length distribution, tokens/s ratios and the slot utilisation.
+
+With a real model (`--model=PATH-or-name`, see `real_workload`), both sides run its own weights
+(ours from `from_pretrained`, transformers from the same HF folder: for a GGUF or the packaged
+name, the converted one), on the first `--prompts` GSM8K problems in the model's chat template with
+the paper's instruction, stopping at the tokenizer's end-of-response ids.
 
 Model: a random Qwen2 built with transformers (hidden 256, 4 layers, 4 query / 2 kv heads of 64,
 MLP 1024, vocab 4096, untied; q/k/v biases randomised), saved with `save_pretrained` and loaded
@@ -92,11 +99,29 @@ def build_model(path: Path, args):
     return hf
 
 
+def real_model(args):
+    """(ours, transformers', GSM8K chat prompts, end-of-response ids) of `--model`."""
+    import torch
+    import transformers
+
+    from prime_jax.data import instruction_suffix, load_benchmark
+    from prime_jax.models.packaged import resolve_model_folder
+    from prime_jax.models.tokenizer import encode_chat, eos_token_ids, load_tokenizer
+
+    folder = resolve_model_folder(args.model) or args.model  # a GGUF: the converted HF folder
+    model = from_pretrained(folder, dtype=args.dtype, param_dtype=args.dtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
+    tokenizer = load_tokenizer(folder)
+    problems, _ = load_benchmark("gsm8k", task_suffix=instruction_suffix("step_by_step"))
+    prompts = [encode_chat(tokenizer, p.messages) for p in problems[:args.prompts]]
+    return model, hf, prompts, eos_token_ids(tokenizer)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=0, help="default 16 (rl workload: 64)")
     parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=None, help="default 128; rl 512; a real model 256")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 128; rl workload 512; a real model 256")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--mlp", type=int, default=1024)
@@ -107,15 +132,13 @@ def main():
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and compute on both sides")
     parser.add_argument("--model", default="default",
-                        help="tiny: the shapes of configs/tiny.py's model (the CPU demo's policy) and its "
-                             "tokenizer's vocabulary; overrides --hidden/--layers/--mlp/--vocab/--heads. "
-                             "A PATH (a checkpoint folder with its tokenizer): the RL workload on real weights "
-                             "(`real_workload`; --prompts/--n/--new-tokens/--slots apply)")
-    parser.add_argument("--instruction", default="Please reason step by step, and put your final answer within "
-                        "\\boxed{}.", help="real model: appended to each GSM8K question on a new line")
+                        help="default: the random Qwen2 above; tiny: the shapes of configs/tiny.py's model (the CPU "
+                             "demo's policy) and its tokenizer's vocabulary. Else a real model: an HF folder, a .gguf "
+                             "file or a packaged name (smollm2-135m-instruct), run on the RL workload of GSM8K chat "
+                             "prompts (`real_workload`; --prompts/--n/--new-tokens/--slots apply)")
     parser.add_argument("--workload", choices=("default", "rl"), default="default",
-                        help="rl: 64 prompts x 4 samples x 512 new tokens with long-tailed lengths (sets "
-                             "--prompts/--n/--new-tokens), static vs decode slots vs transformers")
+                        help="rl: 64 prompts x 4 samples x 512 new tokens (unless --prompts/--new-tokens say "
+                             "otherwise) with long-tailed lengths, static vs decode slots vs transformers")
     parser.add_argument("--slots", default=None,
                         help="decode slots of the rl workload (comma list: each timed; default 64) or of a real "
                              "model's (default 16)")
@@ -128,10 +151,11 @@ def main():
                              "back, as the trainer does with decode slots (43 = 64 / rollout.oversample 1.5); 0: off")
     args = parser.parse_args()
     if args.model not in ("default", "tiny"):
+        args.prompts = args.prompts or 16
         return real_workload(args)
-    if args.workload == "rl":
-        args.prompts, args.n, args.new_tokens = 64, 4, 512
-    args.new_tokens, args.slots = args.new_tokens or 128, args.slots or "64"
+    rl = args.workload == "rl"
+    args.prompts, args.new_tokens = args.prompts or (64 if rl else 16), args.new_tokens or (512 if rl else 128)
+    args.slots = args.slots or "64"
     if args.model == "tiny":
         from configs.tiny import get_config
         from prime_jax.data.tiny_tokenizer import tiny_vocab
@@ -333,8 +357,8 @@ def rl_workload(args, model, hf, prompts):
 def real_workload(args):
     """The RL workload on a real checkpoint: GSM8K questions in the model's chat template, n samples.
 
-    `--prompts` (16) GSM8K test questions with `--instruction` on a new line, rendered with the
-    checkpoint's own chat template; `--n` (4) samples each at temperature 1 with no top-k/top-p,
+    `--prompts` (16) GSM8K test questions with the paper's instruction (`data.instruction=
+    step_by_step`), rendered with the checkpoint's own chat template; `--n` (4) samples each at temperature 1 with no top-k/top-p,
     stopping at the tokenizer's end-of-response ids, at most `--new-tokens` (256). In one run:
     ours with one slot per row (static) and with `--slots` decode slots (16), same key, so the
     script asserts identical tokens; transformers `generate` on the left-padded batch (2 torch
@@ -346,18 +370,10 @@ def real_workload(args):
     import torch
     import transformers
 
-    from prime_jax.data.readers import load_benchmark
-    from prime_jax.models.tokenizer import encode_chat, eos_token_ids, load_tokenizer
-
     load_start = os.getloadavg()
     torch.set_num_threads(2)
     new, n = args.new_tokens or 256, args.n
-    tokenizer = load_tokenizer(args.model)
-    problems, _ = load_benchmark("gsm8k", task_suffix="\n" + args.instruction)
-    prompts = [encode_chat(tokenizer, p.messages) for p in problems[:args.prompts]]
-    stop_ids = eos_token_ids(tokenizer)
-    model = from_pretrained(args.model, dtype=args.dtype, param_dtype=args.dtype)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+    model, hf, prompts, stop_ids = real_model(args)
     config, rows = model.config, len(prompts) * n
     kwargs = dict(max_new_tokens=new, n=n, temperature=1.0, stop_token_ids=stop_ids)
     slots = int(str(args.slots or 16).split(",")[0])

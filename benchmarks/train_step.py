@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                # tiny-but-not-trivial Qwen2 on whatever jax sees
     python benchmarks/train_step.py --hidden 512 --layers 8 --dtype bfloat16
+    python benchmarks/train_step.py --model=smollm2-135m-instruct   # a real model's shape (folder, .gguf or name)
 
 Model FLOPs per step (PaLM convention, what the model needs, not what XLA executes: remat and
 the chunked log-prob recomputation are not counted):
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -29,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from prime_jax.models import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from prime_jax.models import Qwen2Config, Qwen2ForCausalLM, load_config  # noqa: E402
 from prime_jax.parallel import make_mesh  # noqa: E402
 from prime_jax.train import create_train_state, make_train_steps, policy_optimizer  # noqa: E402
 
@@ -66,6 +68,10 @@ def make_batch(c: Qwen2Config, batch: int, prompt_len: int, response_len: int, s
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="", help="take the architecture (shapes, tied head, biases) of this model: an "
+                   "HF folder, a .gguf file or a packaged name such as smollm2-135m-instruct; overrides --hidden, "
+                   "--intermediate, --layers, --heads, --kv-heads and --vocab (weights: random init, as they do not "
+                   "change the timing)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--intermediate", type=int, default=1024)
     p.add_argument("--layers", type=int, default=4)
@@ -86,9 +92,12 @@ def main():
 
     backend = jax.default_backend()
     dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
-    config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, dtype=dtype, param_dtype="float32", remat=args.remat)
+    if args.model:
+        config = load_config(args.model, dtype=dtype, param_dtype="float32", remat=args.remat)
+    else:
+        config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                             num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                             num_key_value_heads=args.kv_heads, dtype=dtype, param_dtype="float32", remat=args.remat)
     mesh = make_mesh(data=-1)
     model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(0))
     optimizer = policy_optimizer()
@@ -130,6 +139,10 @@ def main():
     result = {
         "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({backend})",
         "host": f"{platform.processor() or platform.machine()}, {jax.local_device_count()} local device(s)",
+        "model": f"{args.model or 'random'} ({config.model_type}: {config.num_hidden_layers} layers, hidden "
+                 f"{config.hidden_size}, {config.num_attention_heads}/{config.num_key_value_heads} heads, vocab "
+                 f"{config.vocab_size}{', tied' if config.tie_word_embeddings else ''})",
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "params": config.num_params(),
         "dtype": dtype,
         "remat": args.remat,

@@ -20,6 +20,7 @@ from pathlib import Path
 import ml_collections
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+MODEL_TYPES = ("qwen2", "llama")  # the decoders prime_jax.models runs (models.config.ARCHITECTURES)
 DTYPES = ("float32", "bfloat16", "float16")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
 PRM_UPDATE_MODES = ("after", "before", "reverse", "none")  # see prime_jax/train/prm_phase.py
@@ -59,12 +60,13 @@ def _model_and_data_sections(c: ml_collections.ConfigDict) -> None:
     """model, tokenizer, data (with the synthetic task)."""
     # The policy (and PRM, and frozen reference): all three start from the same weights.
     c.model = ml_collections.ConfigDict()
-    c.model.path = RANDOM_MODEL  # HF folder or hub id (config.json + safetensors), or "random" (shape below)
+    c.model.path = RANDOM_MODEL  # HF folder or hub id (config.json + safetensors), a .gguf file, a packaged model ("smollm2-135m-instruct"), or "random" (shape below)
     c.model.dtype = "bfloat16"  # compute dtype of activations/matmuls: float32 | bfloat16 | float16
     c.model.param_dtype = "float32"  # master weights and optimizer state dtype
     c.model.remat = "none"  # per-layer rematerialisation: none | full | dots | dots_no_batch
     c.model.logprob_chunk = 128  # sequence chunk for log-probs (bounds the [B, chunk, V] logits)
     # Shape of a "random" model (ignored when loading a checkpoint).
+    c.model.model_type = "qwen2"  # architecture: qwen2 (q/k/v biases) | llama (none); a checkpoint's own config.json decides
     c.model.vocab_size = 0  # 0: the tokenizer's size (len(tokenizer))
     c.model.hidden_size = 64  # D
     c.model.intermediate_size = 256  # MLP width F
@@ -77,7 +79,7 @@ def _model_and_data_sections(c: ml_collections.ConfigDict) -> None:
     c.model.tie_word_embeddings = True  # share the embedding and the output projection
 
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.path = ""  # "" = model.path; "tiny" = build the tiny ChatML tokenizer in WORKDIR/tokenizer; or a folder / hub id
+    c.tokenizer.path = ""  # "" = model.path; "tiny" = build the tiny ChatML tokenizer in WORKDIR/tokenizer; or a folder / hub id / .gguf file / packaged model
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "PRIME-RL/Eurus-2-RL-Data"  # "synthetic", a file/folder (veRL schema), a packaged benchmark or a HF dataset
@@ -87,6 +89,11 @@ def _model_and_data_sections(c: ml_collections.ConfigDict) -> None:
     c.data.eval_max_problems = 0  # per eval source: 0 = all, k = the first k
     c.data.max_prompt_tokens = 1024  # prompts longer than this are dropped (and counted)
     c.data.system_prompt = "keep"  # "keep": rows' own system message; "none": remove; "eurus2": Eurus-2's action-tag prompt
+    # What follows a math problem's text in its user message (benchmark-format rows; veRL rows keep theirs):
+    # "eurus2" (Eurus-2-SFT's "Present the answer in LaTex format: \\boxed{Your answer}"), "step_by_step" (the
+    # paper's "Please reason step by step, and put your final answer within \\boxed{}."), "none",
+    # or any sentence: your own instruction, after a blank line
+    c.data.instruction = "eurus2"  # eurus2 | step_by_step | none | your own text (see above)
     # The synthetic multi-step arithmetic task (data.train / data.eval = "synthetic").
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.task = "arith"  # arith (prime_jax/data/synthetic.py) | chains (one-digit steps, 5 by default; data/chains.py)
@@ -274,7 +281,16 @@ def _looks_like_local_path(s: str) -> bool:
 
 
 def _check_model_dir(field: str, path: str, what: str) -> None:
-    """A local folder must exist (holding config.json for models); a hub id must be reachable."""
+    """A local folder must exist (holding config.json for models), a .gguf file too; a hub id must
+    be reachable; a packaged model's short name is fetched when first loaded."""
+    from prime_jax.models.packaged import is_model_file_or_name, is_packaged
+
+    if is_packaged(path):
+        return
+    if is_model_file_or_name(path):  # a .gguf file: converted (once) when loaded
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(field, f"GGUF file {path!r} does not exist")
+        return
     if _looks_like_local_path(path):
         p = Path(path).expanduser()
         if not p.is_dir():
@@ -366,6 +382,7 @@ def _check_model(c) -> None:
     _one_of("model.dtype", m.dtype, DTYPES)
     _one_of("model.param_dtype", m.param_dtype, DTYPES)
     _one_of("model.remat", m.remat, REMAT_POLICIES)
+    _one_of("model.model_type", m.model_type, MODEL_TYPES)
     _positive("model.logprob_chunk", m.logprob_chunk)
     _non_negative("model.vocab_size", m.vocab_size)
     for f in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_position_embeddings"):
@@ -411,6 +428,9 @@ def _check_data(c) -> None:
     _non_negative("data.eval_max_problems", d.eval_max_problems)
     _positive("data.max_prompt_tokens", d.max_prompt_tokens)
     _one_of("data.system_prompt", d.system_prompt, ("keep", "none", "eurus2"))
+    from prime_jax.data import instruction_error
+
+    _check("data.instruction", instruction_error(d.instruction) is None, str(instruction_error(d.instruction)))
     s = d.synthetic
     from prime_jax.data.synthetic_tasks import SYNTHETIC_TASKS, task_kwargs
 

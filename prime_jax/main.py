@@ -80,6 +80,7 @@ def main(argv) -> None:
             fail(f"memory plan does not fit (rerun with a bigger mesh or more micro-batches):\n{e}")
 
     from prime_jax.data import DataError
+    from prime_jax.models.config import UnsupportedModelError
     from prime_jax.train.checkpoint import CheckpointError
     from prime_jax.train.builder import RunLayout
     from prime_jax.train.loop import Trainer, export_latest
@@ -98,7 +99,7 @@ def main(argv) -> None:
             return
         trainer = Trainer.create(config, workdir, mesh)
         last_eval = trainer.run()
-    except (DataError, CheckpointError, FileNotFoundError, PermissionError) as e:
+    except (DataError, CheckpointError, FileNotFoundError, PermissionError, UnsupportedModelError) as e:
         fail(" ".join(str(e).split()))
     if trainer.preempted_at is not None:  # SIGTERM on some host: a checkpoint was saved, exit 0
         print(f"preempted: stopped after step {trainer.preempted_at} with a checkpoint in {workdir}; "

@@ -436,9 +436,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     import jax
 
-    report = plan_memory(config, jax.devices(), targets=_parse_targets(FLAGS.targets), headroom=FLAGS.headroom,
-                         programs=[p for p in FLAGS.programs.split(",") if p],
-                         sample_prompts=FLAGS.sample_prompts, title=title, verbose=not FLAGS.quiet)
+    from prime_jax.models.config import UnsupportedModelError
+
+    try:
+        report = plan_memory(config, jax.devices(), targets=_parse_targets(FLAGS.targets), headroom=FLAGS.headroom,
+                             programs=[p for p in FLAGS.programs.split(",") if p],
+                             sample_prompts=FLAGS.sample_prompts, title=title, verbose=not FLAGS.quiet)
+    except (UnsupportedModelError, FileNotFoundError) as e:  # the model's architecture could not be read
+        print(f"plan: model.path: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     print(report.format())
     if not FLAGS.config_json:  # check_fits' subprocess wants the memory report only
         from prime_jax.parallel import mesh_from_config

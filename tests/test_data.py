@@ -600,3 +600,21 @@ def test_tiny_tokenizer_round_trip_and_chat_template(tmp_path, tiny_tok):
     assert loaded(rendered, add_special_tokens=False)["input_ids"] == \
         tiny_tok(rendered, add_special_tokens=False)["input_ids"]
     assert (loaded.eos_token_id, loaded.pad_token_id) == (2, 0)
+
+
+def test_data_instruction_named_own_or_refused():
+    from config_files import load_config
+    from prime_jax.config import ConfigError, validate
+    from prime_jax.data import MATH_TASK_SUFFIX, STEP_BY_STEP_SUFFIX, load_eval_sets
+
+    c = load_config("tiny", {"data.eval": "gsm8k", "data.eval_max_problems": 2})
+    for instruction, suffix in (("eurus2", MATH_TASK_SUFFIX), ("step_by_step", STEP_BY_STEP_SUFFIX), ("none", ""),
+                                (" Answer in \\boxed{}. ", "\n\nAnswer in \\boxed{}.")):
+        c.data.instruction = instruction
+        validate(c, num_devices=1)
+        problem = load_eval_sets(c)[0]["gsm8k"][0]
+        assert problem.user_content.endswith("market?" + suffix)
+    for typo in ("step_by_stpe", "", "  "):
+        c.data.instruction = typo
+        with pytest.raises(ConfigError, match="data.instruction: must be one of"):
+            validate(c, num_devices=1)

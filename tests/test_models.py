@@ -25,7 +25,7 @@ from prime_jax.models import (
     load_config,
     save_pretrained,
 )
-from prime_jax.models.config import REMAT_POLICIES
+from prime_jax.models.config import REMAT_POLICIES, UnsupportedModelError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -285,7 +285,7 @@ def test_rope_theta_spellings():
     assert Qwen2Config.from_hf_dict({**base, "rope_theta": 1e6}).rope_theta == 1e6  # transformers 4 / Qwen2.5 hub
     assert Qwen2Config.from_hf_dict({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}}).rope_theta == 7.0
     assert Qwen2Config.from_hf_dict(base).rope_theta == 10000.0  # transformers' default
-    with pytest.raises(NotImplementedError, match="yarn"):
+    with pytest.raises(UnsupportedModelError, match="yarn"):
         Qwen2Config.from_hf_dict({**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 7.0, "factor": 4.0}})
     # What we write, transformers reads back with the same theta.
     ours = Qwen2Config.from_hf_dict({**base, "rope_theta": 123.0})

@@ -5,12 +5,16 @@ from .formats import FORMAT_FIELDS, FORMATS, detect_format, gsm8k_answer
 from .problems import (
     CODE_TASK_SUFFIX,
     EURUS2_SYSTEM_PROMPT,
+    INSTRUCTIONS,
     MATH_TASK_SUFFIX,
+    STEP_BY_STEP_SUFFIX,
     DataError,
     DataUnavailableError,
     Problem,
     SkipStats,
     apply_system_prompt,
+    instruction_error,
+    instruction_suffix,
     last_boxed,
 )
 from .readers import (
@@ -24,7 +28,7 @@ from .readers import (
     write_verl_parquet,
 )
 from .render import render_prompt_texts, render_prompts
-from .sets import held_out, load_eval_sets, load_train_problems, sft_pairs, system_prompt
+from .sets import held_out, load_eval_sets, load_train_problems, sft_pairs, system_prompt, task_suffix
 from .sources import eval_source_names, read_sft_pairs, source_format
 from .synthetic import demonstration, make_problems, sft_messages
 from .synthetic_tasks import SYNTHETIC_TASKS, make_task_problems, task_demonstration
@@ -39,6 +43,7 @@ __all__ = [
     "EURUS2_SYSTEM_PROMPT",
     "FORMAT_FIELDS",
     "FORMATS",
+    "INSTRUCTIONS",
     "SYNTHETIC_TASKS",
     "MATH_EVAL_BENCHMARKS",
     "MATH_TASK_SUFFIX",
@@ -56,6 +61,8 @@ __all__ = [
     "eval_source_names",
     "gsm8k_answer",
     "held_out",
+    "instruction_error",
+    "instruction_suffix",
     "last_boxed",
     "load_benchmark",
     "load_eval_sets",
@@ -69,7 +76,9 @@ __all__ = [
     "sft_messages",
     "sft_pairs",
     "source_format",
+    "STEP_BY_STEP_SUFFIX",
     "system_prompt",
     "task_demonstration",
+    "task_suffix",
     "write_verl_parquet",
 ]

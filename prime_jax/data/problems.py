@@ -47,6 +47,30 @@ class DataUnavailableError(DataError, RuntimeError):
 #: Appended to every math problem (Eurus-2-7B-SFT's math prompt; PRIME evaluates with it).
 MATH_TASK_SUFFIX = "\n\nPresent the answer in LaTex format: \\boxed{Your answer}"
 
+#: The paper's chain-of-thought instruction (the Qwen2.5-Math evaluation prompt, used for instruct models).
+STEP_BY_STEP_SUFFIX = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+#: ``data.instruction``'s named instructions: what follows a math problem's text in its user message.
+INSTRUCTIONS = {"eurus2": MATH_TASK_SUFFIX, "step_by_step": STEP_BY_STEP_SUFFIX, "none": ""}
+
+
+def instruction_suffix(instruction: str) -> str:
+    """The suffix of ``data.instruction``: a named one (:data:`INSTRUCTIONS`), else the text itself
+    after a blank line (a user's own instruction)."""
+    if instruction in INSTRUCTIONS:
+        return INSTRUCTIONS[instruction]
+    return "\n\n" + instruction.strip()
+
+
+def instruction_error(instruction: str) -> str | None:
+    """Why ``data.instruction`` is unusable (None when it is fine): a single word that is no named
+    instruction is a typo, not an instruction."""
+    text = instruction.strip()
+    if instruction in INSTRUCTIONS or (text and not re.fullmatch(r"[\w.-]+", text)):
+        return None
+    return (f"must be one of {sorted(INSTRUCTIONS)} or your own instruction (a sentence, e.g. 'Put the final answer "
+            f"in \\boxed{{}}.'), got {instruction!r}")
+
 #: Appended to every coding problem (Eurus-2-7B-SFT's coding prompt).
 CODE_TASK_SUFFIX = (
     "\n\nWrite Python code to solve the problem. Present the code in \n```python\nYour code\n```"

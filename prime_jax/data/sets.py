@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from . import chains
-from .problems import EURUS2_SYSTEM_PROMPT, DataError, Problem
+from .problems import EURUS2_SYSTEM_PROMPT, DataError, Problem, instruction_suffix
 from .readers import read_problems
 from .sources import eval_source_names, read_sft_pairs, source_format
 from .synthetic_tasks import make_task_problems, task_demonstration
@@ -19,6 +19,11 @@ SYNTHETIC = "synthetic"  # the data source name of the synthetic task (prime_jax
 def system_prompt(config) -> str | None:
     """data.system_prompt as `apply_system_prompt` takes it (None: keep the rows' own)."""
     return {"keep": None, "none": "", "eurus2": EURUS2_SYSTEM_PROMPT}[config.data.system_prompt]
+
+
+def task_suffix(config) -> str:
+    """data.instruction's text: what follows a math problem in its user message."""
+    return instruction_suffix(config.data.instruction)
 
 
 def load_eval_sets(config, names: Sequence[str] | None = None, limit: int | None = None
@@ -37,7 +42,7 @@ def load_eval_sets(config, names: Sequence[str] | None = None, limit: int | None
                                           system_prompt=system_prompt(config))
         else:
             problems, stats = read_problems(source, split="test", system_prompt=system_prompt(config),
-                                            fmt=source_format(config.data.format, source))
+                                            task_suffix=task_suffix(config), fmt=source_format(config.data.format, source))
             if not problems:
                 raise DataError(f"eval source {source!r}: no usable problems ({stats.summary()})")
         limited[name] = bool(limit) and len(problems) > limit
@@ -56,7 +61,7 @@ def load_train_problems(config, exclude: set[str]) -> list[Problem]:
         return make_task_problems(config.data.synthetic, config.data.synthetic.num_train, config.seed, stream=0,
                                   exclude=exclude, system_prompt=system_prompt(config))
     problems, stats = read_problems(config.data.train, split=config.data.train_split,
-                                    system_prompt=system_prompt(config),
+                                    system_prompt=system_prompt(config), task_suffix=task_suffix(config),
                                     fmt=source_format(config.data.format, config.data.train))
     if not problems:
         raise DataError(f"data.train: no usable problems in {config.data.train!r} ({stats.summary()})")

@@ -1,4 +1,5 @@
-"""Qwen2 in Flax NNX, Hugging Face weights in and out, and the shared chunked log-prob function."""
+"""Qwen2 and Llama-family decoders in Flax NNX, Hugging Face weights in and out (GGUF files and
+packaged models in: `gguf_io`, `packaged`), and the shared chunked log-prob function."""
 
 from prime_jax.models.config import Qwen2Config
 from prime_jax.models.hf_io import from_pretrained, load_config, save_pretrained

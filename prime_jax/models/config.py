@@ -1,4 +1,4 @@
-"""Qwen2 architecture hyper-parameters, read from and written to Hugging Face `config.json`."""
+"""Decoder hyper-parameters (Qwen2 or Llama family), read from and written to Hugging Face `config.json`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,47 @@ import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
+# The decoder architectures this code runs: transformers' `model_type` -> its causal-LM class. They
+# differ only in the attention biases (Qwen2: q/k/v biases; Llama: none unless `attention_bias`).
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+class UnsupportedModelError(ValueError):
+    """A checkpoint this code cannot run (architecture, rope scaling, quantization, a corrupt or
+    unfetchable file); the message is one line that says what is supported."""
+
+
+def supported_architectures() -> str:
+    return ", ".join(f"{t} ({cls})" for t, cls in ARCHITECTURES.items())
+
+
+def model_type_of(hf: dict[str, Any]) -> str:
+    """The `model_type` of a `config.json` dict (from `architectures` when absent; a dict with
+    neither is a Qwen2 config, as this project's first exports were); refuses any other."""
+    model_type = hf.get("model_type")
+    if model_type is None:
+        by_class = {cls: t for t, cls in ARCHITECTURES.items()}
+        named = [by_class[a] for a in hf.get("architectures") or [] if a in by_class]
+        if hf.get("architectures") and not named:
+            raise UnsupportedModelError(
+                f"architecture {hf['architectures']} is not supported (supported: {supported_architectures()})")
+        model_type = named[0] if named else "qwen2"
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported (supported: {supported_architectures()})")
+    return model_type
+
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
-    """Shapes of a Qwen2/Qwen2.5 decoder plus how to run it (dtypes, remat)."""
+    """Shapes of a Qwen2/Qwen2.5 or Llama-family decoder plus how to run it (dtypes, remat).
 
+    `model_type` picks the architecture ("qwen2" or "llama", `ARCHITECTURES`); the one structural
+    difference, q/k/v biases, is `attention_bias` (None: the type's own, on for Qwen2, off for Llama).
+    """
+
+    model_type: str = "qwen2"
+    attention_bias: bool | None = None
     vocab_size: int = 151936
     hidden_size: int = 896
     intermediate_size: int = 4864
@@ -36,6 +72,13 @@ class Qwen2Config:
     remat: str = "none"  # per-layer rematerialisation: none | full | dots | dots_no_batch
 
     def __post_init__(self):
+        if self.model_type not in ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"model_type {self.model_type!r} is not supported (supported: {supported_architectures()})")
+        if self.attention_bias is None:
+            object.__setattr__(self, "attention_bias", self.model_type == "qwen2")
+        if self.model_type == "qwen2" and not self.attention_bias:
+            raise ValueError("a qwen2 model has q/k/v biases (attention_bias must be True)")
         if self.hidden_size % self.num_attention_heads and self.head_dim is None:
             raise ValueError("hidden_size must be divisible by num_attention_heads when head_dim is unset")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -66,22 +109,32 @@ class Qwen2Config:
     def num_params(self) -> int:
         d, f, v, h = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_size
         q, kv = self.num_attention_heads * h, self.num_key_value_heads * h
-        attn = d * q + q + 2 * (d * kv + kv) + q * d
+        biases = q + 2 * kv if self.attention_bias else 0
+        attn = d * q + 2 * d * kv + biases + q * d
         layer = attn + 3 * d * f + 2 * d
         head = 0 if self.tie_word_embeddings else d * v
         return v * d + self.num_hidden_layers * layer + d + head
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], **overrides) -> "Qwen2Config":
-        """From a Hugging Face Qwen2 `config.json` dict (rope theta in `rope_theta` or `rope_parameters`)."""
+        """From a Hugging Face Qwen2 or Llama `config.json` dict (rope theta in `rope_theta` or
+        `rope_parameters`); raises UnsupportedModelError for another architecture or what this
+        decoder does not run (rope scaling, MLP biases, another activation)."""
+        model_type = model_type_of(hf)
         rope_theta = hf.get("rope_theta")
         rope_parameters = hf.get("rope_parameters") or {}
         if rope_theta is None:
             rope_theta = rope_parameters.get("rope_theta", 10000.0)
         rope_type = rope_parameters.get("rope_type", (hf.get("rope_scaling") or {}).get("rope_type", "default"))
         if rope_type not in (None, "default"):
-            raise NotImplementedError(f"rope scaling type {rope_type!r} is not supported (only default RoPE)")
+            raise UnsupportedModelError(f"rope scaling type {rope_type!r} is not supported (only default RoPE)")
+        if hf.get("mlp_bias"):
+            raise UnsupportedModelError("MLP biases (mlp_bias: true) are not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
         fields = dict(
+            model_type=model_type,
+            attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
@@ -101,14 +154,18 @@ class Qwen2Config:
         return cls(**fields)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A `config.json` dict that transformers' Qwen2Config loads (both rope spellings written;
-        the special token ids when set)."""
+        """A `config.json` dict that transformers' Qwen2Config or LlamaConfig (`model_type`) loads
+        (both rope spellings written; the special token ids when set)."""
         ids = {k: list(v) if isinstance(v, tuple) else v for k, v in (
             ("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id),
             ("pad_token_id", self.pad_token_id)) if v is not None}
-        return {**ids,
-            "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
+        if self.model_type == "qwen2":
+            specific = {"use_sliding_window": False}
+        else:
+            specific = {"attention_bias": self.attention_bias, "mlp_bias": False}
+        return {**ids, **specific,
+            "architectures": [ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -122,7 +179,6 @@ class Qwen2Config:
             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "use_sliding_window": False,
             "attention_dropout": 0.0,
             "torch_dtype": self.param_dtype,
         }

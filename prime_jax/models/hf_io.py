@@ -1,7 +1,9 @@
 """Hugging Face checkpoints in and out: `config.json` + (sharded) `*.safetensors`.
 
-Tensor names and layouts follow transformers' `Qwen2ForCausalLM`, so a checkpoint saved here loads
-unchanged in transformers and vLLM, and `Qwen/Qwen2.5-Math-7B` loads here.
+Tensor names and layouts follow transformers' `Qwen2ForCausalLM` / `LlamaForCausalLM`, so a
+checkpoint saved here loads unchanged in transformers and vLLM, and `Qwen/Qwen2.5-Math-7B` loads
+here. A `.gguf` file or a packaged model's short name (`prime_jax.models.packaged`) is converted
+once into such a folder in the cache and read from there.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from prime_jax.models.config import Qwen2Config
+from prime_jax.models.packaged import PACKAGED_MODELS, resolve_model_folder
 from prime_jax.models.qwen2 import Qwen2ForCausalLM
 from prime_jax.parallel import is_logging_process, named_sharding, to_host
 
@@ -27,11 +30,12 @@ _SINGLE_FILE = "model.safetensors"
 
 
 def _layer_tensors(config: Qwen2Config) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Our stacked layer param -> (HF name pattern with {i}, our per-layer shape)."""
+    """Our stacked layer param -> (HF name pattern with {i}, our per-layer shape); the q/k/v biases
+    only when the architecture has them."""
     D, F = config.hidden_size, config.intermediate_size
     N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_size
     pre = "model.layers.{i}."
-    return {
+    tensors = {
         "input_norm": (pre + "input_layernorm.weight", (D,)),
         "q_kernel": (pre + "self_attn.q_proj.weight", (D, N, H)),
         "q_bias": (pre + "self_attn.q_proj.bias", (N, H)),
@@ -45,6 +49,9 @@ def _layer_tensors(config: Qwen2Config) -> dict[str, tuple[str, tuple[int, ...]]
         "up_kernel": (pre + "mlp.up_proj.weight", (D, F)),
         "down_kernel": (pre + "mlp.down_proj.weight", (F, D)),
     }
+    if not config.attention_bias:
+        tensors = {k: v for k, v in tensors.items() if not k.endswith("_bias")}
+    return tensors
 
 
 def _hf_to_ours(name: str, hf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -108,17 +115,24 @@ class _CheckpointReader:
 
 
 def _resolve(path_or_repo_id: str | os.PathLike) -> Path:
+    """The local folder of a model: a folder as is, a `.gguf` file or packaged short name converted
+    (cached), a hub id downloaded by `huggingface_hub`."""
+    converted = resolve_model_folder(path_or_repo_id)
+    if converted is not None:
+        return converted
     path = Path(path_or_repo_id)
     if path.is_dir():
         return path
     if path.exists() or str(path_or_repo_id).startswith((".", "/")) or str(path_or_repo_id).count("/") != 1:
-        raise FileNotFoundError(f"model path {str(path_or_repo_id)!r} is not a directory holding config.json")
+        raise FileNotFoundError(f"model path {str(path_or_repo_id)!r} is not a directory holding config.json, a "
+                                f".gguf file, a hub id nor a packaged model ({', '.join(PACKAGED_MODELS)})")
     from huggingface_hub import snapshot_download  # a hub id such as Qwen/Qwen2.5-Math-7B
 
     return Path(snapshot_download(str(path_or_repo_id), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
 
 
 def load_config(path_or_repo_id, **overrides) -> Qwen2Config:
+    """The `Qwen2Config` of a model folder, `.gguf` file, packaged short name or hub id."""
     folder = _resolve(path_or_repo_id)
     config_file = folder / "config.json"
     if not config_file.exists():
@@ -128,7 +142,8 @@ def load_config(path_or_repo_id, **overrides) -> Qwen2Config:
 
 def from_pretrained(path_or_repo_id, *, dtype: str | None = None, param_dtype: str | None = None,
                     mesh=None, remat: str | None = None) -> Qwen2ForCausalLM:
-    """Loads a Qwen2 checkpoint from a local folder or a Hugging Face hub id.
+    """Loads a Qwen2 or Llama checkpoint: a local HF folder, a `.gguf` file, a packaged model's short
+    name (`prime_jax.models.packaged`, e.g. "smollm2-135m-instruct") or a Hugging Face hub id.
 
     With a mesh, each tensor is converted and placed with its own sharding, one at a time, so the
     host never holds more than one full tensor beyond the shards already on devices.

@@ -1,8 +1,9 @@
-"""Qwen2 / Qwen2.5 decoder in Flax NNX.
+"""Qwen2 / Qwen2.5 and Llama-family decoder in Flax NNX.
 
-The architecture matches Hugging Face's `Qwen2ForCausalLM`: token embedding, RMSNorm, rotary
-position embeddings, grouped-query attention with q/k/v biases (no o bias), SwiGLU MLP, tied or
-untied LM head. Layers are stored stacked (leading `layers` axis) and run with `lax.scan`, so
+The architecture matches Hugging Face's `Qwen2ForCausalLM` and `LlamaForCausalLM` (the config's
+`model_type`): token embedding, RMSNorm, rotary position embeddings, grouped-query attention with
+q/k/v biases for Qwen2 and none for Llama (`config.attention_bias`; never an o bias), SwiGLU MLP,
+tied or untied LM head. Layers are stored stacked (leading `layers` axis) and run with `lax.scan`, so
 compile time does not grow with depth; with a KV cache (prefill and decoding) they run one after
 the other, each on its own cache buffers. Every parameter names its logical axes; `parallel/`
 maps them to the mesh.
@@ -259,12 +260,13 @@ class DecoderLayers(nnx.Module):
         p = lambda shape, axes, init="normal": _param(rngs, (L, *shape), ("layers", *axes), c.weight_dtype, init)
         self.config = config
         self.input_norm = p((D,), ("norm",), "ones")
+        bias = lambda shape, axes: p(shape, axes, "zeros") if c.attention_bias else None  # Llama: none
         self.q_kernel = p((D, N, H), ("embed", "heads", "head_dim"))
-        self.q_bias = p((N, H), ("heads", "head_dim"), "zeros")
+        self.q_bias = bias((N, H), ("heads", "head_dim"))
         self.k_kernel = p((D, K, H), ("embed", "kv_heads", "head_dim"))
-        self.k_bias = p((K, H), ("kv_heads", "head_dim"), "zeros")
+        self.k_bias = bias((K, H), ("kv_heads", "head_dim"))
         self.v_kernel = p((D, K, H), ("embed", "kv_heads", "head_dim"))
-        self.v_bias = p((K, H), ("kv_heads", "head_dim"), "zeros")
+        self.v_bias = bias((K, H), ("kv_heads", "head_dim"))
         self.o_kernel = p((N, H, D), ("heads", "head_dim", "embed"))
         self.post_norm = p((D,), ("norm",), "ones")
         self.gate_kernel = p((D, F), ("embed", "mlp"))
@@ -283,9 +285,10 @@ class DecoderLayers(nnx.Module):
         """
         c, dt = self.config, self.config.compute_dtype
         h = rms_norm(x, self.input_norm.get_value(), c.rms_norm_eps, dt)
-        proj = lambda kernel, bias: (
-            jnp.einsum("btd,dnh->btnh", h, kernel.get_value().astype(dt)) + bias.get_value().astype(dt)
-        )
+        def proj(kernel, bias):
+            out = jnp.einsum("btd,dnh->btnh", h, kernel.get_value().astype(dt))
+            return out if bias is None else out + bias.get_value().astype(dt)
+
         q = apply_rope(proj(self.q_kernel, self.q_bias), positions, c.rope_theta)
         k = apply_rope(proj(self.k_kernel, self.k_bias), positions, c.rope_theta)
         v = proj(self.v_kernel, self.v_bias)

@@ -36,19 +36,29 @@ _END_OF_RESPONSE_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 def _resolve_tokenizer_dir(path_or_repo_id: str | os.PathLike) -> Path:
+    from prime_jax.models.packaged import resolve_model_folder
+
+    converted = resolve_model_folder(path_or_repo_id)  # a .gguf file or a packaged model: its tokenizer
+    if converted is not None:
+        if not (converted / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{path_or_repo_id} has no tokenizer in its GGUF metadata; name one with the "
+                                    "tokenizer path setting")
+        return converted
     path = Path(path_or_repo_id)
     if path.is_dir():
         return path
     name = str(path_or_repo_id)
     if path.exists() or name.startswith((".", "/")) or name.count("/") != 1:
-        raise FileNotFoundError(f"tokenizer path {name!r} is not a directory (nor a hub id like 'Qwen/Qwen2.5-Math-7B')")
+        raise FileNotFoundError(f"tokenizer path {name!r} is not a directory, a .gguf file, a packaged model nor a "
+                                "hub id like 'Qwen/Qwen2.5-Math-7B'")
     from huggingface_hub import snapshot_download  # a hub id such as Qwen/Qwen2.5-Math-7B
 
     return Path(snapshot_download(name, allow_patterns=_TOKENIZER_FILES))
 
 
 def load_tokenizer(path_or_repo_id: str | os.PathLike, *, padding_side: str = "left", **kwargs):
-    """A transformers tokenizer (AutoTokenizer) from a local folder or a Hugging Face hub id.
+    """A transformers tokenizer (AutoTokenizer) from a local folder, a `.gguf` file or packaged model
+    (the tokenizer its metadata describes, converted once with its weights) or a Hugging Face hub id.
 
     Hub ids are fetched with `huggingface_hub.snapshot_download` (tokenizer files only) and then
     loaded from the local snapshot. `padding_side` defaults to "left": prompts are left-padded

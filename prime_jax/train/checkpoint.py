@@ -244,12 +244,15 @@ def params_saved(directory: str | Path) -> bool:
 
 
 def _source_generation_config(source: str | None) -> dict:
-    """The start checkpoint's generation_config.json (a local folder, or a hub id in the HF cache), or {}."""
+    """The start checkpoint's generation_config.json (a local folder, a GGUF file or packaged model's
+    converted folder, or a hub id in the HF cache), or {}."""
     import json
+
+    from prime_jax.models.packaged import resolve_model_folder
 
     if not source:
         return {}
-    path = Path(source).expanduser() / "generation_config.json"
+    path = (resolve_model_folder(source) or Path(source).expanduser()) / "generation_config.json"
     if not path.is_file():
         try:
             from huggingface_hub import try_to_load_from_cache
