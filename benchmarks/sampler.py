@@ -135,7 +135,7 @@ def main():
                         help="default: the random Qwen2 above; tiny: the shapes of configs/tiny.py's model (the CPU "
                              "demo's policy) and its tokenizer's vocabulary. Else a real model: an HF folder, a .gguf "
                              "file or a packaged name (smollm2-135m-instruct), run on the RL workload of GSM8K chat "
-                             "prompts (`real_workload`; --prompts/--n/--new-tokens/--slots apply)")
+                             "prompts (`real_workload`; --prompts/--n/--new-tokens/--slots/--no-hf apply)")
     parser.add_argument("--workload", choices=("default", "rl"), default="default",
                         help="rl: 64 prompts x 4 samples x 512 new tokens (unless --prompts/--new-tokens say "
                              "otherwise) with long-tailed lengths, static vs decode slots vs transformers")
@@ -358,14 +358,15 @@ def real_workload(args):
     """The RL workload on a real checkpoint: GSM8K questions in the model's chat template, n samples.
 
     `--prompts` (16) GSM8K test questions with the paper's instruction (`data.instruction=
-    step_by_step`), rendered with the checkpoint's own chat template; `--n` (4) samples each at temperature 1 with no top-k/top-p,
-    stopping at the tokenizer's end-of-response ids, at most `--new-tokens` (256). In one run:
-    ours with one slot per row (static) and with `--slots` decode slots (16), same key, so the
-    script asserts identical tokens; transformers `generate` on the left-padded batch (2 torch
-    threads), credited with its own lengths. Each side is timed once warm (ours compiled ahead with
-    `Sampler.compile`, HF after a 2-token warm-up), then again with one new token (its prefill), so
-    a decode step's time is (whole call - prefill) / steps. The step is compared with its matmul
-    FLOPs at the 2048^3 float32 matmul rate measured in the same run.
+    step_by_step`), rendered with the checkpoint's own chat template; `--n` (4) samples each at
+    temperature 1 with no top-k/top-p, stopping at the tokenizer's end-of-response ids, at most
+    `--new-tokens` (256). In one run: ours with one slot per row (static) and with `--slots` decode
+    slots (16), same key, so the script asserts identical tokens; transformers `generate` on the
+    left-padded batch (2 torch threads), credited with its own lengths. Each side is timed once warm
+    (ours compiled ahead with `Sampler.compile`, HF after a 2-token warm-up), and once with one new
+    token (its prefill), so a decode step's time is (whole call - prefill) / steps. The step is
+    compared with its matmul FLOPs at the 2048^3 float32 matmul rate measured in the same run.
+    Lines are printed as each part is measured, so a run cut short still reports what it timed.
     """
     import torch
     import transformers
@@ -375,74 +376,81 @@ def real_workload(args):
     new, n = args.new_tokens or 256, args.n
     model, hf, prompts, stop_ids = real_model(args)
     config, rows = model.config, len(prompts) * n
+    print(f"machine: {cpu_model()}, nproc {os.cpu_count()}, jax {jax.__version__} ({jax.default_backend()}), "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
+    print(f"load average at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f} (1/5/15 min)")
+    d, head = config.hidden_size, config.num_attention_heads * config.head_size
+    print(f"model: {args.model}: {config.model_type}, hidden {d}, {config.num_hidden_layers} layers, "
+          f"{config.num_attention_heads}/{config.num_key_value_heads} heads of {config.head_size}, MLP "
+          f"{config.intermediate_size}, vocab {config.vocab_size}{' (tied)' if config.tie_word_embeddings else ''}, "
+          f"{config.num_params() / 1e6:.1f} M params, {args.dtype}")
+    gflops = matmul_gflops()
+    print(f"matmul 2048^3 float32: {gflops:.1f} GFLOP/s", flush=True)
+
     kwargs = dict(max_new_tokens=new, n=n, temperature=1.0, stop_token_ids=stop_ids)
+    one_token = dict(kwargs, max_new_tokens=1)  # prefill (and its one sampled token)
     slots = int(str(args.slots or 16).split(",")[0])
     samplers = {"static": Sampler(), f"{slots} slots": Sampler(decode_slots=slots)}
-    key = jax.random.key(1)
-    compile_s = {name: timed(lambda: s.compile(model, num_prompts=len(prompts), prompt_len=max(map(len, prompts)),
-                                               key=key, **kwargs))[1] for name, s in samplers.items()}
-    results, times, stats = {}, {}, {}
+    key, width = jax.random.key(1), max(map(len, prompts))
+    compile_s = {name: timed(lambda: s.compile(model, num_prompts=len(prompts), prompt_len=width, key=key, **kwargs))[1]
+                 for name, s in samplers.items()}
+    samplers["static"].compile(model, num_prompts=len(prompts), prompt_len=width, key=key, **one_token)
+    prefill_s = timed(lambda: samplers["static"].generate(model, prompts, key=key, **one_token))[1]
+    print(f"work: {len(prompts)} GSM8K prompts ({min(map(len, prompts))}-{width} tokens, bucket "
+          f"{samplers['static'].last_stats['prompt_len_bucket']}) x {n} samples, temperature 1, stop ids {stop_ids}, "
+          f"<= {new} new tokens; ours: prefill {prefill_s:.1f} s, compile "
+          f"{', '.join(f'{k} {v:.0f} s' for k, v in compile_s.items())}", flush=True)
+
+    def step_bound_ms(lengths):
+        """Matmul FLOPs of one decode step of all rows (at the run's mean cache length) at the measured rate."""
+        matmul_params = config.num_params() - (0 if config.tie_word_embeddings else config.vocab_size * d)
+        mean_columns = np.mean([len(p) for p in prompts]) + np.mean(lengths) / 2
+        flops = rows * (2 * matmul_params + 4 * config.num_hidden_layers * head * mean_columns)
+        return flops / (gflops * 1e9) * 1e3, flops
+
+    results, times = {}, {}
     for name, sampler in samplers.items():
         results[name], *times[name] = timed(lambda: sampler.generate(model, prompts, key=key, **kwargs))
-        stats[name] = dict(sampler.last_stats)
-    one_token = dict(kwargs, max_new_tokens=1)  # prefill (and one token): compiled first, then timed
-    samplers["static"].compile(model, num_prompts=len(prompts), prompt_len=max(map(len, prompts)), key=key, **one_token)
-    prefill = timed(lambda: samplers["static"].generate(model, prompts, key=key, **one_token))
+        st, out, (wall, cpu) = sampler.last_stats, results[name], times[name]
+        tokens = int(out.lengths.sum())
+        if name == "static":
+            bound_ms, flops = step_bound_ms(out.lengths)
+            print(f"lengths, ours: {length_summary(out.lengths)}; {tokens} tokens")
+            print(f"a decode step of {rows} rows: {flops / 1e9:.1f} GFLOP of matmuls = {bound_ms:.0f} ms at the "
+                  "matmul rate")
+        # a step of K slots does K / rows of the all-rows step's matmul work
+        step_ms = (wall - prefill_s) / max(1, st["decode_steps"]) * 1e3
+        slot_bound = bound_ms * st["decode_slots"] / rows
+        print(f"ours {name:9s}: {tokens / wall:6.1f} tokens/s ({wall:.1f} s, {cpu:.1f} CPU s; {st['decode_steps']} "
+              f"steps of {st['decode_slots']} slots, {step_ms:.0f} ms/step = {slot_bound / step_ms:.0%} of the matmul "
+              f"rate bound ({slot_bound:.0f} ms); utilisation {st['slot_utilisation']:.2f})", flush=True)
+    reference = results["static"]
+    for name, out in results.items():  # static and slots: the same tokens, log-probs to rounding
+        assert np.array_equal(out.tokens, reference.tokens) and np.array_equal(out.lengths, reference.lengths), name
+        assert np.abs(out.logprobs - reference.logprobs).max() <= 1e-4, name
+    print("static and slot tokens identical: yes", flush=True)
+    tokens = int(reference.lengths.sum())
+    if args.no_hf:
+        return
     with torch.no_grad():
         hf_generate(hf, prompts[:2], args, max_new_tokens=2, eos_token_id=stop_ids)  # warm-up
         hf_out, hf_wall, hf_cpu = timed(lambda: hf_generate(hf, prompts, args, max_new_tokens=new,
                                                             eos_token_id=stop_ids))
         _, hf_prefill, _ = timed(lambda: hf_generate(hf, prompts, args, max_new_tokens=1, eos_token_id=stop_ids))
-    gflops = matmul_gflops()
     load_end = os.getloadavg()
-
-    reference = results["static"]
-    for name, out in results.items():  # static and slots: the same tokens, log-probs to rounding
-        assert np.array_equal(out.tokens, reference.tokens) and np.array_equal(out.lengths, reference.lengths), name
-        assert np.abs(out.logprobs - reference.logprobs).max() <= 1e-4, name
-    tokens = int(reference.lengths.sum())
     ids, width = hf_out
     hf_tokens = ids[:, width:].numpy()
     is_stop = np.isin(hf_tokens, stop_ids)
     hf_lengths = np.where(is_stop.any(axis=1), is_stop.argmax(axis=1) + 1, hf_tokens.shape[1])
     hf_rate = hf_lengths.sum() / hf_wall
-
-    # matmul FLOPs of one decode step of all rows, at the mean cache length of the run
-    d, head = config.hidden_size, config.num_attention_heads * config.head_size
-    matmul_params = config.num_params() - (0 if config.tie_word_embeddings else config.vocab_size * d)
-    mean_columns = np.mean([len(p) for p in prompts]) + reference.lengths.mean() / 2
-    step_flops = rows * (2 * matmul_params + 4 * config.num_hidden_layers * head * mean_columns)
-    bound_ms = step_flops / (gflops * 1e9) * 1e3
-
-    print(f"machine: {cpu_model()}, nproc {os.cpu_count()}, jax {jax.__version__} ({jax.default_backend()}), "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
-    print(f"load average at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f}, "
-          f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} (1/5/15 min)")
-    print(f"model: {args.model}: hidden {d}, {config.num_hidden_layers} layers, {config.num_attention_heads}/"
-          f"{config.num_key_value_heads} heads of {config.head_size}, MLP {config.intermediate_size}, vocab "
-          f"{config.vocab_size}{' (tied)' if config.tie_word_embeddings else ''}, {config.num_params() / 1e6:.1f} M "
-          f"params, {args.dtype}")
-    print(f"work: {len(prompts)} GSM8K prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens, bucket "
-          f"{stats['static']['prompt_len_bucket']}) x {n} samples, temperature 1, stop ids {stop_ids}, "
-          f"<= {new} new tokens")
-    print(f"lengths, ours: {length_summary(reference.lengths)}; {tokens} tokens")
-    print(f"lengths, HF:   {length_summary(hf_lengths)}; {int(hf_lengths.sum())} tokens")
-    print(f"matmul 2048^3 float32: {gflops:.1f} GFLOP/s; a decode step of {rows} rows: {step_flops / 1e9:.1f} GFLOP "
-          f"= {bound_ms:.0f} ms at that rate")
-    prefill_s = prefill[1]
-    for name, (wall, cpu) in times.items():
-        st = stats[name]
-        step_ms = (wall - prefill_s) / max(1, st["decode_steps"]) * 1e3
-        print(f"ours {name:9s}: {tokens / wall:6.1f} tokens/s ({wall:.1f} s, {cpu:.1f} CPU s; prefill {prefill_s:.1f} s, "
-              f"{st['decode_steps']} steps of {st['decode_slots']} slots, {step_ms:.0f} ms/step = "
-              f"{bound_ms / step_ms:.0%} of the matmul rate; utilisation {st['slot_utilisation']:.2f}; "
-              f"compile {compile_s[name]:.1f} s)")
     hf_step_ms = (hf_wall - hf_prefill) / max(1, hf_tokens.shape[1] - 1) * 1e3
+    print(f"lengths, HF:   {length_summary(hf_lengths)}; {int(hf_lengths.sum())} tokens")
     print(f"HF generate   : {hf_rate:6.1f} tokens/s ({hf_wall:.1f} s, {hf_cpu:.1f} CPU s; prefill {hf_prefill:.1f} s, "
-          f"{hf_tokens.shape[1] - 1} steps, {hf_step_ms:.0f} ms/step = {bound_ms / hf_step_ms:.0%} of the matmul rate)")
+          f"{hf_tokens.shape[1] - 1} steps, {hf_step_ms:.0f} ms/step = {bound_ms / hf_step_ms:.0%} of the matmul rate "
+          "bound)")
     for name, (wall, _) in times.items():
         print(f"RATIO ours {name} / HF: {tokens / wall / hf_rate:.2f}x tokens/s")
-    print("static and slot tokens identical: yes")
+    print(f"load average at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} (1/5/15 min)")
 
 
 def print_streamed_until(sampler, name, model, prompts, kwargs, n, stop_after, reference):
