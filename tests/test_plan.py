@@ -75,12 +75,13 @@ def test_report_has_every_phase_with_consistent_components(report):
         assert (p.grads > 0) == (p.name in ("prm", "policy"))
         assert (p.kv_cache > 0) == (p.name in ("prefill", "decode"))
     # KV cache: 12 prompts (1.5 x 8) padded to the sampler's bucket of 16, x n=4 = 64 rows (one decode slot
-    # each) over 8 data-parallel devices, 32 columns; and the 16 prefilled prompts of 16 columns the slots copy from
+    # each: the static batch) over 8 data-parallel devices, 16 columns for the responses; and the 16 prefilled
+    # prompts of 16 columns that each prompt's rows attend
     decode = next(p for p in report.phases if p.name == "decode")
     assert decode.detail.startswith("12 prompts per attempt (rollout.oversample 1.5 x batch.prompts_per_step 8), "
                                     "padded to the sampler's bucket of 16, x n=4 = 64 rows"), decode.detail
     kv = decode.kv_cache
-    L, K, H, columns, rows, prompts, prompt_len = 2, 2, 8, 32, 64 // 8, 16 // 8, 16
+    L, K, H, columns, rows, prompts, prompt_len = 2, 2, 8, 16, 64 // 8, 16 // 8, 16
     assert kv == (2 * L * rows * columns * K * H * 4 + rows * columns + 2 * rows * 4
                   + 2 * L * prompts * prompt_len * K * H * 4)
     assert all(report.fits(t) for t in report.targets)
