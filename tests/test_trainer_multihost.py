@@ -254,7 +254,8 @@ def test_a_dead_host_stops_the_others_in_bounded_time(uninterrupted, cache, tmp_
                          r"for 45 s\); the last checkpoint is step (\d+) in (.+); rerun the same command on all hosts "
                          r"to resume", errors[0])
     assert found and found.group(2) == str(workdir / "checkpoints"), errors[0]
-    assert int(found.group(1)) >= 2 and (workdir / "checkpoints" / found.group(1) / "state").is_dir()
+    # host 1 may die while step 2's checkpoint is being written: the line names the newest complete one
+    assert int(found.group(1)) >= 1 and (workdir / "checkpoints" / found.group(1) / "state").is_dir()
 
 
 @pytest.mark.slow
