@@ -109,7 +109,7 @@ def compare(args) -> dict:
     ours_wall, ours_cpu = time.perf_counter() - wall, time.process_time() - cpu
     ours_metrics = scores["benchmarks"][args.benchmark]
     ours_records = [json.loads(line) for line in
-                    (workdir / "eval" / f"{args.benchmark}.jsonl").read_text().splitlines()]
+                    (Path(scores["output"]) / f"{args.benchmark}.jsonl").read_text().splitlines()]  # eval/<name>/
 
     # ---- transformers, same prompts in the same chunks, same grader
     wall, cpu = time.perf_counter(), time.process_time()

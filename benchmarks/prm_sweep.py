@@ -42,9 +42,13 @@ from prime_jax.train.metrics import read_metrics  # noqa: E402
 BASE = ["--config.algo.process_coef=1.0", "--config.prm_optim.lr=4e-4", "--config.prm_optim.warmup_steps=0",
         "--config.algo.prm_loss=ce", "--config.algo.prm_update=after", "--config.algo.beta=0.05",
         "--config.batch.prm_mini_batch=32"]  # explicit: configs/tiny.py now sets the sweep's choice
-COMBINED = ["--config.algo.prm_loss=dpo", "--config.algo.prm_update=before", "--config.algo.beta=1.0",
-            "--config.batch.prm_mini_batch=64"]  # dpo, q before, beta 1 (~20x for ~18-token answers), one update
-PAIR = ["--config.algo.prm_loss=pairwise"] + COMBINED[1:]
+# dpo, beta 1 (~20x for ~18-token answers), one update. The benchmarks/README.md rows of these settings were run
+# before issue 29 with prm_update "before" and a dpo whose group scores came from the update's own forward (rows
+# without a contrast row skipped); dpo now reads them from the first scoring pass of "reverse", as in veRL, and
+# counts every row, so a rerun of a comb_* setting gives the policy the update passes' q (before its one update).
+COMBINED = ["--config.algo.prm_loss=dpo", "--config.algo.prm_update=reverse", "--config.algo.beta=1.0",
+            "--config.batch.prm_mini_batch=64"]
+PAIR = ["--config.algo.prm_loss=pairwise", "--config.algo.prm_update=before"] + COMBINED[2:]
 SETTINGS: dict[str, list[str]] = {
     "outcome": ["--config.algo.estimator=outcome_rloo", "--config.batch.prm_mini_batch=32"],
     "comb_lr4e-4": BASE + COMBINED,

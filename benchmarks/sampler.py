@@ -3,14 +3,19 @@
     python benchmarks/sampler.py              # ~25 s on a quiet 2-core CPU
     python benchmarks/sampler.py --model=tiny # the CPU demo's model (configs/tiny.py)
     python benchmarks/sampler.py --workload=rl  # long-tailed lengths: static batch vs decode slots vs HF
-    python benchmarks/sampler.py --model=smollm2-135m-instruct --workload=rl --prompts=16 --new-tokens=256
-        # a real model (an HF folder, a .gguf file or a packaged name), its own GSM8K chat prompts and stop tokens
+    python benchmarks/sampler.py --model=smollm2-135m-instruct
+        # a real model (an HF folder, a .gguf file or a packaged name): the RL workload on GSM8K chat prompts
 
 `--workload=rl` (see `rl_workload`): 64 prompts x 4 samples, max_new_tokens=512, the same random
 model with a set of stop tokens (`--stop-tokens`, default 40 of the 4,096 ids, so about 1% per step)
 that makes response lengths long-tailed (geometric, capped at 512). One run times transformers
 `generate` on the same batch, ours with one slot per row (static) and ours with `--slots` decode
 slots, and prints the length distribution, tokens/s ratios and the slot utilisation.
+
+With a real model (`--model=PATH-or-name`, see `real_workload`), both sides run its own weights
+(ours from `from_pretrained`, transformers from the same HF folder: for a GGUF or the packaged
+name, the converted one), on the first `--prompts` GSM8K problems in the model's chat template with
+the paper's instruction, stopping at the tokenizer's end-of-response ids.
 
 Model: a random Qwen2 built with transformers (hidden 256, 4 layers, 4 query / 2 kv heads of 64,
 MLP 1024, vocab 4096, untied; q/k/v biases randomised), saved with `save_pretrained` and loaded
@@ -20,12 +25,6 @@ Work: 16 prompts (lengths 8-24) x 4 samples x 128 new tokens, temperature 1 (no 
 no stop token, so both run all 128 steps for all 64 rows (8,192 new tokens).
 HF: `generate(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=4)` on
 the left-padded batch; ours: one `Sampler`, compiled by a warm-up call on the same shapes.
-
-With a real model (`--model=PATH-or-name`), both sides run its own weights (ours from
-`from_pretrained`, transformers from the same HF folder: for a GGUF, the converted one), the
-prompts are the first `--prompts` GSM8K problems in the model's chat template with the paper's
-instruction, and the rl workload stops at the tokenizer's end-of-response ids (its lengths are the
-model's own) instead of `--stop-tokens` random ids.
 
 Each side is timed in wall seconds and in process CPU seconds (user + system of all threads),
 the latter being less sensitive to other jobs on a shared box. Order: ours, HF, ours (best of the
@@ -102,6 +101,7 @@ def build_model(path: Path, args):
 
 def real_model(args):
     """(ours, transformers', GSM8K chat prompts, end-of-response ids) of `--model`."""
+    import torch
     import transformers
 
     from prime_jax.data import instruction_suffix, load_benchmark
@@ -110,7 +110,7 @@ def real_model(args):
 
     folder = resolve_model_folder(args.model) or args.model  # a GGUF: the converted HF folder
     model = from_pretrained(folder, dtype=args.dtype, param_dtype=args.dtype)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
     tokenizer = load_tokenizer(folder)
     problems, _ = load_benchmark("gsm8k", task_suffix=instruction_suffix("step_by_step"))
     prompts = [encode_chat(tokenizer, p.messages) for p in problems[:args.prompts]]
@@ -121,7 +121,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=0, help="default 16 (rl workload: 64)")
     parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=0, help="default 128 (rl workload: 512)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 128; rl workload 512; a real model 256")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--mlp", type=int, default=1024)
@@ -133,12 +133,15 @@ def main():
                         help="weights and compute on both sides")
     parser.add_argument("--model", default="default",
                         help="default: the random Qwen2 above; tiny: the shapes of configs/tiny.py's model (the CPU "
-                             "demo's policy) and its tokenizer's vocabulary; else a real model: an HF folder, a "
-                             ".gguf file or a packaged name (smollm2-135m-instruct), with real prompts (see above)")
+                             "demo's policy) and its tokenizer's vocabulary. Else a real model: an HF folder, a .gguf "
+                             "file or a packaged name (smollm2-135m-instruct), run on the RL workload of GSM8K chat "
+                             "prompts (`real_workload`; --prompts/--n/--new-tokens/--slots/--no-hf apply)")
     parser.add_argument("--workload", choices=("default", "rl"), default="default",
                         help="rl: 64 prompts x 4 samples x 512 new tokens (unless --prompts/--new-tokens say "
                              "otherwise) with long-tailed lengths, static vs decode slots vs transformers")
-    parser.add_argument("--slots", default="64", help="decode slots of the rl workload (comma list: each timed)")
+    parser.add_argument("--slots", default=None,
+                        help="decode slots of the rl workload (comma list: each timed; default 64) or of a real "
+                             "model's (default 16)")
     parser.add_argument("--no-hf", action="store_true", help="rl workload: skip transformers (ours only)")
     parser.add_argument("--stop-tokens", type=int, default=40, help="stop token ids of the rl workload")
     parser.add_argument("--refill", choices=("loop", "chunks", "both"), default="loop",
@@ -147,8 +150,12 @@ def main():
                         help="rl workload: also stream with each slot setting and stop once this many groups are "
                              "back, as the trainer does with decode slots (43 = 64 / rollout.oversample 1.5); 0: off")
     args = parser.parse_args()
+    if args.model not in ("default", "tiny"):
+        args.prompts = args.prompts or 16
+        return real_workload(args)
     rl = args.workload == "rl"
     args.prompts, args.new_tokens = args.prompts or (64 if rl else 16), args.new_tokens or (512 if rl else 128)
+    args.slots = args.slots or "64"
     if args.model == "tiny":
         from configs.tiny import get_config
         from prime_jax.data.tiny_tokenizer import tiny_vocab
@@ -167,15 +174,10 @@ def main():
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, args.vocab, size=int(rng.integers(8, 25))).tolist() for _ in range(args.prompts)]
     rows, new = args.prompts * args.n, args.new_tokens
-    args.stop_ids = list(range(args.vocab - args.stop_tokens, args.vocab))  # the last ids: never a prompt's pad
 
-    if args.model in ("default", "tiny"):
-        with tempfile.TemporaryDirectory() as tmp:
-            hf = build_model(Path(tmp), args)
-            model = from_pretrained(tmp, dtype=args.dtype, param_dtype=args.dtype)
-    else:
-        model, hf, prompts, args.stop_ids = real_model(args)
-        args.vocab = model.config.vocab_size
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = build_model(Path(tmp), args)
+        model = from_pretrained(tmp, dtype=args.dtype, param_dtype=args.dtype)
     if args.dtype == "bfloat16":
         hf = hf.to(torch.bfloat16)
     config = model.config
@@ -286,7 +288,7 @@ def rl_workload(args, model, hf, prompts):
 
     load_start = os.getloadavg()
     new, rows = args.new_tokens, args.prompts * args.n
-    stop_ids = args.stop_ids
+    stop_ids = list(range(args.vocab - args.stop_tokens, args.vocab))  # the last ids: never a prompt's pad
     kwargs = dict(max_new_tokens=new, n=args.n, temperature=1.0, stop_token_ids=stop_ids)
     samplers = {"static": Sampler()}
     refills = ("loop", "chunks") if args.refill == "both" else (args.refill,)
@@ -326,7 +328,7 @@ def rl_workload(args, model, hf, prompts):
     config = model.config
     print(f"model: hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads}/"
           f"{config.num_key_value_heads} heads, MLP {config.intermediate_size}, vocab {config.vocab_size}, "
-          f"{config.num_params() / 1e6:.2f} M params, {args.dtype}; {len(stop_ids)} stop ids; model {args.model}")
+          f"{config.num_params() / 1e6:.2f} M params, {args.dtype}; {len(stop_ids)} stop ids")
     print(f"work: {args.prompts} prompts x {args.n} samples = {rows} rows, max_new_tokens {new}")
     print(f"lengths, ours: {length_summary(reference.lengths)}; {tokens} tokens")
     decoded = tokens - len(reference.lengths)  # the first tokens come from prefill
@@ -350,6 +352,105 @@ def rl_workload(args, model, hf, prompts):
         for name, sampler in samplers.items():
             if name != "static":
                 print_streamed_until(sampler, name, model, prompts, kwargs, args.n, args.stop_after, reference)
+
+
+def real_workload(args):
+    """The RL workload on a real checkpoint: GSM8K questions in the model's chat template, n samples.
+
+    `--prompts` (16) GSM8K test questions with the paper's instruction (`data.instruction=
+    step_by_step`), rendered with the checkpoint's own chat template; `--n` (4) samples each at
+    temperature 1 with no top-k/top-p, stopping at the tokenizer's end-of-response ids, at most
+    `--new-tokens` (256). In one run: ours with one slot per row (static) and with `--slots` decode
+    slots (16), same key, so the script asserts identical tokens; transformers `generate` on the
+    left-padded batch (2 torch threads), credited with its own lengths. Each side is timed once warm
+    (ours compiled ahead with `Sampler.compile`, HF after a 2-token warm-up), and once with one new
+    token (its prefill), so a decode step's time is (whole call - prefill) / steps. The step is
+    compared with its matmul FLOPs at the 2048^3 float32 matmul rate measured in the same run.
+    Lines are printed as each part is measured, so a run cut short still reports what it timed.
+    """
+    import torch
+    import transformers
+
+    load_start = os.getloadavg()
+    torch.set_num_threads(2)
+    new, n = args.new_tokens or 256, args.n
+    model, hf, prompts, stop_ids = real_model(args)
+    config, rows = model.config, len(prompts) * n
+    print(f"machine: {cpu_model()}, nproc {os.cpu_count()}, jax {jax.__version__} ({jax.default_backend()}), "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
+    print(f"load average at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f} (1/5/15 min)")
+    d, head = config.hidden_size, config.num_attention_heads * config.head_size
+    print(f"model: {args.model}: {config.model_type}, hidden {d}, {config.num_hidden_layers} layers, "
+          f"{config.num_attention_heads}/{config.num_key_value_heads} heads of {config.head_size}, MLP "
+          f"{config.intermediate_size}, vocab {config.vocab_size}{' (tied)' if config.tie_word_embeddings else ''}, "
+          f"{config.num_params() / 1e6:.1f} M params, {args.dtype}")
+    gflops = matmul_gflops()
+    print(f"matmul 2048^3 float32: {gflops:.1f} GFLOP/s", flush=True)
+
+    kwargs = dict(max_new_tokens=new, n=n, temperature=1.0, stop_token_ids=stop_ids)
+    one_token = dict(kwargs, max_new_tokens=1)  # prefill (and its one sampled token)
+    slots = int(str(args.slots or 16).split(",")[0])
+    samplers = {"static": Sampler(), f"{slots} slots": Sampler(decode_slots=slots)}
+    key, width = jax.random.key(1), max(map(len, prompts))
+    compile_s = {name: timed(lambda: s.compile(model, num_prompts=len(prompts), prompt_len=width, key=key, **kwargs))[1]
+                 for name, s in samplers.items()}
+    samplers["static"].compile(model, num_prompts=len(prompts), prompt_len=width, key=key, **one_token)
+    prefill_s = timed(lambda: samplers["static"].generate(model, prompts, key=key, **one_token))[1]
+    print(f"work: {len(prompts)} GSM8K prompts ({min(map(len, prompts))}-{width} tokens, bucket "
+          f"{samplers['static'].last_stats['prompt_len_bucket']}) x {n} samples, temperature 1, stop ids {stop_ids}, "
+          f"<= {new} new tokens; ours: prefill {prefill_s:.1f} s, compile "
+          f"{', '.join(f'{k} {v:.0f} s' for k, v in compile_s.items())}", flush=True)
+
+    def step_bound_ms(lengths):
+        """Matmul FLOPs of one decode step of all rows (at the run's mean cache length) at the measured rate."""
+        matmul_params = config.num_params() - (0 if config.tie_word_embeddings else config.vocab_size * d)
+        mean_columns = np.mean([len(p) for p in prompts]) + np.mean(lengths) / 2
+        flops = rows * (2 * matmul_params + 4 * config.num_hidden_layers * head * mean_columns)
+        return flops / (gflops * 1e9) * 1e3, flops
+
+    results, times = {}, {}
+    for name, sampler in samplers.items():
+        results[name], *times[name] = timed(lambda: sampler.generate(model, prompts, key=key, **kwargs))
+        st, out, (wall, cpu) = sampler.last_stats, results[name], times[name]
+        tokens = int(out.lengths.sum())
+        if name == "static":
+            bound_ms, flops = step_bound_ms(out.lengths)
+            print(f"lengths, ours: {length_summary(out.lengths)}; {tokens} tokens")
+            print(f"a decode step of {rows} rows: {flops / 1e9:.1f} GFLOP of matmuls = {bound_ms:.0f} ms at the "
+                  "matmul rate")
+        # a step of K slots does K / rows of the all-rows step's matmul work
+        step_ms = (wall - prefill_s) / max(1, st["decode_steps"]) * 1e3
+        slot_bound = bound_ms * st["decode_slots"] / rows
+        print(f"ours {name:9s}: {tokens / wall:6.1f} tokens/s ({wall:.1f} s, {cpu:.1f} CPU s; {st['decode_steps']} "
+              f"steps of {st['decode_slots']} slots, {step_ms:.0f} ms/step = {slot_bound / step_ms:.0%} of the matmul "
+              f"rate bound ({slot_bound:.0f} ms); utilisation {st['slot_utilisation']:.2f})", flush=True)
+    reference = results["static"]
+    for name, out in results.items():  # static and slots: the same tokens, log-probs to rounding
+        assert np.array_equal(out.tokens, reference.tokens) and np.array_equal(out.lengths, reference.lengths), name
+        assert np.abs(out.logprobs - reference.logprobs).max() <= 1e-4, name
+    print("static and slot tokens identical: yes", flush=True)
+    tokens = int(reference.lengths.sum())
+    if args.no_hf:
+        return
+    with torch.no_grad():
+        hf_generate(hf, prompts[:2], args, max_new_tokens=2, eos_token_id=stop_ids)  # warm-up
+        hf_out, hf_wall, hf_cpu = timed(lambda: hf_generate(hf, prompts, args, max_new_tokens=new,
+                                                            eos_token_id=stop_ids))
+        _, hf_prefill, _ = timed(lambda: hf_generate(hf, prompts, args, max_new_tokens=1, eos_token_id=stop_ids))
+    load_end = os.getloadavg()
+    ids, width = hf_out
+    hf_tokens = ids[:, width:].numpy()
+    is_stop = np.isin(hf_tokens, stop_ids)
+    hf_lengths = np.where(is_stop.any(axis=1), is_stop.argmax(axis=1) + 1, hf_tokens.shape[1])
+    hf_rate = hf_lengths.sum() / hf_wall
+    hf_step_ms = (hf_wall - hf_prefill) / max(1, hf_tokens.shape[1] - 1) * 1e3
+    print(f"lengths, HF:   {length_summary(hf_lengths)}; {int(hf_lengths.sum())} tokens")
+    print(f"HF generate   : {hf_rate:6.1f} tokens/s ({hf_wall:.1f} s, {hf_cpu:.1f} CPU s; prefill {hf_prefill:.1f} s, "
+          f"{hf_tokens.shape[1] - 1} steps, {hf_step_ms:.0f} ms/step = {bound_ms / hf_step_ms:.0%} of the matmul rate "
+          "bound)")
+    for name, (wall, _) in times.items():
+        print(f"RATIO ours {name} / HF: {tokens / wall / hf_rate:.2f}x tokens/s")
+    print(f"load average at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} (1/5/15 min)")
 
 
 def print_streamed_until(sampler, name, model, prompts, kwargs, n, stop_after, reference):

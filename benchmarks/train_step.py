@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                # tiny-but-not-trivial Qwen2 on whatever jax sees
     python benchmarks/train_step.py --hidden 512 --layers 8 --dtype bfloat16
     python benchmarks/train_step.py --model=smollm2-135m-instruct   # a real model's shape (folder, .gguf or name)
+    python benchmarks/train_step.py --model=smollm2-135m-instruct --batch=4 --prompt-len=128 --response-len=128 --steps=3
 
 Model FLOPs per step (PaLM convention, what the model needs, not what XLA executes: remat and
 the chunked log-prob recomputation are not counted):
@@ -78,7 +79,8 @@ def main():
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=8, help="responses per mini-batch (B)")
+    p.add_argument("--batch", type=int, default=8, help="responses per mini-batch (B): a multiple of --n x "
+                   "--micro-batches")
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--response-len", type=int, default=192)
@@ -89,6 +91,9 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--matmul-size", type=int, default=2048)
     args = p.parse_args()
+    if args.batch % (args.n * args.micro_batches):
+        p.error(f"--batch {args.batch} must be a multiple of --n {args.n} x --micro-batches {args.micro_batches} "
+                "(each micro-batch holds whole prompt groups)")
 
     backend = jax.default_backend()
     dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")

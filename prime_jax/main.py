@@ -6,6 +6,7 @@
     python -m prime_jax.main --config=configs/qwen7b.py --workdir=gs://... --config.total_steps=100
     python -m prime_jax.main --config=configs/tiny.py --export_hf   # latest checkpoint -> WORKDIR/hf_export
     python -m prime_jax.main --config=configs/tiny.py --sft_only    # the SFT stage alone -> WORKDIR/reference
+    python -m prime_jax.main --config=configs/tiny.py --stop_after=10   # steps up to 10, a checkpoint, exit 0
 
 A workdir that holds checkpoints is resumed from the latest intact one. Every config field is
 checked before anything heavy starts; a bad value, an unknown field, a missing config file, a
@@ -16,6 +17,7 @@ whose checkpoints are all damaged prints one line and exits with 2.
 from __future__ import annotations
 
 import logging as py_logging
+import sys
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -35,6 +37,10 @@ _EXPORT_HF = flags.DEFINE_bool("export_hf", False, "Only export the latest check
                                "(Hugging Face format) and exit.")
 _SFT_ONLY = flags.DEFINE_bool("sft_only", False, "Only run the SFT stage (the frozen reference, saved in "
                               "WORKDIR/reference; skipped when it is there) and exit.")
+_LIST_FIELDS = cli.define_list_fields_flag()
+_STOP_AFTER = flags.DEFINE_integer("stop_after", None, "Stop after this step with a checkpoint, as on SIGTERM, and "
+                                   "exit 0 (a long run in chunks); the same command with a larger value, or "
+                                   "without it, continues the run.", lower_bound=0)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -45,9 +51,12 @@ def main(argv) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     from prime_jax.config import ConfigError, validate
-    from prime_jax.parallel import initialize_distributed, mesh_from_config
+    from prime_jax.parallel import host_watch, initialize_distributed, mesh_from_config
 
     config = cli.config_value("main", _CONFIG)
+    if _LIST_FIELDS.value:
+        cli.list_fields(config, sys.argv, DEFAULT_CONFIG)
+        return
     try:
         initialize_distributed(config)  # multi-host start-up; a no-op on one host
         validate(config)
@@ -81,12 +90,23 @@ def main(argv) -> None:
 
     from prime_jax.data import DataError
     from prime_jax.models.config import UnsupportedModelError
-    from prime_jax.train.checkpoint import CheckpointError
+    from prime_jax.train import run_config
+    from prime_jax.train.checkpoint import CheckpointError, params_saved
     from prime_jax.train.builder import RunLayout
     from prime_jax.train.loop import Trainer, export_latest
+    from prime_jax.train.sft import SFTPreempted
     from prime_jax.train.warm_start import reference_params
     from prime_jax.train.metrics import last_eval_row
 
+    layout = RunLayout(workdir)
+    host_watch.configure("main", lambda: _resume_hint(layout))  # what a lost host's line says (several hosts)
+    try:  # a resume may change settings, not the shapes of the weights it holds
+        changes = run_config.check_resume(config, layout, has_weights=bool(layout.checkpoint_steps())
+                                          or params_saved(layout.reference))
+    except run_config.ResumeConfigError as e:
+        fail(str(e))
+    if jax.process_index() == 0 and not _EXPORT_HF.value:
+        run_config.log_changes(changes, layout, max(layout.checkpoint_steps(), default=0))
     try:
         if _EXPORT_HF.value:
             folder = export_latest(config, workdir, mesh)
@@ -94,16 +114,34 @@ def main(argv) -> None:
             return
         if _SFT_ONLY.value:
             reference_params(config, workdir, mesh)
+            if jax.process_index() == 0:
+                run_config.record(config, layout, max(layout.checkpoint_steps(), default=0))
             print(f"SFT stage done: {RunLayout(workdir).reference}" if config.sft.steps else
                   "sft.steps is 0: the reference is the start model; nothing to train")
             return
         trainer = Trainer.create(config, workdir, mesh)
-        last_eval = trainer.run()
+        last_eval = trainer.run(stop_after=_STOP_AFTER.value)
     except (DataError, CheckpointError, FileNotFoundError, PermissionError, UnsupportedModelError) as e:
         fail(" ".join(str(e).split()))
-    if trainer.preempted_at is not None:  # SIGTERM on some host: a checkpoint was saved, exit 0
-        print(f"preempted: stopped after step {trainer.preempted_at} with a checkpoint in {workdir}; "
-              "rerun the same command to resume")
+    except SFTPreempted as e:  # SIGTERM during the SFT stage: its state was saved, exit 0
+        print(f"preempted: the SFT stage stopped after step {e.step} with its state in "
+              f"{RunLayout(workdir).workdir / 'sft_checkpoints'}; rerun the same command to resume")
+        return
+    except KeyboardInterrupt:  # a second Ctrl-C in the loop, or Ctrl-C before it or during SFT / export
+        cli.interrupted("main", _nothing_saved_since(config, layout))
+    except Exception as e:  # noqa: BLE001 - a collective that failed because a host died: said in one line
+        host_watch.explain_failure(e)
+        raise
+    if trainer.preempted_at is not None:  # a signal on some host, or --stop_after: a checkpoint was saved
+        saved = f"after step {trainer.preempted_at} with a checkpoint in {workdir}" if trainer.preempted_at else \
+            f"before step 1 (no checkpoint yet) in {workdir}"
+        if trainer.stop_signal == "SIGINT":  # Ctrl-C here: the shell's status for an interrupted command
+            print(f"interrupted (Ctrl-C): stopped {saved}; rerun the same command to resume", flush=True)
+            sys.exit(130)
+        if trainer.stop_signal is None and _STOP_AFTER.value is not None and trainer.preempted_at >= _STOP_AFTER.value:
+            print(f"stopped {saved} (--stop_after); rerun with a larger --stop_after, or without it, to continue")
+        else:
+            print(f"preempted: stopped {saved}; rerun the same command to resume")  # SIGTERM: exit 0
         return
     if not last_eval:  # a finished run rerun: nothing new was evaluated; report its last evaluation
         last_eval = last_eval_row(workdir / "metrics.jsonl") or {}
@@ -113,9 +151,39 @@ def main(argv) -> None:
               f"{last_eval.get('step', '?')} (workdir {workdir})")
 
 
+def _resume_hint(layout) -> str:
+    steps = layout.checkpoint_steps()
+    if steps:
+        return (f"the last checkpoint is step {steps[-1]} in {layout.checkpoints}; rerun the same command on all "
+                "hosts to resume")
+    return "no checkpoint was saved yet; rerun the same command on all hosts to start again"
+
+
+def _nothing_saved_since(config, layout) -> str:
+    """What an interruption outside the loop's step boundaries leaves to resume from."""
+    from prime_jax.train.checkpoint import params_saved
+
+    steps = layout.checkpoint_steps()
+    if steps:
+        return (f"stopped without saving the step in progress; the last checkpoint is step {steps[-1]} in "
+                f"{layout.checkpoints}: rerun the same command to resume from it")
+    if config.sft.steps and params_saved(layout.reference):
+        return (f"stopped before the first checkpoint; the SFT weights are kept in {layout.reference}: rerun the "
+                "same command to start PRIME from them")
+    if config.sft.steps:
+        return ("stopped before the SFT stage finished (its weights are saved only at its end); rerun the same "
+                "command to start again")
+    return "stopped before the first checkpoint; rerun the same command to start again"
+
+
 def run() -> None:
     cli.quiet_startup()
-    app.run(main, flags_parser=cli.flags_parser("main"))
+    help_text = cli.help_text("main", __doc__, ["config", "workdir", "export_hf", "sft_only", "skip_memory_check"],
+                              DEFAULT_CONFIG)
+    try:
+        app.run(main, flags_parser=cli.flags_parser("main", help_text))
+    except KeyboardInterrupt:  # Ctrl-C while starting up (imports, flags): nothing to keep
+        cli.interrupted("main", "stopped while starting; nothing was done")
 
 
 if __name__ == "__main__":

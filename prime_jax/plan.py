@@ -227,8 +227,11 @@ def _sampler_phases(builder, model, programs, sample_prompts, ledger, log) -> No
     c, dp, n = builder.config, builder.data_parallel, builder.n
     prompts = sample_prompts or builder.prompts_per_attempt
     rows = compiled.rows
-    detail = (f"{compiled.num_prompts} prompts (bucket of {prompts}) x n={n} = {rows} rows in {compiled.num_slots} "
-              f"decode slots, cache {compiled.prompt_len}+{c.rollout.max_new_tokens} columns ({rows / dp:g} rows/device)")
+    asked = (f"--sample_prompts={prompts}" if sample_prompts else
+             f"rollout.oversample {c.rollout.oversample:g} x batch.prompts_per_step {c.batch.prompts_per_step}")
+    detail = (f"{prompts} prompts per attempt ({asked}), padded to the sampler's bucket of {compiled.num_prompts}, "
+              f"x n={n} = {rows} rows in {compiled.num_slots} decode slots, cache {compiled.prompt_len}+"
+              f"{c.rollout.max_new_tokens} columns ({rows / dp:g} rows/device)")
     log(f"sample: {detail}")
     state = compiled.decode_state
     # the slots' cache and the prefilled prompts they copy from
@@ -381,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from absl import flags
     from ml_collections import config_flags
 
+    from prime_jax import cli
+
     FLAGS = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/qwen7b.py:v4-64", flag_values=FLAGS,
                                     lock_config=False)
@@ -400,26 +405,43 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "(0: rollout.max_new_tokens / 6)", flag_values=FLAGS)
     flags.DEFINE_float("response_p90", 0, "90th-percentile response length of the rollout estimate "
                        "(0: rollout.max_new_tokens / 2)", flag_values=FLAGS)
+    flags.DEFINE_bool("list_fields", False, "print every field of --config and exit", flag_values=FLAGS)
     argv = list(sys.argv if argv is None else argv)
-    FLAGS(argv)
+    if any(a in cli.HELP_ARGS for a in argv[1:]):
+        cli.print_text(cli.help_text("plan", __doc__, [name for name in FLAGS if name != "config_json"],
+                                     flag_values=FLAGS))
+        return 0
 
+    def error(message: str) -> int:
+        print(f"prime_jax.plan: error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        FLAGS(argv)
+        config = FLAGS.config
+        if config is not None:
+            config.name  # noqa: B018 - raises for the placeholder of a config file that did not load
+    except flags.Error as e:
+        return error(cli.flag_error(e, argv))
+    except cli.FLAG_ERRORS as e:
+        return error(cli.flag_error(e, argv))
     if FLAGS.config_json:
         import ml_collections
 
         config = ml_collections.ConfigDict(json.loads(Path(FLAGS.config_json).read_text()))
         title = FLAGS.title
-    elif FLAGS.config is not None:
-        config = FLAGS.config
+    elif config is not None:
         title = FLAGS.title or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
     else:
-        print("plan: --config is required (e.g. --config=configs/qwen7b.py:v4-64)", file=sys.stderr)
-        return 2
+        return error("--config is required (e.g. --config=configs/qwen7b.py:v4-64); --help says more")
+    if FLAGS.list_fields:
+        cli.list_fields(config, argv, "")
+        return 0
     devices = FLAGS.devices
     preset = config.mesh.get("preset", "") if "mesh" in config else ""
     if not devices:
         if not preset:
-            print("plan: --devices is required when the config has no mesh.preset", file=sys.stderr)
-            return 2
+            return error("--devices is required when the config has no mesh.preset")
         from prime_jax.parallel import mesh_preset
 
         devices = mesh_preset(preset)["devices"]
@@ -432,8 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         msg = str(e)
         if not msg.startswith(("model.path", "tokenizer.path", "data.")):  # plan needs no weights or data
-            print(f"plan: invalid config: {msg}", file=sys.stderr)
-            return 2
+            return error(f"config {msg}")
     import jax
 
     from prime_jax.models.config import UnsupportedModelError

@@ -162,6 +162,9 @@ def dpo_accuracy(q, response_mask, outcome, n: int) -> jax.Array:
 #: ``ce``: ``prm_loss``; ``dpo``: ``prm_dpo_loss``; ``bon_acc`` / ``bon_rm``: its best-of-n weightings;
 #: ``pairwise``: ``prm_pairwise_loss`` (not in the reference; see its docstring).
 PRM_LOSS_TYPES = ("ce", "dpo", "bon_acc", "bon_rm", "pairwise")
+#: The loss types that read group scores from a scoring pass before the PRM's updates (veRL's ``Q_bc``):
+#: they need ``algo.prm_update="reverse"``, the mode that runs that pass, as in the veRL port.
+GROUP_SCORE_LOSS_TYPES = ("dpo", "bon_acc", "bon_rm")
 
 
 def _contrast_matrix(outcome, n: int) -> jax.Array:
@@ -178,7 +181,7 @@ def _contrast_matrix(outcome, n: int) -> jax.Array:
 
 
 def prm_contrast_rows(outcome, n: int) -> jax.Array:
-    """Which rows the ``dpo`` loss uses: rows with at least one contrast row in their group.
+    """Which rows have a contrast row in their group (the others meet ``Sbar = 0`` in ``prm_dpo_loss``).
 
     Args:
       outcome: ``[B]`` labels, groups of ``n`` contiguous rows.
@@ -194,24 +197,31 @@ def prm_dpo_loss(prm_logprobs, ref_logprobs, response_mask, outcome, group_score
     """The ``dpo`` PRM loss and its best-of-n variants (veRL port, ``compute_detach_dpo_loss_rm``).
 
     With ``s_i = beta * sum_t q[i,t]`` (gradient through ``prm_logprobs`` only) and the detached
-    scores ``S_j = beta * group_scores[j]`` from a scoring pass: ``Sbar_i`` = mean of ``S_j`` over
-    row i's contrast rows (``prm_contrast_rows``: for ``y_i > 0`` the group's rows with a lower
-    score, else those with a higher one; for 0/1 outcomes the opposite label) and
-    ``l_i = -log sigmoid((s_i - Sbar_i) * (2*[y_i > 0] - 1))``. Rows without a contrast row are
-    skipped (the reference uses ``Sbar_i = 0`` for them; the spec skips them). The loss compares
-    a response only with its own group, so a shift of sum q common to the group costs nothing.
+    scores ``S_j = beta * group_scores[j]`` from the scoring pass before the PRM's updates (veRL's
+    ``Q_bc``, which only its ``reverse`` mode computes; ``algo.prm_update="reverse"`` here):
+    ``Sbar_i`` = mean of ``S_j`` over row i's contrast rows (for ``y_i > 0`` the group's rows with
+    a lower score, else those with a higher one; for 0/1 outcomes the opposite label), and
+    ``Sbar_i = 0`` for a row without any (``prm_contrast_rows`` False: an all-correct or all-wrong
+    group, or the lowest positive score of a fractional one), which still counts, as in veRL;
+    ``l_i = -log sigmoid((s_i - Sbar_i) * (2*[y_i > 0] - 1))``. Within a group that has both
+    labels, a shift of sum q common to the group costs nothing.
 
-    * ``bon_mode="none"`` (``dpo``): mean of ``l_i`` over the used rows (0 if there are none);
-    * ``"bon_acc"``: ``sum_i w_i * l_i`` with ``w_i = n * mean_j([y_j <= y_i])^(n-1)``;
-    * ``"bon_rm"``: ``sum_i w_i * l_i`` with ``w_i = n * mean_j([S_j <= s_i])^(n-1)`` (``s_i``
+    * ``bon_mode="none"`` (``dpo``): ``mean_i l_i`` over all rows;
+    * ``"bon_acc"``: ``mean_i w_i * l_i`` with ``w_i = n * mean_j([y_j <= y_i])^(n-1)``;
+    * ``"bon_rm"``: ``mean_i w_i * l_i`` with ``w_i = n * mean_j([S_j <= s_i])^(n-1)`` (``s_i``
       detached in the weight); j runs over the group, i itself included, as in the reference.
+
+    The bon_* terms are a mean over the rows, as veRL's normalisation gives them: it sums ``w_i l_i``
+    over a micro-batch and divides by the micro-batches per mini-batch, so with its one row per
+    micro-batch (``recipe/prime/run_prime_qwen.sh``: ``micro_batch_size_per_gpu=1``) the result is
+    the mean over the mini-batch (a micro-batch of m rows would scale it by m).
 
     Args:
       prm_logprobs: ``[B, T]`` PRM log-probs (raw logits).
       ref_logprobs: ``[B, T]`` reference log-probs (no gradient).
       response_mask: ``[B, T]``.
       outcome: ``[B]`` labels in ``[0, 1]``.
-      group_scores: ``[B]`` detached ``sum_t q`` of every row from a scoring pass (no gradient).
+      group_scores: ``[B]`` detached ``sum_t q`` of every row from the scoring pass (no gradient).
       n: samples per prompt (static).
       beta: implicit-reward scale.
       bon_mode: ``"none"``, ``"bon_acc"`` or ``"bon_rm"`` (static).
@@ -228,13 +238,11 @@ def prm_dpo_loss(prm_logprobs, ref_logprobs, response_mask, outcome, group_score
     S = beta * sg(_f32(group_scores)).reshape(G, n)  # [G, n]
     contrast = _contrast_matrix(y, n)  # [G, n, n]
     count = jnp.sum(contrast, axis=-1).astype(_F32)  # [G, n]
-    other = jnp.sum(jnp.where(contrast, S[:, None, :], 0.0), axis=-1) / jnp.maximum(count, 1.0)
-    used = (count > 0).reshape(-1)
+    other = jnp.sum(jnp.where(contrast, S[:, None, :], 0.0), axis=-1) / jnp.maximum(count, 1.0)  # 0 without any
     sign = jnp.where(y > 0, 1.0, -1.0)
     row_loss = -jax.nn.log_sigmoid((s - other.reshape(-1)) * sign)
-    row_loss = jnp.where(used, row_loss, 0.0)
     if bon_mode == "none":
-        return (jnp.sum(row_loss) / jnp.maximum(jnp.sum(used), 1)).astype(_F32)
+        return jnp.mean(row_loss).astype(_F32)
     if bon_mode == "bon_acc":
         a = y.reshape(G, n)
         frac = jnp.mean((a[:, None, :] <= a[:, :, None]).astype(_F32), axis=-1)  # [G, n] over j
@@ -242,7 +250,7 @@ def prm_dpo_loss(prm_logprobs, ref_logprobs, response_mask, outcome, group_score
         si = sg(s).reshape(G, n)
         frac = jnp.mean((S[:, None, :] <= si[:, :, None]).astype(_F32), axis=-1)
     weight = n * frac.reshape(-1) ** (n - 1)
-    return jnp.sum(weight * row_loss).astype(_F32)
+    return jnp.mean(weight * row_loss).astype(_F32)
 
 
 def prm_pair_weights(outcome, n: int) -> jax.Array:

@@ -166,28 +166,46 @@ def np_dpo_accuracy(q, mask, outcome, n):
     return float(np.mean(accs))
 
 
-def np_prm_dpo_loss(prm, ref, mask, outcome, group_scores, n, beta=0.05, bon_mode="none"):
-    """veRL's compute_detach_dpo_loss_rm as loops; rows without a contrast row skipped (spec)."""
+def np_verl_detach_dpo_loss_rm(q, acc, Q_bc, acc_bc, mask, beta, bon_mode="none"):
+    """veRL recipe/prime/prime_core_algos.py compute_detach_dpo_loss_rm (6e6ae96c6), line by line in numpy.
+
+    q [b, T] (the micro-batch's rows), acc [b], Q_bc [b, n] / acc_bc [b, n]: each row's group, broadcast
+    from the scoring pass before the update (prime_ray_trainer.compute_reward, update "reverse")."""
+    cur_Q = (q * mask).sum(1) * beta
+    other_Q = np.zeros_like(cur_Q)
+    for i in range(q.shape[0]):
+        chosen = Q_bc[i][acc_bc[i] < acc[i]] if acc[i] > 0 else Q_bc[i][acc_bc[i] > acc[i]]
+        other_Q[i] = chosen.mean() * beta if len(chosen) > 0 else 0.0  # no contrast row: 0, and the row counts
+    dpo_loss = _softplus(-((cur_Q - other_Q) * ((acc > 0).astype(np.float64) * 2 - 1)))  # -log sigmoid
+    if bon_mode == "none":
+        return dpo_loss.mean()
+    n_samples = acc_bc.shape[1]
+    weight = np.zeros_like(dpo_loss)
+    for i in range(q.shape[0]):
+        if bon_mode == "bon_rm":
+            weight[i] = n_samples * np.mean(Q_bc[i] * beta <= cur_Q[i]) ** (n_samples - 1)
+        else:
+            weight[i] = n_samples * np.mean(acc_bc[i] <= acc[i]) ** (n_samples - 1)
+    return (dpo_loss * weight).sum()
+
+
+def np_prm_dpo_loss(prm, ref, mask, outcome, group_scores, n, beta=0.05, bon_mode="none", micro_batch=1):
+    """The loss veRL's update_rm (prime_dp_rm.py) back-propagates for one mini-batch: the mini-batch cut into
+    micro-batches of `micro_batch` rows (its run_prime_qwen.sh: micro_batch_size_per_gpu=1), each micro-batch's
+    compute_detach_dpo_loss_rm divided by the accumulation count, summed."""
     q = np_implicit_token_rewards(prm, ref, mask)
+    m = np.asarray(mask, np.float64)
     y = np.asarray(outcome, np.float64)
     Q = np.asarray(group_scores, np.float64)
-    total, used = 0.0, 0
-    for i in range(len(y)):
-        g = range(i // n * n, i // n * n + n)
-        cur = beta * q[i].sum()
-        chosen = [Q[j] for j in g if (y[j] < y[i] if y[i] > 0 else y[j] > y[i])]
-        if not chosen:
-            continue
-        z = (cur - beta * np.mean(chosen)) * (1.0 if y[i] > 0 else -1.0)
-        loss = _softplus(-z)  # -log sigmoid(z)
-        if bon_mode == "bon_acc":
-            loss *= n * np.mean([float(y[j] <= y[i]) for j in g]) ** (n - 1)
-        elif bon_mode == "bon_rm":
-            loss *= n * np.mean([float(beta * Q[j] <= cur) for j in g]) ** (n - 1)
-        total += loss
-        used += 1
-    if bon_mode == "none":
-        return total / max(used, 1)
+    B = len(y)
+    Q_bc = np.repeat(Q.reshape(-1, n), n, axis=0)  # [B, n]: each row's group
+    acc_bc = np.repeat(y.reshape(-1, n), n, axis=0)
+    accumulation = B // micro_batch
+    total = 0.0
+    for start in range(0, B, micro_batch):
+        rows = slice(start, start + micro_batch)
+        total += np_verl_detach_dpo_loss_rm(q[rows], y[rows], Q_bc[rows], acc_bc[rows], m[rows], beta,
+                                            bon_mode) / accumulation
     return total
 
 
@@ -560,6 +578,7 @@ J_DPO_LOSS = jax.jit(algo.prm_dpo_loss, static_argnames=("n", "bon_mode"))
 @pytest.mark.parametrize("bon_mode", ["none", "bon_acc", "bon_rm"])
 @pytest.mark.parametrize("name", ["basic", "n2", "n8", "padrows", "equal", "frac"])
 def test_prm_dpo_loss(name, bon_mode):
+    """Against veRL's compute_detach_dpo_loss_rm and update_rm's normalisation (one row per micro-batch)."""
     c = make_case(name)
     # detached scores of a scoring pass: the rows' own sums, perturbed (the PRM moved since)
     scores = np.asarray(c["q"], np.float64).sum(1) + c["rng"].normal(size=len(c["outcome"]))
@@ -571,14 +590,31 @@ def test_prm_dpo_loss(name, bon_mode):
         assert_close(got, want, tol=1e-5)
 
 
+@pytest.mark.parametrize("bon_mode", ["none", "bon_acc", "bon_rm"])
+def test_prm_dpo_loss_scale_is_verls_mean(bon_mode):
+    """veRL divides each micro-batch's loss by the accumulation count: dpo is a mean over the mini-batch whatever the
+    micro-batch, bon_* a mean at one row per micro-batch (its recipe) and m times that at m rows; never the sum over
+    the mini-batch (B times larger: the PRM's grad clip would always bind)."""
+    c = make_case("n8")  # 16 rows
+    scores = np.asarray(c["q"], np.float64).sum(1) + c["rng"].normal(size=16)  # no ties in bon_rm's S_j <= s_i
+    args = (c["prm"], c["ref"], c["mask"], c["outcome"], scores, c["n"], 0.5, bon_mode)
+    got = float(algo.prm_dpo_loss(*args))
+    one_row = np_prm_dpo_loss(*args, micro_batch=1)
+    assert_close(got, one_row, tol=1e-5)
+    by_group = np_prm_dpo_loss(*args, micro_batch=c["n"])
+    assert_close(got * (1 if bon_mode == "none" else c["n"]), by_group, tol=1e-5)
+
+
 def test_prm_dpo_loss_properties():
     c = make_case("basic")
     n, B = c["n"], len(c["outcome"])
     scores = np.asarray(c["q"]).sum(1)
-    loss = lambda prm, sc: float(algo.prm_dpo_loss(prm, c["ref"], c["mask"], c["outcome"], sc, n, beta=0.5))
-    # a shift of sum q common to a group (current and detached scores alike) costs nothing
+    loss = lambda prm, sc, y=c["outcome"]: float(algo.prm_dpo_loss(prm, c["ref"], c["mask"], y, sc, n, beta=0.5))
+    # a shift of sum q common to a group with both labels (current and detached scores alike) costs nothing
+    mixed = np.asarray(algo.prm_contrast_rows(c["outcome"], n)).reshape(-1, n).all(1)
+    assert mixed.sum() == 2  # groups 0 and 2; group 1 is all correct
     lengths = c["mask"].sum(1)
-    shift = np.repeat(np.arange(B // n, dtype=np.float32) * 3.0, n)
+    shift = np.repeat(np.arange(1, B // n + 1, dtype=np.float32) * 3.0 * mixed, n)
     prm_shifted = c["prm"] + (shift / np.maximum(lengths, 1))[:, None] * c["mask"]
     assert abs(loss(prm_shifted, scores + shift) - loss(c["prm"], scores)) < 1e-5
     # gradients flow only through the PRM's log-probs, not the reference or the detached scores
@@ -587,10 +623,10 @@ def test_prm_dpo_loss_properties():
     assert np.any(np.asarray(g[0]) != 0) and not np.any(np.asarray(g[1])) and not np.any(np.asarray(g[2]))
     # raising a correct row's sum lowers the loss, raising a wrong row's raises it
     grad_rows = np.asarray(g[0]).sum(1)
-    used = np.asarray(algo.prm_contrast_rows(c["outcome"], n))
-    assert np.all(grad_rows[used & (c["outcome"] > 0)] < 0) and np.all(grad_rows[used & (c["outcome"] == 0)] > 0)
-    # no contrast row anywhere: loss 0
-    assert float(algo.prm_dpo_loss(c["prm"], c["ref"], c["mask"], np.ones(B, np.float32), scores, n)) == 0.0
+    assert np.all(grad_rows[c["outcome"] > 0] < 0) and np.all(grad_rows[c["outcome"] == 0] > 0)
+    # no contrast row anywhere (all correct): each row compares with 0, as in veRL (other_Q = 0), and counts
+    s = 0.5 * (np.asarray(c["q"], np.float64) * c["mask"]).sum(1)
+    assert_close(loss(c["prm"], scores, np.ones(B, np.float32)), np.mean(_softplus(-s)), tol=1e-5)
     with pytest.raises(ValueError):
         algo.prm_dpo_loss(c["prm"], c["ref"], c["mask"], c["outcome"], scores, n, bon_mode="best")
 

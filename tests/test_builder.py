@@ -5,6 +5,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from config_files import load_config
 from prime_jax import plan
@@ -76,6 +77,20 @@ def test_plan_programs_are_the_training_programs(tmp_path):
     # the loop's scoring calls: the trainer's (old + reference) and the PRM phase's (the PRM's)
     assert ({text(steps.score, args) for args in calls["score"]}
             == {text(steps.score, planned["score"]), text(steps.score, planned["prm_score"])})
+
+
+@pytest.mark.parametrize("loss", ["ce", "dpo", "bon_acc"])
+def test_plan_prm_batch_carries_group_scores_for_the_dpo_losses(loss):
+    """The dpo / bon_* PRM step also reads the group scores of the first scoring pass (prm_update "reverse"):
+    the planned PRM batch carries them as the loop builds them, float32 [rows] sharded like the outcome."""
+    update = "before" if loss == "ce" else "reverse"
+    config = tiny_config(**{"algo.prm_loss": loss, "algo.prm_update": update})
+    batch = RunBuilder(config, mesh_from_config(config)).abstract_batch("prm", 16)
+    if loss == "ce":
+        assert batch.group_scores is None
+    else:
+        assert batch.group_scores.shape == (16,) and batch.group_scores.dtype == np.float32
+        assert batch.group_scores.sharding == batch.outcome.sharding
 
 
 def test_plan_and_trainer_share_the_builder():

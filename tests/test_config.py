@@ -87,6 +87,18 @@ def test_schema_top_level_fields_and_every_field_commented():
     (lambda c: setattr(c.sft, "flaw_prob", -0.1), "sft.flaw_prob", "[0, 1]"),
     (lambda c: setattr(c.sft, "flaw_direction", "down"), "sft.flaw_direction", "'up'"),
     (lambda c: setattr(c.sft, "flawed_steps", 0.3), "sft.flawed_steps", "task 'arith'"),
+    # settings that would silently do nothing (issue 29): a frozen PRM equal to its frozen reference gives q = 0 ...
+    (lambda c: (setattr(c.algo, "prm_update", "none"), setattr(c.algo, "prm_ref", "freeze")),
+     "algo.prm_update", "q = log π_φ - log π_ref is 0 (outcome-only under another name"),
+    (lambda c: (setattr(c.algo, "prm_update", "none"), setattr(c.algo, "prm_ref", "freeze"),
+                setattr(c.algo, "process_source", "prm_logprob")), "algo.prm_update", "'ref_logprob' under another name"),
+    # ... the ramp's gate reads a trained PRM's ranking, which other process sources never log ...
+    (lambda c: (setattr(c.algo, "process_ramp", "ranking"), setattr(c.algo, "process_source", "oracle")),
+     "algo.process_ramp", "its weight would stay 0"),
+    # ... and veRL's dpo losses read the group scores of reverse's first scoring pass
+    (lambda c: setattr(c.algo, "prm_loss", "dpo"), "algo.prm_update", "which only 'reverse' runs"),
+    (lambda c: (setattr(c.algo, "prm_loss", "bon_rm"), setattr(c.algo, "prm_update", "after")),
+     "algo.prm_update", "which only 'reverse' runs"),
 ])
 def test_bad_values_name_the_field(change, field, words):
     c = tiny()
@@ -94,6 +106,18 @@ def test_bad_values_name_the_field(change, field, words):
     message = error_of(c)
     assert message.startswith(field + ":"), message
     assert words in message, message
+
+
+@pytest.mark.parametrize("values", [
+    {"algo.prm_update": "none"},  # tiny.py's reference is the rollout policy: q = log π_SFT - log π_old, not 0
+    {"algo.prm_update": "none", "algo.prm_ref": "freeze", "algo.estimator": "outcome_rloo"},  # no PRM at all
+    {"algo.prm_loss": "dpo", "algo.prm_update": "reverse"}, {"algo.prm_loss": "bon_acc", "algo.prm_update": "reverse"},
+    {"algo.prm_loss": "dpo", "algo.estimator": "outcome_rloo"},  # no PRM trained: its loss is not read
+    {"algo.process_ramp": "ranking"},
+    {"algo.process_ramp": "ranking", "algo.process_source": "prm_logprob", "algo.prm_ref": "freeze"},
+])
+def test_neighbours_of_the_refused_settings_validate(values):
+    validate(load_config("tiny", values), num_devices=1)
 
 
 def test_wrong_type_and_unknown_field():

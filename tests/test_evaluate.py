@@ -40,8 +40,10 @@ def _save_tiny_model(folder: Path, tokenizer_dir: Path | None, vocab_size: int, 
 
 
 def _config(**changes):
+    # The 7B models' prompts (Eurus-2's instruction after each benchmark problem), which the fake model
+    # below renders too; configs/tiny.py itself appends no instruction.
     return load_config("tiny", {"reward.workers": 1, "data.max_prompt_tokens": 2048, "rollout.eval_batch": 8,
-                                **changes})
+                                "data.instruction": "eurus2", **changes})
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +142,7 @@ def _ground_truth_generate(benchmarks, tokenizer_holder, n_wrong: int = 0):
         if "map" not in tokenizer_holder:
             table = {}
             for name in benchmarks:
-                ids, kept, _ = render_prompts(load_benchmark(name)[0], tokenizer, None)
+                ids, kept, _ = render_prompts(load_benchmark(name)[0], tokenizer, None)  # eurus2, as _config
                 table.update({tuple(i): p.ground_truth for i, p in zip(ids, kept)})
             tokenizer_holder["map"] = table
         texts = []
@@ -164,17 +166,18 @@ def test_ground_truth_responses_score_one(tmp_path, monkeypatch, tiny_model_dir,
         m = scores["benchmarks"][name]
         assert m["pass@1"] == 1.0, (name, m)
         assert m["num_problems"] == 3 and m["num_dropped"] == 0 and m["no_answer_frac"] == 0.0
-        records = [json.loads(line) for line in (tmp_path / "eval" / f"{name}.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (Path(scores["output"]) / f"{name}.jsonl").read_text().splitlines()]
         assert len(records) == 3
         for rec, problem in zip(records, load_benchmark(name)[0][:3]):
             assert rec["problem_id"] == problem.id and rec["score"] == 1.0 and rec["correct"]
             assert rec["extracted_answer"] == problem.ground_truth
             assert rec["prompt"].startswith("<|im_start|>user\n") and rec["prompt"].endswith("assistant\n")
             assert f"\\boxed{{{problem.ground_truth}}}" in rec["response"]
-    saved = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    assert Path(scores["output"]) == tmp_path / "eval" / "model_greedy"  # named after the checkpoint and settings
+    saved = json.loads((Path(scores["output"]) / "scores.json").read_text())
     assert saved["benchmarks"]["gsm8k"]["pass@1"] == 1.0 and saved["settings"]["n"] == 1
     assert saved["average"]["pass@1"] == 1.0
-    md = (tmp_path / "eval" / "scores.md").read_text()
+    md = (Path(scores["output"]) / "scores.md").read_text()
     assert "| math500 | 3 | 100.0 |" in md and "MATH-500" in md and "66.2" in md and "AIME24" in md
 
 
@@ -286,7 +289,7 @@ def test_run_checkpoint_policy_prm_and_sampled_eval(tmp_path, one_device_mesh):
     m = scores["benchmarks"]["synthetic"]
     assert {"pass@1", "pass@2", "avg@2", "maj@2", "best@2", "prm_vote@2"} <= set(m) and m["num_problems"] == 3
     assert 0.0 <= m["pass@1"] <= m["pass@2"] <= 1.0 and m["response_length"] <= 8
-    lines = (run / "eval" / "synthetic.jsonl").read_text().splitlines()
+    lines = (run / "eval" / "step3_n2_t1_prm" / "synthetic.jsonl").read_text().splitlines()
     assert len(lines) == 6 and all("prm_reward" in json.loads(x) for x in lines)
 
 
@@ -309,8 +312,9 @@ def test_cli_end_to_end(tmp_path):
            "--max_new_tokens=16", "--config.data.max_prompt_tokens=1024", "--config.reward.workers=1"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "wd" / "eval"
-    assert sorted(p.name for p in out.iterdir()) == ["gsm8k.jsonl", "math500.jsonl", "scores.json", "scores.md"]
+    out = tmp_path / "wd" / "eval" / "model_greedy"
+    assert sorted(p.name for p in out.iterdir()) == ["evaluation.json", "gsm8k.jsonl", "math500.jsonl", "scores.json",
+                                                     "scores.md"]
     scores = json.loads((out / "scores.json").read_text())
     assert set(scores["benchmarks"]) == {"math500", "gsm8k"}
     for name in ("math500", "gsm8k"):

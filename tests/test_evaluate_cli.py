@@ -44,9 +44,9 @@ def test_same_named_files_get_unique_names_and_all_dropped_is_not_a_score(tmp_pa
            "--max_new_tokens=4", "--config.data.max_prompt_tokens=100", "--config.reward.workers=1"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "wd" / "eval"
-    assert sorted(p.name for p in out.iterdir()) == ["a-test.jsonl", "b-test.jsonl", "scores.json", "scores.md",
-                                                     "x.jsonl"]
+    out = tmp_path / "wd" / "eval" / "model_greedy"
+    assert sorted(p.name for p in out.iterdir()) == ["a-test.jsonl", "b-test.jsonl", "evaluation.json", "scores.json",
+                                                     "scores.md", "x.jsonl"]
     scores = json.loads((out / "scores.json").read_text())["benchmarks"]
     assert {k: v["num_problems"] for k, v in scores.items()} == {"a-test": 2, "b-test": 1, "x": 3}
     assert "x: all 3 problems dropped (prompts longer than data.max_prompt_tokens=100); no score" in proc.stdout
@@ -94,7 +94,7 @@ def test_interrupted_evaluation_keeps_its_records_and_resumes(tmp_path, monkeypa
     fail_on_call = 2
     with pytest.raises(_Interrupt):
         ev.evaluate(_config(), tmp_path / "run", **kwargs)
-    progress = tmp_path / "run" / "eval" / "progress" / "math500.jsonl"
+    progress = tmp_path / "run" / "eval" / "model_greedy" / "progress" / "math500.jsonl"
     lines = progress.read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[1])["chunk"] == 0  # header + the finished chunk, on disk
     assert [r["problem_id"] for recs in json.loads(lines[1])["records"] for r in recs]
@@ -110,12 +110,15 @@ def test_interrupted_evaluation_keeps_its_records_and_resumes(tmp_path, monkeypa
     strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time_")}  # noqa: E731
     assert strip(resumed["benchmarks"]["math500"]) == strip(fresh["benchmarks"]["math500"])
     assert resumed["benchmarks"]["math500"]["pass@1"] == 1.0
-    assert ((tmp_path / "run" / "eval" / "math500.jsonl").read_text()
-            == (tmp_path / "fresh" / "eval" / "math500.jsonl").read_text())
+    assert ((tmp_path / "run" / "eval" / "model_greedy" / "math500.jsonl").read_text()
+            == (tmp_path / "fresh" / "eval" / "model_greedy" / "math500.jsonl").read_text())
 
-    # Other settings do not reuse the records: the file starts afresh.
+    # Other settings do not reuse the records: they go to a folder of their own, which starts afresh,
+    # and the earlier results stay.
     fail_on_call = 1
     calls.clear()
     with pytest.raises(_Interrupt):
         ev.evaluate(_config(), tmp_path / "run", **dict(kwargs, max_new_tokens=5))
-    assert len(progress.read_text().splitlines()) == 1
+    other = tmp_path / "run" / "eval" / "model_greedy-2" / "progress" / "math500.jsonl"
+    assert len(other.read_text().splitlines()) == 1
+    assert json.loads((tmp_path / "run" / "eval" / "model_greedy" / "scores.json").read_text())["benchmarks"]

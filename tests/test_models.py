@@ -297,7 +297,8 @@ def test_rope_theta_spellings():
 # ---------------------------------------------------------------------------------------- KV cache
 
 
-def test_kv_cache_decode_matches_full_forward(untied_checkpoint):
+@pytest.mark.parametrize("block", [None, 4])  # one block; four blocks of 4 columns (decoding crosses them)
+def test_kv_cache_decode_matches_full_forward(untied_checkpoint, block):
     _, folder = untied_checkpoint
     model = from_pretrained(folder)
     graphdef, state = nnx.split(model)
@@ -316,7 +317,8 @@ def test_kv_cache_decode_matches_full_forward(untied_checkpoint):
     def step(state, ids, mask, cache):
         return nnx.merge(graphdef, state).forward_with_cache(ids, mask, cache)
 
-    cache = KVCache.init(model.config, batch_size=3, max_len=6 + steps + 2)  # spare slots stay unused
+    cache = KVCache.init(model.config, batch_size=3, max_len=6 + steps + 5, block=block)  # spare slots stay unused
+    assert len(cache.k[0]) == (4 if block else 1)
     logits, cache = step(state, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), cache)
     pieces = [np.asarray(logits)]
     for t in range(steps):
@@ -329,25 +331,68 @@ def test_kv_cache_decode_matches_full_forward(untied_checkpoint):
 
 
 def test_decode_attention_matches_full_attention():
-    """Blockwise online softmax == one softmax over the whole cache, whatever the number of blocks
-    read (fully masked blocks, a row whose first block is all padding, blocks past the longest row)."""
+    """Blockwise softmax == one softmax over the whole cache, whatever the number of blocks read
+    (fully masked blocks, a row whose first block is all padding, blocks past the longest row), and
+    each row's new key and value land in its own column of the right block."""
     from prime_jax.models.qwen2 import cached_attention, decode_attention
 
     rng = np.random.default_rng(0)
-    L, B, K, G, S, H, block = 2, 3, 2, 2, 64, 8, 16
+    B, K, G, S, H, block = 3, 2, 2, 64, 8, 16
     q = jnp.asarray(rng.normal(size=(B, K * G, H)), jnp.float32)
-    k_all = jnp.asarray(rng.normal(size=(L, B, K, S, H)), jnp.float32)
-    v_all = jnp.asarray(rng.normal(size=(L, B, K, H, S)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(B, K, H, S)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, K, S, H)), jnp.float32)
+    k_new = jnp.asarray(rng.normal(size=(B, K, H)), jnp.float32)
+    v_new = jnp.asarray(rng.normal(size=(B, K, H)), jnp.float32)
+    columns = np.array([29, 20, 44])  # each row's new token, in blocks 1, 1 and 2
     valid = np.zeros((B, S), bool)
     valid[0, 10:30] = True  # starts inside block 0
     valid[1, 20:21] = True  # block 0 all padding
     valid[2, :45] = True  # the longest row: 3 blocks
-    expected = cached_attention(q[:, None], k_all[1], v_all[1], jnp.asarray(valid)[:, None, None], 0.3)[:, 0]
-    results = [decode_attention(q, k_all, v_all, 1, jnp.asarray(valid), columns, 0.3, block)
-               for columns in (45, 48, 64)]
-    np.testing.assert_allclose(np.asarray(results[0]), np.asarray(expected), atol=1e-5)
+    k_written = np.asarray(k).copy()
+    v_written = np.asarray(v).copy()
+    k_written[np.arange(B), :, :, columns] = k_new
+    v_written[np.arange(B), :, columns, :] = v_new
+    expected = cached_attention(q[:, None], jnp.asarray(k_written), jnp.asarray(v_written),
+                                jnp.asarray(valid)[:, None, None], 0.3)[:, 0]
+    attend = jax.jit(decode_attention, static_argnums=8)
+    blocks = lambda x, axis: tuple(jax.lax.slice_in_dim(x, i, i + block, axis=axis) for i in range(0, S, block))
+    results = []
+    for num_columns in (45, 48, 64):
+        out, k_blocks, v_blocks = attend(q, k_new, v_new, blocks(k, 3), blocks(v, 2), jnp.asarray(columns),
+                                         jnp.asarray(valid), num_columns, 0.3)
+        np.testing.assert_array_equal(np.concatenate(k_blocks, axis=3), k_written)
+        np.testing.assert_array_equal(np.concatenate(v_blocks, axis=2), v_written)
+        results.append(np.asarray(out))
+    np.testing.assert_allclose(results[0], np.asarray(expected), atol=1e-5)
     for other in results[1:]:  # extra, fully masked blocks change nothing, bit for bit
-        np.testing.assert_array_equal(np.asarray(other), np.asarray(results[0]))
+        np.testing.assert_array_equal(other, results[0])
+
+
+def test_decode_attention_with_a_shared_prefix():
+    """Rows that share a prefix (n consecutive rows per prefix) attend it as one group: the same as
+    attending the prefix's columns copied in front of each row's own."""
+    from prime_jax.models.qwen2 import cached_attention, decode_attention
+
+    rng = np.random.default_rng(1)
+    P, n, K, G, C, S, H, block = 2, 3, 2, 2, 12, 32, 8, 16
+    B = P * n
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    q, k, v = normal(B, K * G, H), normal(B, K, H, S), normal(B, K, S, H)
+    k_new, v_new = normal(B, K, H), normal(B, K, H)
+    prefix_k, prefix_v = normal(P, K, H, C), normal(P, K, C, H)
+    prefix_valid = np.ones((P, C), bool)
+    prefix_valid[0, :5] = False  # left padding
+    columns = np.array([0, 3, 20, 7, 1, 17])
+    valid = np.arange(S)[None, :] <= columns[:, None]
+    out, k_blocks, v_blocks = jax.jit(decode_attention, static_argnums=8)(
+        q, k_new, v_new, (k[..., :block], k[..., block:]), (v[:, :, :block], v[:, :, block:]), jnp.asarray(columns),
+        jnp.asarray(valid), int(columns.max()) + 1, 0.3, (prefix_k, prefix_v, jnp.asarray(prefix_valid)))
+    rows = np.arange(B) // n
+    full_k = jnp.concatenate([prefix_k[rows], jnp.concatenate(k_blocks, axis=3)], axis=3)
+    full_v = jnp.concatenate([prefix_v[rows], jnp.concatenate(v_blocks, axis=2)], axis=2)
+    full_valid = jnp.concatenate([jnp.asarray(prefix_valid)[rows], jnp.asarray(valid)], axis=1)
+    expected = cached_attention(q[:, None], full_k, full_v, full_valid[:, None, None], 0.3)[:, 0]
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-5)
 
 
 def test_decode_step_cost_follows_live_rows_not_capacity():

@@ -158,3 +158,56 @@ def test_constrain_under_an_abstract_mesh_inside_jit():
     y = jax.jit(f)(x)  # the devices come from the (mesh-placed) input, the spec from the constraint
     assert y.sharding.spec[0] == ("data", "fsdp")
     assert y.sharding.shard_shape(y.shape) == (1, 4, 16)
+
+
+class _KeyValueStore:
+    """The coordination service's key-value calls the host watch makes, in memory (one per pod)."""
+
+    def __init__(self):
+        self.values, self.up = {}, True
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if not self.up:
+            raise RuntimeError("UNAVAILABLE: failed to connect")
+        self.values[key] = value
+
+    def key_value_dir_get(self, prefix):
+        if not self.up:
+            raise RuntimeError("UNAVAILABLE: failed to connect")
+        return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
+    def key_value_try_get(self, key):
+        return self.values[key]
+
+
+def test_host_watch_names_a_silent_process_and_not_one_that_finished():
+    """Three processes: 2 finishes (says so), 1 goes silent: the watch of 0 names 1, not 2; when
+    the coordinator goes away, the watch of 1 names it."""
+    import time
+
+    from prime_jax.parallel.host_watch import HostWatch, looks_like_a_lost_host
+
+    class Recorded(HostWatch):
+        def _lost(self, pid, what):
+            self.verdict = (pid, what)
+            self._stop.set()
+
+    store = _KeyValueStore()
+    watches = [Recorded(store, pid, 3, timeout_s=0.6, interval_s=0.05) for pid in range(3)]
+    for w in watches:
+        w.start()
+    time.sleep(0.3)
+    watches[2].stop()  # finished: its silence is no death
+    watches[1]._stop.set()  # died: silent, without saying so
+    watches[0]._thread.join(timeout=5)
+    assert watches[0].verdict[0] == 1, getattr(watches[0], "verdict", None)
+    assert watches[0].verdict[1].startswith("process 1 of 3 (host ") and "stopped answering" in watches[0].verdict[1]
+
+    store, lonely = _KeyValueStore(), None
+    lonely = Recorded(store, 1, 2, timeout_s=0.3, interval_s=0.05)
+    lonely.start()
+    store.up = False  # the coordinator (process 0) is gone
+    lonely._thread.join(timeout=5)
+    assert lonely.verdict[0] == 0 and "the coordinator (process 0) stopped answering" in lonely.verdict[1]
+    assert looks_like_a_lost_host(RuntimeError("Gloo AllGather failed: Connection closed by peer"))
+    assert not looks_like_a_lost_host(RuntimeError("RESOURCE_EXHAUSTED: out of memory"))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,10 +74,14 @@ def test_report_has_every_phase_with_consistent_components(report):
         assert p.params == pytest.approx(3 * report.resident["policy_params"])  # policy, PRM, reference
         assert (p.grads > 0) == (p.name in ("prm", "policy"))
         assert (p.kv_cache > 0) == (p.name in ("prefill", "decode"))
-    # KV cache: 16 prompts (bucket of 12) x n=4 = 64 rows (one decode slot each) over 8 data-parallel
-    # devices, 32 columns; and the 16 prefilled prompts of 16 columns the slots copy from
-    kv = next(p for p in report.phases if p.name == "decode").kv_cache
-    L, K, H, columns, rows, prompts, prompt_len = 2, 2, 8, 32, 64 // 8, 16 // 8, 16
+    # KV cache: 12 prompts (1.5 x 8) padded to the sampler's bucket of 16, x n=4 = 64 rows (one decode slot
+    # each: the static batch) over 8 data-parallel devices, 16 columns for the responses; and the 16 prefilled
+    # prompts of 16 columns that each prompt's rows attend
+    decode = next(p for p in report.phases if p.name == "decode")
+    assert decode.detail.startswith("12 prompts per attempt (rollout.oversample 1.5 x batch.prompts_per_step 8), "
+                                    "padded to the sampler's bucket of 16, x n=4 = 64 rows"), decode.detail
+    kv = decode.kv_cache
+    L, K, H, columns, rows, prompts, prompt_len = 2, 2, 8, 16, 64 // 8, 16 // 8, 16
     assert kv == (2 * L * rows * columns * K * H * 4 + rows * columns + 2 * rows * 4
                   + 2 * L * prompts * prompt_len * K * H * 4)
     assert all(report.fits(t) for t in report.targets)
@@ -148,16 +153,45 @@ def test_cli_on_fake_devices(tmp_path):
     assert data["devices"] == 4 and data["mesh"]["fsdp"] == 4
 
 
+def _saved_plans() -> dict:
+    return json.loads((ROOT / "docs" / "plan_presets.json").read_text())
+
+
+def test_docs_numbers_are_the_plans():
+    """The README's planned peaks and docs/scale_out.md's tables, summary and oversample table are
+    rendered from `plan`'s own reports of each preset (docs/plan_presets.json, written by
+    benchmarks/plan_presets.py): rendered again, the docs are unchanged."""
+    from config_files import module_at
+
+    generator = module_at("benchmarks/plan_presets.py", "plan_presets")
+    reports = _saved_plans()
+    assert set(reports) == {name for name, _, _ in generator.VARIANTS}
+    blocks = generator.render(reports)
+    for doc, names in generator.DOCS.items():
+        found = generator.generated_blocks((ROOT / doc).read_text())
+        for name in names:
+            assert found.get(name) == blocks[name], f"{doc}: rerun python benchmarks/plan_presets.py --render"
+    for name, report in reports.items():  # what the sample line counts, in the plan's own words
+        detail = next(p["detail"] for p in report["phases"] if p["name"] == "decode")
+        assert re.match(r"\d+ prompts per attempt \(rollout\.oversample [\d.]+ x batch\.prompts_per_step 256\), "
+                        r"padded to the sampler's bucket of \d+", detail), (name, detail)
+
+
 @pytest.mark.skipif(not os.environ.get("PRIME_SLOW_TESTS"), reason="minutes of CPU; set PRIME_SLOW_TESTS=1")
-def test_qwen7b_plan_v4_64():
+def test_qwen7b_plan_v4_64(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "prime_jax.plan", "--config=configs/qwen7b.py:v4-64", "--quiet", "--strict",
-         "--targets=v4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+         "--targets=v4", f"--json_out={tmp_path / 'plan.json'}"], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]  # --strict: 1 unless it fits v4
     assert "7.62B params/model" in proc.stdout and "on 32 cpu devices" in proc.stdout
     assert "=> fits the preset's target v4 32G (*)" in proc.stdout
+    # the docs' numbers (docs/plan_presets.json) are still what the plan says
+    got = {p["name"]: p["peak"] for p in json.loads((tmp_path / "plan.json").read_text())["phases"]}
+    saved = {p["name"]: p["peak"] for p in _saved_plans()["v4-64"]["phases"]}
+    assert got == pytest.approx(saved, rel=1e-3), "rerun python benchmarks/plan_presets.py"
 
 
 def test_device_count_runs_in_a_subprocess():

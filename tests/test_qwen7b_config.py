@@ -76,6 +76,33 @@ def test_reference_hyperparameters():
     assert c.model.dtype == "bfloat16" and c.model.param_dtype == "float32" and c.model.remat == "full"
 
 
+def test_every_departure_is_off_and_set_in_the_file():
+    """The 7B recipe is the reference's: every prime-jax departure off, PRM / PPO updates per step as the
+    reference's (1024 responses in mini-batches of 256: 4 each, one pass), each value set in configs/qwen7b.py
+    itself, so a change of base_config()'s defaults cannot alter the 7B run."""
+    c = load_qwen7b().get_config()
+    pinned = {
+        "algo.process_source": "prm", "algo.process_norm_floor": 0.0, "algo.process_ramp": "none",
+        "algo.prm_warmup_steps": 0, "algo.prm_update": "after", "algo.prm_loss": "ce", "algo.prm_ref": "freeze",
+        "algo.beta": 0.05, "algo.process_coef": 1.0, "algo.outcome_coef": 1.0, "algo.estimator": "prime_rloo",
+        "algo.agg": "seq-mean-token-mean", "algo.recompute_old_logprobs": True, "algo.filter": True,
+        "policy_optim.warmup_steps": 0, "prm_optim.warmup_steps": 0, "prm_optim.lr": 1e-6, "policy_optim.lr": 5e-7,
+        "rollout.oversample": 1.5, "rollout.max_refill": 3,
+    }
+    from prime_jax.config import _flatten
+
+    values = _flatten(c)
+    assert {k: values[k] for k in pinned} == pinned
+    rows = c.batch.prompts_per_step * c.rollout.n
+    assert rows == 1024 and rows // c.batch.prm_mini_batch == 4 and rows // c.batch.mini_batch == 4
+    # set in the file, not inherited: the file's get_config must not read these from base_config's values
+    source = (ROOT / "configs" / "qwen7b.py").read_text()
+    for key in pinned:
+        section, field = key.split(".")
+        short = {"algo": "a", "rollout": "r"}.get(section)
+        assert f"{short}.{field} = " in source or f"c.{key} = " in source, key
+
+
 def test_all_fields_are_the_schema():
     c = load_qwen7b().get_config()
     from prime_jax.config import _flatten

@@ -20,7 +20,8 @@ QWEN_TOKENIZER = ROOT / "tests" / "fixtures" / "qwen3_tokenizer"
 # loss is SHORT's `ce`, so the step-2 page shows non-zero rewards).
 RUN = dict(SHORT, total_steps=2, eval_every=0, checkpoint_every=1, **{
     "sft.steps": 150, "sft.num_examples": 512, "sft.batch": 32, "sft.warmup_steps": 10,
-    "rollout.eval_max_new_tokens": 24, "data.synthetic.num_eval": 8, "checkpoint.keep": 2})
+    "rollout.eval_max_new_tokens": 24, "data.synthetic.num_eval": 8, "checkpoint.keep": 2,
+    "logging.html_per_page": 3})
 
 
 def _main(workdir: Path, cache: Path, *args: str, values: dict = RUN) -> subprocess.CompletedProcess:
@@ -83,7 +84,8 @@ def test_export_loads_with_auto_classes_and_plain_generate_answers_like_our_eval
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path / "xla_cache"), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(x) for x in (tmp_path / "eval" / "synthetic.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (tmp_path / "eval" / "hf_export_greedy" / "synthetic.jsonl").read_text()
+               .splitlines()]
     assert len(records) == 8 and sum(r["finished"] for r in records) >= 6, records
     for rec in records:
         enc = tokenizer(rec["prompt"], return_tensors="pt", add_special_tokens=False)
@@ -216,3 +218,101 @@ def test_html_picks_right_and_wrong_responses_and_a_robust_scale():
     assert colour_scale([{"q": [0.0, 0.0]}]) == 0.0
     page = render_html([{"prompt": "p", "tokens": ["x"] * 100, "q": q, "outcome": 1.0}], title="t")
     assert "Legend" in page and page.count("class='tok'") == 105  # 100 tokens + 5 legend cells
+
+
+# ------------------------------------------------------------------------------ issue 31
+@pytest.mark.slow
+def test_token_reward_pages_show_the_prms_ranking_and_page_through_the_responses(run_dir):
+    """The step's prm/dpo_accuracy and how to read Σq head each page; the 8 held-out responses come
+    3 to a page (logging.html_per_page), the pages linked to each other."""
+    from html.parser import HTMLParser
+
+    pages = sorted((run_dir / "rollouts").glob("step_2*.html"))
+    assert [p.name for p in pages] == ["step_2.html", "step_2_p2.html", "step_2_p3.html"]
+    ranking = next(json.loads(x)["prm/dpo_accuracy"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+                   if '"step": 2,' in x and "prm/dpo_accuracy" in x)
+    for k, page in enumerate(pages, 1):
+        text = page.read_text()
+        HTMLParser().feed(text)  # parses
+        assert f"put the right one above the wrong one in <b>{ranking:.0%}</b>" in text
+        assert "How to read it: &Sigma;q is the PRM's total reward" in text and "<code>prm/dpo_accuracy</code>" in text
+        others = [name for j, name in enumerate(("step_2.html", "step_2_p2.html", "step_2_p3.html"), 1) if j != k]
+        assert f"<b>{k}</b>" in text and all(f"href='{name}'" in text for name in others)
+        assert text.count("<h3>#") == (3 if k < 3 else 2)
+    assert "href='step_2_p2.html'>next" in pages[0].read_text() and "<h3>#7 " in pages[2].read_text()
+    assert "href='step_2_p2.html'>&lsaquo; previous" in pages[2].read_text()
+    start = (run_dir / "rollouts" / "step_0.html").read_text()
+    assert "At step 0 the PRM has not trained yet" in start
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_shape_change_in_one_line_and_keeps_a_history_of_other_changes(run_dir, tmp_path):
+    workdir = _copy_run(run_dir, tmp_path)
+    first = [json.loads(x) for x in (workdir / "config_history.jsonl").read_text().splitlines()]
+    assert len(first) == 1 and first[0]["config"]["algo"]["estimator"] == "prime_rloo"
+
+    proc = _main(workdir, tmp_path / "xla_cache", values=dict(RUN, **{"model.hidden_size": 64}))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"prime_jax.main: error: model.hidden_size is 64 but the run in {workdir} was trained with 32: its "
+        "checkpoints hold weights of that shape. Rerun with --config.model.hidden_size=32 to resume, or use another "
+        "--workdir for a new run"]
+
+    # (the run is finished: the trainer starts, records its settings and has no step left to do)
+    proc = _main(workdir, tmp_path / "xla_cache", values=dict(RUN, **{"algo.estimator": "outcome_rloo"}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    changed = [line for line in proc.stderr.splitlines() if "changed settings" in line]
+    assert len(changed) == 1 and changed[0].endswith(
+        "resuming from step 2 with changed settings: algo.estimator 'prime_rloo' -> 'outcome_rloo' (every start's "
+        f"settings are kept in {workdir / 'config_history.jsonl'})"), changed
+    assert json.loads((workdir / "config.json").read_text())["algo"]["estimator"] == "outcome_rloo"
+    history = [json.loads(x) for x in (workdir / "config_history.jsonl").read_text().splitlines()]
+    assert history[0] == first[0] and len(history) == 2
+    assert history[1]["start_step"] == 2 and history[1]["changes"] == {"algo.estimator": ["prime_rloo", "outcome_rloo"]}
+
+
+@pytest.mark.slow
+def test_evaluations_keep_each_settings_results_and_a_users_problem_file_scores_like_the_task(run_dir, tmp_path):
+    """Greedy and sampled evaluations go to folders named after what they evaluated and how, the
+    index lists both, the console prints the whole table; the README's own-file example (three
+    held-out problems as {problem, answer} rows) gets the same prompts, answers and scores as the
+    task's own prompts."""
+    import shlex
+
+    workdir = _copy_run(run_dir, tmp_path)
+    readme = (ROOT / "README.md").read_text()
+    command = readme[readme.index("printf '%s\\n'"):readme.index("> my.jsonl")].replace("\\\n", " ")
+    rows = shlex.split(command)[2:]
+    own = tmp_path / "my.jsonl"
+    own.write_text("".join(row + "\n" for row in rows))
+    assert [json.loads(row)["problem"] for row in rows] == ["Compute (6-1)*2", "Compute (5+6)-4", "Compute (8-1)*2"]
+
+    def evaluate(*args):
+        cmd = [sys.executable, "-m", "prime_jax.evaluate", "--config=configs/tiny.py", f"--workdir={workdir}",
+               "--limit=6", "--config.reward.workers=1", "--config.rollout.eval_max_new_tokens=24", *args]
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path / "xla_cache"), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    out = evaluate(f"--benchmarks=synthetic,{own}")
+    assert out.splitlines()[0].startswith("data.instruction=none: adds nothing after the problems"), out
+    greedy = workdir / "eval" / "step2_greedy"
+    task = {r["prompt"]: r for r in map(json.loads, (greedy / "synthetic.jsonl").read_text().splitlines())}
+    mine = [json.loads(x) for x in (greedy / "my.jsonl").read_text().splitlines()]
+    assert len(mine) == 3
+    for record in mine:  # the same prompt as the task's held-out problem, so the same answer and score
+        same = task[record["prompt"]]
+        assert [record[k] for k in ("response", "ground_truth", "score")] == [same[k] for k in
+                                                                              ("response", "ground_truth", "score")]
+    assert "| synthetic | 6 |" in out and "| my | 3 |" in out  # the whole table, both benchmarks
+
+    out = evaluate("--benchmarks=synthetic", "--n=2", "--temperature=1.0")
+    sampled = workdir / "eval" / "step2_n2_t1"
+    table = out[out.index("step2_n2_t1 ("):]
+    assert "| benchmark | problems | pass@1 | pass@2 | avg@2 | maj@2 | mean length |" in table, out
+    assert json.loads((sampled / "scores.json").read_text())["settings"]["n"] == 2
+    assert set(json.loads((greedy / "scores.json").read_text())["benchmarks"]) == {"synthetic", "my"}  # kept
+    index = (workdir / "eval" / "scores.md").read_text()
+    for row in ("| [step2_greedy](step2_greedy/scores.md) |", "| [step2_n2_t1](step2_n2_t1/scores.md) |"):
+        assert row in index, index

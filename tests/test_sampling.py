@@ -142,6 +142,19 @@ def test_sample_distribution(temperature, top_k, top_p):
     np.testing.assert_allclose(np.asarray(logprobs), np.asarray(full)[tokens], atol=1e-6)
 
 
+@pytest.mark.parametrize("size", [1, 7, 96, 5000])
+def test_gumbel_noise_is_jax_random_gumbel_bit_for_bit(size):
+    """The unrolled threefry draws exactly jax's Gumbel noise (jitted and not), so the sampler's
+    tokens are those `jax.random.gumbel` would give; other key types fall back to it."""
+    keys = jax.random.split(jax.random.key(size), 5)
+    expected = np.asarray(jax.vmap(lambda k: jax.random.gumbel(k, (size,), jnp.float32))(keys))
+    np.testing.assert_array_equal(np.asarray(jax.jit(strategies.gumbel_noise, static_argnums=1)(keys, size)), expected)
+    np.testing.assert_array_equal(np.asarray(strategies.gumbel_noise(keys, size)), expected)
+    rbg = jax.random.split(jax.random.key(size, impl="rbg"), 3)
+    np.testing.assert_array_equal(np.asarray(strategies.gumbel_noise(rbg, size)),
+                                  np.asarray(jax.vmap(lambda k: jax.random.gumbel(k, (size,), jnp.float32))(rbg)))
+
+
 def test_top_p_keeps_top_token_and_ties():
     logits = jnp.array([[3.0, 1.0, 1.0, 1.0, -5.0]])
     cutoff = strategies.nucleus_cutoff(jnp.sort(logits, axis=-1, descending=True), 0.01)
@@ -213,6 +226,33 @@ def test_logprobs_match_response_logprobs(model, sampled):
     assert r.finished.any() and not r.finished.all()  # some rows stopped, some were truncated
 
 
+def test_sampled_tokens_match_a_full_forward_reference(model, sampled):
+    """The contract, against a naive sampler: row r's token t is `strategies.sample` of the full
+    forward's logits for its prefix (no cache) with key `fold_in(fold_in(key, t), r)`; a row ends at
+    a stop token or after max_new_tokens."""
+    args = SAMPLED_ARGS
+    rows, new = len(sampled.lengths), args["max_new_tokens"]
+    width = max(map(len, PROMPTS)) + new
+    ids = np.zeros((rows, width), np.int32)
+    mask = np.zeros((rows, width), np.int32)
+    for r in range(rows):  # prompt i's n samples are rows [i n, (i + 1) n); prompts left-padded
+        prompt = PROMPTS[r // args["n"]]
+        ids[r, width - new - len(prompt):width - new] = prompt
+        mask[r, width - new - len(prompt):width - new] = 1
+    graphdef, state = nnx.split(model)
+    logits_at = jax.jit(lambda state, ids, mask, column: nnx.merge(graphdef, state)(ids, mask)[:, column])
+    draw = jax.jit(lambda logits, keys: strategies.sample(logits, keys, args["temperature"], args["top_p"],
+                                                          greedy=False, top_k=args["top_k"], use_top_p=True)[0])
+    tokens, live = np.zeros((rows, new), np.int32), np.ones(rows, bool)
+    for t in range(new):
+        logits = logits_at(state, ids, mask, width - new + t - 1)
+        keys = strategies.keys_for(args["key"], jnp.full(rows, t, jnp.int32), jnp.arange(rows, dtype=jnp.int32))
+        token = np.where(live, np.asarray(draw(logits, keys)), 0)
+        tokens[:, t], ids[:, width - new + t], mask[:, width - new + t] = token, token, live
+        live &= ~np.isin(token, args["stop_token_ids"])
+    np.testing.assert_array_equal(sampled.tokens, tokens)
+
+
 def test_greedy_logprobs_match_response_logprobs(model, greedy):
     diff = np.abs(_trainer_logprobs(model, greedy, greedy.logprob_temperature) - greedy.logprobs)
     assert greedy.logprob_temperature == 1.0  # greedy: log-probs at temperature 1
@@ -235,9 +275,9 @@ def test_sharded_matches_single_device(hf_dir, sampled):
     np.testing.assert_allclose(r.logprobs, sampled.logprobs, atol=1e-5)
     # the KV cache is split over the batch (data x fsdp) and kv-head (tensor) axes, not replicated
     (programs,) = sharded._programs.values()
-    cache_sharding = programs.decode.input_shardings[0][1].cache.k
-    assert cache_sharding.spec[1] == ("data", "fsdp") and cache_sharding.spec[2] == "tensor"  # [L, B, K, S, H]
-    assert not cache_sharding.is_fully_replicated
+    for cache_sharding in jax.tree.leaves(programs.decode.input_shardings[0][1].cache.k):  # layers x blocks
+        assert cache_sharding.spec[0] == ("data", "fsdp") and cache_sharding.spec[1] == "tensor"  # [B, K, H, C]
+        assert not cache_sharding.is_fully_replicated
 
 
 # ----------------------------------------------------------------------------- compilation

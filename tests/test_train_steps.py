@@ -59,6 +59,7 @@ def make_batch(seed=0):
         "advantages": rng.standard_normal((B, R)).astype(np.float32),
         "ref_logprobs": (-math.log(CFG.vocab_size) + 0.1 * rng.standard_normal((B, R))).astype(np.float32),
         "outcome": outcome,
+        "group_scores": rng.standard_normal(B).astype(np.float32),  # the dpo / bon_* losses' Q_bc
     }
 
 
@@ -166,6 +167,7 @@ def test_prm_learns_outcomes(model, meshes, prm_loss_type):
     batch = make_batch()
     score = steps_for(model, mesh, SGD, 2).score
     batch["ref_logprobs"] = np.asarray(score(params, None, params, batch)["ref_logprobs"])
+    batch["group_scores"] = np.zeros(B, np.float32)  # the scoring pass of a PRM equal to its reference
     state = create_train_state(model, ADAM, mesh)  # PRM == reference: q = 0, loss = log 2
     losses, accs = [], []
     for _ in range(15):
@@ -252,23 +254,61 @@ def test_prm_phase_modes(model, meshes, mode):
     assert int(state.step) == updates
     moved = any(np.abs(a - b).max() > 0 for a, b in zip(host(state.params), start))
     assert moved == (mode != "none")
-    if mode in ("reverse", "none"):  # scored before any update
+    if mode == "none":  # one scoring pass, no update
         np.testing.assert_allclose(q_given, q_start, atol=1e-5)
     elif mode == "before":  # scored by the updated PRM
         np.testing.assert_allclose(q_given, q_of(state.params), atol=1e-5)
-    else:  # after: each mini-batch's own forward; the first one is the start PRM's
+    else:  # after / reverse (veRL: update_rm's scores): each mini-batch's own forward; the first is the start PRM's
         np.testing.assert_allclose(q_given[: B // 2], q_start[: B // 2], atol=1e-5)
         assert np.abs(q_given[B // 2:] - q_start[B // 2:]).max() > 1e-6
-    fresh_acc = float(algo.dpo_accuracy(q_given if mode != "before" else q_start, batch["response_mask"],
-                                        batch["outcome"], N))
-    if mode == "before":  # fresh = the updates' own forwards; the first mini-batch's is the start PRM's
-        assert metrics["prm/dpo_accuracy_given"] == pytest.approx(
-            float(algo.dpo_accuracy(q_given, batch["response_mask"], batch["outcome"], N)), abs=1e-6)
-    else:
-        assert metrics["prm/dpo_accuracy"] == pytest.approx(fresh_acc, abs=1e-6)
-        assert metrics["prm/dpo_accuracy_given"] == metrics["prm/dpo_accuracy"]
+    acc = lambda q: float(algo.dpo_accuracy(q, batch["response_mask"], batch["outcome"], N))
+    # fresh: the first scoring pass (reverse, none), else the updates' own forwards (the first one the start PRM's)
+    fresh = q_start if mode in ("reverse", "none") else q_given if mode == "after" else None
+    if fresh is not None:
+        assert metrics["prm/dpo_accuracy"] == pytest.approx(acc(fresh), abs=1e-6)
+    assert metrics["prm/dpo_accuracy_given"] == pytest.approx(acc(q_given), abs=1e-6)
     for key in ("prm/dpo_abs_accuracy", "prm/q_sum_correct", "prm/q_sum_wrong", "time/prm_s"):
         assert key in metrics
     assert ("prm/loss" in metrics) == (mode != "none")
     with pytest.raises(ValueError, match="unknown PRM update mode"):
         run_prm_phase(steps, state, prime_batch, mode="double", mini_batch=B // 2, n=N, take_rows=take_rows)
+
+
+def test_reverse_gives_dpo_the_first_pass_group_scores(model, meshes):
+    """algo.prm_update "reverse" as veRL's compute_reward runs it: a scoring pass whose sums of q per row are the dpo
+    loss's group scores (Q_bc) for every update, then update_rm's passes, whose q the policy gets; the first update's
+    loss is the numpy twin of veRL's loss on those scores (one row per micro-batch)."""
+    from test_algo import np_prm_dpo_loss
+
+    from prime_jax.train.batch import PrimeBatch
+    from prime_jax.train.prm_phase import run_prm_phase
+
+    mesh = meshes["1dev"]
+    steps = steps_for(model, mesh, ADAM, 1, prm_loss_type="dpo")
+    batch = make_batch()
+    del batch["group_scores"]
+    prime_batch = PrimeBatch(**batch)
+    take_rows = lambda rows: prime_batch.rows(rows).to_device(mesh)
+    state = create_train_state(model, ADAM, mesh)
+    prm_lp = np.asarray(steps.score(None, state.params, None, batch)["prm_logprobs"])
+    q_start = (prm_lp - batch["ref_logprobs"]) * batch["response_mask"]
+    state, q_given, metrics = run_prm_phase(steps, state, prime_batch, mode="reverse", mini_batch=B // 2, n=N,
+                                            take_rows=take_rows, group_scores=True)
+    # the twin: the same updates, each mini-batch with the first pass's scores
+    twin = create_train_state(model, ADAM, mesh)
+    scores = q_start.sum(1)
+    twin_q, losses = [], []
+    for rows in (np.arange(B // 2), np.arange(B // 2, B)):
+        twin, m = steps.prm(twin, {**{k: v[rows] for k, v in batch.items()}, "group_scores": scores[rows]})
+        twin_q.append(np.asarray(m["q"]))
+        losses.append(float(m["loss"]))
+    assert_trees_close(state.params, twin.params)
+    np.testing.assert_allclose(q_given, np.concatenate(twin_q), atol=1e-5)
+    assert metrics["prm/loss"] == pytest.approx(np.mean(losses), abs=1e-6)
+    rows = np.arange(B // 2)
+    want = np_prm_dpo_loss(prm_lp[rows], batch["ref_logprobs"][rows], batch["response_mask"][rows],
+                           batch["outcome"][rows], scores[rows], N, beta=0.05)
+    assert losses[0] == pytest.approx(want, abs=1e-5)
+    with pytest.raises(ValueError, match="only mode 'reverse'"):
+        run_prm_phase(steps, state, prime_batch, mode="after", mini_batch=B // 2, n=N, take_rows=take_rows,
+                      group_scores=True)

@@ -49,9 +49,17 @@ def _env(cache_dir: Path) -> dict:
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
 
-def _command(workdir: Path) -> list[str]:
+def _command(workdir: Path, values: dict = SHORT) -> list[str]:
     return [sys.executable, "-m", "prime_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-            *overrides(SHORT)]
+            *overrides(values)]
+
+
+# The kill -9 run with algo.process_ramp on: its moving average of the PRM's fresh ranking is read by every step, so a
+# resume must restore it. A longer, faster SFT gets some answers right (about 3-9% of the samples) and 8 groups per
+# step make it likely that every step has a group mixing right and wrong answers, so the average moves from the
+# first step on; the gate is the average itself (low 0, high 1).
+RAMP = {**SHORT, "sft.steps": 150, "sft.lr": 1e-2, "batch.prompts_per_step": 8, "algo.process_ramp": "ranking",
+        "algo.process_ramp_low": 0.0, "algo.process_ramp_high": 1.0}
 
 
 def tiny_config(values: dict):
@@ -73,10 +81,11 @@ def test_kill9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     cache = tmp_path / "xla_cache"
     reference_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     log_a = open(tmp_path / "a.log", "w")
-    uninterrupted = subprocess.Popen(_command(reference_dir), cwd=ROOT, env=_env(cache), stdout=log_a,
+    uninterrupted = subprocess.Popen(_command(reference_dir, RAMP), cwd=ROOT, env=_env(cache), stdout=log_a,
                                      stderr=subprocess.STDOUT)
     log_b = open(tmp_path / "b.log", "w")
-    victim = subprocess.Popen(_command(killed_dir), cwd=ROOT, env=_env(cache), stdout=log_b, stderr=subprocess.STDOUT)
+    victim = subprocess.Popen(_command(killed_dir, RAMP), cwd=ROOT, env=_env(cache), stdout=log_b,
+                              stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while not _finalized_checkpoints(killed_dir) and victim.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -85,7 +94,7 @@ def test_kill9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     killed_at = [r["step"] for r in read_metrics(killed_dir / "metrics.jsonl")]
-    resumed = subprocess.run(_command(killed_dir), cwd=ROOT, env=_env(cache), capture_output=True, text=True,
+    resumed = subprocess.run(_command(killed_dir, RAMP), cwd=ROOT, env=_env(cache), capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "a.log").read_text()[-3000:]
@@ -98,6 +107,8 @@ def test_kill9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     for a, b in zip(expected, got):
         assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
     assert any(r.get("policy/loss") for r in expected)  # the policy did train
+    # the ramp's average had moved (from 0.5) by the first checkpoint, so a resume that restarted it would differ
+    assert any(r.get("prm/ranking_ema", 0.5) != 0.5 for r in expected if r["step"] <= 2), expected[:3]
     assert _finalized_checkpoints(killed_dir) == [4, 6]  # keep-last-2
     assert (killed_dir / "hf_export" / "config.json").exists()
 
@@ -176,6 +187,19 @@ def test_prm_warmup_steps_train_only_the_prm(tmp_path):
     assert any(jax.tree.leaves(moved)), "the PRM did not train during its warm-up"
     row = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/reward" in r][0]
     assert row["policy/warmup"] == 1.0 and "policy/loss" not in row and np.isfinite(row["prm/loss"])
+
+
+def test_stop_after_leaves_with_a_checkpoint_and_eval_at_start_false_skips_the_step_0_eval(tmp_path):
+    """A long run in chunks (main's --stop_after): steps up to k, a checkpoint there, no export; a rerun resumes."""
+    from prime_jax.parallel import mesh_from_config
+    from prime_jax.train.loop import Trainer
+
+    config = tiny_config(dict(SHORT, total_steps=3, eval_every=0, checkpoint_every=0, eval_at_start=False))
+    trainer = Trainer.create(config, tmp_path, mesh_from_config(config))
+    assert trainer.run(stop_after=1) == {} and trainer.preempted_at == 1
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]  # no step-0 eval row
+    assert _finalized_checkpoints(tmp_path) == [1] and not (tmp_path / "hf_export").exists()
+    assert Trainer.create(config, tmp_path, mesh_from_config(config)).start_step == 1
 
 
 def test_truncate_metrics_drops_later_and_partial_rows(tmp_path):

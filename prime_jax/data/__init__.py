@@ -1,8 +1,9 @@
 """Data: problems and their readers, packaged benchmarks, prompt rendering, the resumable
 iterator, the synthetic demo tasks (arithmetic, chains) and their tiny tokenizer. No model code (no jax) here."""
 from .iterator import ShuffledIterator, epoch_permutation
-from .formats import FORMAT_FIELDS, FORMATS, detect_format, gsm8k_answer
+from .formats import FORMAT_FIELDS, FORMATS, detect_format, gsm8k_answer, gsm8k_demonstration, worked_solution
 from .problems import (
+    ANSWER_LINE,
     CODE_TASK_SUFFIX,
     EURUS2_SYSTEM_PROMPT,
     INSTRUCTIONS,
@@ -28,13 +29,15 @@ from .readers import (
     write_verl_parquet,
 )
 from .render import render_prompt_texts, render_prompts
-from .sets import held_out, load_eval_sets, load_train_problems, sft_pairs, system_prompt, task_suffix
-from .sources import eval_source_names, read_sft_pairs, source_format
+from .sets import (HELDOUT, held_out, holdout_problems, load_eval_sets, load_train_problems, sft_pairs, source_list,
+                   system_prompt, task_suffix)
+from .sources import eval_source_names, is_messages_file, read_sft_pairs, source_format
 from .synthetic import demonstration, make_problems, sft_messages
 from .synthetic_tasks import SYNTHETIC_TASKS, make_task_problems, task_demonstration
 from .tiny_tokenizer import CHATML_TEMPLATE, build_tiny_tokenizer
 
 __all__ = [
+    "ANSWER_LINE",
     "BENCHMARKS",
     "CHATML_TEMPLATE",
     "CODE_TASK_SUFFIX",
@@ -43,6 +46,7 @@ __all__ = [
     "EURUS2_SYSTEM_PROMPT",
     "FORMAT_FIELDS",
     "FORMATS",
+    "HELDOUT",
     "INSTRUCTIONS",
     "SYNTHETIC_TASKS",
     "MATH_EVAL_BENCHMARKS",
@@ -60,9 +64,12 @@ __all__ = [
     "epoch_permutation",
     "eval_source_names",
     "gsm8k_answer",
+    "gsm8k_demonstration",
     "held_out",
     "instruction_error",
     "instruction_suffix",
+    "holdout_problems",
+    "is_messages_file",
     "last_boxed",
     "load_benchmark",
     "load_eval_sets",
@@ -76,9 +83,11 @@ __all__ = [
     "sft_messages",
     "sft_pairs",
     "source_format",
+    "source_list",
     "STEP_BY_STEP_SUFFIX",
     "system_prompt",
     "task_demonstration",
     "task_suffix",
+    "worked_solution",
     "write_verl_parquet",
 ]

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import logging
 import numbers
+import re
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-from .problems import ABILITIES, EURUS2_SYSTEM_PROMPT, Problem, _Skip, _answer_to_str, _nonempty_answer, _require, _row_id, _strip_dollars, _text, last_boxed
+from .problems import ABILITIES, ANSWER_LINE, EURUS2_SYSTEM_PROMPT, Problem, _Skip, _answer_to_str, _nonempty_answer, _require, _row_id, _strip_dollars, _text, last_boxed
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ def _parse_eurus_raw(row: dict, i: int, source: str, suffix: str) -> Problem:
 def _parse_math(row: dict, i: int, source: str, suffix: str) -> Problem:
     text = _text(row, "problem")
     (ans,) = _require(row, "answer")
-    meta = {k: row[k] for k in ("level", "type", "subject") if row.get(k) is not None}
+    meta = {k: row[k] for k in ("level", "type", "subject", "solution") if row.get(k) is not None}
     return _math_problem(text, _answer_to_str(ans), source, _row_id(row, "unique_id", i), suffix, meta)
 
 
@@ -134,13 +135,39 @@ def gsm8k_answer(answer: str) -> str | None:
     return answer.rsplit("####", 1)[1].strip().replace(",", "")
 
 
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_demonstration(solution: str) -> str | None:
+    """A GSM8K worked solution as an SFT demonstration in the ``\\boxed{}`` answer format: the
+    ``<<...>>`` calculator annotations removed and the final ``#### n`` replaced by
+    :data:`ANSWER_LINE` (``The answer is \\boxed{n}.``, commas dropped from n). None without ``####``."""
+    answer = gsm8k_answer(solution)
+    if not answer:
+        return None
+    body = _CALCULATOR.sub("", solution.rsplit("####", 1)[0])
+    lines = [line.rstrip() for line in body.strip().splitlines() if line.strip()]
+    return "\n".join([*lines, ANSWER_LINE.format(answer)])
+
+
+def worked_solution(problem: Problem) -> str | None:
+    """The demonstration of a problem read with its worked solution (GSM8K: rewritten by
+    :func:`gsm8k_demonstration`; MATH: the solution, which ends in its ``\\boxed{}``), else None."""
+    solution = problem.meta.get("solution")
+    if not isinstance(solution, str) or not solution.strip():
+        return None
+    if "####" in solution:
+        return gsm8k_demonstration(solution)
+    return solution.strip() if last_boxed(solution) is not None else None
+
+
 def _parse_gsm8k(row: dict, i: int, source: str, suffix: str) -> Problem:
     text = _text(row, "question", "problem")
     (ans,) = _require(row, "answer")
     gt = gsm8k_answer(ans)
     if gt is None:
         raise _Skip("bad_answer_format")
-    return _math_problem(text, gt, source, _row_id(row, "idx", i), suffix)
+    return _math_problem(text, gt, source, _row_id(row, "idx", i), suffix, {"solution": ans})
 
 
 _PARSERS = {

@@ -71,6 +71,9 @@ def instruction_error(instruction: str) -> str | None:
     return (f"must be one of {sorted(INSTRUCTIONS)} or your own instruction (a sentence, e.g. 'Put the final answer "
             f"in \\boxed{{}}.'), got {instruction!r}")
 
+#: The last line of a worked solution in the SFT demonstrations (generated word problems, GSM8K rewritten).
+ANSWER_LINE = "The answer is \\boxed{{{}}}."
+
 #: Appended to every coding problem (Eurus-2-7B-SFT's coding prompt).
 CODE_TASK_SUFFIX = (
     "\n\nWrite Python code to solve the problem. Present the code in \n```python\nYour code\n```"

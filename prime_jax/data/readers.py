@@ -105,10 +105,12 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "minerva_math": ("minerva_math/test.jsonl", "minerva"),
     "olympiadbench": ("olympiadbench/test.jsonl", "olympiadbench"),
     "gsm8k": ("gsm8k/test.jsonl", "gsm8k"),
+    "gsm8k_train": ("gsm8k/train.jsonl", "gsm8k"),
     "math_train": ("math/train.jsonl", "math"),
 }
 _BENCH_ALIASES = {"math-500": "math500", "minerva": "minerva_math", "amc": "amc23", "aime": "aime24",
-                  "olympiad": "olympiadbench", "math": "math_train"}
+                  "olympiad": "olympiadbench", "math": "math_train",
+                  "gsm8k-train": "gsm8k_train"}
 
 #: PRIME's five math benchmarks (the published table's order).
 MATH_EVAL_BENCHMARKS = ("aime24", "amc23", "math500", "minerva_math", "olympiadbench")
@@ -144,7 +146,7 @@ def load_benchmark(
     name: str, *, system_prompt: str | None = None, task_suffix: str | None = None
 ) -> tuple[list[Problem], SkipStats]:
     """Problems of a packaged benchmark (``"math500"``, ``"aime24"``, ``"amc23"``,
-    ``"minerva_math"``, ``"olympiadbench"``, ``"gsm8k"``, ``"math_train"``), offline.
+    ``"minerva_math"``, ``"olympiadbench"``, ``"gsm8k"``, ``"gsm8k_train"``, ``"math_train"``), offline.
     ``source`` of each problem is the benchmark's name."""
     n = _benchmark_name(name)
     if n is None:

@@ -4,7 +4,7 @@ Each evaluation source (``data.eval`` of a run, ``--benchmarks`` of ``prime_jax.
 a name that keys its metrics (``eval/<name>/accuracy``) and its files (``<name>.jsonl``):
 
 * a packaged benchmark: its canonical name (``math500``; the alias ``math-500`` too);
-* ``synthetic``: ``synthetic``;
+* ``synthetic``: ``synthetic``; ``heldout`` (``data.holdout``'s problems of ``data.train``): ``heldout``;
 * a file, folder or Hugging Face dataset id: its last path part without the data extension
   (``data/x.jsonl`` -> ``x``, ``x.jsonl`` -> ``x``, ``org/ds`` -> ``ds``);
 * when two sources would share a name, their parent folders are prefixed, joined by ``-``, until
@@ -37,8 +37,11 @@ def _name_parts(source: str) -> list[str]:
     return [*parts[:-1], last]
 
 
-def eval_source_names(sources: Sequence[str], synthetic: str = "synthetic") -> dict[str, str]:
-    """{unique name: source}, in the order given (see the module docstring for the rule)."""
+def eval_source_names(sources: Sequence[str], reserved: str | Sequence[str] = ("synthetic", "heldout")
+                      ) -> dict[str, str]:
+    """{unique name: source}, in the order given (see the module docstring for the rule);
+    `reserved` names (the generated and held-out sets) are their own names."""
+    reserved = (reserved,) if isinstance(reserved, str) else tuple(reserved)
     sources = [s.strip() for s in sources if s.strip()]
     duplicates = sorted({s for s in sources if sources.count(s) > 1})
     if duplicates:
@@ -46,7 +49,7 @@ def eval_source_names(sources: Sequence[str], synthetic: str = "synthetic") -> d
     parts, depth = {}, {}
     for s in sources:
         packaged = _benchmark_name(s) if not Path(s).expanduser().exists() else None
-        parts[s] = [packaged] if packaged in BENCHMARKS else ([s] if s == synthetic else _name_parts(s))
+        parts[s] = [packaged] if packaged in BENCHMARKS else ([s] if s in reserved else _name_parts(s))
         depth[s] = 1
 
     def name(s: str) -> str:
@@ -74,6 +77,23 @@ def source_format(data_format: str, source: str) -> str | None:
     "auto" and for packaged benchmarks (bare names that are not files), which keep their own."""
     packaged = "/" not in source and not Path(source).expanduser().exists()
     return None if data_format == "auto" or packaged else data_format
+
+
+def is_messages_file(source: str) -> bool:
+    """Whether `source` is a JSONL file of chat demonstrations (its first row has ``messages``),
+    rather than problems with worked solutions."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    return True  # read_sft_pairs counts it as bad_json
+                return isinstance(row, dict) and "messages" in row
+    return True  # an empty file: read_sft_pairs says there is no usable demonstration
 
 
 def read_sft_pairs(path: str | Path, limit: int) -> tuple[list[tuple[list[dict], str]], SkipStats]:

@@ -1,7 +1,9 @@
 """The synthetic demo tasks behind the data source ``"synthetic"``, picked by ``data.synthetic.task``.
 
 * ``arith`` (:mod:`.synthetic`): short arithmetic chains with multi-digit values;
-* ``chains`` (:mod:`.chains`): long chains of one-digit steps, where per-step credit matters.
+* ``chains`` (:mod:`.chains`): long chains of one-digit steps, where per-step credit matters;
+* ``word`` (:mod:`.word_problems`): word problems in natural language with worked solutions, for
+  real pretrained models and their tokenizers (the user message ends with the run's instruction).
 
 ``synthetic`` is the config's ``data.synthetic`` section (any object with those attributes).
 """
@@ -9,11 +11,14 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from . import chains, synthetic
+from . import chains, synthetic, word_problems
 from .problems import Problem
 
-SYNTHETIC_TASKS = ("arith", "chains")
+SYNTHETIC_TASKS = ("arith", "chains", "word")
 _ARITH_KNOBS = ("min_steps", "max_steps", "max_start", "max_operand", "max_factor")
+_WORD_DEFAULTS = dict(min_steps=1, max_steps=2, max_start=20, max_operand=20, max_factor=5)
+_MODULES = {"arith": synthetic, "chains": chains, "word": word_problems}
+_BY_SOURCE = {synthetic.SOURCE: synthetic, chains.SOURCE: chains, word_problems.SOURCE: word_problems}
 
 
 def task_kwargs(synthetic_cfg) -> dict:
@@ -22,23 +27,29 @@ def task_kwargs(synthetic_cfg) -> dict:
     if s.task == "chains":
         lo = s.min_steps or 5
         return dict(min_length=lo, max_length=s.max_steps or max(lo, 5))
+    if s.task == "word":
+        knobs = {k: s[k] or default for k, default in _WORD_DEFAULTS.items()}
+        knobs["max_steps"] = s.max_steps or max(knobs["min_steps"], _WORD_DEFAULTS["max_steps"])
+        return dict(max_value=s.max_value, **knobs)
     knobs = {k: s[k] for k in _ARITH_KNOBS if s[k]}
     return dict(difficulty=s.difficulty, max_value=s.max_value, **knobs)
 
 
 def make_task_problems(synthetic_cfg, n: int, seed: int, *, stream: int, exclude: Iterable[str] | None = None,
-                       unique: bool = False, system_prompt: str | None = None) -> list[Problem]:
-    """``n`` problems of the configured task (stream 0 train, 1 held-out, 2 SFT demonstrations)."""
+                       unique: bool = False, system_prompt: str | None = None, task_suffix: str = "") -> list[Problem]:
+    """``n`` problems of the configured task (stream 0 train, 1 held-out, 2 SFT demonstrations);
+    ``task_suffix`` (the run's instruction) ends the word task's user messages (the other tasks' prompts
+    are fixed)."""
     if synthetic_cfg.task not in SYNTHETIC_TASKS:
         raise ValueError(f"data.synthetic.task: unknown task {synthetic_cfg.task!r}; expected one of {SYNTHETIC_TASKS}")
-    module = chains if synthetic_cfg.task == "chains" else synthetic
-    return module.make_problems(n, seed, stream=stream, exclude=exclude, unique=unique, system_prompt=system_prompt,
-                                **task_kwargs(synthetic_cfg))
+    extra = {"task_suffix": task_suffix} if synthetic_cfg.task == "word" else {}
+    return _MODULES[synthetic_cfg.task].make_problems(n, seed, stream=stream, exclude=exclude, unique=unique,
+                                                      system_prompt=system_prompt, **task_kwargs(synthetic_cfg), **extra)
 
 
 def task_demonstration(problem: Problem) -> str:
-    """The step-by-step solution of a problem of either task (told apart by its source)."""
-    return (chains if problem.source == chains.SOURCE else synthetic).demonstration(problem)
+    """The step-by-step solution of a problem of any task (told apart by its source)."""
+    return _BY_SOURCE[problem.source].demonstration(problem)
 
 
 def first_deviation(demonstration: str, response: str) -> int | None:
@@ -73,7 +84,7 @@ def first_error_token(problem: Problem, response_ids, tokenizer) -> int | None:
 
 def is_task_problem(problem: Problem) -> bool:
     """Whether `problem` is one of the synthetic tasks' (whose demonstrations are known)."""
-    return problem.source in (chains.SOURCE, synthetic.SOURCE)
+    return problem.source in _BY_SOURCE
 
 
 def steps_right(problem: Problem, response: str) -> bool:

@@ -4,7 +4,8 @@ The architecture matches Hugging Face's `Qwen2ForCausalLM` and `LlamaForCausalLM
 `model_type`): token embedding, RMSNorm, rotary position embeddings, grouped-query attention with
 q/k/v biases for Qwen2 and none for Llama (`config.attention_bias`; never an o bias), SwiGLU MLP,
 tied or untied LM head. Layers are stored stacked (leading `layers` axis) and run with `lax.scan`, so
-compile time does not grow with depth. Every parameter names its logical axes; `parallel/`
+compile time does not grow with depth; with a KV cache (prefill and decoding) they run one after
+the other, each on its own cache buffers. Every parameter names its logical axes; `parallel/`
 maps them to the mesh.
 
 Shapes: B batch, T new tokens, S cache slots, D hidden, N query heads, K kv heads, H head size,
@@ -14,6 +15,7 @@ F MLP width, V vocabulary, L layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -41,49 +43,69 @@ def _param(rngs: nnx.Rngs, shape, logical_axes, dtype, init: str = "normal") -> 
 class KVCache:
     """Keys and values of every layer for B rows and S slots, filled left to right.
 
-    k: `[L, B, K, S, H]` and v: `[L, B, K, H, S]`, so that both attention products of a decode step
-    contract the minor axes of contiguous per-(row, kv head) blocks, the layout small-matrix
-    kernels want (on CPU the `[L, B, S, K, H]` layout spent over half of each decode step copying
-    and transposing every layer's keys and values); valid: `[B, S]` bool, slot holds a real (non-padding) token;
-    next_position: `[B]` int32, RoPE position of each row's next token; end: `[]` int32, first
-    free slot per row, `[B]` int32.
+    k: `k[layer][block]` `[B, K, H, C]` and v: `v[layer][block]` `[B, K, C, H]`: each layer's cache
+    is a tuple of separate arrays of C = `block` columns (S = blocks x C). Separate buffers are what
+    let a decode step run without copies on CPU: it writes one column of each layer in place and its
+    attention reads the live blocks directly, where a slice of a stacked `[L, ..., S]` array is
+    materialised before the dot (half of a decode step at 30 layers). Keys are stored transposed so
+    that both attention products are plain `[rows, n] x [n, m]` matmuls per (row, kv head).
+    valid: `[B, S]` bool, slot holds a real (non-padding) token; next_position: `[B]` int32, RoPE
+    position of each row's next token; end: `[B]` int32, first free slot per row.
 
     A chunk of T > 1 tokens (prefill) is written at a column shared by all rows (`end[0]`: prompts
     are left-padded to a common length). A single token (T = 1, decoding) is written at each row's
     own `end`, so rows at different lengths (the sampler's decode slots) share one cache, and
-    attention reads only the columns up to the longest row (`decode_attention`).
+    attention reads only the blocks up to the longest row (`decode_attention`).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple
+    v: tuple
     valid: jax.Array
     next_position: jax.Array
     end: jax.Array
 
     @classmethod
-    def init(cls, config: Qwen2Config, batch_size: int, max_len: int, dtype=None) -> "KVCache":
+    def init(cls, config: Qwen2Config, batch_size: int, max_len: int, dtype=None, block: int | None = None
+             ) -> "KVCache":
+        """An empty cache of `max_len` columns in blocks of `decode_block_size(max_len, block)`."""
         dtype = dtype or config.compute_dtype
-        shapes = cls.shapes(config, batch_size, max_len)
+        shapes = cls.shapes(config, batch_size, max_len, block)
+        blocks = max_len // decode_block_size(max_len, block)
+        layers = config.num_hidden_layers
         return cls(
-            k=jnp.zeros(shapes["k"], dtype),
-            v=jnp.zeros(shapes["v"], dtype),
+            k=tuple(tuple(jnp.zeros(shapes["k"], dtype) for _ in range(blocks)) for _ in range(layers)),
+            v=tuple(tuple(jnp.zeros(shapes["v"], dtype) for _ in range(blocks)) for _ in range(layers)),
             valid=jnp.zeros(shapes["valid"], bool),
             next_position=jnp.zeros(shapes["next_position"], jnp.int32),
             end=jnp.zeros(shapes["end"], jnp.int32),
         )
 
     @classmethod
-    def shapes(cls, config: Qwen2Config, batch_size: int, max_len: int) -> dict[str, tuple[int, ...]]:
-        """The shape of every field for B = `batch_size` rows and S = `max_len` slots (its layout is
-        `LOGICAL_AXES`)."""
-        sizes = {"layers": config.num_hidden_layers, "batch": batch_size, "kv_heads": config.num_key_value_heads,
-                 "cache_seq": max_len, "head_dim": config.head_size}
-        return {field: tuple(sizes[axis] for axis in axes) for field, axes in cls.LOGICAL_AXES.items()}
+    def shapes(cls, config: Qwen2Config, batch_size: int, max_len: int, block: int | None = None
+               ) -> dict[str, tuple[int, ...]]:
+        """The shape of every field for B = `batch_size` rows and S = `max_len` slots; for k and v, the
+        shape of one block of one layer (its layout is `LOGICAL_AXES`)."""
+        sizes = {"batch": batch_size, "kv_heads": config.num_key_value_heads, "head_dim": config.head_size,
+                 "cache_seq": max_len}
+        shapes = {field: tuple(sizes[axis] for axis in axes) for field, axes in cls.LOGICAL_AXES.items()}
+        sizes["cache_seq"] = decode_block_size(max_len, block)
+        shapes.update({field: tuple(sizes[axis] for axis in cls.LOGICAL_AXES[field]) for field in ("k", "v")})
+        return shapes
 
-    # Logical axes of each field, in order: the layout, and the names `parallel.named_sharding` maps.
+    @property
+    def block(self) -> int:
+        """Columns per block."""
+        return self.v[0][0].shape[2]
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    # Logical axes of each field (for k and v: of every block of every layer), in order: the layout,
+    # and the names `parallel.named_sharding` maps.
     LOGICAL_AXES = {
-        "k": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
-        "v": ("layers", "batch", "kv_heads", "head_dim", "cache_seq"),
+        "k": ("batch", "kv_heads", "head_dim", "cache_seq"),
+        "v": ("batch", "kv_heads", "cache_seq", "head_dim"),
         "valid": ("batch", "cache_seq"),
         "next_position": ("batch",),
         "end": ("batch",),
@@ -109,89 +131,119 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-# Columns per block of a decode step's attention read: a step reads ceil(longest row / block)
-# blocks, so its cost follows the live rows, not the cache's capacity. 128 columns keep the
-# per-block loop overhead small next to the block's two products on CPU and accelerators alike.
+# Columns per block of the KV cache: a decode step reads ceil(longest row / block) blocks, so its
+# cost follows the live rows, not the cache's capacity. 128 columns keep the per-block overhead
+# (a conditional and two scatters per layer) small next to the block's two products; a long cache
+# has at most MAX_DECODE_BLOCKS blocks (larger ones), which bounds the program's size.
 DECODE_BLOCK = 128
+MAX_DECODE_BLOCKS = 32
 
 
 def decode_block_size(capacity: int, block: int | None = None) -> int:
-    """The block a cache of `capacity` columns is read in: `block` (default `DECODE_BLOCK`) when it
-    divides the capacity, else the whole capacity in one block (a block must never straddle the end:
-    `dynamic_slice` would clamp it back over columns already read)."""
+    """The block size of a cache of `capacity` columns: `block` (default `DECODE_BLOCK`), doubled
+    until there are at most `MAX_DECODE_BLOCKS` blocks, when it divides the capacity; else the
+    whole capacity in one block."""
     block = block or DECODE_BLOCK
+    while capacity > MAX_DECODE_BLOCKS * block and capacity % (2 * block) == 0:
+        block *= 2
     return block if capacity % block == 0 else capacity
 
 
-def decode_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, layer, valid: jax.Array,
-                     num_columns, scale: float, block: int) -> jax.Array:
-    """Attention of one new token per row over columns `[0, num_columns)` of one layer's cache.
+def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_blocks, v_blocks, columns: jax.Array,
+                     valid: jax.Array, num_columns, scale: float, prefix=None) -> tuple[jax.Array, tuple, tuple]:
+    """One new token per row: writes its key and value at the row's own column and attends over
+    columns `[0, num_columns)` of one layer's cache.
 
-    q `[B, N, H]`; k_all `[L, B, K, S, H]` and v_all `[L, B, K, H, S]` (all layers: only this
-    `layer`'s blocks are sliced out, never the whole layer); valid `[B, S]`; num_columns `[]` traced,
-    rounded up to whole blocks of `block` columns (which must divide S). Online softmax over the
-    blocks in float32 (running max, sum and weighted values), so a block that is fully masked for a
-    row leaves that row's result bit for bit unchanged: a row's output does not depend on how many
-    blocks the longest row in the batch needs. Returns `[B, N, H]` in q's dtype.
+    q `[B, N, H]`, k_new and v_new `[B, K, H]`; k_blocks: the layer's key blocks `[B, K, H, C]`,
+    v_blocks its value blocks `[B, K, C, H]`; columns `[B]` (each < num_columns); valid `[B, S]`;
+    num_columns `[]` traced. Blocks are written and read in order, straight from their buffers (no
+    slice is copied), each one inside a `lax.cond` on the previous one that runs only when the
+    block starts before `num_columns` (no row writes to a later block): a step runs one
+    conditional per live block, whatever the capacity. Online softmax in float32 over the blocks
+    (running max, sum and weighted values): a block that is not read, or fully masked for a row,
+    leaves that row's result bit for bit unchanged, so a row's output does not depend on how many
+    blocks the longest row in the batch needs. Returns the attention `[B, N, H]` in q's dtype and
+    the new blocks.
+
+    prefix: optional (keys `[P, K, H, C']`, values `[P, K, C', H]`, valid `[P, C']`) of P shared
+    prefixes, each attended by B / P consecutive rows before their own columns (the sampler's n
+    samples of a prompt: the prompt's keys are read once for its n rows, as n x G query rows).
     """
     batch, heads, head_size = q.shape
-    kv_heads = k_all.shape[2]
+    kv_heads, block = k_blocks[0].shape[1], k_blocks[0].shape[3]
     q = q.reshape(batch, kv_heads, heads // kv_heads, head_size)
-    num_blocks = (num_columns + block - 1) // block
+    rows = jnp.arange(batch)
 
-    def one_block(j, carry):
-        running_max, total, acc = carry
-        start = j * block
-        k = jax.lax.dynamic_slice(k_all, (layer, 0, 0, start, 0), (1, batch, kv_heads, block, head_size))[0]
-        v = jax.lax.dynamic_slice(v_all, (layer, 0, 0, 0, start), (1, batch, kv_heads, head_size, block))[0]
-        mask = jax.lax.dynamic_slice_in_dim(valid, start, block, axis=1)[:, None, None, :]  # [B, 1, 1, block]
-        scores = jnp.einsum("bkgh,bksh->bkgs", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    def softmax_part(q, k, v, mask, running_max):  # (max, sum, values) of one block, float32
+        scores = jnp.einsum("bkgh,bkhc->bkgc", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
         new_max = jnp.maximum(running_max, scores.max(axis=-1))
-        correction = jnp.exp(running_max - new_max)
         probs = jnp.exp(scores - new_max[..., None])
-        total = total * correction + probs.sum(axis=-1)
-        values = jnp.einsum("bkgs,bkhs->bkgh", probs.astype(q.dtype), v.astype(q.dtype),
+        values = jnp.einsum("bkgc,bkch->bkgh", probs.astype(q.dtype), v.astype(q.dtype),
                             preferred_element_type=jnp.float32)
-        return new_max, total, acc * correction[..., None] + values
+        return new_max, probs.sum(axis=-1), values
+
+    def attend(i, stats, k_blocks, v_blocks):  # block i (the first of k_blocks) and, if live, the next ones
+        k, v = k_blocks[0], v_blocks[0]
+        local = columns - i * block
+        local = jnp.where((local >= 0) & (local < block), local, block)  # rows writing elsewhere: dropped
+        k = k.at[rows, :, :, local].set(k_new.astype(k.dtype), mode="drop")
+        v = v.at[rows, :, local, :].set(v_new.astype(v.dtype), mode="drop")
+        running_max, total, acc = stats
+        new_max, block_sum, values = softmax_part(q, k, v, valid[:, i * block:(i + 1) * block], running_max)
+        correction = jnp.exp(running_max - new_max)
+        stats = (new_max, total * correction + block_sum, acc * correction[..., None] + values)
+        if len(k_blocks) == 1:
+            return stats, (k,), (v,)
+        stats, k_rest, v_rest = jax.lax.cond(
+            (i + 1) * block < num_columns, functools.partial(attend, i + 1),
+            lambda stats, k_rest, v_rest: (stats, k_rest, v_rest), stats, k_blocks[1:], v_blocks[1:])
+        return stats, (k, *k_rest), (v, *v_rest)
 
     shape = (batch, kv_heads, heads // kv_heads)
-    carry = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-             jnp.zeros((*shape, head_size), jnp.float32))
-    if k_all.shape[3] == block:  # a single block: no loop (its overhead is most of a small step on CPU)
-        carry = one_block(0, carry)
-    else:
-        carry = jax.lax.fori_loop(0, num_blocks, one_block, carry)
-    _, total, acc = carry
-    return (acc / total[..., None]).astype(q.dtype).reshape(batch, heads, head_size)
+    if prefix is None:
+        stats = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+                 jnp.zeros((*shape, head_size), jnp.float32))
+    else:  # [B, K, G, ...] <-> [P, K, n G, ...]: a prefix's n rows as one group of query rows
+        prefix_k, prefix_v, prefix_valid = prefix
+        num_prefixes = prefix_k.shape[0]
+        group = lambda x: jnp.swapaxes(x.reshape(num_prefixes, -1, *x.shape[1:]), 1, 2).reshape(
+            num_prefixes, kv_heads, -1, *x.shape[3:])
+        ungroup = lambda x: jnp.swapaxes(x.reshape(num_prefixes, kv_heads, -1, *shape[2:], *x.shape[3:]), 1, 2
+                                         ).reshape(*shape, *x.shape[3:])
+        no_max = jnp.full((num_prefixes, kv_heads, batch // num_prefixes * shape[2]), -jnp.inf, jnp.float32)
+        stats = tuple(map(ungroup, softmax_part(group(q), prefix_k, prefix_v, prefix_valid, no_max)))
+    (_, total, acc), k_blocks, v_blocks = attend(0, stats, tuple(k_blocks), tuple(v_blocks))
+    return (acc / total[..., None]).astype(q.dtype).reshape(batch, heads, head_size), k_blocks, v_blocks
 
 
-def _write_rows(cache: jax.Array, new: jax.Array, layer, columns: jax.Array, column_axis: int) -> jax.Array:
-    """Writes `new` `[B, K, H]` (one token per row) into the stacked cache `[L, B, ...]` at `layer`
-    and each row's own column (`columns` `[B]`, on `column_axis` of the cache), in place.
-
-    One scatter with the row index as an iota: as fast as the shared-column `dynamic_update_slice`
-    on CPU, where a vmapped `dynamic_update_slice` made XLA copy the cache every layer (4x slower).
-    """
-    rows = jnp.arange(cache.shape[1])
-    index = [layer, rows, slice(None), slice(None), slice(None)]
-    index[column_axis] = columns
-    return cache.at[tuple(index)].set(new.astype(cache.dtype))
+def _write_chunk(blocks, new: jax.Array, start, column_axis: int) -> tuple[jax.Array, tuple]:
+    """Writes `new` (T columns on `column_axis`) at column `start` of all rows of a layer's blocks;
+    returns the whole layer `[..., S, ...]` (for the attention of T > 1 tokens) and the new blocks."""
+    block = blocks[0].shape[column_axis]
+    full = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=column_axis)
+    index = [0, 0, 0, 0]
+    index[column_axis] = start
+    full = jax.lax.dynamic_update_slice(full, new.astype(full.dtype), tuple(index))
+    if len(blocks) == 1:
+        return full, (full,)
+    return full, tuple(jax.lax.slice_in_dim(full, i * block, (i + 1) * block, axis=column_axis)
+                       for i in range(len(blocks)))
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
     """Grouped-query attention over one layer of the cache; the result is `[B, T, N, H]`.
 
     q `[B, T, N, H]` (query head n reads kv head n // (N / K), as transformers' `repeat_kv`),
-    k `[B, K, S, H]`, v `[B, K, H, S]`, mask `[B, 1, T, S]`. Scores and softmax in float32.
+    k `[B, K, H, S]`, v `[B, K, S, H]`, mask `[B, 1, T, S]`. Scores and softmax in float32.
     """
     batch, length, heads, head_size = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_size)
-    scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("btkgh,bkhs->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # mask as [B, 1, 1, T, S]
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bkhs->btkgh", probs, v)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
     return out.reshape(batch, length, heads, head_size)
 
 
@@ -224,12 +276,12 @@ class DecoderLayers(nnx.Module):
     def __call__(self, x, positions, mask, kv=None, end=None, decode=None):
         """One layer (params already sliced). x `[B, T, D]`, positions `[B, T]`, mask `[B, 1, T, S]`.
 
-        kv: optional (k, v, layer): the stacked cache of all layers (`KVCache` layouts), and this
-        layer's index. Only the new keys/values are written, in place, at `[layer, :, end]` (end `[]`);
-        attention reads this layer's slice. decode: optional (valid `[B, S]`, num_columns, block) for
-        one token per row (T = 1) written at each row's own column `end` `[B]`, attention read in
-        blocks up to `num_columns` (`decode_attention`; `mask` is unused). Returns (x, (k, v)) with
-        the updated stacked cache, or (x, None).
+        kv: optional (k_blocks, v_blocks): this layer's cache blocks (`KVCache` layouts). Only the new
+        keys/values are written, in place, at column `end` (`[]`, shared by all rows); attention reads
+        the whole layer. decode: optional (valid `[B, S]`, num_columns, prefix) for one token per row
+        (T = 1) written at each row's own column `end` `[B]`, attention read block by block up to
+        `num_columns` after this layer's shared prefix (`decode_attention`; `mask` is unused).
+        Returns (x, (k_blocks, v_blocks)) with the updated blocks, or (x, None).
         """
         c, dt = self.config, self.config.compute_dtype
         h = rms_norm(x, self.input_norm.get_value(), c.rms_norm_eps, dt)
@@ -242,23 +294,18 @@ class DecoderLayers(nnx.Module):
         v = proj(self.v_kernel, self.v_bias)
         scale = 1.0 / math.sqrt(c.head_size)
         if kv is not None and decode is not None:
-            k_all, v_all, layer = kv
-            valid, num_columns, block = decode
-            k_all = _write_rows(k_all, k[:, 0], layer, end, column_axis=3)  # [L, B, K, S, H]
-            v_all = _write_rows(v_all, v[:, 0], layer, end, column_axis=4)  # [L, B, K, H, S]
-            attn = decode_attention(q[:, 0], k_all, v_all, layer, valid, num_columns, scale, block)[:, None]
-            new_kv = (k_all, v_all)
+            k_blocks, v_blocks = kv
+            valid, num_columns, prefix = decode
+            attn, k_blocks, v_blocks = decode_attention(q[:, 0], k[:, 0], v[:, 0], k_blocks, v_blocks, end, valid,
+                                                        num_columns, scale, prefix)
+            attn = attn[:, None]
+            new_kv = (k_blocks, v_blocks)
         elif kv is not None:
-            k_all, v_all, layer = kv
-            # Write this step's keys as [B, K, T, H] and values as [B, K, H, T] at slot `end`.
-            k_all = jax.lax.dynamic_update_slice(
-                k_all, k.astype(k_all.dtype).transpose(0, 2, 1, 3)[None], (layer, 0, 0, end, 0))
-            v_all = jax.lax.dynamic_update_slice(
-                v_all, v.astype(v_all.dtype).transpose(0, 2, 3, 1)[None], (layer, 0, 0, 0, end))
-            layer_k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False).astype(dt)
-            layer_v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False).astype(dt)
-            attn = cached_attention(q, layer_k, layer_v, mask, scale)
-            new_kv = (k_all, v_all)
+            # This step's keys as [B, K, H, T] and values as [B, K, T, H], at column `end`.
+            layer_k, k_blocks = _write_chunk(kv[0], k.transpose(0, 2, 3, 1), end, column_axis=3)
+            layer_v, v_blocks = _write_chunk(kv[1], v.transpose(0, 2, 1, 3), end, column_axis=2)
+            attn = cached_attention(q, layer_k.astype(dt), layer_v.astype(dt), mask, scale)
+            new_kv = (k_blocks, v_blocks)
         else:
             attn = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
             new_kv = None
@@ -296,15 +343,27 @@ class Qwen2ForCausalLM(nnx.Module):
         kernel = self.embed_tokens.get_value().T if self.config.tie_word_embeddings else self.lm_head.get_value()
         return kernel.astype(self.config.compute_dtype)
 
+    def layer_params(self) -> tuple:
+        """Each layer's parameters as its own arrays (a tuple of L `nnx.State`s without the `layers`
+        axis), for `hidden_states(..., layer_params=...)`. Slicing the stack copies the weights, so
+        a decode loop takes these once, outside the loop, instead of slicing every layer every step."""
+        _, stacked = nnx.split(self.layers)
+        return tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self.config.num_hidden_layers))
+
     def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None,
-                      decode_block: int | None = None):
+                      layer_params: tuple | None = None, prefix: KVCache | None = None):
         """Final-norm hidden states `[B, T, D]` (compute dtype), and the updated cache (or None).
 
         attention_mask `[B, T]` marks real tokens (1) vs padding (0); left padding is expected.
         Positions are `cumsum(mask) - 1`, continued from `cache.next_position` when decoding.
-        With a cache, T > 1 tokens go to the column all rows share (`cache.end[0]`); T = 1 goes to
-        each row's own `cache.end` and attention reads blocks of `decode_block` columns (default
-        `DECODE_BLOCK`) up to the longest row, so rows may be at different lengths.
+        Without a cache the layers run as one `lax.scan` over the stacked parameters (compile time
+        does not grow with depth). With a cache they run one after the other (the cache's layers are
+        separate buffers, updated in place), from `layer_params` (`self.layer_params()`, sliced here
+        when not given); T > 1 tokens go to the column all rows share (`cache.end[0]`); T = 1 goes to
+        each row's own `cache.end` and attention reads the cache's blocks up to the longest row, so
+        rows may be at different lengths. prefix (T = 1 only): a cache of P rows (one block a layer)
+        that consecutive groups of B / P rows attend before their own columns (a prompt shared by
+        its samples, read once for all of them); `cache` then holds only the rows' own tokens.
         """
         c, dt = self.config, self.config.compute_dtype
         batch, length = input_ids.shape
@@ -322,8 +381,7 @@ class Qwen2ForCausalLM(nnx.Module):
             end = cache.end
             key_valid = jax.vmap(lambda row, column, real: row.at[column].set(real))(
                 cache.valid, end, attention_mask[:, 0])
-            capacity = cache.valid.shape[1]
-            decode = (key_valid, jnp.max(end) + 1, decode_block_size(capacity, decode_block))
+            decode = (key_valid, jnp.max(end) + 1, None)  # and each layer's prefix, below
         else:
             positions = jnp.maximum(cache.next_position[:, None] + new_positions, 0)
             end = cache.end[0]  # prompts are left-padded to a common length: every row is at the same column
@@ -339,28 +397,34 @@ class Qwen2ForCausalLM(nnx.Module):
             mask = None
 
         x = self.embed_tokens.get_value()[input_ids].astype(dt)
-        graphdef, layer_params = nnx.split(self.layers)
-
-        # The stacked cache rides in the scan carry and each layer writes only its new slots in place
-        # (as scan inputs/outputs it would be copied whole every step and held twice in memory).
+        graphdef, stacked = nnx.split(self.layers)
         # Rows stay split over the data axes between layers; without the constraint the compiler
         # follows the FSDP split of the weights and every device computes the whole batch.
-        def one_layer(carry, params):
-            x, kv, layer = carry
-            layer_kv = None if kv is None else (*kv, layer)
-            x, kv = nnx.merge(graphdef, params)(constrain(x, _HIDDEN_AXES), positions, mask, layer_kv, end, decode)
-            return (constrain(x, _HIDDEN_AXES), kv, layer + 1), None
-
-        if c.remat != "none":
-            one_layer = jax.checkpoint(one_layer, policy=_REMAT[c.remat], prevent_cse=False)
-        kv_in = None if cache is None else (cache.k, cache.v)
-        (x, kv_out, _), _ = jax.lax.scan(one_layer, (x, kv_in, jnp.int32(0)), layer_params)
-        hidden = rms_norm(x, self.final_norm.get_value(), c.rms_norm_eps, dt)
         if cache is None:
-            return hidden, None
+            def one_layer(x, params):
+                x, _ = nnx.merge(graphdef, params)(constrain(x, _HIDDEN_AXES), positions, mask)
+                return constrain(x, _HIDDEN_AXES), None
+
+            if c.remat != "none":
+                one_layer = jax.checkpoint(one_layer, policy=_REMAT[c.remat], prevent_cse=False)
+            x, _ = jax.lax.scan(one_layer, x, stacked)
+            return rms_norm(x, self.final_norm.get_value(), c.rms_norm_eps, dt), None
+
+        layer_params = self.layer_params() if layer_params is None else layer_params
+        new_k, new_v = [], []
+        for layer, (params, k_blocks, v_blocks) in enumerate(zip(layer_params, cache.k, cache.v)):
+            if decode is not None and prefix is not None:  # a prefix is one block a layer
+                ((prefix_k,), (prefix_v,)) = prefix.k[layer], prefix.v[layer]
+                decode = (*decode[:2], (prefix_k, prefix_v, prefix.valid))
+            x, (k_blocks, v_blocks) = nnx.merge(graphdef, params)(
+                constrain(x, _HIDDEN_AXES), positions, mask, (k_blocks, v_blocks), end, decode)
+            x = constrain(x, _HIDDEN_AXES)
+            new_k.append(k_blocks)
+            new_v.append(v_blocks)
+        hidden = rms_norm(x, self.final_norm.get_value(), c.rms_norm_eps, dt)
         new_cache = KVCache(
-            k=kv_out[0],
-            v=kv_out[1],
+            k=tuple(new_k),
+            v=tuple(new_v),
             valid=key_valid,
             next_position=cache.next_position + attention_mask.sum(axis=1, dtype=jnp.int32),
             end=cache.end + length,
@@ -375,7 +439,8 @@ class Qwen2ForCausalLM(nnx.Module):
         hidden, _ = self.hidden_states(input_ids, attention_mask)
         return self.logits_from_hidden(hidden)
 
-    def forward_with_cache(self, input_ids, attention_mask, cache: KVCache, decode_block: int | None = None):
+    def forward_with_cache(self, input_ids, attention_mask, cache: KVCache, layer_params: tuple | None = None,
+                           prefix: KVCache | None = None):
         """Prefill or decode: logits `[B, T, V]` of the new tokens and the cache holding them."""
-        hidden, cache = self.hidden_states(input_ids, attention_mask, cache, decode_block)
+        hidden, cache = self.hidden_states(input_ids, attention_mask, cache, layer_params, prefix)
         return self.logits_from_hidden(hidden), cache

@@ -24,11 +24,12 @@ Data between hosts and devices moves through `prime_jax.parallel.transfer` only.
 `is_logging_process()` (process 0) writes logs/metrics files. Checkpoints: every process calls
 orbax (each writes its own shards).
 
-Host loss: every process sends heartbeats to the coordinator; when one stops for
-`heartbeat_timeout` seconds (config `distributed.heartbeat_timeout`, env
-`PRIME_HEARTBEAT_TIMEOUT`, default 100), the coordination service fails every other process with
-an error naming the missing task, so a pod whose host died exits instead of hanging in a
-collective.
+Host loss: every process watches the others (`parallel.host_watch`); when one shows no sign of
+life for `heartbeat_timeout` seconds (config `distributed.heartbeat_timeout`, env
+`PRIME_HEARTBEAT_TIMEOUT`, default 100), every other process prints one line naming it and how to
+resume, and exits with status 1, so a pod whose host died exits instead of hanging in a
+collective. JAX's own coordination service (which would abort with a stack trace) gets a longer
+timeout (`host_watch.service_timeout`) and stays the backstop.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ import os
 from typing import Any, Mapping
 
 import jax
+
+from prime_jax.parallel import host_watch
 
 logger = logging.getLogger(__name__)
 
@@ -159,13 +162,18 @@ def initialize_distributed(config: Any = None) -> bool:
         process_id=s["process_id"],
         local_device_ids=s["local_device_ids"],
         initialization_timeout=s["initialization_timeout"],
-        heartbeat_timeout_seconds=s["heartbeat_timeout"],
+        heartbeat_timeout_seconds=host_watch.service_timeout(s["heartbeat_timeout"]),
     )
     logger.info(
         "jax.distributed.initialize(coordinator=%s, num_processes=%s, process_id=%s, cluster=%s, heartbeat %ds)",
         s["coordinator_address"], s["num_processes"], s["process_id"], cluster, s["heartbeat_timeout"],
     )
     jax.distributed.initialize(**kwargs)
+    from jax._src import distributed as jax_distributed  # the client: the watch's key-value store
+
+    client = getattr(jax_distributed.global_state, "client", None)
+    if client is not None and jax.process_count() > 1:
+        host_watch.start(client, jax.process_index(), jax.process_count(), s["heartbeat_timeout"])
     logger.info(
         "process %d/%d: %d local devices, %d global devices",
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),

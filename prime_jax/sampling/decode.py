@@ -7,20 +7,26 @@ The two programs a `Sampler` compiles per shape key:
 2. **decode** hands queued rows to idle slots (`refill`: the row's prompt keys/values are copied
    into the slot, so a prompt is prefilled once and shared by its n samples), then runs
    `lax.while_loop` steps: one token for every live slot, written into the row's place of the
-   `[B, R]` outputs. A slot whose row stops (stop token or R tokens) goes idle; with
-   `refill_in_loop` the loop refills idle slots after every step (`lax.cond`, only when a slot is
-   idle and rows wait), else the program returns when `stop_at` steps are reached or no slot is
-   live and the next call refills. The loop also returns at `stop_at`, so a caller can stream
-   finished groups out between calls; the state is donated and carried on.
+   `[B, R]` outputs. Each layer's weights are sliced out of the stacked parameters once, before
+   the loop (`Qwen2ForCausalLM.layer_params`), so a step reads them in place. A slot whose row
+   stops (stop token or R tokens) goes idle; with `refill_in_loop` the loop refills idle slots
+   after every step (only when a slot is idle and rows wait), else the program returns when
+   `stop_at` steps are reached or no slot is live and the next call refills. The loop also
+   returns at `stop_at`, so a caller can stream finished groups out between calls; the state is
+   donated and carried on.
 
 K = B (one slot per row) is the static batch: every row starts at once and nothing is refilled
-(`DecodeSpec.static`: a step writes one column of the outputs and folds the step into the keys once).
+(`DecodeSpec.static`: a step writes one column of the outputs and folds the step into the keys once,
+and the prompts are not copied into the slots: a prompt's n rows attend its prefilled keys/values as
+one group, which reads them once instead of n times).
 
 Determinism: row r's token t is drawn with `fold_in(fold_in(key, t), row_id[r])` from logits that
 do not depend on which slot decodes it or on K (a slot's cache columns hold exactly its row's
 prompt and response, and `models.qwen2.decode_attention` is blockwise exact under extra masked
 blocks), so the same call with any K gives the same tokens; log-probs agree to float rounding
-(a backend's matmul may round differently for another number of rows per step).
+(a backend's matmul may round differently for another number of rows per step, and the static
+batch sums a row's prompt part and its response part of the attention as two blocks where slots
+hold them in one cache), so a token could only differ where its draw is within rounding of a tie.
 
 Sharding: rows, prompts and slots are split over the data axes (logical `batch`). The queue is kept
 per data shard (D shards, `queue_head`/`queue_end` `[D]`): shard d's slots only take shard d's rows,
@@ -47,14 +53,17 @@ PAD_ID = 0  # prompt left-padding and response tokens after the end
 @dataclasses.dataclass
 class DecodeState:
     """What the decode loop carries. B rows (G prompts x n), K slots, P prompt columns (bucket),
-    S cache columns per slot (>= P + R), R new tokens per row, D data shards; L, Kv, H: layers,
-    kv heads, head size.
+    S cache columns per slot (>= P + R; static batch: >= R), R new tokens per row, D data shards;
+    L, Kv, H: layers, kv heads, head size.
 
-    cache: the slots' `KVCache` (k `[L, K, Kv, S, H]`, v `[L, K, Kv, H, S]`, valid `[K, S]`,
-        next_position `[K]`, end `[K]`); a slot's prompt sits in columns `[0, P)` and its response
-        from P on; an idle slot's `end` is 0, so it does not lengthen the attention read.
-    prompt_k `[L, G, Kv, P, H]`, prompt_v `[L, G, Kv, H, P]`, prompt_valid `[G, P]` bool,
-        prompt_length `[G]` int32: the prefilled prompts, copied into a slot when it takes a row.
+    cache: the slots' `KVCache` (per layer, S / C blocks: k `[K, Kv, H, C]`, v `[K, Kv, C, H]`;
+        valid `[K, S]`, next_position `[K]`, end `[K]`); a slot's prompt sits in columns `[0, P)` and
+        its response from P on; an idle slot's `end` is 0, so it does not lengthen the attention read.
+        The static batch's cache holds only the responses (S >= R): its rows attend their prompt
+        in `prompt_k`/`prompt_v` first, read once for a prompt's n rows.
+    prompt_k, prompt_v: the prefilled prompts' keys `[G, Kv, H, P]` and values `[G, Kv, P, H]`, per
+        layer (one block each, as a `KVCache`'s); prompt_valid `[G, P]` bool, prompt_length `[G]`
+        int32: copied into a slot's first columns when it takes a row.
     row_id `[B]` int32: the row's index in the caller's order (the sampling key's row).
     tokens `[B, R]` int32, logprobs `[B, R]` float32: the responses, written in place.
     lengths `[B]` int32: tokens sampled so far; finished `[B]` bool: ended by a stop token;
@@ -112,7 +121,7 @@ class DecodeSpec:
     max_new_tokens: int
     num_slots: int  # K
     capacity: int  # S
-    block: int  # attention block (divides S)
+    block: int  # cache block (divides S)
     shards: int  # D
     greedy: bool
     top_k: int
@@ -150,7 +159,7 @@ def prefill_fn(spec: DecodeSpec) -> Callable:
     def prefill(state, prompt_ids, prompt_mask, row_id, active, stop_ids, rng, temperature, top_p):
         model = nnx.merge(spec.graphdef, state)
         num_prompts, prompt_len = prompt_ids.shape
-        prompt_cache = KVCache.init(model.config, num_prompts, prompt_len)
+        prompt_cache = KVCache.init(model.config, num_prompts, prompt_len, block=prompt_len)  # one block
         hidden, prompt_cache = model.hidden_states(prompt_ids, prompt_mask, prompt_cache)
         logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]  # left padding: the last column is real
         rows = num_prompts * n
@@ -162,7 +171,8 @@ def prefill_fn(spec: DecodeSpec) -> Callable:
         logprobs = jnp.zeros((rows, new_tokens), jnp.float32).at[:, 0].set(jnp.where(active, first_logprobs, 0.0))
         slots, shards = spec.num_slots, spec.shards
         return DecodeState(
-            cache=KVCache.init(model.config, slots, spec.capacity, dtype=prompt_cache.k.dtype),
+            cache=KVCache.init(model.config, slots, spec.capacity, dtype=prompt_cache.k[0][0].dtype,
+                               block=spec.block),
             prompt_k=prompt_cache.k, prompt_v=prompt_cache.v, prompt_valid=prompt_cache.valid,
             prompt_length=prompt_cache.next_position, row_id=row_id, tokens=tokens, logprobs=logprobs,
             lengths=active.astype(jnp.int32), finished=finished,
@@ -179,9 +189,10 @@ def prefill_fn(spec: DecodeSpec) -> Callable:
 def refill(spec: DecodeSpec, s: DecodeState) -> DecodeState:
     """Gives each idle slot the next waiting row of its shard, in row order, and copies that row's
     prompt keys/values, mask and position into the slot (columns `[0, P)`); its first token (from
-    prefill) is fed next. Rows already done (a stop token first) take a slot for no step."""
+    prefill) is fed next. Rows already done (a stop token first) take a slot for no step. The static
+    batch copies nothing: its rows read their prompt from `prompt_k`/`prompt_v` (`decode_step`)."""
     n = spec.n
-    prompt_len = s.prompt_valid.shape[1]
+    prompt_len = 0 if spec.static else s.prompt_valid.shape[1]  # prompt columns in a slot's cache
 
     def one_shard(slot_row, slot_live, head, end, last, slot_length, valid, position, column,
                   first_tokens, done, prompt_valid, prompt_length):
@@ -191,7 +202,7 @@ def refill(spec: DecodeSpec, s: DecodeState) -> DecodeState:
         row = jnp.clip(wanted, 0, first_tokens.shape[0] - 1)
         prompt = row // n
         live = slot_live | (take & ~done[row])
-        new_valid = jnp.zeros_like(valid).at[:, :prompt_len].set(prompt_valid[prompt])
+        new_valid = jnp.zeros_like(valid).at[:, :prompt_len].set(prompt_valid[prompt][:, :prompt_len])
         return dict(
             slot_row=jnp.where(take, row, jnp.where(free, -1, slot_row)), slot_live=live,
             queue_head=head + take.sum(dtype=jnp.int32), last_token=jnp.where(take, first_tokens[row], last),
@@ -205,38 +216,48 @@ def refill(spec: DecodeSpec, s: DecodeState) -> DecodeState:
                      s.prompt_valid, s.prompt_length)
     take, prompt = out.pop("take"), out.pop("prompt")  # prompt: local index within the shard
 
-    def copy_prompts(cache, prompts, column_axis):  # the prompt's columns into the taken slots
-        def one_shard(cache, prompts, take, prompt):  # cache [L, Kl, ...], prompts [L, Gl, ...]
-            if spec.static:
-                # The static batch's one refill: a scatter of the taken slots (the others index past
-                # the end and are dropped) never reads the cache, so XLA fills it in place; the
-                # select below made XLA copy the whole cache (B rows, the largest buffer of a run).
-                index = [slice(None)] * cache.ndim
-                index[1] = jnp.where(take, jnp.arange(take.shape[0]), take.shape[0])
-                index[column_axis] = slice(0, prompt_len)
-                return cache.at[tuple(index)].set(prompts[:, prompt], mode="drop")
-            # Slots: a select written back with dynamic_update_slice. XLA copies the (K-row) cache
-            # for it, but on CPU that is ~1.6x faster per refill than the scatter.
-            window = [slice(None)] * cache.ndim
-            window[column_axis] = slice(0, prompt_len)
-            new = jnp.where(take.reshape((1, -1) + (1,) * (cache.ndim - 2)), prompts[:, prompt], cache[tuple(window)])
+    def copy_prompt(cache, prompts, column_axis):
+        """The taken slots' prompt columns from `prompts` `[G, Kv, ., .]` into the first columns of
+        `cache` `[K, Kv, ., .]` (the same block of the slots' cache; columns on `column_axis`)."""
+        window = [slice(None)] * cache.ndim
+        window[column_axis] = slice(0, prompts.shape[column_axis])
+
+        def one_shard(cache, prompts, take, prompt):  # cache [Kl, ...], prompts [Gl, ...]
+            # A select written back with dynamic_update_slice. XLA copies the (K-row) block for it,
+            # but on CPU that is ~1.6x faster per refill than a scatter.
+            new = jnp.where(take.reshape((-1,) + (1,) * (cache.ndim - 1)), prompts[prompt], cache[tuple(window)])
             return jax.lax.dynamic_update_slice(cache, new, (0,) * cache.ndim)
 
-        split = lambda x, axis: x.reshape(x.shape[:axis] + (spec.shards, -1) + x.shape[axis + 1:])
-        out = jax.vmap(one_shard, in_axes=(1, 1, 0, 0), out_axes=1)(
-            split(cache, 1), split(prompts, 1), split(take, 0), split(prompt, 0))
+        split = lambda x: x.reshape((spec.shards, -1) + x.shape[1:])
+        out = jax.vmap(one_shard)(split(cache), split(prompts), split(take), split(prompt))
         return out.reshape(cache.shape)
 
-    cache = KVCache(k=copy_prompts(s.cache.k, s.prompt_k, 3), v=copy_prompts(s.cache.v, s.prompt_v, 4),
-                    valid=out.pop("valid"), next_position=out.pop("next_position"), end=out.pop("end"))
+    def copy_layer(blocks, prompt_blocks, column_axis):  # prompt columns [i C, (i + 1) C) into slot block i
+        (prompts,) = prompt_blocks
+        size = blocks[0].shape[column_axis]
+        return tuple(block if i * size >= prompt_len else copy_prompt(
+            block, jax.lax.slice_in_dim(prompts, i * size, min((i + 1) * size, prompt_len), axis=column_axis),
+            column_axis) for i, block in enumerate(blocks))
+
+    k, v = s.cache.k, s.cache.v
+    if not spec.static:
+        k = tuple(copy_layer(blocks, prompts, 3) for blocks, prompts in zip(k, s.prompt_k))
+        v = tuple(copy_layer(blocks, prompts, 2) for blocks, prompts in zip(v, s.prompt_v))
+    cache = KVCache(k=k, v=v, valid=out.pop("valid"), next_position=out.pop("next_position"), end=out.pop("end"))
     return dataclasses.replace(s, cache=cache, **out)
 
 
-def decode_step(spec: DecodeSpec, model, s: DecodeState, stop_ids, rng, temperature, top_p) -> DecodeState:
+def decode_step(spec: DecodeSpec, model, layer_params, s: DecodeState, stop_ids, rng, temperature, top_p
+                ) -> DecodeState:
     """One token for every live slot: feed `last_token`, sample with the row's key, write the token
-    into the row's outputs, and retire slots whose row stopped or reached R tokens."""
-    slots = spec.num_slots
-    logits, cache = model.forward_with_cache(s.last_token[:, None], jnp.ones((slots, 1), bool), s.cache, spec.block)
+    into the row's outputs, and retire slots whose row stopped or reached R tokens. `layer_params`:
+    `model.layer_params()`, taken once outside the decode loop."""
+    slots, prefix = spec.num_slots, None
+    if spec.static:  # the n rows of a prompt read its keys/values once, from the prefill's cache
+        prefix = KVCache(k=s.prompt_k, v=s.prompt_v, valid=s.prompt_valid, next_position=s.prompt_length,
+                         end=jnp.full_like(s.prompt_length, s.prompt_valid.shape[1]))
+    logits, cache = model.forward_with_cache(s.last_token[:, None], jnp.ones((slots, 1), bool), s.cache,
+                                             layer_params, prefix)
     if spec.static:  # slot = row, and every live row's next token is token `step + 1`: the same keys
         keys = strategies.row_keys_at(rng, s.step + 1, s.row_id)
     else:
@@ -289,6 +310,7 @@ def decode_fn(spec: DecodeSpec, constrain_state: Callable[[DecodeState], DecodeS
 
     def decode(state, s: DecodeState, stop_ids, rng, temperature, top_p, stop_at):
         model = nnx.merge(spec.graphdef, state)
+        layer_params = model.layer_params()  # sliced once per call: in the loop, every step would copy them
         waiting = lambda s: jnp.any(s.queue_head < s.queue_end)
 
         def cond(s):
@@ -296,7 +318,7 @@ def decode_fn(spec: DecodeSpec, constrain_state: Callable[[DecodeState], DecodeS
             return (s.step < stop_at) & work
 
         def body(s):
-            s = decode_step(spec, model, s, stop_ids, rng, temperature, top_p)
+            s = decode_step(spec, model, layer_params, s, stop_ids, rng, temperature, top_p)
             if spec.refill_in_loop and not spec.static:  # run once or never (a `cond` would copy the cache)
                 needed = jnp.any(~s.slot_live) & waiting(s)
                 s, _ = jax.lax.while_loop(lambda c: c[1], lambda c: (refill(spec, c[0]), False), (s, needed))

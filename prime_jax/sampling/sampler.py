@@ -18,7 +18,7 @@ as they are all done (the decode program returns every `stream_steps` steps, and
 carried on with the donated state), so grading can run while decoding continues.
 
 Shapes are bucketed so that a training run compiles a handful of programs: prompt lengths are
-left-padded to a power of two (at least `min_prompt_bucket`), the number of prompts is padded with
+left-padded to a power of two or 1.5 times one (at least `min_prompt_bucket`), the number of prompts is padded with
 dummy rows to a power of two (a multiple of the mesh's data-parallel size) and the cache holds
 P + max_new_tokens columns rounded up to the attention block. Both programs are compiled ahead of
 time and kept per shape key, so `Sampler.num_compilations` is exactly the number of XLA programs
@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from prime_jax.models.qwen2 import DECODE_BLOCK, KVCache
+from prime_jax.models.qwen2 import DECODE_BLOCK, MAX_DECODE_BLOCKS, KVCache
 from prime_jax.parallel import (batch_shards, batch_sharding, named_sharding, put_replicated, put_rows, replicated,
                                 shard_state, state_shardings, to_host, under_mesh)
 from prime_jax.sampling.decode import PAD_ID, DecodeSpec, DecodeState, decode_fn, prefill_fn
@@ -55,6 +55,13 @@ _NO_STOP = np.int32(2**31 - 1)
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _length_bucket(x: int) -> int:
+    """The smallest power of two or 1.5 x power of two >= x (16, 24, 32, 48, 64, 96, ...): prompts are
+    padded by at most a third, where powers of two alone pad a 130-token prompt to 256."""
+    power = _next_pow2(x)
+    return power * 3 // 4 if power >= 4 and power * 3 // 4 >= x else power
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -125,7 +132,7 @@ class Sampler:
     refill: "loop" refills idle slots inside the jitted loop after every step; "chunks" runs
         `chunk_steps` steps per program call and refills at the start of the next call.
     stream_steps: decode steps between two looks for finished groups in `stream`.
-    attention_block: cache columns per block of the decode attention read.
+    attention_block: cache columns per block: a decode step reads the blocks up to its longest row.
     """
 
     def __init__(self, mesh: Mesh | None = None, *, decode_slots: int | None = None, min_prompt_bucket: int = 16,
@@ -164,7 +171,7 @@ class Sampler:
     def buckets(self, num_prompts: int, max_prompt_len: int) -> tuple[int, int]:
         """(bucketed prompt batch G, bucketed prompt length P) for a call."""
         batch = _round_up(_next_pow2(max(num_prompts, self.min_batch_bucket)), self.data_parallel_size)
-        length = max(self.min_prompt_bucket, _next_pow2(max_prompt_len))
+        length = max(self.min_prompt_bucket, _length_bucket(max_prompt_len))
         return batch, length
 
     def num_slots(self, rows: int) -> int:
@@ -263,13 +270,15 @@ class Sampler:
             state = shard_state(state, self.mesh)
             key, stop_ids, scalars = put_replicated((key, stop_ids, scalars), self.mesh)
             prompt_ids, prompt_mask, row_id, active = put_rows((prompt_ids, prompt_mask, row_id, active), self.mesh)
+        static = self.num_slots(rows) == rows
+        own = max_new_tokens if static else length + max_new_tokens  # a slot's columns (static: no prompt)
         # a short cache is read in one block rather than padded up to a whole `attention_block`
-        block = min(self.attention_block, _next_pow2(length + max_new_tokens))
+        block = min(self.attention_block, _next_pow2(own))
+        block = max(block, _next_pow2(-(-own // MAX_DECODE_BLOCKS)))  # a bounded number of blocks
         spec = DecodeSpec(
             graphdef=graphdef, n=n, max_new_tokens=max_new_tokens, num_slots=self.num_slots(rows),
-            capacity=_round_up(length + max_new_tokens, block), block=block, shards=shards, greedy=greedy, top_k=top_k,
-            use_top_p=(not greedy) and top_p < 1.0, refill_in_loop=self.refill == "loop",
-            static=self.num_slots(rows) == rows)
+            capacity=_round_up(own, block), block=block, shards=shards, greedy=greedy, top_k=top_k,
+            use_top_p=(not greedy) and top_p < 1.0, refill_in_loop=self.refill == "loop", static=static)
         program_key = _ProgramKey(
             spec=spec, state_treedef=jax.tree.structure(state),
             state_avals=tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(state)),
@@ -380,10 +389,10 @@ class Sampler:
             return None
         mesh = self.mesh
         shapes = jax.eval_shape(prefill_fn(spec), *prefill_args)
-        axes = {**{f"cache.{f}": a for f, a in KVCache.LOGICAL_AXES.items()}, **DecodeState.LOGICAL_AXES}
-        cache = KVCache(**{f: named_sharding(mesh, axes[f"cache.{f}"], getattr(shapes.cache, f).shape)
-                           for f in KVCache.LOGICAL_AXES})
-        decode_state = DecodeState(cache=cache, **{f: named_sharding(mesh, a, getattr(shapes, f).shape)
+        # every leaf of a field (each layer's blocks, for the caches) has the field's logical axes
+        sharded = lambda axes, field: jax.tree.map(lambda x: named_sharding(mesh, axes, x.shape), field)
+        cache = KVCache(**{f: sharded(a, getattr(shapes.cache, f)) for f, a in KVCache.LOGICAL_AXES.items()})
+        decode_state = DecodeState(cache=cache, **{f: sharded(a, getattr(shapes, f))
                                                    for f, a in DecodeState.LOGICAL_AXES.items()})
         rep, params = replicated(mesh), state_shardings(prefill_args[0], mesh)
         rows1, rows2 = batch_sharding(mesh, 1), batch_sharding(mesh, 2)

@@ -10,6 +10,8 @@ yet is None (an empty pytree node: jit and the transfer functions skip it).
     old_logprobs  [B, R] float32  rollout policy (sampler or recomputed), 0 at padding
     ref_logprobs  [B, R] float32  frozen reference (raw logits), 0 at padding
     advantages    [B, R] float32
+    group_scores  [B]    float32  sum of q per row from the PRM's scoring pass before its updates
+                                  (the dpo / bon_* PRM losses; train/prm_phase.py)
 
 The same class holds host rows (numpy, every process the whole batch) while a step collects
 and filters groups, and global device arrays (`to_device`) from scoring to the policy update.
@@ -37,6 +39,7 @@ class PrimeBatch:
     old_logprobs: Any = None
     ref_logprobs: Any = None
     advantages: Any = None
+    group_scores: Any = None
 
     LOGICAL_AXES: ClassVar[dict[str, tuple[str | None, ...]]] = {
         "prompt_ids": ("batch", "seq"),
@@ -47,6 +50,7 @@ class PrimeBatch:
         "old_logprobs": ("batch", "seq"),
         "ref_logprobs": ("batch", "seq"),
         "advantages": ("batch", "seq"),
+        "group_scores": ("batch",),
     }
     RESPONSE_FIELDS: ClassVar[tuple[str, ...]] = ("response_ids", "response_mask", "old_logprobs", "ref_logprobs",
                                                    "advantages")

@@ -49,6 +49,7 @@ BATCH_FIELDS = {  # a training batch's arrays: (columns: "prompt" | "response" |
     "response_ids": ("response", jnp.int32), "response_mask": ("response", jnp.int32),
     "old_logprobs": ("response", jnp.float32), "advantages": ("response", jnp.float32),
     "ref_logprobs": ("response", jnp.float32), "outcome": (None, jnp.float32),
+    "group_scores": (None, jnp.float32),
 }
 
 
@@ -250,6 +251,8 @@ class RunBuilder:
             fields.append("ref_logprobs")
         if program == "policy":
             fields.append("advantages")
+        if program == "prm" and c.algo.prm_loss in algo.GROUP_SCORE_LOSS_TYPES:
+            fields.append("group_scores")  # from the scoring pass before the updates (algo.prm_update "reverse")
         return tuple(fields)
 
     def abstract_batch(self, program: str, rows: int, response_len: int | None = None) -> PrimeBatch:

@@ -38,7 +38,9 @@ class TrainingEvaluator:
         self.stop_ids, self.layout, self.is_main = list(stop_ids), layout, is_main
         self.settings = eval_lib.settings_from_config(config)  # n = 1, rollout.eval_temperature (greedy)
 
-    def __call__(self, step: int, policy_params, prm_params, ref_params, pool) -> dict:
+    def __call__(self, step: int, policy_params, prm_params, ref_params, pool, ranking: float | None = None,
+                 ranking_note: str = "") -> dict:
+        """`ranking`: the step's prm/dpo_accuracy, shown on the HTML page (None: `ranking_note` says why)."""
         c = self.config
         t0 = time.perf_counter()
         row: dict[str, Any] = {"step": step}
@@ -70,16 +72,17 @@ class TrainingEvaluator:
         row["eval/truncated_frac"] = float(np.mean([not r["finished"] for r in sampled])) if sampled else 0.0
         if candidates:  # q is computed on every process; process 0 writes the page
             self._write_html(step, mix_outcomes(candidates, lambda x: x[2]["score"], c.logging.html_samples),
-                             prm_params, ref_params)
+                             prm_params, ref_params, ranking, ranking_note)
         row["time/eval_s"] = time.perf_counter() - t0
         return row
 
-    def _write_html(self, step: int, samples: list, prm_params, ref_params) -> None:
-        """The token-reward page: each response's q under the current PRM and its reference."""
+    def _write_html(self, step: int, samples: list, prm_params, ref_params, ranking, ranking_note) -> None:
+        """The token-reward pages: each response's q under the current PRM and its reference."""
         # raw logits for the PRM and its reference, as in training (PRIME_SPEC: no temperature)
+        log = self.config.logging
         scorer = eval_lib.PRMScorer((self.graphdef, prm_params), (self.graphdef, ref_params), mesh=self.mesh,
                                     chunk_size=self.config.model.logprob_chunk,
-                                    batch_size=max(1, self.config.logging.html_samples))
+                                    batch_size=max(1, min(log.html_samples, log.html_per_page or log.html_samples)))
         qs = scorer.token_rewards([s[0] for s in samples], [s[1] for s in samples])
         pages = [{"prompt": rec["prompt"], "tokens": [self.tokenizer.decode([t]) for t in response],
                   "q": q.tolist(), "outcome": float(rec["score"]), "ground_truth": rec["ground_truth"],
@@ -87,4 +90,5 @@ class TrainingEvaluator:
                  for (_, response, rec), q in zip(samples, qs)]
         if self.is_main:
             write_rollouts_html(self.layout.rollouts / f"step_{step}.html", pages,
-                                title=f"{self.config.name}: held-out responses at step {step}")
+                                title=f"{self.config.name}: held-out responses at step {step}",
+                                per_page=log.html_per_page, ranking=ranking, ranking_note=ranking_note)

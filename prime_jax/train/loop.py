@@ -28,13 +28,14 @@ import numpy as np
 from flax import nnx
 
 from prime_jax import algo
-from prime_jax.config import ORACLE_SOURCES, RANDOM_MODEL, SYNTHETIC
+from prime_jax.config import ORACLE_SOURCES, PRM_TRAINING_SOURCES, RANDOM_MODEL, SYNTHETIC
 from prime_jax.data import Problem, held_out, load_eval_sets, load_train_problems
 from prime_jax.models import Qwen2ForCausalLM
 from prime_jax.models.tokenizer import eos_token_ids
 from prime_jax.parallel import is_logging_process, put_replicated, put_rows, to_host
 from prime_jax.rewards import RewardPool
 from prime_jax.train import checkpoint as ckpt
+from prime_jax.train import run_config
 from prime_jax.train.batch import PrimeBatch
 from prime_jax.train.builder import RunBuilder, RunLayout, abstract_model
 from prime_jax.train.evaluation import TrainingEvaluator
@@ -91,7 +92,7 @@ class RunData:
         c = builder.config
         tokenizer = builder.tokenizer(layout, is_main)
         eval_sets, _ = load_eval_sets(c)
-        exclude = held_out(eval_sets) if c.data.train == SYNTHETIC else set()
+        exclude = held_out(eval_sets)  # the synthetic eval problems' expressions, which generation skips
         prompts = PromptSource(load_train_problems(c, exclude), tokenizer, c.data.max_prompt_tokens, c.seed)
         return cls(tokenizer, eval_sets, prompts)
 
@@ -146,6 +147,7 @@ class Trainer:
         self.pool = None
         self.log = None
         self.preempted_at: int | None = None
+        self.stop_signal: str | None = None  # the signal this process got when preempted_at is set (None: another host's)
         # Rows of a device batch (mini-batches, scoring chunks), kept sharded by rows.
         self._take_rows = jax.jit(lambda batch, index: jax.tree.map(lambda x: x[index], batch),
                                   out_shardings=self.steps.batch_sharding)
@@ -163,26 +165,35 @@ class Trainer:
         self.start_step = step
         self.policy, self.prm, self.key = state["policy"], state["prm"], state["key"]
         self.prompts.set_state(meta["prompts"])
+        if "ranking_ema" in meta:
+            self.ranking_ema = float(meta["ranking_ema"])
+        elif self.config.algo.process_ramp != "none":
+            logger.warning("the checkpoint of step %d predates the saved process_ramp average: it restarts at chance "
+                           "(0.5), so this run departs from an uninterrupted one", step)
         logger.info("resumed from the checkpoint of step %d", step)
 
     def _save(self, step: int) -> None:
+        # everything a step reads besides the config: the states, the key, the prompt buffer and iterator, the
+        # process_ramp average (a float: JSON keeps it exactly)
         self.checkpointer.save(step, {"policy": self.policy, "prm": self.prm, "key": self.key},
-                               {"step": step, "prompts": self.prompts.state()})
+                               {"step": step, "prompts": self.prompts.state(), "ranking_ema": self.ranking_ema})
 
     @property
     def policy_model(self) -> Qwen2ForCausalLM:
         return nnx.merge(self.graphdef, self.policy.params)
 
     # ------------------------------------------------------------------ the run
-    def run(self) -> dict:
-        """Steps start_step+1 .. total_steps, with evals and checkpoints; returns the last eval row."""
+    def run(self, stop_after: int | None = None) -> dict:
+        """Steps start_step+1 .. total_steps, with evals and checkpoints; returns the last eval row.
+        `stop_after`: leave after that step with a checkpoint, as on SIGTERM (`preempted_at`), so a
+        long run can go in chunks; rerunning continues it."""
         c = self.config
         self.pool = RewardPool(c.reward.workers, math_timeout=c.reward.timeout_s, code_timeout=c.reward.timeout_s)
         self.log = MetricsLogger(self.workdir, resume_step=self.start_step or None, tensorboard=c.logging.tensorboard,
                                  wandb=c.logging.wandb, wandb_project=c.logging.wandb_project, run_name=c.name,
                                  config=c.to_dict(), enabled=self.is_main)
         if self.is_main:
-            (self.workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+            run_config.record(c, self.layout, self.start_step)  # config.json, and the changes kept in a history
         bar = None
         if c.logging.progress_bar and self.is_main:
             from tqdm import tqdm
@@ -191,19 +202,22 @@ class Trainer:
         last_eval, last_saved = {}, self.start_step
         try:
             with PreemptionWatch() as preemption:
-                if self.start_step == 0:
+                if self.start_step == 0 and c.eval_at_start:
                     last_eval = self.evaluate(0)
                 for step in range(self.start_step + 1, c.total_steps + 1):
-                    if preemption.should_stop():  # every host votes at every step boundary
+                    stop_here = stop_after is not None and step > stop_after
+                    if preemption.should_stop() or stop_here:  # every host votes at every step boundary
+                        preemption.saving = True
                         if step - 1 > last_saved:
                             self._save(step - 1)
                         self.preempted_at = step - 1
-                        logger.warning("preempted: stopped after step %d with a checkpoint; rerun the same command "
-                                       "to resume", step - 1)
+                        self.stop_signal = preemption.signal_name if preemption.requested else None
+                        logger.warning("stopped after step %d with a checkpoint (%s); rerun to resume", step - 1,
+                                       preemption.signal_name if preemption.requested else f"stop_after {stop_after}")
                         break
                     row = self.step(step)
                     if self._due(step, c.eval_every):
-                        last_eval = self.evaluate(step)
+                        last_eval = self.evaluate(step, row)
                     if self._due(step, c.checkpoint_every):
                         self._save(step)
                         last_saved = step
@@ -212,7 +226,7 @@ class Trainer:
                         bar.set_postfix(reward=f"{row['train/reward']:.2f}", kept=f"{row['filter/kept_group_frac']:.2f}",
                                         dpo=f"{row.get('prm/dpo_accuracy', float('nan')):.2f}",
                                         eval=f"{last_eval.get('eval/accuracy', float('nan')):.3f}")
-            self.checkpointer.wait()
+                self.checkpointer.wait()  # (a Ctrl-C during the last save waits for it, see PreemptionWatch)
             if c.checkpoint.export_hf and self.preempted_at is None:
                 self.export_hf()  # on every process: the export gathers the sharded weights
         finally:
@@ -258,6 +272,8 @@ class Trainer:
             self.ranking_ema, process_scale = process_reward_scale(c.algo, self.ranking_ema, prm_metrics)
             if self.uses_process_rewards:
                 prm_metrics["prm/process_scale"] = process_scale
+                if c.algo.process_ramp != "none":
+                    prm_metrics["prm/ranking_ema"] = self.ranking_ema
             q_norm, advantages, adv_stats = process_rewards_and_advantages(
                 q, batch.outcome, batch.response_mask,
                 None if c.algo.process_ramp == "none" else jnp.float32(process_scale), estimator=c.algo.estimator,
@@ -327,7 +343,8 @@ class Trainer:
             return put_rows(q, self.mesh), {"prm/oracle_marked_frac": float((q < 0).any(1).mean())}
         self.prm, q, metrics = run_prm_phase(
             self.steps, self.prm, batch, mode=self.config.algo.prm_update, mini_batch=self.config.batch.prm_mini_batch,
-            n=self.n, take_rows=functools.partial(self._mini_batch, batch))
+            n=self.n, take_rows=functools.partial(self._mini_batch, batch),
+            group_scores=self.config.algo.prm_loss in algo.GROUP_SCORE_LOSS_TYPES)
         if self.config.algo.process_source == "prm_logprob":  # the SFT model's confidence left in
             q = q + self._sft_logprobs(batch, host_rows)
         return put_rows(q, self.mesh), metrics
@@ -366,9 +383,21 @@ class Trainer:
         return out
 
     # ---------------------------------------------------------------- held-out evaluation
-    def evaluate(self, step: int) -> dict:
-        """Greedy (rollout.eval_temperature) accuracy on every eval set (`TrainingEvaluator`)."""
-        row = self.evaluator(step, self.policy.params, self.prm.params, self.prm_reference_params, self.pool)
+    def evaluate(self, step: int, step_row: dict | None = None) -> dict:
+        """Greedy (rollout.eval_temperature) accuracy on every eval set (`TrainingEvaluator`); the
+        HTML page shows the step's PRM ranking (prm/dpo_accuracy of `step_row`, the step's metrics)."""
+        ranking = (step_row or {}).get("prm/dpo_accuracy")
+        note = ""
+        if step == 0:
+            note = "At step 0 the PRM has not trained yet, so there is no ranking to read."
+        elif not self.builder.updates_prm or self.config.algo.process_source not in PRM_TRAINING_SOURCES:
+            note = (f"This run trains no implicit PRM (algo.estimator={self.config.algo.estimator}, algo.prm_update="
+                    f"{self.config.algo.prm_update}, algo.process_source={self.config.algo.process_source}).")
+        elif ranking is None:
+            note = ("No prompt of this step had both a right and a wrong sample, so the ranking was not measured "
+                    "(earlier steps' prm/dpo_accuracy is in metrics.jsonl).")
+        row = self.evaluator(step, self.policy.params, self.prm.params, self.prm_reference_params, self.pool,
+                             ranking=ranking, ranking_note=note)
         return self.log.write(row) if self.log else row
 
 

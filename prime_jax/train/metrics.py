@@ -126,8 +126,12 @@ class MetricsLogger:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         dropped = truncate_metrics(self.path, resume_step)
-        if dropped:
-            logger.info("metrics.jsonl: dropped %d rows after step %s (resumed run)", dropped, resume_step)
+        if dropped and resume_step is None:
+            logger.info("metrics.jsonl: %d rows of an earlier start that saved no checkpoint removed (this run "
+                        "starts at step 0)", dropped)
+        elif dropped:
+            logger.info("metrics.jsonl: dropped %d rows after step %d (resumed from its checkpoint)", dropped,
+                        resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter

@@ -1,18 +1,24 @@
 """The PRM phase of one PRIME iteration: train the implicit PRM, and say which q the policy gets.
 
 PRIME_SPEC.md, "One iteration" step 6. The PRM runs one pass of mini-batches over the batch, in
-order; `algo.prm_update` says when the rewards q handed to the policy are taken relative to it:
+order; `algo.prm_update` says when the rewards q handed to the policy are taken relative to it
+(the names and behaviour of the reference codes; docs/algorithm.md):
 
-    after    each mini-batch's q from the forward pass of its own update (before its step)
+    after    each mini-batch's q from the forward pass of its own update (before its step): the
+             released run (PRIME-RL/PRIME run_prime_main.sh)
     before   all updates first, then one scoring pass of the updated PRM (the veRL port's default)
-    reverse  one scoring pass first (those q go to the policy), then the updates
+    reverse  one scoring pass first, whose detached sums of q per row are the group scores the
+             dpo / bon_* losses read (veRL's Q_bc); then the updates as in `after`, and the policy
+             gets the q of the update passes (veRL recipe/prime, prime_ray_trainer.compute_reward)
     none     a frozen PRM: one scoring pass, no update
 
 Two views of q are logged (the ranking metrics below): q *fresh* (the PRM's rewards before it
-trained on this batch: its generalisation to samples it has not seen; `prm/dpo_accuracy`, as the
-reference logs it) and q *given* (what the policy receives; `prm/dpo_accuracy_given`). In
-`after` and `reverse` mode the two are the same; in `before` mode the given q come from a PRM
-that has just fitted these very rows.
+trained on these rows: its generalisation to samples it has not seen; `prm/dpo_accuracy`, as the
+reference logs it) and q *given* (what the policy receives; `prm/dpo_accuracy_given`). Fresh is the
+first scoring pass in `reverse` and `none` mode, the update passes' own q in `after` and `before`
+mode. In `after` and `none` mode the two are the same; in `reverse` mode the given q of a later
+mini-batch come from a PRM that has trained on the earlier ones; in `before` mode from a PRM that
+has just fitted these very rows.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import numpy as np
 
 from prime_jax import algo
 from prime_jax.config import PRM_UPDATE_MODES
-from prime_jax.parallel import to_host
+from prime_jax.parallel import put_rows, to_host
 from prime_jax.train.batch import PrimeBatch
 from prime_jax.train.steps import TrainSteps
 
@@ -58,30 +64,40 @@ def score_q(steps: TrainSteps, prm_params, host: dict, chunks: Sequence[np.ndarr
 
 
 def run_prm_phase(steps: TrainSteps, prm_state, batch: PrimeBatch, *, mode: str, mini_batch: int, n: int,
-                  take_rows: Callable[[np.ndarray], PrimeBatch]):
+                  take_rows: Callable[[np.ndarray], PrimeBatch], group_scores: bool = False):
     """One PRM phase over `batch` (rows grouped by prompt, ref_logprobs and outcome set; on the devices
     or on the host).
 
     mode: one of PRM_UPDATE_MODES; mini_batch: rows per PRM update (whole groups);
-    take_rows(rows): the batch's `rows`, placed on the mesh.
+    take_rows(rows): the batch's `rows`, placed on the mesh; group_scores: the PRM loss reads the
+    group scores of the first scoring pass (algo.GROUP_SCORE_LOSS_TYPES; needs mode "reverse").
     Returns (prm_state, q_given [B, R] float32 on the host, metrics): `prm/` loss, grad_norm,
     nan_skipped (updates only), the ranking metrics and time/prm_s.
     """
     if mode not in PRM_UPDATE_MODES:
         raise ValueError(f"unknown PRM update mode {mode!r}; expected one of {PRM_UPDATE_MODES}")
+    if group_scores and mode != "reverse":
+        raise ValueError(f"the dpo / bon_* PRM losses read the group scores of a scoring pass before the updates, "
+                         f"which only mode 'reverse' runs, got {mode!r}")
     t = time.perf_counter()
     host = to_host(batch.select(("ref_logprobs", "response_mask", "outcome")))
     chunks = [np.arange(start, start + mini_batch) for start in range(0, batch.num_rows, mini_batch)]
-    q_fresh = score_q(steps, prm_state.params, host, chunks, take_rows) if mode in ("reverse", "none") else None
+    q_first = score_q(steps, prm_state.params, host, chunks, take_rows) if mode in ("reverse", "none") else None
+    scores = q_first.sum(axis=1, dtype=np.float32) if group_scores else None  # veRL's Q_bc, one per row
     updates = []
     if mode != "none":
         for rows in chunks:  # in order, dispatched back to back; fetched once below
-            prm_state, m = steps.prm(prm_state, take_rows(rows))
+            rows_batch = take_rows(rows)
+            if scores is not None:
+                rows_batch = rows_batch.replace(group_scores=put_rows(scores[rows], rows_batch.outcome.sharding.mesh))
+            prm_state, m = steps.prm(prm_state, rows_batch)
             updates.append(m)
     updates = to_host(updates)
-    if q_fresh is None:  # after / before: the q of each update's own forward, before its step
-        q_fresh = np.concatenate([np.asarray(m["q"]) for m in updates]).astype(np.float32)
-    q_given = score_q(steps, prm_state.params, host, chunks, take_rows) if mode == "before" else q_fresh
+    q_updates = np.concatenate([np.asarray(m["q"]) for m in updates]).astype(np.float32) if updates else None
+    q_fresh = q_first if q_first is not None else q_updates
+    q_given = {"after": q_updates, "reverse": q_updates, "none": q_first}.get(mode)
+    if mode == "before":
+        q_given = score_q(steps, prm_state.params, host, chunks, take_rows)
     metrics = {}
     if updates:
         metrics = {f"prm/{k}": float(np.mean([m[k] for m in updates])) for k in ("loss", "grad_norm")}

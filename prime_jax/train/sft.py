@@ -98,24 +98,54 @@ def make_sft_step(graphdef, optimizer: optax.GradientTransformation, *, chunk_si
     return jax.jit(step, donate_argnums=(0,))
 
 
+class SFTPreempted(Exception):
+    """`run_sft` stopped early when asked to (`should_stop`), after saving its state (`save_fn`);
+    `step` is the last step done. Rerunning with that state resumes it."""
+
+    def __init__(self, step: int):
+        super().__init__(f"SFT stopped after step {step}")
+        self.step = step
+
+
+def sft_optimizer(lr: float, steps: int, warmup_steps: int, weight_decay: float = 0.0,
+                  clip_norm: float = 1.0) -> optax.GradientTransformation:
+    """AdamW on `sft_schedule` (what `run_sft` trains with; its state's shapes are a resume's target)."""
+    return make_optimizer(sft_schedule(lr, steps, warmup_steps), weight_decay=weight_decay, clip_norm=clip_norm or None)
+
+
 def run_sft(model: nnx.Module, examples: Sequence[tuple[Sequence[int], Sequence[int]]], *, steps: int,
             lr: float, batch_size: int, mesh, seed: int = 0, warmup_steps: int = 0, weight_decay: float = 0.0,
             clip_norm: float = 1.0, pad_id: int = 0, chunk_size: int = 128,
-            log_fn: Callable[[int, dict], None] | None = None, log_every: int = 25) -> nnx.Module:
+            log_fn: Callable[[int, dict], None] | None = None, log_every: int = 25,
+            pad_multiple: int = 64, resume: tuple[int, TrainState] | None = None,
+            save_fn: Callable[[int, TrainState], None] | None = None, save_every: int = 0,
+            should_stop: Callable[[], bool] | None = None) -> nnx.Module:
     """Fine-tunes `model` on `examples` for `steps` AdamW steps; returns the trained model.
 
     Batches are drawn epoch by epoch from a permutation seeded by `seed` (deterministic).
-    Every batch is padded to the longest prompt/response of the whole set, so the step compiles
-    once. `log_fn(step, metrics)` is called every `log_every` steps and at the end.
+    A batch's prompts and responses are padded to its own longest, rounded up to a multiple of
+    `pad_multiple` and capped at the whole set's longest, so the step compiles once per bucket
+    (once when the set is short, as the synthetic tasks are) and real chat data with a long tail
+    is not padded to its longest everywhere. `log_fn(step, metrics)` is called every `log_every`
+    steps and at the end.
+
+    Resuming: `save_fn(step, state)` is called every `save_every` steps (0: never) and, when
+    `should_stop()` turns true after a step, before raising `SFTPreempted(step)`; `resume=(step,
+    state)` continues from such a state (its TrainState as `sft_optimizer` makes it) with the same
+    batches an uninterrupted run would draw.
     """
     if not examples:
         raise ValueError("SFT needs at least one example")
     graphdef, params = split_params(model)
     schedule = sft_schedule(lr, steps, warmup_steps)
-    optimizer = make_optimizer(schedule, weight_decay=weight_decay, clip_norm=clip_norm or None)
-    state = create_train_state(params, optimizer, mesh)
+    optimizer = sft_optimizer(lr, steps, warmup_steps, weight_decay, clip_norm)
+    first, state = resume if resume is not None else (0, create_train_state(params, optimizer, mesh))
     step_fn = make_sft_step(graphdef, optimizer, chunk_size=chunk_size)
-    data = pad_examples(examples, pad_id)
+    longest_prompt = max(len(p) for p, _ in examples)
+    longest_response = max(len(r) for _, r in examples)
+
+    def bucket(length: int, longest: int) -> int:
+        return min(-(-length // pad_multiple) * pad_multiple, longest)
     rng = np.random.default_rng([int(seed), 7_001])
     order, pos = rng.permutation(len(examples)), 0
     start, acc = time.time(), []
@@ -124,7 +154,12 @@ def run_sft(model: nnx.Module, examples: Sequence[tuple[Sequence[int], Sequence[
             order, pos = rng.permutation(len(examples)), 0
         idx = order[pos:pos + batch_size] if batch_size <= len(order) else rng.choice(len(order), batch_size)
         pos += batch_size
-        batch = put_rows({key: value[idx] for key, value in data.items()}, mesh)
+        if k <= first:  # resumed: these batches were trained on before
+            continue
+        rows = [examples[i] for i in idx]
+        batch = pad_examples(rows, pad_id, bucket(max(len(p) for p, _ in rows), longest_prompt),
+                             bucket(max(len(r) for _, r in rows), longest_response))
+        batch = put_rows(batch, mesh)
         state, metrics = step_fn(state, batch)
         acc.append(metrics)
         if log_fn is not None and (k % log_every == 0 or k == steps):
@@ -134,4 +169,13 @@ def run_sft(model: nnx.Module, examples: Sequence[tuple[Sequence[int], Sequence[
             row["time_s"] = time.time() - start
             log_fn(k, row)
             acc = []
+        if save_fn is not None and k < steps:
+            # the step's result first: otherwise async dispatch runs the loop ahead of the device and a SIGTERM
+            # waits for every step dispatched up to the next save (minutes a step on a CPU)
+            jax.block_until_ready(metrics["loss"])
+            stop = should_stop is not None and should_stop()  # a collective vote on several processes
+            if stop or (save_every and k % save_every == 0):
+                save_fn(k, state)
+            if stop:
+                raise SFTPreempted(k)
     return nnx.merge(graphdef, state.params)

@@ -6,20 +6,19 @@ a `(data, fsdp, tensor)` mesh. Batch (dict of arrays, rows grouped by prompt, n 
     prompt_ids [B,P] int (left-padded)   prompt_mask [B,P]
     response_ids [B,R] int (right-padded) response_mask [B,R]
     old_logprobs [B,R]  advantages [B,R]  ref_logprobs [B,R]  outcome [B] float
+    group_scores [B] float (sum of q per row from the scoring pass before the PRM's updates)
 
 Each step reads only the keys it needs (score: the four id/mask arrays; prm: + ref_logprobs,
-outcome; policy: + old_logprobs, advantages). Rows are sharded over the mesh's data axes, so B
-(and B/micro_batches) should be a multiple of data*fsdp.
+outcome, and group_scores for the dpo / bon_* losses; policy: + old_logprobs, advantages). Rows
+are sharded over the mesh's data axes, so B (and B/micro_batches) should be a multiple of data*fsdp.
 
 Gradient accumulation: a mini-batch is split into `micro_batches` micro-batches of whole prompt
 groups and gradients are summed in a `lax.scan`. Each micro-batch's loss is weighted by its
 share of the mini-batch's averaging units, so the sum equals the whole mini-batch's loss:
   seq-mean-token-mean (policy): units = responses with >= 1 real token; w_j = rows_j / rows
   token-mean (policy):          units = real tokens;                     w_j = tokens_j / tokens
-  prm ce (mean over rows):      units = rows;                            w_j = rows_j / rows
-  prm dpo (mean over used rows): units = rows with a contrast row;        w_j = used_j / used
-  prm bon_acc / bon_rm (sums):  w_j = 1
-  prm pairwise:                 units = summed pair weights;           w_j = pairs_j / pairs
+  prm ce, dpo, bon_* (row means): units = rows;                         w_j = rows_j / rows
+  prm pairwise:                 units = summed pair weights;             w_j = pairs_j / pairs
 (Averaging the k micro-batch losses instead would weight short responses' tokens differently
 from the full-batch loss whenever micro-batches hold different numbers of tokens or rows.)
 """
@@ -35,7 +34,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from prime_jax.algo import (PRM_LOSS_TYPES, dpo_accuracy, implicit_token_rewards, policy_loss, prm_contrast_rows,
+from prime_jax.algo import (GROUP_SCORE_LOSS_TYPES, PRM_LOSS_TYPES, dpo_accuracy, implicit_token_rewards, policy_loss,
                              prm_dpo_loss, prm_loss, prm_pair_weights, prm_pairwise_loss)
 from prime_jax.models import response_logprobs
 from prime_jax.parallel import batch_sharding, state_shardings, under_mesh
@@ -45,6 +44,7 @@ from prime_jax.train.state import TrainState, split_params, train_state_sharding
 
 SCORE_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 PRM_KEYS = SCORE_KEYS + ("ref_logprobs", "outcome")
+GROUP_SCORES_KEY = "group_scores"  # read by the PRM step of the dpo / bon_* losses (algo.GROUP_SCORE_LOSS_TYPES)
 POLICY_KEYS = SCORE_KEYS + ("old_logprobs", "advantages")
 
 
@@ -93,8 +93,9 @@ class TrainSteps(NamedTuple):
         metrics: loss, grad_norm, dpo_accuracy, nan_skipped (scalars) and q `[B,R]`: the implicit
         token rewards of this mini-batch from the forward pass that computed the gradient, i.e.
         before the update (dpo_accuracy is taken on them). Pop q before logging. The loss is
-        `prm_loss_type` (algo.PRM_LOSS_TYPES); the dpo types use the detached sums of that same
-        forward as the group scores. None if no prm optimizer was given.
+        `prm_loss_type` (algo.PRM_LOSS_TYPES); the dpo / bon_* types read the batch's
+        `group_scores` (the detached sums of q from the scoring pass before the updates, veRL's
+        `Q_bc`: `prm_phase`, algo.prm_update "reverse"). None if no prm optimizer was given.
     """
 
     score: Callable
@@ -135,35 +136,32 @@ def _policy_step_fn(logprobs, split, param_sh, optimizer, clip_eps: float, agg: 
 def _prm_step_fn(raw_logprobs, split, merge, param_sh, optimizer, prm_loss_type: str, n: int, beta: float):
     """The implicit PRM step `(TrainState, batch) -> (TrainState, metrics with q)` (not jitted)."""
 
+    keys = PRM_KEYS + ((GROUP_SCORES_KEY,) if prm_loss_type in GROUP_SCORE_LOSS_TYPES else ())
+
     def prm_units(outcome):
-        """What the PRM loss averages over (None: it is a sum): ce all rows, dpo the rows with a
-        contrast row, bon_* sums."""
-        if prm_loss_type == "ce":
-            return outcome.shape[0]
+        """What the PRM loss averages over: the rows (ce, dpo, bon_*), the summed pair weights (pairwise)."""
         if prm_loss_type == "pairwise":  # a weighted mean over the groups' ordered pairs
             return jnp.sum(prm_pair_weights(outcome, n))
-        return jnp.sum(prm_contrast_rows(outcome, n)) if prm_loss_type == "dpo" else None
+        return outcome.shape[0]
 
     def prm_loss_fn(lp, mb):
-        """The configured PRM loss of one micro-batch (dpo types: the detached sums of this forward
-        are the group scores)."""
+        """The configured PRM loss of one micro-batch."""
         mask, outcome = mb["response_mask"], mb["outcome"]
         if prm_loss_type == "ce":
             return prm_loss(lp, mb["ref_logprobs"], mask, outcome, beta)
         if prm_loss_type == "pairwise":
             return prm_pairwise_loss(lp, mb["ref_logprobs"], mask, outcome, n, beta)
-        scores = jnp.sum(implicit_token_rewards(jax.lax.stop_gradient(lp), mb["ref_logprobs"], mask), axis=-1)
         bon_mode = "none" if prm_loss_type == "dpo" else prm_loss_type
-        return prm_dpo_loss(lp, mb["ref_logprobs"], mask, outcome, scores, n, beta, bon_mode)
+        return prm_dpo_loss(lp, mb["ref_logprobs"], mask, outcome, mb[GROUP_SCORES_KEY], n, beta, bon_mode)
 
     def prm_step(state: TrainState, batch):
-        batch = _select(batch, PRM_KEYS)
+        batch = _select(batch, keys)
         total_units = prm_units(batch["outcome"])
 
         def loss_fn(params, mb):
             lp = raw_logprobs(params, mb)
             units = prm_units(mb["outcome"])
-            share = 1.0 if units is None else units / jnp.maximum(total_units, 1e-12)
+            share = units / jnp.maximum(total_units, 1e-12)
             q = implicit_token_rewards(jax.lax.stop_gradient(lp), mb["ref_logprobs"], mb["response_mask"])
             return prm_loss_fn(lp, mb) * share, q
 
