@@ -123,9 +123,12 @@ def main(argv) -> None:
         last_eval = trainer.run(stop_after=_STOP_AFTER.value)
     except (DataError, CheckpointError, FileNotFoundError, PermissionError, UnsupportedModelError) as e:
         fail(" ".join(str(e).split()))
-    except SFTPreempted as e:  # SIGTERM during the SFT stage: its state was saved, exit 0
-        print(f"preempted: the SFT stage stopped after step {e.step} with its state in "
-              f"{RunLayout(workdir).workdir / 'sft_checkpoints'}; rerun the same command to resume")
+    except SFTPreempted as e:  # SIGTERM (exit 0) or Ctrl-C (exit 130) during the SFT stage: its state was saved
+        stopped = (f"the SFT stage stopped after step {e.step} with its state in "
+                   f"{RunLayout(workdir).workdir / 'sft_checkpoints'}; rerun the same command to resume")
+        if e.signal_name == "SIGINT":
+            cli.interrupted("main", stopped)
+        print(f"preempted: {stopped}")
         return
     except KeyboardInterrupt:  # a second Ctrl-C in the loop, or Ctrl-C before it or during SFT / export
         cli.interrupted("main", _nothing_saved_since(config, layout))
@@ -171,8 +174,7 @@ def _nothing_saved_since(config, layout) -> str:
         return (f"stopped before the first checkpoint; the SFT weights are kept in {layout.reference}: rerun the "
                 "same command to start PRIME from them")
     if config.sft.steps:
-        return ("stopped before the SFT stage finished (its weights are saved only at its end); rerun the same "
-                "command to start again")
+        return "stopped before the SFT stage saved any state; rerun the same command to start again"
     return "stopped before the first checkpoint; rerun the same command to start again"
 
 

@@ -105,6 +105,7 @@ class SFTPreempted(Exception):
     def __init__(self, step: int):
         super().__init__(f"SFT stopped after step {step}")
         self.step = step
+        self.signal_name: str | None = None  # the signal that asked for it ("SIGTERM", "SIGINT"), where known
 
 
 def sft_optimizer(lr: float, steps: int, warmup_steps: int, weight_decay: float = 0.0,

@@ -15,8 +15,8 @@ earlier run's reference to restore instead, so one SFT stage serves several seed
 Policy and PRM start from it (`train.loop.Trainer`).
 
 The stage resumes: its state is saved in WORKDIR/sft_checkpoints every `sft.checkpoint_every`
-steps and when the process gets SIGTERM (it then stops with `SFTPreempted`; `prime_jax.main`
-exits 0 saying so), and a rerun continues from there with the same batches. The folder is
+steps and when the process gets SIGTERM or Ctrl-C (it then stops with `SFTPreempted`; `prime_jax.main`
+exits 0, or 130 for Ctrl-C, saying so), and a rerun continues from there with the same batches. The folder is
 removed once the reference is saved.
 """
 
@@ -34,7 +34,7 @@ from prime_jax.train import checkpoint as ckpt
 from prime_jax.parallel import with_shardings
 from prime_jax.train.builder import RunBuilder, RunLayout, abstract_params
 from prime_jax.train.preemption import PreemptionWatch
-from prime_jax.train.sft import encode_examples, run_sft, sft_optimizer
+from prime_jax.train.sft import SFTPreempted, encode_examples, run_sft, sft_optimizer
 from prime_jax.train.state import abstract_train_state, split_params, train_state_shardings
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,6 @@ def reference_params(config, workdir, mesh):
         raise DataError(f"sft.data: all {dropped} demonstrations are longer than data.max_prompt_tokens="
                         f"{c.data.max_prompt_tokens} (prompt) or rollout.max_new_tokens={c.rollout.max_new_tokens} "
                         "(response); raise them or use shorter demonstrations")
-    logger.info("SFT: %d examples (%d too long), %d steps", len(examples), dropped, c.sft.steps)
     layout.workdir.mkdir(parents=True, exist_ok=True)
     folder = layout.workdir / "sft_checkpoints"
     checkpointer = ckpt.RunCheckpointer(folder, keep=1, async_save=False)
@@ -83,12 +82,16 @@ def reference_params(config, workdir, mesh):
         logger.info("SFT: state of step %d saved in %s", step, folder)
 
     try:
-        with PreemptionWatch() as preemption:
+        with PreemptionWatch() as preemption:  # SIGTERM / Ctrl-C from here on: stop after a step, state saved
+            logger.info("SFT: %d examples (%d too long), %d steps", len(examples), dropped, c.sft.steps)
             model = run_sft(model, examples, steps=c.sft.steps, lr=c.sft.lr, batch_size=c.sft.batch, mesh=mesh,
                             seed=c.seed, warmup_steps=c.sft.warmup_steps, weight_decay=c.sft.weight_decay,
                             clip_norm=c.sft.clip_norm, pad_id=PAD_ID, chunk_size=c.model.logprob_chunk,
                             log_fn=log_fn, log_every=10, resume=resume, save_fn=save_fn, save_every=c.sft.checkpoint_every,
                             should_stop=preemption.should_stop)
+    except SFTPreempted as e:
+        e.signal_name = preemption.signal_name  # main says Ctrl-C (exit 130) apart from SIGTERM (exit 0)
+        raise
     finally:
         checkpointer.close()
         if sft_log:
