@@ -112,10 +112,12 @@ def test_data_format_setting_reads_a_misdetected_file(tmp_path):
 
 
 def test_no_training_prompt_fits_fails_fast_with_the_numbers(tmp_path):
-    """MATH train prompts are all longer than the tiny config's 40-token limit: one line, at once
-    (it used to loop at step 0 forever), with how many prompts were examined and their lengths."""
+    """MATH train prompts with Eurus-2's instruction are all longer than the tiny config's 40-token
+    limit (without an instruction, tiny's default, 25 of 7498 fit): one line, at once (it used to
+    loop at step 0 forever), with how many prompts were examined and their lengths."""
     t0 = time.perf_counter()
-    proc = _main(tmp_path, f"--workdir={tmp_path / 'w'}", "--config.data.train=math_train", timeout=240)
+    proc = _main(tmp_path, f"--workdir={tmp_path / 'w'}", "--config.data.train=math_train",
+                 "--config.data.instruction=eurus2", timeout=240)
     line = _one_error_line(proc, "no training prompt fits data.max_prompt_tokens=40", "all 7498 prompts examined",
                            "lengths 86 to 4379 tokens")
     assert time.perf_counter() - t0 < 120, line
