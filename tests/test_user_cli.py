@@ -151,12 +151,18 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     proc, err = _start("main", workdir, cache, *args)  # the same command
     _wait_until(proc, _trained_to(workdir, step + 1), err)
     code, out = _ctrl_c(proc, times=2)
-    assert code == 130 and out == "", err.read_text()[-3000:]
     log = err.read_text()
-    assert f"resumed from the checkpoint of step {step}" in log and "Traceback" not in log, log[-3000:]
-    assert _user_lines(err) == [
-        "prime_jax.main: interrupted (Ctrl-C): stopped without saving the step in progress; the last checkpoint is "
-        f"step {step} in {workdir / 'checkpoints'}: rerun the same command to resume from it"], log[-3000:]
+    assert code == 130 and f"resumed from the checkpoint of step {step}" in log and "Traceback" not in log, log[-3000:]
+    if "Ctrl-C: writing the checkpoint" in log:
+        # the first Ctrl-C met a step boundary at once (a loaded box): the second landed while that checkpoint was
+        # written, which by design it lets finish (a third would abort), so the run stops as after one Ctrl-C
+        assert re.fullmatch(r"interrupted \(Ctrl-C\): stopped after step \d+ with a checkpoint in "
+                            rf"{re.escape(str(workdir))}; rerun the same command to resume", out.strip()), out
+    else:
+        assert out == "", out
+        assert _user_lines(err) == [
+            "prime_jax.main: interrupted (Ctrl-C): stopped without saving the step in progress; the last checkpoint "
+            f"is step {step} in {workdir / 'checkpoints'}: rerun the same command to resume from it"], log[-3000:]
     rows = [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert rows[:step + 1] == list(range(step + 1)) and len(set(rows)) == len(rows), rows  # not restarted at 0
 
