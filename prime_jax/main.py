@@ -125,7 +125,7 @@ def main(argv) -> None:
         fail(" ".join(str(e).split()))
     except SFTPreempted as e:  # SIGTERM (exit 0) or Ctrl-C (exit 130) during the SFT stage: its state was saved
         stopped = (f"the SFT stage stopped after step {e.step} with its state in "
-                   f"{RunLayout(workdir).workdir / 'sft_checkpoints'}; rerun the same command to resume")
+                   f"{layout.workdir / 'sft_checkpoints'}; rerun the same command to resume")
         if e.signal_name == "SIGINT":
             cli.interrupted("main", stopped)
         print(f"preempted: {stopped}")

@@ -211,9 +211,10 @@ class Trainer:
                         if step - 1 > last_saved:
                             self._save(step - 1)
                         self.preempted_at = step - 1
-                        self.stop_signal = preemption.signal_name if preemption.requested else None
+                        self.stop_signal = preemption.signal_name  # None: another host's signal, or stop_after
                         logger.warning("stopped after step %d with a checkpoint (%s); rerun to resume", step - 1,
-                                       preemption.signal_name if preemption.requested else f"stop_after {stop_after}")
+                                       self.stop_signal or ("preempted" if preemption.requested
+                                                            else f"stop_after {stop_after}"))
                         break
                     row = self.step(step)
                     if self._due(step, c.eval_every):
