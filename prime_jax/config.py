@@ -19,6 +19,10 @@ import re
 from pathlib import Path
 import ml_collections
 
+# The checks below import what they check against (data, algo, parallel, models.packaged, orbax)
+# inside the check: every config file and `--help` read this module before jax loads, and
+# `prime_jax.data` imports its names back (a cycle at the top).
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MODEL_TYPES = ("qwen2", "llama")  # the decoders prime_jax.models runs (models.config.ARCHITECTURES)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -302,7 +306,7 @@ def _looks_like_local_path(s: str) -> bool:
 def _check_model_dir(field: str, path: str, what: str) -> None:
     """A local folder must exist (holding config.json for models), a .gguf file too; a hub id must
     be reachable; a packaged model's short name is fetched when first loaded."""
-    from prime_jax.models.packaged import is_model_file_or_name, is_packaged
+    from prime_jax.models.packaged import is_model_file_or_name, is_packaged  # see the note at the top
 
     if is_packaged(path):
         return
@@ -319,7 +323,7 @@ def _check_model_dir(field: str, path: str, what: str) -> None:
         return
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
         try:
-            from huggingface_hub import try_to_load_from_cache
+            from huggingface_hub import try_to_load_from_cache  # see the note at the top
 
             hit = try_to_load_from_cache(path, "config.json" if what == "model" else "tokenizer_config.json")
         except Exception:
@@ -419,7 +423,7 @@ def _check_model(c) -> None:
 
 def _check_source(field: str, source: str, reserved: tuple[str, ...]) -> None:
     """A data source exists: a reserved name, an existing file, a packaged benchmark or a hub-id-shaped name."""
-    from prime_jax.data import DataError, check_source_name
+    from prime_jax.data import DataError, check_source_name  # see the note at the top
 
     if source in reserved:
         return
@@ -443,7 +447,7 @@ def _check_tokenizer(c) -> None:
 
 def _check_data(c) -> None:
     """Training and eval sources, formats, the synthetic task."""
-    from prime_jax.data import FORMATS
+    from prime_jax.data import FORMATS  # see the note at the top
 
     d = c.data
     for field, sources in (("data.train", [s.strip() for s in d.train.split(",")]),
@@ -457,7 +461,7 @@ def _check_data(c) -> None:
     train = [s.strip() for s in d.train.split(",")]
     _check("data.eval", HELDOUT not in [s.strip() for s in d.eval.split(",")] or (d.holdout and train != [SYNTHETIC]),
            "lists 'heldout', but data.holdout is 0 or data.train has no file source to hold problems out of")
-    from prime_jax.data import instruction_error
+    from prime_jax.data import instruction_error  # see the note at the top
 
     _check("data.instruction", instruction_error(d.instruction) is None, str(instruction_error(d.instruction)))
     _one_of("data.format", d.format, ["auto", *sorted(FORMATS)])
@@ -465,17 +469,17 @@ def _check_data(c) -> None:
     _non_negative("data.eval_max_problems", d.eval_max_problems)
     _positive("data.max_prompt_tokens", d.max_prompt_tokens)
     _one_of("data.system_prompt", d.system_prompt, ("keep", "none", "eurus2"))
-    from prime_jax.data import instruction_error
+    from prime_jax.data import instruction_error  # see the note at the top
 
     _check("data.instruction", instruction_error(d.instruction) is None, str(instruction_error(d.instruction)))
     s = d.synthetic
-    from prime_jax.data.synthetic_tasks import SYNTHETIC_TASKS, task_kwargs
+    from prime_jax.data.synthetic_tasks import SYNTHETIC_TASKS, task_kwargs  # see the note at the top
 
     _one_of("data.synthetic.task", s.task, SYNTHETIC_TASKS)
     _positive("data.synthetic.num_train", s.num_train)
     _positive("data.synthetic.num_eval", s.num_eval)
     _non_negative("data.synthetic.eval_seed", s.eval_seed)
-    from prime_jax.data.synthetic import DIFFICULTY
+    from prime_jax.data.synthetic import DIFFICULTY  # see the note at the top
 
     _one_of("data.synthetic.difficulty", s.difficulty, sorted(DIFFICULTY))
     for f in ("min_steps", "max_steps", "max_start", "max_operand", "max_factor"):
@@ -601,7 +605,7 @@ def _check_mesh(c, num_devices: int | None) -> None:
     """The mesh against the devices (rows split evenly over the data axes) and the distributed section."""
     b = c.batch
     if c.mesh.preset:
-        from prime_jax.parallel import MESH_PRESETS
+        from prime_jax.parallel import MESH_PRESETS  # see the note at the top
 
         key = c.mesh.preset.strip().lower().replace("\u00d7", "x")
         _one_of("mesh.preset", key, sorted(MESH_PRESETS))
@@ -613,7 +617,7 @@ def _check_mesh(c, num_devices: int | None) -> None:
         _check(f"mesh.{axis}", size == -1 or size >= 1, f"must be a positive size or -1, got {size}")
     _check("mesh", sum(v == -1 for v in sizes.values()) <= 1, f"at most one axis may be -1, got {sizes}")
     if num_devices is None:
-        import jax
+        import jax  # see the note at the top
 
         num_devices = jax.device_count()
     fixed = math.prod(v for v in sizes.values() if v != -1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from config_files import load_config
-from prime_jax import plan
+from prime_jax.plan import memory as plan
 from prime_jax.parallel import mesh_from_config
 from prime_jax.rewards import RewardPool
 from prime_jax.train.builder import RunBuilder, RunLayout, abstract_params

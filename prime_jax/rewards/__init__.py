@@ -18,9 +18,12 @@ from prime_jax.rewards.sandbox import SandboxCapabilities, capabilities as sandb
 
 __all__ = ["grade_response", "RewardPool", "BatchResult", "GradingPool", "GradingStats", "Task",
            "SandboxCapabilities", "sandbox_capabilities", "math_reward", "code_reward",
-           "ABILITIES"]
+           "ABILITIES", "CORRECT_THRESHOLD"]
 
 ABILITIES = ("math", "code")
+#: A score counts as correct from this on (math grades 1.0 / 0.0; a code score is the fraction of tests
+#: passed, so "correct" means all passed): pass@k in evaluation, the PRM's right/wrong rows in training.
+CORRECT_THRESHOLD = 1.0 - 1e-6
 
 
 def _ability(ability: str) -> str:

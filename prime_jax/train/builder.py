@@ -23,6 +23,7 @@ import functools
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -33,10 +34,12 @@ from flax import nnx
 
 from prime_jax import algo
 from prime_jax.config import RANDOM_MODEL, TINY_TOKENIZER
+from prime_jax.data import build_tiny_tokenizer
 from prime_jax.models import Qwen2Config, Qwen2ForCausalLM, from_pretrained, load_config
 from prime_jax.models.gguf_io import model_config as gguf_model_config
 from prime_jax.models.packaged import gguf_path, is_model_file_or_name
-from prime_jax.parallel import batch_sharding, replicated, shard_state, with_shardings
+from prime_jax.models.tokenizer import load_tokenizer
+from prime_jax.parallel import batch_sharding, replicated, shard_state, state_shardings, with_shardings
 from prime_jax.sampling import Sampler
 from prime_jax.train.batch import PrimeBatch
 from prime_jax.train.state import abstract_train_state, make_optimizer, split_params, train_state_shardings
@@ -136,8 +139,6 @@ def abstract_model(config: Qwen2Config) -> Qwen2ForCausalLM:
 
 def abstract_params(config: Qwen2Config, mesh):
     """(graphdef, params) of the model as sharded `ShapeDtypeStruct`s (restore targets, plans)."""
-    from prime_jax.parallel import state_shardings
-
     graphdef, params = split_params(abstract_model(config))
     return graphdef, with_shardings(params, state_shardings(params, mesh))
 
@@ -183,14 +184,8 @@ class RunBuilder:
 
     def tokenizer(self, layout: RunLayout, is_main: bool = True):
         """The run's tokenizer: tokenizer.path, else model.path; "tiny" is built into WORKDIR/tokenizer."""
-        from prime_jax.models.tokenizer import load_tokenizer
-
         path = self.config.tokenizer.path or self.config.model.path
         if path == TINY_TOKENIZER:
-            import tempfile
-
-            from prime_jax.data import build_tiny_tokenizer
-
             # Deterministic: process 0 writes it into the workdir (for users and the export), the
             # others build their own copy (a pod's hosts need not share a file system).
             folder = layout.tokenizer if is_main else Path(tempfile.mkdtemp(prefix="prime_tokenizer_"))

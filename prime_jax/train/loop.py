@@ -14,22 +14,21 @@ same mesh); nothing is copied to another engine.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from prime_jax import algo
-from prime_jax.config import ORACLE_SOURCES, PRM_TRAINING_SOURCES, RANDOM_MODEL, SYNTHETIC
-from prime_jax.data import Problem, held_out, load_eval_sets, load_train_problems
+from prime_jax.config import ORACLE_SOURCES, PRM_TRAINING_SOURCES, RANDOM_MODEL
 from prime_jax.models import Qwen2ForCausalLM
 from prime_jax.models.tokenizer import eos_token_ids
 from prime_jax.parallel import is_logging_process, put_replicated, put_rows, to_host
@@ -42,59 +41,13 @@ from prime_jax.train.evaluation import TrainingEvaluator
 from prime_jax.train.metrics import MetricsLogger, masked_stats
 from prime_jax.train.preemption import PreemptionWatch
 from prime_jax.train.prm_phase import oracle_process_rewards, process_reward_scale, run_prm_phase
-from prime_jax.train.rollouts import Group, PromptSource, RolloutCollector, RolloutScorer, assemble_batch
+from prime_jax.train.process_rewards import process_rewards_and_advantages
+from prime_jax.train.rollouts import Group, RolloutCollector, RolloutScorer, assemble_batch
+from prime_jax.train.run_data import RunData
 from prime_jax.train.state import create_train_state, split_params
 from prime_jax.train.warm_start import reference_params
 
 logger = logging.getLogger(__name__)
-
-
-# ==============================================================================================
-# Data: the prompts of a step
-# ==============================================================================================
-@functools.partial(jax.jit, static_argnames=("estimator", "n", "process_coef", "outcome_coef", "normalize", "norm_floor"))
-def process_rewards_and_advantages(q, outcome, response_mask, process_scale=None, *, estimator: str, n: int,
-                                   process_coef: float, outcome_coef: float, normalize: bool = True,
-                                   norm_floor: float = 0.0):
-    """Normalised process rewards (times process_scale, the ramp's weight), advantages (estimator from
-    config) and their summary numbers. norm_floor > 0: algo.normalize_process_rewards_floored."""
-    if normalize:
-        q = (algo.normalize_process_rewards_floored(q, response_mask, norm_floor) if norm_floor
-             else algo.normalize_process_rewards(q, response_mask))
-    q_norm = q if process_scale is None else q * process_scale  # None: the spec (no ramp), the graph without it
-    advantages = algo.compute_advantages(estimator, process_rewards=q_norm, outcome=outcome,
-                                         response_mask=response_mask, n=n, process_coef=process_coef,
-                                         outcome_coef=outcome_coef)
-    mask = response_mask.astype(jnp.float32)
-    proc_returns = algo.revcumsum(algo.rloo(q_norm, mask, n) * mask) * mask
-    out_r, out_m = algo.outcome_token_rewards(outcome, response_mask)
-    out_returns = algo.revcumsum(algo.rloo(out_r, out_m, n) * mask) * mask
-    tokens = jnp.maximum(mask.sum(), 1.0)
-    stats = {
-        "returns/process_mean": (proc_returns * mask).sum() / tokens,
-        "returns/outcome_mean": (out_returns * mask).sum() / tokens,
-        "rewards/process_sum_mean": (q_norm * mask).sum(1).mean(),
-    }
-    return q_norm, advantages, stats
-
-
-@dataclasses.dataclass
-class RunData:
-    """What a run reads before it trains: the tokenizer, the eval sets, the training prompts."""
-
-    tokenizer: Any
-    eval_sets: dict[str, list[Problem]]
-    prompts: PromptSource
-
-    @classmethod
-    def load(cls, builder: RunBuilder, layout: RunLayout, is_main: bool) -> "RunData":
-        """Raises DataError for unusable data (no usable row, no prompt that fits)."""
-        c = builder.config
-        tokenizer = builder.tokenizer(layout, is_main)
-        eval_sets, _ = load_eval_sets(c)
-        exclude = held_out(eval_sets)  # the synthetic eval problems' expressions, which generation skips
-        prompts = PromptSource(load_train_problems(c, exclude), tokenizer, c.data.max_prompt_tokens, c.seed)
-        return cls(tokenizer, eval_sets, prompts)
 
 
 # ==============================================================================================
@@ -196,8 +149,6 @@ class Trainer:
             run_config.record(c, self.layout, self.start_step)  # config.json, and the changes kept in a history
         bar = None
         if c.logging.progress_bar and self.is_main:
-            from tqdm import tqdm
-
             bar = tqdm(total=c.total_steps, initial=self.start_step, desc=c.name, dynamic_ncols=True)
         last_eval, last_saved = {}, self.start_step
         try:
