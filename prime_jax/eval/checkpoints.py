@@ -11,10 +11,9 @@ from flax import nnx
 
 from prime_jax.config import RANDOM_MODEL, TINY_TOKENIZER
 from prime_jax.data import build_tiny_tokenizer
-from prime_jax.models import from_pretrained
 from prime_jax.models.packaged import is_model_file_or_name, is_packaged
 from prime_jax.train import checkpoint as ckpt
-from prime_jax.train.builder import RunLayout, abstract_params, checkpoint_steps, model_config, random_model
+from prime_jax.train.builder import RunBuilder, RunLayout, abstract_params, checkpoint_steps
 
 logger = logging.getLogger("prime_jax.evaluate")
 
@@ -79,19 +78,24 @@ def model_fields(config, run_dir: Path | None) -> dict:
     return fields
 
 
+def run_builder(config, mesh, run_dir: Path | None = None) -> RunBuilder:
+    """The run builder evaluation loads models and makes its sampler with, as training does; with the
+    model section of the training run `run_dir` (its checkpoints have that shape)."""
+    return RunBuilder(config, mesh, model=model_fields(config, run_dir))
+
+
 def load_model(spec: CheckpointSpec, config, mesh, *, vocab_size: int, which: str = "policy"):
-    """The model a CheckpointSpec names, on `mesh`, in the config's dtypes."""
-    m = model_fields(config, spec.run_dir if spec.kind == "run" else None)
+    """The model a CheckpointSpec names, on `mesh`, in the config's dtypes (through `RunBuilder`)."""
+    builder = run_builder(config, mesh, spec.run_dir if spec.kind == "run" else None)
     if spec.kind == "hf":
-        return from_pretrained(spec.path, dtype=m["dtype"], param_dtype=m["param_dtype"], mesh=mesh)
+        return builder.load_model(spec.path, vocab_size=vocab_size)
     if spec.kind == "run":
         return ckpt.restore_or_raise(
-            lambda: ckpt.restore_model(spec.path, spec.step, model_config(m, vocab_size), mesh, which),
+            lambda: ckpt.restore_model(spec.path, spec.step, builder.model_config(vocab_size), mesh, which),
             f"checkpoint {spec.path}/{spec.step}")
-    if m["path"] == RANDOM_MODEL:
+    if builder.model["path"] == RANDOM_MODEL:
         logger.warning("config.model.path is 'random' and no --checkpoint was given: evaluating a random model")
-        return random_model(model_config(m, vocab_size), mesh, config.seed)
-    return from_pretrained(m["path"], dtype=m["dtype"], param_dtype=m["param_dtype"], mesh=mesh)
+    return builder.load_model(vocab_size=vocab_size)
 
 
 def load_reference(spec: CheckpointSpec, prm_spec: CheckpointSpec, config, mesh, *, vocab_size: int):
@@ -118,17 +122,14 @@ def run_prm_reference(prm_spec: CheckpointSpec, config, mesh, vocab_size: int):
 
 
 def run_reference(run_dir: Path, config, mesh, vocab_size: int):
-    """A training run's frozen reference: WORKDIR/reference, else (no SFT) its start model."""
-    m = model_fields(config, run_dir)
-    arch = model_config(m, vocab_size)
+    """A training run's frozen reference: WORKDIR/reference, else (no SFT) its start model (a random
+    start: the run's seeded init)."""
+    builder = run_builder(config, mesh, run_dir)
     folder = RunLayout(run_dir).reference
     if ckpt.params_saved(folder):
-        graphdef, target = abstract_params(arch, mesh)
+        graphdef, target = abstract_params(builder.model_config(vocab_size), mesh)
         return nnx.merge(graphdef, ckpt.restore_params(folder, target))
-    if m["path"] == RANDOM_MODEL:  # no SFT: the reference is the start model, the seeded random init
-        seed = run_config(run_dir).get("seed", config.seed)
-        return random_model(arch, mesh, seed)
-    return from_pretrained(m["path"], dtype=m["dtype"], param_dtype=m["param_dtype"], mesh=mesh)
+    return builder.load_model(vocab_size=vocab_size, seed=run_config(run_dir).get("seed", config.seed))
 
 
 def resolve_tokenizer_path(config, spec: CheckpointSpec, workdir: Path, override: str = "") -> str:

@@ -16,15 +16,14 @@ from prime_jax.data import load_eval_sets, render_prompts, task_suffix
 from prime_jax.eval import lib as eval_lib
 from prime_jax.eval import report as eval_report
 from prime_jax.eval.checkpoints import (CheckpointSpec, load_model, load_reference, resolve_checkpoint,
-                                        resolve_tokenizer_path, run_config)
+                                        resolve_tokenizer_path, run_builder, run_config)
 from prime_jax.eval.prm_scorer import PRMScorer
 from prime_jax.eval.progress import ProgressFile
 from prime_jax.eval.results import BenchmarkResult, settings_from_config
 from prime_jax.models.tokenizer import eos_token_ids, load_tokenizer
 from prime_jax.parallel import is_logging_process, mesh_from_config
 from prime_jax.rewards import RewardPool
-from prime_jax.sampling import Sampler
-from prime_jax.train.builder import MIN_PROMPT_BUCKET, RunLayout
+from prime_jax.train.builder import RunLayout
 
 logger = logging.getLogger("prime_jax.evaluate")
 
@@ -124,7 +123,7 @@ def _run_benchmarks(config, problem_sets: dict, limited: dict, settings, model, 
                     out_dir: Path, header: dict) -> tuple[dict[str, BenchmarkResult], dict[str, ProgressFile]]:
     """Samples, grades and scores every benchmark, each chunk kept in out_dir/progress/ as it is
     graded (process 0); prints each benchmark's headline. Ctrl-C raises `Interrupted`."""
-    sampler = Sampler(mesh, min_prompt_bucket=MIN_PROMPT_BUCKET)
+    sampler = run_builder(config, mesh).sampler()  # the trainer's sampler, as its held-out eval uses
     stop_ids = eos_token_ids(tokenizer)
     key = jax.random.PRNGKey(settings.seed)
     results: dict[str, BenchmarkResult] = {}

@@ -3,6 +3,7 @@ all build through it, so they cannot drift apart.
 
     builder = RunBuilder(config, mesh)          # a real mesh, or one over fake CPU devices (plan)
     builder.model_config(vocab_size)            # the Qwen2Config (checkpoint's config.json or shape fields)
+    builder.load_model(path, vocab_size=)       # a model on the mesh: a checkpoint, or the seeded random init
     builder.tokenizer(layout, is_main)          # the run's tokenizer (the tiny one built into WORKDIR)
     builder.policy_optimizer / prm_optimizer    # AdamW with the configured warm-up
     builder.train_steps(model)                  # make_train_steps(...) as the loop runs them
@@ -153,11 +154,14 @@ def optimizer(o) -> optax.GradientTransformation:
 # The builder
 # ==============================================================================================
 class RunBuilder:
-    """Builds a run's parts from `config` on `mesh` (see the module docstring)."""
+    """Builds a run's parts from `config` on `mesh` (see the module docstring). `model`: the model
+    section to build with, when not the config's own (`evaluate` of a training run: the run's, which
+    its checkpoints have the shapes of)."""
 
-    def __init__(self, config, mesh):
+    def __init__(self, config, mesh, model: Mapping[str, Any] | None = None):
         self.config = c = config
         self.mesh = mesh
+        self.model = config.model.to_dict() if model is None else dict(model)
         self.n = c.rollout.n
         self.data_parallel = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
         # Prompts sampled per attempt: oversampled, rounded up so the rows split evenly over the
@@ -173,14 +177,18 @@ class RunBuilder:
 
     # ------------------------------------------------------------------ model and tokenizer
     def model_config(self, vocab_size: int = 0, *, download: bool = True) -> Qwen2Config:
-        return model_config(self.config.model, vocab_size, download=download)
+        return model_config(self.model, vocab_size, download=download)
 
-    def initial_model(self, vocab_size: int) -> Qwen2ForCausalLM:
-        """The start model on the mesh: the checkpoint of model.path, or the seeded random init."""
-        m = self.config.model
-        if m.path != RANDOM_MODEL:
-            return from_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=self.mesh, remat=m.remat)
-        return random_model(self.model_config(vocab_size), self.mesh, self.config.seed)
+    def load_model(self, path: str = "", *, vocab_size: int, seed: int | None = None) -> Qwen2ForCausalLM:
+        """A model on the mesh in the model section's dtypes: the checkpoint at `path` (an HF folder or hub
+        id, a GGUF file or packaged model; default model.path, the run's start model), or for "random"
+        the seeded random init (`seed`, default the config's) of the section's shape."""
+        m = self.model
+        path = path or m["path"]
+        if path != RANDOM_MODEL:
+            return from_pretrained(path, dtype=m["dtype"], param_dtype=m["param_dtype"], mesh=self.mesh,
+                                   remat=m["remat"])
+        return random_model(self.model_config(vocab_size), self.mesh, self.config.seed if seed is None else seed)
 
     def tokenizer(self, layout: RunLayout, is_main: bool = True):
         """The run's tokenizer: tokenizer.path, else model.path; "tiny" is built into WORKDIR/tokenizer."""

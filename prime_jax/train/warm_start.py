@@ -52,7 +52,7 @@ def reference_params(config, workdir, mesh):
         logger.info("reference (SFT) weights: restoring %s", saved)
         _, target = abstract_params(builder.model_config(len(tokenizer)), mesh)
         return ckpt.restore_or_raise(lambda: ckpt.restore_params(saved, target), f"reference {saved}")
-    model = builder.initial_model(len(tokenizer))
+    model = builder.load_model(vocab_size=len(tokenizer))
     if c.sft.steps == 0:
         return split_params(model)[1]
     exclude = held_out(load_eval_sets(c)[0])
