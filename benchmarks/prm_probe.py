@@ -179,7 +179,7 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
             gen = eval_lib.generate_responses(sampler, policy, tokenizer, ids, settings,
                                               stop_token_ids=eos_token_ids(tokenizer),
                                               key=eval_lib.benchmark_key(jax.random.PRNGKey(settings.seed), name))
-            graded = pool.score([(gen.texts[r], kept[r // n].ground_truth, kept[r // n].ability)
+            graded = pool.grade([(gen.texts[r], kept[r // n].ground_truth, kept[r // n].ability)
                                  for r in range(len(gen.texts))])
             scores = np.asarray(graded.scores, np.float64).reshape(len(kept), n)
             prompts = [ids[r // n] for r in range(len(gen.texts))]

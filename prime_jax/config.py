@@ -28,7 +28,8 @@ MODEL_TYPES = ("qwen2", "llama")  # the decoders prime_jax.models runs (models.c
 DTYPES = ("float32", "bfloat16", "float16")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
 PRM_UPDATE_MODES = ("after", "before", "reverse", "none")  # see prime_jax/train/prm_phase.py
-# algo.process_source; see Trainer.update_prm (prime_jax/train/loop.py). Grouped by what a source needs:
+# algo.process_source: the names of the sources of q registered in prime_jax/train/process_rewards.py
+# (tests/test_trainer.py checks the two agree). Grouped by what a source needs:
 PROCESS_SOURCES = ("prm", "prm_logprob", "oracle", "oracle_wrong_rows", "ref_logprob")
 PRM_TRAINING_SOURCES = ("prm", "prm_logprob")  # a trained implicit PRM (what benchmarks/prm_probe.py probes)
 ORACLE_SOURCES = ("oracle", "oracle_wrong_rows")  # the synthetic task's demonstrations
@@ -519,7 +520,8 @@ def _check_rollout(c) -> None:
 def _check_algo(c) -> None:
     """PRIME's algorithm settings."""
     a = c.algo
-    from prime_jax.algo import ADVANTAGE_ESTIMATORS, GROUP_SCORE_LOSS_TYPES, PRM_LOSS_TYPES, needs_prm  # jax-only; cheap
+    from prime_jax.algo import (ADVANTAGE_ESTIMATORS, GROUP_SCORE_LOSS_TYPES, PRM_LOSS_TYPES,  # jax-only; cheap
+                                uses_process_rewards)
 
     _one_of("algo.estimator", a.estimator, sorted(ADVANTAGE_ESTIMATORS))
     _positive("algo.beta", a.beta)
@@ -534,7 +536,7 @@ def _check_algo(c) -> None:
     _one_of("algo.prm_loss", a.prm_loss, PRM_LOSS_TYPES)
     _one_of("algo.prm_ref", a.prm_ref, ("freeze", "policy"))
     _one_of("algo.process_source", a.process_source, PROCESS_SOURCES)
-    _check("algo.process_source", a.process_source == "prm" or needs_prm(a.estimator),
+    _check("algo.process_source", a.process_source == "prm" or uses_process_rewards(a.estimator),
            f"{a.process_source!r} gives process rewards, which only a prime_* estimator uses, got algo.estimator "
            f"{a.estimator!r}")
     _check("algo.process_source", a.process_source not in ORACLE_SOURCES or c.data.train.strip() == SYNTHETIC,
@@ -546,12 +548,13 @@ def _check_algo(c) -> None:
     _check("algo.process_source", a.process_source in PRM_TRAINING_SOURCES or a.prm_warmup_steps == 0,
            f"{a.process_source!r} trains no PRM, so algo.prm_warmup_steps must be 0, got {a.prm_warmup_steps}")
     _non_negative("algo.prm_warmup_steps", a.prm_warmup_steps)
-    _check("algo.prm_warmup_steps", a.prm_warmup_steps == 0 or (needs_prm(a.estimator) and a.prm_update != "none"),
+    _check("algo.prm_warmup_steps",
+           a.prm_warmup_steps == 0 or (uses_process_rewards(a.estimator) and a.prm_update != "none"),
            f"{a.prm_warmup_steps} warm-up steps train only the PRM, but algo.estimator={a.estimator!r} / "
            f"algo.prm_update={a.prm_update!r} trains no PRM: set it to 0")
     _check("algo.prm_warmup_steps", a.prm_warmup_steps == 0 or a.prm_warmup_steps < c.total_steps,
            f"must be below total_steps ({c.total_steps}) so that the policy trains at all, got {a.prm_warmup_steps}")
-    trains_prm = needs_prm(a.estimator) and a.process_source in PRM_TRAINING_SOURCES
+    trains_prm = uses_process_rewards(a.estimator) and a.process_source in PRM_TRAINING_SOURCES
     _check("algo.prm_update", not (trains_prm and a.prm_update == "none" and a.prm_ref == "freeze"),
            "'none' with algo.prm_ref 'freeze' leaves the PRM equal to its reference, so q = log π_φ - log π_ref is 0 "
            + ("and the policy gets the SFT log-probs alone (algo.process_source 'ref_logprob' under another name)"

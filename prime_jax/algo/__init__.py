@@ -29,7 +29,7 @@ least 1 for the mean.
 
 from __future__ import annotations
 
-from prime_jax.algo.estimators import (ADVANTAGE_ESTIMATORS, compute_advantages, needs_prm,
+from prime_jax.algo.estimators import (ADVANTAGE_ESTIMATORS, compute_advantages, uses_process_rewards,
                                        register_advantage_estimator)
 from prime_jax.algo.masked_arrays import revcumsum
 from prime_jax.algo.policy_objectives import (accuracy_filter, masked_whiten, outcome_token_rewards, policy_loss,
@@ -65,6 +65,6 @@ __all__ = [
     "revcumsum",
     "ADVANTAGE_ESTIMATORS",
     "register_advantage_estimator",
-    "needs_prm",
+    "uses_process_rewards",
     "compute_advantages",
 ]

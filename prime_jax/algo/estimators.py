@@ -21,33 +21,33 @@ from prime_jax.algo.policy_objectives import masked_whiten, outcome_token_reward
 AdvantageEstimator = Callable[..., jax.Array]
 ADVANTAGE_ESTIMATORS: Dict[str, AdvantageEstimator] = {}
 #: Estimators that read no process rewards: a run with one trains no PRM and scores no reference.
-PRM_FREE_ESTIMATORS: set = set()
+OUTCOME_ONLY_ESTIMATORS: set = set()
 
 
-def register_advantage_estimator(name: str, *, needs_prm: bool = True
+def register_advantage_estimator(name: str, *, uses_process_rewards: bool = True
                                  ) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
     """Decorator: register ``fn`` under ``name`` in ``ADVANTAGE_ESTIMATORS``.
 
     An estimator is called as ``fn(*, process_rewards [B,T], outcome [B], response_mask [B,T],
     n, process_coef=1.0, outcome_coef=1.0) -> advantages [B,T]`` (float32, 0 on padding).
-    needs_prm=False: it ignores ``process_rewards`` (see ``needs_prm``).
+    uses_process_rewards=False: it ignores ``process_rewards`` (see ``uses_process_rewards``).
     """
 
     def deco(fn: AdvantageEstimator) -> AdvantageEstimator:
         if name in ADVANTAGE_ESTIMATORS and ADVANTAGE_ESTIMATORS[name] is not fn:
             raise ValueError(f"advantage estimator {name!r} is already registered")
         ADVANTAGE_ESTIMATORS[name] = fn
-        (PRM_FREE_ESTIMATORS.discard if needs_prm else PRM_FREE_ESTIMATORS.add)(name)
+        (OUTCOME_ONLY_ESTIMATORS.discard if uses_process_rewards else OUTCOME_ONLY_ESTIMATORS.add)(name)
         return fn
 
     return deco
 
 
-def needs_prm(name: str) -> bool:
+def uses_process_rewards(name: str) -> bool:
     """Whether the registered estimator ``name`` reads process rewards (an implicit PRM)."""
     if name not in ADVANTAGE_ESTIMATORS:
         raise KeyError(f"unknown advantage estimator {name!r}; registered: {sorted(ADVANTAGE_ESTIMATORS)}")
-    return name not in PRM_FREE_ESTIMATORS
+    return name not in OUTCOME_ONLY_ESTIMATORS
 
 
 def compute_advantages(
@@ -101,7 +101,7 @@ def prime_rloo_advantages(
     return masked_whiten(ret, response_mask)
 
 
-@register_advantage_estimator("outcome_rloo", needs_prm=False)
+@register_advantage_estimator("outcome_rloo", uses_process_rewards=False)
 def outcome_rloo_advantages(
     *, process_rewards, outcome, response_mask, n, process_coef=1.0, outcome_coef=1.0
 ) -> jax.Array:

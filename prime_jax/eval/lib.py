@@ -82,11 +82,11 @@ class ProcessShareGrader:
     def __init__(self, pool):
         self.pool = pool
 
-    def score(self, items: Sequence[tuple]):
+    def grade(self, items: Sequence[tuple]):
         if jax.process_count() == 1:
-            return self.pool.score(items)
+            return self.pool.grade(items)
         share = host_share(len(items))
-        graded = self.pool.score([items[i] for i in share])
+        graded = self.pool.grade([items[i] for i in share])
         codes = [self.STATUSES.index(s) for s in graded.statuses]
         scores = gather_shares(np.asarray(graded.scores, np.float32), len(items))
         statuses = gather_shares(np.asarray(codes, np.int32), len(items))
@@ -107,7 +107,7 @@ def evaluate_benchmark(name: str, problems: Sequence, *, tokenizer, pool, settin
 
     generate(prompt_ids, chunk) -> Generation with len(prompt_ids) × settings.n rows (prompt-major);
     `chunk` numbers the calls (0, 1, ...), for their PRNG keys.
-    pool: a `RewardPool` (``.score([(response, ground_truth, ability), ...])``).
+    pool: a `RewardPool` (``.grade([(response, ground_truth, ability), ...])``).
     progress: a `prime_jax.eval.progress.ProgressFile`: each finished chunk's records are written
     to it at once, and chunks it already holds are not generated again (resume).
     observe(problems, prompt_ids, generation, records): called with each generated chunk (the
@@ -178,7 +178,7 @@ def _chunk_records(name: str, problems: Sequence, ids: Sequence[Sequence[int]], 
     if len(gen.texts) != len(problems) * n:
         raise ValueError(f"{name}: generation returned {len(gen.texts)} rows for {len(problems)} prompts x n={n}")
     t = time.perf_counter()
-    graded = pool.score([(gen.texts[i * n + s], p.ground_truth, p.ability) for i, p in enumerate(problems)
+    graded = pool.grade([(gen.texts[i * n + s], p.ground_truth, p.ability) for i, p in enumerate(problems)
                          for s in range(n)])
     timing["grade"] += time.perf_counter() - t
     rewards = None

@@ -120,7 +120,7 @@ def _resident(builder, params) -> dict:
 
     params_b = _shard_bytes(params)
     resident = {"policy_params": params_b, "policy_opt": opt_bytes(builder.abstract_train_state(params, "policy"))}
-    if builder.uses_prm:
+    if builder.uses_process_rewards:
         resident["prm_params"] = params_b
         if builder.updates_prm:
             resident["prm_opt"] = opt_bytes(builder.abstract_train_state(params, "prm"))

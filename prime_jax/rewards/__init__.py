@@ -49,7 +49,7 @@ class RewardPool(GradingPool):
     """Process pool that grades mixed math/code batches for the trainer.
 
     >>> with RewardPool(num_workers=8) as pool:
-    ...     res = pool.score([(resp, gt, "math"), (resp2, tests_json, "code")])
+    ...     res = pool.grade([(resp, gt, "math"), (resp2, tests_json, "code")])
     ...     res.scores, res.statuses, res.timeouts, res.errors   # per batch
     ...     pool.stats                                           # cumulative GradingStats
 
@@ -77,12 +77,12 @@ class RewardPool(GradingPool):
                     max_tests=self.code_max_tests, total_timeout=self.code_total_timeout)
         return out
 
-    def score(self, items: Sequence[tuple[str, str, str]]) -> BatchResult:
-        """Scores for ``(response, ground_truth, ability)`` items, in order."""
+    def grade(self, items: Sequence[tuple[str, str, str]]) -> BatchResult:
+        """Scores (grades) for ``(response, ground_truth, ability)`` items, in order."""
         return self.run(self.tasks(items))
 
     def grade_math(self, responses: Sequence[str], ground_truths: Sequence[str]) -> BatchResult:
-        return self.score([(r, g, "math") for r, g in zip(responses, ground_truths, strict=True)])
+        return self.grade([(r, g, "math") for r, g in zip(responses, ground_truths, strict=True)])
 
     def grade_code(self, responses: Sequence[str], tests: Sequence[str]) -> BatchResult:
-        return self.score([(r, t, "code") for r, t in zip(responses, tests, strict=True)])
+        return self.grade([(r, t, "code") for r, t in zip(responses, tests, strict=True)])

@@ -172,8 +172,9 @@ class RunBuilder:
         self.prompts_per_attempt = prompts
         # Training batches hold prompts in a fixed number of columns (one compilation per program).
         self.prompt_width = -(-c.data.max_prompt_tokens // 8) * 8
-        self.uses_prm = algo.needs_prm(c.algo.estimator)  # process rewards: a PRM and a reference
-        self.updates_prm = self.uses_prm and c.algo.prm_update != "none"
+        # the estimator reads process rewards: the run scores the reference, and has a PRM unless its source is another
+        self.uses_process_rewards = algo.uses_process_rewards(c.algo.estimator)
+        self.updates_prm = self.uses_process_rewards and c.algo.prm_update != "none"
 
     # ------------------------------------------------------------------ model and tokenizer
     def model_config(self, vocab_size: int = 0, *, download: bool = True) -> Qwen2Config:
@@ -225,7 +226,7 @@ class RunBuilder:
         used, the frozen reference's when process rewards are on."""
         c = self.config
         return tuple(f for f, on in (("old_logprobs", c.algo.recompute_old_logprobs),
-                                     ("ref_logprobs", self.uses_prm)) if on)
+                                     ("ref_logprobs", self.uses_process_rewards)) if on)
 
     def score_calls(self) -> dict[str, tuple[int, tuple[bool, bool, bool]]]:
         """The scoring programs the loop runs, {name: (rows, which of (policy, PRM, reference) it
@@ -236,7 +237,7 @@ class RunBuilder:
         calls = {}
         if fields:
             calls["score"] = (c.batch.score_batch, ("old_logprobs" in fields, False, "ref_logprobs" in fields))
-        if self.uses_prm and c.algo.prm_update in ("before", "reverse", "none"):
+        if self.uses_process_rewards and c.algo.prm_update in ("before", "reverse", "none"):
             calls["prm_score"] = (c.batch.prm_mini_batch, (False, True, False))
         return calls
 
@@ -250,7 +251,7 @@ class RunBuilder:
         fields.append("old_logprobs")  # the sampler's, or scored (before any update)
         if program == "score":
             fields = [f for f in fields if f != "old_logprobs" or not c.algo.recompute_old_logprobs]
-        elif self.uses_prm:
+        elif self.uses_process_rewards:
             fields.append("ref_logprobs")
         if program == "policy":
             fields.append("advantages")

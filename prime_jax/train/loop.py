@@ -27,8 +27,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from prime_jax import algo
-from prime_jax.config import ORACLE_SOURCES, PRM_TRAINING_SOURCES, RANDOM_MODEL
+from prime_jax.config import PRM_TRAINING_SOURCES, RANDOM_MODEL
 from prime_jax.models import Qwen2ForCausalLM
 from prime_jax.models.tokenizer import eos_token_ids
 from prime_jax.parallel import is_logging_process, put_replicated, put_rows, to_host
@@ -40,8 +39,9 @@ from prime_jax.train.builder import RunBuilder, RunLayout, abstract_model
 from prime_jax.train.evaluation import TrainingEvaluator
 from prime_jax.train.metrics import MetricsLogger, masked_stats
 from prime_jax.train.preemption import PreemptionWatch
-from prime_jax.train.prm_phase import oracle_process_rewards, process_reward_scale, run_prm_phase
-from prime_jax.train.process_rewards import process_rewards_and_advantages
+from prime_jax.train.prm_phase import process_reward_scale
+from prime_jax.train.process_rewards import (SourceContext, StepRows, process_rewards,
+                                             process_rewards_and_advantages)
 from prime_jax.train.rollouts import Group, RolloutCollector, RolloutScorer, assemble_batch
 from prime_jax.train.run_data import RunData
 from prime_jax.train.state import create_train_state, split_params
@@ -69,10 +69,6 @@ class Trainer:
         self.builder = builder = RunBuilder(c, mesh)
         self.n = c.rollout.n
         self.is_main = is_logging_process()
-        self.groups_per_step = c.batch.prompts_per_step
-        self.prompts_per_attempt = builder.prompts_per_attempt
-        self.uses_process_rewards = builder.uses_prm
-        self.prompt_width = builder.prompt_width
         self.ranking_ema = 0.5  # moving average of the PRM's fresh ranking (algo.process_ramp); chance at the start
 
         data = data or RunData.load(builder, self.layout, self.is_main)
@@ -81,8 +77,6 @@ class Trainer:
 
         self.graphdef, _ = split_params(abstract_model(builder.model_config(len(self.tokenizer))))
         self.ref_params = reference
-        self.policy_optimizer = builder.policy_optimizer
-        self.prm_optimizer = builder.prm_optimizer
         self.steps = builder.train_steps((self.graphdef, reference))
         self.sampler = builder.sampler()
         self.evaluator = TrainingEvaluator(c, self.eval_sets, tokenizer=self.tokenizer, sampler=self.sampler,
@@ -94,8 +88,8 @@ class Trainer:
         if self.checkpointer.latest_step():
             self._restore()
         else:
-            self.policy = create_train_state(reference, self.policy_optimizer, mesh)
-            self.prm = create_train_state(reference, self.prm_optimizer, mesh)
+            self.policy = create_train_state(reference, builder.policy_optimizer, mesh)
+            self.prm = create_train_state(reference, builder.prm_optimizer, mesh)
             self.key = put_replicated(jax.random.PRNGKey(c.seed), mesh)
         self.pool = None
         self.log = None
@@ -222,7 +216,7 @@ class Trainer:
                 batch = batch.replace(old_logprobs=jnp.full_like(batch.old_logprobs, jnp.nan))
             q, prm_metrics = self.update_prm(batch, groups, host_rows)  # PRM phase; q as algo.prm_update says
             self.ranking_ema, process_scale = process_reward_scale(c.algo, self.ranking_ema, prm_metrics)
-            if self.uses_process_rewards:
+            if self.builder.uses_process_rewards:
                 prm_metrics["prm/process_scale"] = process_scale
                 if c.algo.process_ramp != "none":
                     prm_metrics["prm/ranking_ema"] = self.ranking_ema
@@ -230,7 +224,7 @@ class Trainer:
                 q, batch.outcome, batch.response_mask,
                 None if c.algo.process_ramp == "none" else jnp.float32(process_scale), estimator=c.algo.estimator,
                 n=self.n, process_coef=float(c.algo.process_coef), outcome_coef=float(c.algo.outcome_coef),
-                normalize=self.uses_process_rewards, norm_floor=float(c.algo.process_norm_floor))
+                normalize=self.builder.uses_process_rewards, norm_floor=float(c.algo.process_norm_floor))
             row.update(prm_metrics)
             # PRM warm-up steps leave the policy as it is (their advantages are still logged: what it would get)
             if step > c.algo.prm_warmup_steps:
@@ -255,13 +249,13 @@ class Trainer:
     @functools.cached_property
     def scorer(self) -> RolloutScorer:
         return RolloutScorer(self.steps, self.mesh, self.config.batch.score_batch, self._mini_batch,
-                             self.uses_process_rewards)
+                             self.builder.uses_process_rewards)
 
     @functools.cached_property
     def collector(self) -> RolloutCollector:
         return RolloutCollector(self.config, prompts=self.prompts, sampler=self.sampler, tokenizer=self.tokenizer,
                                 stop_ids=self.stop_ids, scorer=self.scorer,
-                                prompts_per_attempt=self.prompts_per_attempt, prompt_width=self.prompt_width,
+                                prompts_per_attempt=self.builder.prompts_per_attempt, prompt_width=self.builder.prompt_width,
                                 settings=self.builder.rollout_settings())
 
     def score(self, batch: PrimeBatch) -> PrimeBatch:
@@ -275,37 +269,16 @@ class Trainer:
 
     def update_prm(self, batch: PrimeBatch, groups: Sequence[Group], host_rows: PrimeBatch
                    ) -> tuple[jax.Array, dict]:
-        """The PRM phase (`prm_phase.run_prm_phase`, mode algo.prm_update); returns the q [B, R] the
-        policy gets (on the devices) and the metrics. algo.process_source "oracle": the task's own
-        step-level rewards instead (`prm_phase.oracle_process_rewards`, from `host_rows`, the host
-        copy of `batch`), no PRM update; "oracle_wrong_rows": the same on the rows the outcome calls wrong;
-        "ref_logprob": the frozen SFT model's log-prob of each token (no PRM update either); "prm_logprob":
-        the PRM phase as usual, and the policy gets q + log π_ref = log π_φ."""
-        if not self.uses_process_rewards:
+        """The step's process rewards q [B, R] the policy gets (on the devices) and their metrics, from
+        the source algo.process_source names (`process_rewards.PROCESS_SOURCES`: PRIME's PRM phase, the
+        synthetic task's oracle, the SFT model's log-probs, ...); a PRM source also updates the PRM.
+        `host_rows`: the host copy of `batch`."""
+        if not self.builder.uses_process_rewards:
             return put_rows(np.zeros(batch.response_mask.shape, np.float32), self.mesh), {}
-        if self.config.algo.process_source == "ref_logprob":
-            q = self._sft_logprobs(batch, host_rows)
-            mask = host_rows.response_mask
-            return put_rows(q, self.mesh), {"prm/ref_logprob_per_token": float(q.sum() / mask.sum())}
-        if self.config.algo.process_source in ORACLE_SOURCES:
-            q = oracle_process_rewards([g.problem for g in groups for _ in range(g.rows.num_rows)],
-                                       host_rows.response_ids, host_rows.response_mask, host_rows.outcome,
-                                       self.tokenizer, set(self.stop_ids),
-                                       wrong_rows_only=self.config.algo.process_source == "oracle_wrong_rows")
-            return put_rows(q, self.mesh), {"prm/oracle_marked_frac": float((q < 0).any(1).mean())}
-        self.prm, q, metrics = run_prm_phase(
-            self.steps, self.prm, batch, mode=self.config.algo.prm_update, mini_batch=self.config.batch.prm_mini_batch,
-            n=self.n, take_rows=functools.partial(self._mini_batch, batch),
-            group_scores=self.config.algo.prm_loss in algo.GROUP_SCORE_LOSS_TYPES)
-        if self.config.algo.process_source == "prm_logprob":  # the SFT model's confidence left in
-            q = q + self._sft_logprobs(batch, host_rows)
+        context = SourceContext(self.config, self.steps, self.n, self._mini_batch, self.tokenizer, self.stop_ids)
+        rows = StepRows(batch, host_rows, [g.problem for g in groups for _ in range(g.rows.num_rows)])
+        self.prm, q, metrics = process_rewards(self.config.algo.process_source, context, self.prm, rows)
         return put_rows(q, self.mesh), metrics
-
-    @staticmethod
-    def _sft_logprobs(batch: PrimeBatch, host_rows: PrimeBatch) -> np.ndarray:
-        """`[B, R]` float32 on the host: the scored reference (the frozen SFT model) log-probs of `batch`,
-        0 at padding (fetched whole: a pod's rows span processes)."""
-        return (to_host(batch.ref_logprobs) * host_rows.response_mask).astype(np.float32)
 
     @property
     def prm_reference_params(self):

@@ -196,7 +196,7 @@ def grade_rollouts(pool, tokenizer, rollouts: Rollouts, problems: Sequence[Probl
     rows = len(problems)
     share = host_share(rows)
     texts = response_texts(tokenizer, rollouts, share)
-    graded = pool.score([(text, problems[r].ground_truth, problems[r].ability) for r, text in zip(share, texts)])
+    graded = pool.grade([(text, problems[r].ground_truth, problems[r].ability) for r, text in zip(share, texts)])
     outcome = gather_shares(np.asarray(graded.scores, np.float32), rows)
     counts = gather_shares(np.asarray([[graded.errors, graded.timeouts]], np.int64), jax.process_count()).sum(0)
     return outcome, int(counts[0]), int(counts[1])
