@@ -19,9 +19,14 @@ import re
 from pathlib import Path
 import ml_collections
 
-# The checks below import what they check against (data, algo, parallel, models.packaged, orbax)
-# inside the check: every config file and `--help` read this module before jax loads, and
-# `prime_jax.data` imports its names back (a cycle at the top).
+from prime_jax.data import FORMATS, HELDOUT, DataError, check_source_name, instruction_error
+from prime_jax.data.sets import SYNTHETIC
+from prime_jax.data.synthetic import DIFFICULTY
+from prime_jax.data.synthetic_tasks import SYNTHETIC_TASKS, task_kwargs
+
+# The checks below that need jax, orbax or the model code (algo, parallel, models.packaged,
+# train.checkpoint) import it inside the check: every config file and `--help` read this module,
+# which must not load them.
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MODEL_TYPES = ("qwen2", "llama")  # the decoders prime_jax.models runs (models.config.ARCHITECTURES)
@@ -36,8 +41,6 @@ ORACLE_SOURCES = ("oracle", "oracle_wrong_rows")  # the synthetic task's demonst
 SFT_LOGPROB_SOURCES = ("ref_logprob", "prm_logprob")  # the frozen SFT model's log-probs (algo.prm_ref "freeze")
 RANDOM_MODEL = "random"
 TINY_TOKENIZER = "tiny"
-SYNTHETIC = "synthetic"
-HELDOUT = "heldout"  # the eval source of data.holdout's problems
 
 
 class ConfigError(ValueError):
@@ -424,8 +427,6 @@ def _check_model(c) -> None:
 
 def _check_source(field: str, source: str, reserved: tuple[str, ...]) -> None:
     """A data source exists: a reserved name, an existing file, a packaged benchmark or a hub-id-shaped name."""
-    from prime_jax.data import DataError, check_source_name  # see the note at the top
-
     if source in reserved:
         return
     if source.startswith((".", "/", "~")) or source.lower().endswith((".parquet", ".jsonl", ".json")):
@@ -448,8 +449,6 @@ def _check_tokenizer(c) -> None:
 
 def _check_data(c) -> None:
     """Training and eval sources, formats, the synthetic task."""
-    from prime_jax.data import FORMATS  # see the note at the top
-
     d = c.data
     for field, sources in (("data.train", [s.strip() for s in d.train.split(",")]),
                            ("data.eval", [s.strip() for s in d.eval.split(",")])):
@@ -462,26 +461,18 @@ def _check_data(c) -> None:
     train = [s.strip() for s in d.train.split(",")]
     _check("data.eval", HELDOUT not in [s.strip() for s in d.eval.split(",")] or (d.holdout and train != [SYNTHETIC]),
            "lists 'heldout', but data.holdout is 0 or data.train has no file source to hold problems out of")
-    from prime_jax.data import instruction_error  # see the note at the top
-
     _check("data.instruction", instruction_error(d.instruction) is None, str(instruction_error(d.instruction)))
     _one_of("data.format", d.format, ["auto", *sorted(FORMATS)])
     _check("data.train_split", bool(d.train_split), "is empty")
     _non_negative("data.eval_max_problems", d.eval_max_problems)
     _positive("data.max_prompt_tokens", d.max_prompt_tokens)
     _one_of("data.system_prompt", d.system_prompt, ("keep", "none", "eurus2"))
-    from prime_jax.data import instruction_error  # see the note at the top
-
     _check("data.instruction", instruction_error(d.instruction) is None, str(instruction_error(d.instruction)))
     s = d.synthetic
-    from prime_jax.data.synthetic_tasks import SYNTHETIC_TASKS, task_kwargs  # see the note at the top
-
     _one_of("data.synthetic.task", s.task, SYNTHETIC_TASKS)
     _positive("data.synthetic.num_train", s.num_train)
     _positive("data.synthetic.num_eval", s.num_eval)
     _non_negative("data.synthetic.eval_seed", s.eval_seed)
-    from prime_jax.data.synthetic import DIFFICULTY  # see the note at the top
-
     _one_of("data.synthetic.difficulty", s.difficulty, sorted(DIFFICULTY))
     for f in ("min_steps", "max_steps", "max_start", "max_operand", "max_factor"):
         _non_negative(f"data.synthetic.{f}", s[f])

@@ -7,14 +7,15 @@ from typing import Sequence
 
 import numpy as np
 
-from prime_jax.config import HELDOUT, SYNTHETIC  # the eval sources' names, which the config validates
-
 from . import chains
 from .formats import worked_solution
 from .problems import EURUS2_SYSTEM_PROMPT, DataError, Problem, SkipStats, instruction_suffix
 from .readers import read_problems
 from .sources import eval_source_names, is_messages_file, read_sft_pairs, source_format
 from .synthetic_tasks import make_task_problems, task_demonstration
+
+SYNTHETIC = "synthetic"  # the data source name of the synthetic task
+HELDOUT = "heldout"  # the eval source of data.holdout's problems
 
 
 def system_prompt(config) -> str | None:
