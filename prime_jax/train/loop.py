@@ -1,15 +1,13 @@
-"""The PRIME training loop: one iteration of PRIME_SPEC.md per step, top to bottom.
+"""The PRIME training loop: one iteration of PRIME_SPEC.md per step (`Trainer.step`), and the run
+around it (evaluation, checkpoints, export).
 
-    draw prompts ─▶ sample n each ─▶ grade (process pool) ─▶ accuracy filter ──(too few? refill)
-        ─▶ score (old / ref log-probs) ─▶ PRM mini-batches ─▶ normalise q ─▶ advantages
-        ─▶ shuffled PPO mini-batches ─▶ metrics ─▶ (eval) ─▶ (checkpoint)
-
-`Trainer.step` is that list; each phase is a method below it, except the first four (draw to
-refill) and the rollouts' log-probs, which `train/rollouts.py` owns. Everything random derives from
-the config's seed: the base PRNG key (saved in checkpoints), `fold_in(key, step)` for sampling,
-and numpy generators seeded with `(seed, step)` for shuffles, so a resumed run repeats an
-uninterrupted one exactly. The sampler reads the policy's parameters in place (same arrays,
-same mesh); nothing is copied to another engine.
+`Trainer.step` lists the iteration's phases top to bottom; draw → sample → grade → filter → refill
+and the rollouts' log-probs are `train/rollouts.py`'s, q and the advantages `train/process_rewards.py`'s.
+The iteration's data flow, host and devices: docs/architecture.md ("One iteration, as data").
+Everything random derives from the config's seed: the base PRNG key (saved in checkpoints),
+`fold_in(key, step)` for sampling, and numpy generators seeded with `(seed, step)` for shuffles, so a
+resumed run repeats an uninterrupted one exactly. The sampler reads the policy's parameters in place
+(same arrays, same mesh); nothing is copied to another engine.
 """
 
 from __future__ import annotations
