@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -48,13 +47,6 @@ from prime_jax.train.steps import TrainSteps, make_train_steps
 
 SCORE_MICRO_BATCHES = 1  # the loop scores each batch.score_batch chunk in one pass
 MIN_PROMPT_BUCKET = 16  # the sampler's smallest prompt-length bucket
-BATCH_FIELDS = {  # a training batch's arrays: (columns: "prompt" | "response" | None, dtype)
-    "prompt_ids": ("prompt", jnp.int32), "prompt_mask": ("prompt", jnp.int32),
-    "response_ids": ("response", jnp.int32), "response_mask": ("response", jnp.int32),
-    "old_logprobs": ("response", jnp.float32), "advantages": ("response", jnp.float32),
-    "ref_logprobs": ("response", jnp.float32), "outcome": (None, jnp.float32),
-    "group_scores": (None, jnp.float32),
-}
 
 
 # ==============================================================================================
@@ -267,7 +259,7 @@ class RunBuilder:
         sharding = batch_sharding(self.mesh, 1)
         out = {}
         for k in self.batch_fields(program):
-            kind, dtype = BATCH_FIELDS[k]
+            kind, dtype, _ = PrimeBatch.FIELDS[k]
             out[k] = jax.ShapeDtypeStruct((rows, columns[kind]) if kind else (rows,), dtype, sharding=sharding)
         return PrimeBatch(**out)
 
