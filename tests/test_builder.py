@@ -120,7 +120,7 @@ def test_main_plan_and_evaluate_build_through_the_same_builder_methods(tmp_path,
             calls[_name].add(who[0])
             return _real(self, *args, **kwargs)
         monkeypatch.setattr(RunBuilder, name, spy)
-    config = tiny_config(**{"model.vocab_size": 96})
+    config = tiny_config(**{"model.vocab_size": 128})
     Trainer.create(config, tmp_path / "run", mesh_from_config(config)).close()
     who[0] = "plan"
     plan.plan_memory(config, jax.devices(), programs=("prefill",))

@@ -58,13 +58,13 @@ class Trainer:
     policy and PRM start from them. `Trainer.create` runs that stage first."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, mesh, reference,
-                 data: RunData | None = None):
+                 data: RunData | None = None, builder: RunBuilder | None = None):
         self.config = c = config
         self.layout = RunLayout(workdir)
         self.workdir = self.layout.workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mesh = mesh
-        self.builder = builder = RunBuilder(c, mesh)
+        self.builder = builder = builder or RunBuilder(c, mesh)
         self.n = c.rollout.n
         self.is_main = is_logging_process()
         self.ranking_ema = 0.5  # moving average of the PRM's fresh ranking (algo.process_ramp); chance at the start
@@ -101,8 +101,10 @@ class Trainer:
     def create(cls, config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> "Trainer":
         """The run's data (bad data fails here, before any training), the SFT stage
         (`warm_start.reference_params`: trained once, then restored), then the trainer."""
-        data = RunData.load(RunBuilder(config, mesh), RunLayout(workdir), is_logging_process())
-        return cls(config, workdir, mesh, reference_params(config, workdir, mesh), data)
+        builder = RunBuilder(config, mesh)  # one builder and one tokenizer for the whole start-up
+        data = RunData.load(builder, RunLayout(workdir), is_logging_process())
+        reference = reference_params(config, workdir, mesh, builder=builder, tokenizer=data.tokenizer)
+        return cls(config, workdir, mesh, reference, data, builder)
 
     def _restore(self) -> None:
         """The newest intact checkpoint (damaged newer ones are reported and moved aside)."""
