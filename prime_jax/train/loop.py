@@ -249,7 +249,7 @@ class Trainer:
     @functools.cached_property
     def scorer(self) -> RolloutScorer:
         return RolloutScorer(self.steps, self.mesh, self.config.batch.score_batch, self._mini_batch,
-                             self.builder.uses_process_rewards)
+                             self.builder.scored_fields())
 
     @functools.cached_property
     def collector(self) -> RolloutCollector:
