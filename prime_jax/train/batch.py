@@ -57,6 +57,13 @@ class PrimeBatch:
     }
     LOGICAL_AXES: ClassVar[dict[str, tuple[str | None, ...]]] = {name: f[2] for name, f in FIELDS.items()}
     RESPONSE_FIELDS: ClassVar[tuple[str, ...]] = tuple(name for name, f in FIELDS.items() if f[0] == "response")
+    #: The fields each jitted step reads (`train/steps.py` selects them); the PRM step of the dpo / bon_*
+    #: losses also reads group_scores.
+    READS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "score": ("prompt_ids", "prompt_mask", "response_ids", "response_mask"),
+        "prm": ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "ref_logprobs", "outcome"),
+        "policy": ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "old_logprobs", "advantages"),
+    }
 
     @property
     def num_rows(self) -> int:
