@@ -91,6 +91,7 @@ def main(argv) -> None:
         except PlanDoesNotFit as e:
             fail(f"memory plan does not fit (rerun with a bigger mesh or more micro-batches):\n{e}")
 
+    # the training code, imported here for the reason said at the top of `main`
     from prime_jax.data import DataError
     from prime_jax.models.config import UnsupportedModelError
     from prime_jax.train import run_config
