@@ -8,13 +8,13 @@ prompts, same grader, timed side by side in one run.
     python benchmarks/evaluate_vs_transformers.py --start=50 --limit=50 --json-out=b.json
     python benchmarks/evaluate_vs_transformers.py --report a.json b.json
 
-Ours: `prime_jax.evaluate.evaluate` with `configs/smollm2_135m.py` (the model's chat template around
+Ours: `prime_jax.eval.run.evaluate` with `configs/smollm2_135m.py` (the model's chat template around
 the problem and the paper's instruction "Please reason step by step, and put your final answer
 within \\boxed{}.", greedy, `--max-new-tokens`, `--batch` prompts per generate call), exactly what
 `python -m prime_jax.evaluate --config=configs/smollm2_135m.py --checkpoint=MODEL --benchmarks=gsm8k
 --limit=N` runs. transformers: the same weights (the HF folder the model resolves to: for a GGUF the
 converted one), `generate(do_sample=False)` on the same prompt ids in the same chunks (left-padded,
-stopping at the same end-of-response ids), graded by the same `eval_lib.evaluate_benchmark`.
+stopping at the same end-of-response ids), graded by the same `eval.lib.evaluate_benchmark`.
 
 Prints pass@1 of both, how many responses are identical and where they first differ (character
 offset), the time each side spent generating (ours includes compiling its programs) and
@@ -40,7 +40,8 @@ def transformers_generate_fn(hf, tokenizer, settings, stop_ids):
     import numpy as np
     import torch
 
-    from prime_jax.eval_lib import Generation, decode_responses
+    from prime_jax.eval.lib import decode_responses
+    from prime_jax.eval.results import Generation
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
 
@@ -84,9 +85,10 @@ def compare(args) -> dict:
     import transformers
 
     from configs.smollm2_135m import get_config
-    from prime_jax import eval_lib
+    from prime_jax.eval import lib as eval_lib
+    from prime_jax.eval.results import settings_from_config
     from prime_jax.data import load_eval_sets
-    from prime_jax.evaluate import evaluate
+    from prime_jax.eval.run import evaluate
     from prime_jax.models import load_config
     from prime_jax.models.packaged import resolve_model_folder
     from prime_jax.models.tokenizer import eos_token_ids, load_tokenizer
@@ -116,7 +118,7 @@ def compare(args) -> dict:
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(folder)
     problems = load_eval_sets(config, [source], 0)[0][args.benchmark]
-    settings = eval_lib.settings_from_config(config, max_new_tokens=args.max_new_tokens, batch_size=args.batch)
+    settings = settings_from_config(config, max_new_tokens=args.max_new_tokens, batch_size=args.batch)
     stops = eos_token_ids(tokenizer)
     with RewardPool(1, math_timeout=config.reward.timeout_s, code_timeout=config.reward.timeout_s) as pool:
         theirs = eval_lib.evaluate_benchmark(args.benchmark, problems, tokenizer=tokenizer, pool=pool,

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from prime_jax.parallel import MESH_PRESETS  # noqa: E402
-from prime_jax.plan_report import GIB, PHASE_TITLES, PlanReport, target_title  # noqa: E402
+from prime_jax.plan.report import GIB, PHASE_TITLES, PlanReport, target_title  # noqa: E402
 
 REPORTS = ROOT / "docs" / "plan_presets.json"
 DOCS = {"README.md": ("peaks",), "docs/scale_out.md": ("tables", "summary", "oversample")}

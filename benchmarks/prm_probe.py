@@ -138,13 +138,15 @@ def credit(q_rows, ref_rows, slips, correct, want_correct: bool = False) -> dict
 def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: float | None, seed: int) -> dict:
     import jax
 
-    from prime_jax import eval_lib
+    from prime_jax.eval import lib as eval_lib
+    from prime_jax.eval import results as eval_results
     from prime_jax.data import load_eval_sets, render_prompts
     from prime_jax.data.synthetic_tasks import task_demonstration
-    from prime_jax.evaluate import _run_reference, load_model, resolve_checkpoint, resolve_tokenizer_path
+    from prime_jax.eval.checkpoints import load_model, resolve_checkpoint, resolve_tokenizer_path, run_reference
+    from prime_jax.eval.prm_scorer import PRMScorer
     from prime_jax.models.tokenizer import eos_token_ids, load_tokenizer
     from prime_jax.parallel import mesh_from_config
-    from prime_jax.rewards import RewardPool
+    from prime_jax.rewards import CORRECT_THRESHOLD, RewardPool
     from prime_jax.rewards.math import extract_answer
     from prime_jax.sampling import Sampler
     from prime_jax.train.builder import MIN_PROMPT_BUCKET
@@ -159,14 +161,14 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
     vocab = len(tokenizer)
     policy = load_model(spec, config, mesh, vocab_size=vocab, which="policy")
     prm = load_model(spec, config, mesh, vocab_size=vocab, which="prm")
-    ref = _run_reference(workdir, config, mesh, vocab)  # the SFT model
+    ref = run_reference(workdir, config, mesh, vocab)  # the SFT model
     prm_ref = policy if config.algo.prm_ref == "policy" else ref  # what the run trained its PRM against
-    settings = eval_lib.settings_from_config(
+    settings = eval_results.settings_from_config(
         config, n=n, temperature=config.rollout.temperature if temperature is None else temperature, seed=seed)
     sets, _ = load_eval_sets(config, limit=limit)
-    scorers = {"prm": eval_lib.PRMScorer(prm, prm_ref, mesh=mesh),
-               "policy_log_ratio": eval_lib.PRMScorer(policy, ref, mesh=mesh),
-               "ref_logprob": eval_lib.PRMScorer(ref, None, mesh=mesh)}
+    scorers = {"prm": PRMScorer(prm, prm_ref, mesh=mesh),
+               "policy_log_ratio": PRMScorer(policy, ref, mesh=mesh),
+               "ref_logprob": PRMScorer(ref, None, mesh=mesh)}
     out = {"workdir": str(workdir), "checkpoint_step": spec.step, "n": n, "temperature": settings.temperature,
            "seed": settings.seed, "benchmarks": {}}
     with RewardPool(config.reward.workers, math_timeout=config.reward.timeout_s,
@@ -177,7 +179,7 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
             gen = eval_lib.generate_responses(sampler, policy, tokenizer, ids, settings,
                                               stop_token_ids=eos_token_ids(tokenizer),
                                               key=eval_lib.benchmark_key(jax.random.PRNGKey(settings.seed), name))
-            graded = pool.score([(gen.texts[r], kept[r // n].ground_truth, kept[r // n].ability)
+            graded = pool.grade([(gen.texts[r], kept[r // n].ground_truth, kept[r // n].ability)
                                  for r in range(len(gen.texts))])
             scores = np.asarray(graded.scores, np.float64).reshape(len(kept), n)
             prompts = [ids[r // n] for r in range(len(gen.texts))]
@@ -191,13 +193,13 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
             worst = [q.min() if len(q) else 0.0 for q in prm_q]
             signals["prm_min"] = np.asarray(worst, np.float64).reshape(len(kept), n)
             # the PRM's P(correct) of each sample, sigmoid(beta * sum q) (what its ce loss fits), summed per answer
-            prm_p_correct = np.vectorize(lambda q: eval_lib.prm_p_correct(q, config.algo.beta))(signals["prm"])
+            prm_p_correct = np.vectorize(lambda q: eval_results.prm_p_correct(q, config.algo.beta))(signals["prm"])
             majority, weighted = [], []
             for i in range(len(kept)):
-                keys = [eval_lib.answer_key(extract_answer(gen.texts[i * n + s])) for s in range(n)]
-                m = eval_lib.majority_index(keys)
+                keys = [eval_results.answer_key(extract_answer(gen.texts[i * n + s])) for s in range(n)]
+                m = eval_results.majority_index(keys)
                 majority.append(scores[i, m] if m is not None else 0.0)
-                w = eval_lib.weighted_vote_index(keys, prm_p_correct[i])
+                w = eval_results.weighted_vote_index(keys, prm_p_correct[i])
                 weighted.append(scores[i, w] if w is not None else 0.0)
             mixed = scores.max(1) > scores.min(1)
             copies = text_copies(gen.texts, n)
@@ -210,7 +212,7 @@ def probe(workdir: Path, config_path: str, *, n: int, limit: int, temperature: f
                       "signals": {k: signal_metrics(scores, v, n, copies) for k, v in signals.items()},
                       f"maj@{n}": float(np.mean(majority)), f"prm_weighted_vote@{n}": float(np.mean(weighted)),
                       f"random_pick (avg@{n})": float(scores.mean()),
-                      f"pass@{n}": float((scores.max(1) >= eval_lib.CORRECT_THRESHOLD).mean()),
+                      f"pass@{n}": float((scores.max(1) >= CORRECT_THRESHOLD).mean()),
                       "mean_sum_correct": {k: float(v[scores >= 0.5].mean()) if (scores >= 0.5).any() else None
                                            for k, v in signals.items()},
                       "mean_sum_wrong": {k: float(v[scores < 0.5].mean()) if (scores < 0.5).any() else None

@@ -14,8 +14,14 @@ import os
 import re
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
+
+from absl import flags
+from ml_collections import config_flags
+
+from prime_jax.config_fields import format_fields, section_docs, unknown_field_message
 
 
 def quiet_startup() -> None:
@@ -46,8 +52,6 @@ def interrupted(tool: str, message: str) -> NoReturn:
 def flag_error(error: BaseException, argv: Sequence[str]) -> str:
     """One line for a mistake in the flags (see `flags_parser`)."""
     if isinstance(error, (AttributeError, KeyError)):
-        from prime_jax.config_fields import unknown_field_message
-
         # ml_collections' KeyError text is the repr of "'name'\nDid you mean ...": take the name only.
         while isinstance(error, AttributeError) and error.args and isinstance(error.args[0], KeyError):
             error = error.args[0]
@@ -61,7 +65,6 @@ def flag_error(error: BaseException, argv: Sequence[str]) -> str:
     missing = re.search(r"\[Errno 2\] No such file or directory: '([^']*)'", text)
     if missing:
         return f"config file {missing.group(1)!r} not found (No such file or directory)"
-    from absl import flags
 
     if isinstance(error, flags.Error):
         return " ".join(text.split())
@@ -77,8 +80,6 @@ def define_config_flag(tool: str, default: str, help_text: str):
     The default file and its overrides are parsed when the flag is defined, at import; a mistake
     there (an unknown field, a value of the wrong type) ends with one line, like `flags_parser`.
     """
-    from ml_collections import config_flags
-
     try:
         return config_flags.DEFINE_config_file("config", default, help_text, lock_config=True)
     except FLAG_ERRORS as e:
@@ -102,8 +103,6 @@ HELP_ARGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 def define_list_fields_flag():
     """`--list_fields`: print every config field (grouped by section, with its value, default and
     meaning) and exit 0."""
-    from absl import flags
-
     return flags.DEFINE_bool("list_fields", False, "Print every field of --config (grouped by section, with its "
                              "value, the default where the config changes it, and what it means) and exit.")
 
@@ -119,8 +118,6 @@ def print_text(text: str) -> None:
 
 def list_fields(config, argv: Sequence[str], default_config: str) -> None:
     """What `--list_fields` prints (`config_fields.format_fields` of the loaded config)."""
-    from prime_jax.config_fields import format_fields
-
     name = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "") or _shown(default_config)
     print_text(format_fields(config, config_name=name))  # `--list_fields | head` included
 
@@ -135,13 +132,7 @@ def help_text(tool: str, doc: str, flag_names: Sequence[str], default_config: st
     """`--help` of a CLI: its docstring, then `--config` (how to set and list fields) and its own
     flags (`flag_names`, of `flag_values`, default absl's FLAGS) with their defaults. absl's own
     `--help` exits 1 and does not show `--config`. default_config "": --config is required."""
-    import textwrap
-
-    from absl import flags
-
     flag_values = flags.FLAGS if flag_values is None else flag_values
-
-    from prime_jax.config_fields import section_docs
 
     def block(head: str, text: str) -> list[str]:
         return [f"  {head}", *textwrap.wrap(text, 96, initial_indent="      ", subsequent_indent="      ")]
@@ -184,8 +175,6 @@ def flags_parser(tool: str, help_text: str = "") -> Callable[[Sequence[str]], li
     """
 
     def parse(argv: Sequence[str]) -> list[str]:
-        from absl import flags
-
         if help_text and any(a in HELP_ARGS for a in argv[1:]):
             print_text(help_text)
             sys.exit(0)

@@ -19,20 +19,28 @@ import re
 from pathlib import Path
 import ml_collections
 
+from prime_jax.data import FORMATS, HELDOUT, DataError, check_source_name, instruction_error
+from prime_jax.data.sets import SYNTHETIC
+from prime_jax.data.synthetic import DIFFICULTY
+from prime_jax.data.synthetic_tasks import SYNTHETIC_TASKS, task_kwargs
+
+# The checks below that need jax, orbax or the model code (algo, parallel, models.packaged,
+# train.checkpoint) import it inside the check: every config file and `--help` read this module,
+# which must not load them.
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MODEL_TYPES = ("qwen2", "llama")  # the decoders prime_jax.models runs (models.config.ARCHITECTURES)
 DTYPES = ("float32", "bfloat16", "float16")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
 PRM_UPDATE_MODES = ("after", "before", "reverse", "none")  # see prime_jax/train/prm_phase.py
-# algo.process_source; see Trainer.update_prm (prime_jax/train/loop.py). Grouped by what a source needs:
+# algo.process_source: the names of the sources of q registered in prime_jax/train/process_rewards.py
+# (tests/test_trainer.py checks the two agree). Grouped by what a source needs:
 PROCESS_SOURCES = ("prm", "prm_logprob", "oracle", "oracle_wrong_rows", "ref_logprob")
 PRM_TRAINING_SOURCES = ("prm", "prm_logprob")  # a trained implicit PRM (what benchmarks/prm_probe.py probes)
 ORACLE_SOURCES = ("oracle", "oracle_wrong_rows")  # the synthetic task's demonstrations
 SFT_LOGPROB_SOURCES = ("ref_logprob", "prm_logprob")  # the frozen SFT model's log-probs (algo.prm_ref "freeze")
 RANDOM_MODEL = "random"
 TINY_TOKENIZER = "tiny"
-SYNTHETIC = "synthetic"
-HELDOUT = "heldout"  # the eval source of data.holdout's problems
 
 
 class ConfigError(ValueError):
@@ -302,7 +310,7 @@ def _looks_like_local_path(s: str) -> bool:
 def _check_model_dir(field: str, path: str, what: str) -> None:
     """A local folder must exist (holding config.json for models), a .gguf file too; a hub id must
     be reachable; a packaged model's short name is fetched when first loaded."""
-    from prime_jax.models.packaged import is_model_file_or_name, is_packaged
+    from prime_jax.models.packaged import is_model_file_or_name, is_packaged  # see the note at the top
 
     if is_packaged(path):
         return
@@ -319,7 +327,7 @@ def _check_model_dir(field: str, path: str, what: str) -> None:
         return
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
         try:
-            from huggingface_hub import try_to_load_from_cache
+            from huggingface_hub import try_to_load_from_cache  # see the note at the top
 
             hit = try_to_load_from_cache(path, "config.json" if what == "model" else "tokenizer_config.json")
         except Exception:
@@ -419,8 +427,6 @@ def _check_model(c) -> None:
 
 def _check_source(field: str, source: str, reserved: tuple[str, ...]) -> None:
     """A data source exists: a reserved name, an existing file, a packaged benchmark or a hub-id-shaped name."""
-    from prime_jax.data import DataError, check_source_name
-
     if source in reserved:
         return
     if source.startswith((".", "/", "~")) or source.lower().endswith((".parquet", ".jsonl", ".json")):
@@ -443,8 +449,6 @@ def _check_tokenizer(c) -> None:
 
 def _check_data(c) -> None:
     """Training and eval sources, formats, the synthetic task."""
-    from prime_jax.data import FORMATS
-
     d = c.data
     for field, sources in (("data.train", [s.strip() for s in d.train.split(",")]),
                            ("data.eval", [s.strip() for s in d.eval.split(",")])):
@@ -457,26 +461,18 @@ def _check_data(c) -> None:
     train = [s.strip() for s in d.train.split(",")]
     _check("data.eval", HELDOUT not in [s.strip() for s in d.eval.split(",")] or (d.holdout and train != [SYNTHETIC]),
            "lists 'heldout', but data.holdout is 0 or data.train has no file source to hold problems out of")
-    from prime_jax.data import instruction_error
-
     _check("data.instruction", instruction_error(d.instruction) is None, str(instruction_error(d.instruction)))
     _one_of("data.format", d.format, ["auto", *sorted(FORMATS)])
     _check("data.train_split", bool(d.train_split), "is empty")
     _non_negative("data.eval_max_problems", d.eval_max_problems)
     _positive("data.max_prompt_tokens", d.max_prompt_tokens)
     _one_of("data.system_prompt", d.system_prompt, ("keep", "none", "eurus2"))
-    from prime_jax.data import instruction_error
-
     _check("data.instruction", instruction_error(d.instruction) is None, str(instruction_error(d.instruction)))
     s = d.synthetic
-    from prime_jax.data.synthetic_tasks import SYNTHETIC_TASKS, task_kwargs
-
     _one_of("data.synthetic.task", s.task, SYNTHETIC_TASKS)
     _positive("data.synthetic.num_train", s.num_train)
     _positive("data.synthetic.num_eval", s.num_eval)
     _non_negative("data.synthetic.eval_seed", s.eval_seed)
-    from prime_jax.data.synthetic import DIFFICULTY
-
     _one_of("data.synthetic.difficulty", s.difficulty, sorted(DIFFICULTY))
     for f in ("min_steps", "max_steps", "max_start", "max_operand", "max_factor"):
         _non_negative(f"data.synthetic.{f}", s[f])
@@ -515,7 +511,8 @@ def _check_rollout(c) -> None:
 def _check_algo(c) -> None:
     """PRIME's algorithm settings."""
     a = c.algo
-    from prime_jax.algo import ADVANTAGE_ESTIMATORS, GROUP_SCORE_LOSS_TYPES, PRM_LOSS_TYPES, needs_prm  # jax-only; cheap
+    from prime_jax.algo import (ADVANTAGE_ESTIMATORS, GROUP_SCORE_LOSS_TYPES, PRM_LOSS_TYPES,  # jax-only; cheap
+                                uses_process_rewards)
 
     _one_of("algo.estimator", a.estimator, sorted(ADVANTAGE_ESTIMATORS))
     _positive("algo.beta", a.beta)
@@ -530,7 +527,7 @@ def _check_algo(c) -> None:
     _one_of("algo.prm_loss", a.prm_loss, PRM_LOSS_TYPES)
     _one_of("algo.prm_ref", a.prm_ref, ("freeze", "policy"))
     _one_of("algo.process_source", a.process_source, PROCESS_SOURCES)
-    _check("algo.process_source", a.process_source == "prm" or needs_prm(a.estimator),
+    _check("algo.process_source", a.process_source == "prm" or uses_process_rewards(a.estimator),
            f"{a.process_source!r} gives process rewards, which only a prime_* estimator uses, got algo.estimator "
            f"{a.estimator!r}")
     _check("algo.process_source", a.process_source not in ORACLE_SOURCES or c.data.train.strip() == SYNTHETIC,
@@ -542,12 +539,13 @@ def _check_algo(c) -> None:
     _check("algo.process_source", a.process_source in PRM_TRAINING_SOURCES or a.prm_warmup_steps == 0,
            f"{a.process_source!r} trains no PRM, so algo.prm_warmup_steps must be 0, got {a.prm_warmup_steps}")
     _non_negative("algo.prm_warmup_steps", a.prm_warmup_steps)
-    _check("algo.prm_warmup_steps", a.prm_warmup_steps == 0 or (needs_prm(a.estimator) and a.prm_update != "none"),
+    _check("algo.prm_warmup_steps",
+           a.prm_warmup_steps == 0 or (uses_process_rewards(a.estimator) and a.prm_update != "none"),
            f"{a.prm_warmup_steps} warm-up steps train only the PRM, but algo.estimator={a.estimator!r} / "
            f"algo.prm_update={a.prm_update!r} trains no PRM: set it to 0")
     _check("algo.prm_warmup_steps", a.prm_warmup_steps == 0 or a.prm_warmup_steps < c.total_steps,
            f"must be below total_steps ({c.total_steps}) so that the policy trains at all, got {a.prm_warmup_steps}")
-    trains_prm = needs_prm(a.estimator) and a.process_source in PRM_TRAINING_SOURCES
+    trains_prm = uses_process_rewards(a.estimator) and a.process_source in PRM_TRAINING_SOURCES
     _check("algo.prm_update", not (trains_prm and a.prm_update == "none" and a.prm_ref == "freeze"),
            "'none' with algo.prm_ref 'freeze' leaves the PRM equal to its reference, so q = log π_φ - log π_ref is 0 "
            + ("and the policy gets the SFT log-probs alone (algo.process_source 'ref_logprob' under another name)"
@@ -601,7 +599,7 @@ def _check_mesh(c, num_devices: int | None) -> None:
     """The mesh against the devices (rows split evenly over the data axes) and the distributed section."""
     b = c.batch
     if c.mesh.preset:
-        from prime_jax.parallel import MESH_PRESETS
+        from prime_jax.parallel import MESH_PRESETS  # see the note at the top
 
         key = c.mesh.preset.strip().lower().replace("\u00d7", "x")
         _one_of("mesh.preset", key, sorted(MESH_PRESETS))
@@ -613,7 +611,7 @@ def _check_mesh(c, num_devices: int | None) -> None:
         _check(f"mesh.{axis}", size == -1 or size >= 1, f"must be a positive size or -1, got {size}")
     _check("mesh", sum(v == -1 for v in sizes.values()) <= 1, f"at most one axis may be -1, got {sizes}")
     if num_devices is None:
-        import jax
+        import jax  # see the note at the top
 
         num_devices = jax.device_count()
     fixed = math.prod(v for v in sizes.values() if v != -1)

@@ -18,6 +18,8 @@ import tokenize
 from pathlib import Path
 from typing import Any
 
+from prime_jax.config import base_config, field_names
+
 _ASSIGN = re.compile(r"^\s*(c|o)\.([A-Za-z_][\w.]*)\s*=(?!=)")
 _OPTIMIZER_SECTIONS = ("policy_optim", "prm_optim")  # built by config.base_config's optim() helper (`o.<field>`)
 
@@ -82,8 +84,6 @@ def format_fields(config=None, *, config_name: str = "") -> str:
     """Every field grouped by section: `--config.<field>=<value>`, the default of `base_config()`
     where the config changes it, and the field's documentation. `config`: the loaded config
     (default: `base_config()`)."""
-    from prime_jax.config import base_config
-
     defaults = _flatten(base_config())
     values = _flatten(config) if config is not None else defaults
     docs, sections = _documentation()
@@ -109,8 +109,6 @@ def format_fields(config=None, *, config_name: str = "") -> str:
 def unknown_field_message(argv, parsed_name: str = "") -> str:
     """The one line for a misspelt `--config.<field>` in `argv`: which override names no field,
     and the closest field names."""
-    from prime_jax.config import field_names
-
     known = field_names()
     sections = {n.rsplit(".", 1)[0] for n in known if "." in n}
     given = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]

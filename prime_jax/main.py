@@ -50,6 +50,8 @@ def fail(message: str, code: int = 2) -> None:
 def main(argv) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    # The program's modules are imported in here, not at the top: `--help` and flag errors answer
+    # without loading jax and the model code (seconds), and `cli.quiet_startup` runs before jax loads.
     from prime_jax.config import ConfigError, validate
     from prime_jax.parallel import host_watch, initialize_distributed, mesh_from_config
 
@@ -80,14 +82,16 @@ def main(argv) -> None:
 
     if jax.default_backend() != "cpu" and not (_SKIP_MEMORY_CHECK.value or _EXPORT_HF.value or _SFT_ONLY.value):
         # Compile every program of an iteration from abstract shapes and refuse a run that cannot
-        # fit in device memory, before minutes of weight loading (see prime_jax/plan.py).
-        from prime_jax.plan import PlanDoesNotFit, check_fits
+        # fit in device memory, before minutes of weight loading (see prime_jax/plan/).
+        from prime_jax.plan import PlanDoesNotFit
+        from prime_jax.plan.memory import check_fits
 
         try:
             check_fits(config, jax.devices())
         except PlanDoesNotFit as e:
             fail(f"memory plan does not fit (rerun with a bigger mesh or more micro-batches):\n{e}")
 
+    # the training code, imported here for the reason said at the top of `main`
     from prime_jax.data import DataError
     from prime_jax.models.config import UnsupportedModelError
     from prime_jax.train import run_config
@@ -164,7 +168,7 @@ def _resume_hint(layout) -> str:
 
 def _nothing_saved_since(config, layout) -> str:
     """What an interruption outside the loop's step boundaries leaves to resume from."""
-    from prime_jax.train.checkpoint import params_saved
+    from prime_jax.train.checkpoint import params_saved  # orbax: loaded in `main` only, see there
 
     steps = layout.checkpoint_steps()
     if steps:

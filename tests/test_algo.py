@@ -1,4 +1,4 @@
-"""Tests of prime_jax/algo.py against plain-numpy twins written here (loops, float64).
+"""Tests of prime_jax/algo/ against plain-numpy twins written here (loops, float64).
 
 The twins follow PRIME_SPEC.md ("Formulas") and the PRIME reference code (veRL recipe), written
 independently of the jax code. jax results (float32) are compared with the twins at 1e-6 of the

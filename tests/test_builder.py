@@ -1,4 +1,5 @@
-"""train/builder.py: the memory plan compiles exactly the programs a training step runs."""
+"""train/builder.py: the memory plan compiles exactly the programs a training step runs, and `main`,
+`plan` and `evaluate` load models and make samplers through the same builder methods."""
 
 import collections
 from pathlib import Path
@@ -8,7 +9,10 @@ import numpy as np
 import pytest
 
 from config_files import load_config
-from prime_jax import plan
+from prime_jax.eval import lib as eval_lib
+from prime_jax.eval.results import Generation
+from prime_jax.eval.run import evaluate
+from prime_jax.plan import memory as plan
 from prime_jax.parallel import mesh_from_config
 from prime_jax.rewards import RewardPool
 from prime_jax.train.builder import RunBuilder, RunLayout, abstract_params
@@ -104,3 +108,29 @@ def test_plan_and_trainer_share_the_builder():
     updates, _ = builder.policy_optimizer.update({"w": np.ones(2, np.float32)}, state, {"w": np.ones(2, np.float32)})
     assert float(np.abs(updates["w"]).max()) == 0.0
     assert RunLayout("/x").checkpoints == Path("/x/checkpoints")
+
+
+def test_main_plan_and_evaluate_build_through_the_same_builder_methods(tmp_path, monkeypatch):
+    """A spy on `RunBuilder`: training (`Trainer.create`, what `main` runs), the memory plan and
+    `evaluate` each get the model's config, load their models and make their sampler through it."""
+    calls = collections.defaultdict(set)
+    who = ["main"]
+    for name in ("model_config", "load_model", "sampler"):
+        def spy(self, *args, _real=getattr(RunBuilder, name), _name=name, **kwargs):
+            calls[_name].add(who[0])
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(RunBuilder, name, spy)
+    config = tiny_config(**{"model.vocab_size": 128})
+    Trainer.create(config, tmp_path / "run", mesh_from_config(config)).close()
+    who[0] = "plan"
+    plan.plan_memory(config, jax.devices(), programs=("prefill",))
+    who[0] = "evaluate"
+
+    def no_sampling(sampler, model, tokenizer, prompt_ids, settings, *, stop_token_ids, key):
+        rows = len(prompt_ids) * settings.n  # the sampler was made; running it is the sampler tests' job
+        return Generation(texts=["0"] * rows, response_ids=[[stop_token_ids[0]]] * rows, finished=[True] * rows)
+
+    monkeypatch.setattr(eval_lib, "generate_responses", no_sampling)
+    evaluate(config, tmp_path / "eval", benchmarks="synthetic", limit=2, max_new_tokens=4)
+    assert calls == {"model_config": {"main", "plan", "evaluate"}, "sampler": {"main", "plan", "evaluate"},
+                     "load_model": {"main", "evaluate"}}  # the plan compiles from abstract weights: none loaded

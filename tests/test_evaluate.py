@@ -1,4 +1,4 @@
-"""Tests of the benchmark evaluation (prime_jax.eval_lib and the prime_jax.evaluate CLI)."""
+"""Tests of the benchmark evaluation (prime_jax.eval and the prime_jax.evaluate CLI)."""
 import itertools
 import json
 import math
@@ -13,11 +13,15 @@ import pytest
 from flax import nnx
 
 from config_files import load_config
-from prime_jax import eval_lib
-from prime_jax import evaluate as ev
 from prime_jax.data import build_tiny_tokenizer, load_benchmark, render_prompts
+from prime_jax.eval import checkpoints
+from prime_jax.eval import lib as eval_lib
+from prime_jax.eval import results as eval_results
+from prime_jax.eval.prm_scorer import PRMScorer
+from prime_jax.eval.run import evaluate
 from prime_jax.models import Qwen2Config, Qwen2ForCausalLM, response_logprobs, save_pretrained
 from prime_jax.parallel import make_mesh
+from prime_jax.train.builder import model_config
 
 ROOT = Path(__file__).resolve().parent.parent
 QWEN_TOKENIZER = ROOT / "tests" / "fixtures" / "qwen3_tokenizer"
@@ -72,23 +76,23 @@ def test_pass_at_k_matches_brute_force():
         for c in range(n + 1):
             correct = [True] * c + [False] * (n - c)
             for k in range(1, n + 1):
-                assert eval_lib.pass_at_k(n, c, k) == pytest.approx(_brute_pass_at_k(correct, k), abs=1e-12)
-    assert eval_lib.pass_at_k(4, 2, 1) == 0.5
-    assert eval_lib.pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)
-    assert eval_lib.pass_at_k(200, 0, 100) == 0.0
-    assert eval_lib.k_values(1) == [1] and eval_lib.k_values(8) == [1, 2, 4, 8] and eval_lib.k_values(6) == [1, 2, 4, 6]
+                assert eval_results.pass_at_k(n, c, k) == pytest.approx(_brute_pass_at_k(correct, k), abs=1e-12)
+    assert eval_results.pass_at_k(4, 2, 1) == 0.5
+    assert eval_results.pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)
+    assert eval_results.pass_at_k(200, 0, 100) == 0.0
+    assert eval_results.k_values(1) == [1] and eval_results.k_values(8) == [1, 2, 4, 8] and eval_results.k_values(6) == [1, 2, 4, 6]
     with pytest.raises(ValueError):
-        eval_lib.pass_at_k(4, 5, 1)
+        eval_results.pass_at_k(4, 5, 1)
 
 
 def test_problem_metrics_majority_and_best_of_n():
     # Four samples: "\frac12" and "\dfrac{1}{2}" are the same answer after normalisation (2 votes),
     # "3" one vote, one sample without an answer. Ground truth 1/2: samples 0 and 2 are right.
     answers = ["\\frac12", "3", "\\dfrac{1}{2}", None]
-    keys = [eval_lib.answer_key(a) for a in answers]
+    keys = [eval_results.answer_key(a) for a in answers]
     assert keys[0] == keys[2] and keys[0] != keys[1] and keys[3] is None
     scores = [1.0, 0.0, 1.0, 0.0]
-    m = eval_lib.problem_metrics(scores, keys, prm_rewards=[0.1, 2.0, -1.0, 0.5])
+    m = eval_results.problem_metrics(scores, keys, prm_rewards=[0.1, 2.0, -1.0, 0.5])
     assert m["pass@1"] == pytest.approx(0.5)
     assert m["pass@2"] == pytest.approx(1 - 1 / 6)
     assert m["pass@4"] == 1.0
@@ -98,40 +102,40 @@ def test_problem_metrics_majority_and_best_of_n():
     assert m["best@4"] == 0.0  # the PRM prefers sample 1 (wrong)
     assert "prm_vote@4" not in m  # no P(correct) given
     # weighted vote: "1/2" (0.4 + 0.3) beats "3" (0.6); with "3" at 0.8 the wrong answer wins
-    assert eval_lib.problem_metrics(scores, keys, prm_weights=[0.4, 0.6, 0.3, 0.9])["prm_vote@4"] == 1.0
-    assert eval_lib.problem_metrics(scores, keys, prm_weights=[0.4, 0.8, 0.3, 0.9])["prm_vote@4"] == 0.0
-    assert eval_lib.prm_p_correct(0.0, 0.05) == 0.5
-    assert eval_lib.prm_p_correct(2.0, 0.5) == pytest.approx(1 / (1 + np.exp(-1.0)))
-    assert eval_lib.prm_p_correct(-1e4, 1.0) == 0.0 and eval_lib.prm_p_correct(1e4, 1.0) == 1.0  # no overflow
+    assert eval_results.problem_metrics(scores, keys, prm_weights=[0.4, 0.6, 0.3, 0.9])["prm_vote@4"] == 1.0
+    assert eval_results.problem_metrics(scores, keys, prm_weights=[0.4, 0.8, 0.3, 0.9])["prm_vote@4"] == 0.0
+    assert eval_results.prm_p_correct(0.0, 0.05) == 0.5
+    assert eval_results.prm_p_correct(2.0, 0.5) == pytest.approx(1 / (1 + np.exp(-1.0)))
+    assert eval_results.prm_p_correct(-1e4, 1.0) == 0.0 and eval_results.prm_p_correct(1e4, 1.0) == 1.0  # no overflow
 
     # The majority answer is wrong although one sample is right.
-    keys = [eval_lib.answer_key(a) for a in ["7", "5", "7", "7"]]
-    m = eval_lib.problem_metrics([0.0, 1.0, 0.0, 0.0], keys)
+    keys = [eval_results.answer_key(a) for a in ["7", "5", "7", "7"]]
+    m = eval_results.problem_metrics([0.0, 1.0, 0.0, 0.0], keys)
     assert m["maj@4"] == 0.0 and m["maj@2"] == 0.0 and m["pass@4"] == 1.0 and m["pass@1"] == 0.25
     # Nobody answered: maj scores 0; greedy n=1 has only pass@1 and avg@1.
-    assert eval_lib.problem_metrics([0.0, 0.0], [None, None])["maj@2"] == 0.0
-    assert set(eval_lib.problem_metrics([1.0])) == {"pass@1", "avg@1"}
+    assert eval_results.problem_metrics([0.0, 0.0], [None, None])["maj@2"] == 0.0
+    assert set(eval_results.problem_metrics([1.0])) == {"pass@1", "avg@1"}
     # Fractional (code) scores: pass@k counts only full marks; avg is the mean score.
-    m = eval_lib.problem_metrics([0.5, 1.0])
+    m = eval_results.problem_metrics([0.5, 1.0])
     assert m["pass@1"] == 0.5 and m["avg@2"] == 0.75
 
     # Aggregation: the mean over problems, dropped problems counting 0.
-    agg = eval_lib.aggregate([{"pass@1": 1.0, "maj@2": 1.0}, {"pass@1": 0.5, "maj@2": 0.0}], num_dropped=2)
+    agg = eval_results.aggregate([{"pass@1": 1.0, "maj@2": 1.0}, {"pass@1": 0.5, "maj@2": 0.0}], num_dropped=2)
     assert agg == {"pass@1": 0.375, "maj@2": 0.25}
 
 
 def test_weighted_vote_weighs_each_answer_by_the_summed_weights_of_its_samples():
     keys = ["7", "5", "7", None, "5"]
     # all weights 1: the majority vote (a 2-2 tie between "7" and "5": the first seen wins)
-    assert eval_lib.weighted_vote_index(keys, [1, 1, 1, 1, 1]) == eval_lib.majority_index(keys) == 0
+    assert eval_results.weighted_vote_index(keys, [1, 1, 1, 1, 1]) == eval_results.majority_index(keys) == 0
     # "5": 0.9 + 0.8 > "7": 0.2 + 0.3; the unanswered sample's weight counts for nothing
-    assert eval_lib.weighted_vote_index(keys, [0.2, 0.9, 0.3, 5.0, 0.8]) == 1
+    assert eval_results.weighted_vote_index(keys, [0.2, 0.9, 0.3, 5.0, 0.8]) == 1
     # one confident sample outweighs two doubtful copies, and the reverse
-    assert eval_lib.weighted_vote_index(["a", "a", "b"], [0.3, 0.3, 0.9]) == 2
-    assert eval_lib.weighted_vote_index(["a", "a", "b"], [0.5, 0.5, 0.9]) == 0
-    assert eval_lib.weighted_vote_index([None, None], [1.0, 1.0]) is None
+    assert eval_results.weighted_vote_index(["a", "a", "b"], [0.3, 0.3, 0.9]) == 2
+    assert eval_results.weighted_vote_index(["a", "a", "b"], [0.5, 0.5, 0.9]) == 0
+    assert eval_results.weighted_vote_index([None, None], [1.0, 1.0]) is None
     with pytest.raises(ValueError, match="2 keys but 1 weights"):
-        eval_lib.weighted_vote_index(["a", "b"], [1.0])
+        eval_results.weighted_vote_index(["a", "b"], [1.0])
 
 
 # ------------------------------------------------------------------------------ the pipeline with a fake model
@@ -152,7 +156,7 @@ def _ground_truth_generate(benchmarks, tokenizer_holder, n_wrong: int = 0):
             samples += ["The answer is \\boxed{123456789}."] * n_wrong
             texts += samples[: settings.n] + samples[-1:] * (settings.n - len(samples))
         response_ids = [tokenizer.encode(t, add_special_tokens=False) + [stop_token_ids[0]] for t in texts]
-        return eval_lib.Generation(texts=texts, response_ids=response_ids, finished=[True] * len(texts))
+        return eval_results.Generation(texts=texts, response_ids=response_ids, finished=[True] * len(texts))
     return fake
 
 
@@ -160,7 +164,7 @@ def test_ground_truth_responses_score_one(tmp_path, monkeypatch, tiny_model_dir,
     benchmarks = ["math500", "gsm8k", "aime24"]
     holder = {}
     monkeypatch.setattr(eval_lib, "generate_responses", _ground_truth_generate(benchmarks, holder))
-    scores = ev.evaluate(_config(), tmp_path, checkpoint=str(tiny_model_dir), benchmarks=",".join(benchmarks),
+    scores = evaluate(_config(), tmp_path, checkpoint=str(tiny_model_dir), benchmarks=",".join(benchmarks),
                          limit=3, tokenizer_path=str(tiny_model_dir.parent / "tok"), mesh=one_device_mesh)
     for name in benchmarks:
         m = scores["benchmarks"][name]
@@ -187,7 +191,7 @@ def test_majority_and_prm_best_of_n(tmp_path, monkeypatch, tiny_model_dir, one_d
     prm_dir = _save_tiny_model(tmp_path / "prm", None, 102, seed=1)
     holder = {}
     monkeypatch.setattr(eval_lib, "generate_responses", _ground_truth_generate(["gsm8k"], holder, n_wrong=2))
-    scores = ev.evaluate(_config(), tmp_path, checkpoint=str(tiny_model_dir), benchmarks="gsm8k", limit=2, n=3,
+    scores = evaluate(_config(), tmp_path, checkpoint=str(tiny_model_dir), benchmarks="gsm8k", limit=2, n=3,
                          temperature=1.0, prm=str(prm_dir), reference=str(tiny_model_dir), tag="n3",
                          tokenizer_path=str(tiny_model_dir.parent / "tok"),
                          mesh=one_device_mesh)
@@ -207,7 +211,7 @@ def test_majority_and_prm_best_of_n(tmp_path, monkeypatch, tiny_model_dir, one_d
         best_scores.append(next(r["score"] for r in group if r["prm_best"]))
         # P(correct) = sigmoid(beta sum q) with the config's beta; the vote sums it per answer
         weights = [r["prm_p_correct"] for r in group]
-        assert weights == pytest.approx([eval_lib.prm_p_correct(x, _config().algo.beta) for x in rewards])
+        assert weights == pytest.approx([eval_results.prm_p_correct(x, _config().algo.beta) for x in rewards])
         wrong_votes = weights[1] + weights[2]
         vote_scores.append(1.0 if weights[0] > wrong_votes else 0.0)
     assert m["best@3"] == pytest.approx(np.mean(best_scores))
@@ -221,7 +225,7 @@ def test_prm_scorer_matches_unpadded_logprobs(one_device_mesh):
     ref = Qwen2ForCausalLM(_tiny_arch(50), rngs=nnx.Rngs(2))
     prompts = [[3, 4, 5], [7] * 20, [9, 10]]
     responses = [[11, 12], [13, 14, 15, 16, 17], [18]]
-    scorer = eval_lib.PRMScorer(prm, ref, mesh=one_device_mesh, temperature=0.7, batch_size=2)
+    scorer = PRMScorer(prm, ref, mesh=one_device_mesh, temperature=0.7, batch_size=2)
     got = scorer(prompts, responses)  # sorted by length, 2 rows per call, power-of-two padding
 
     # Direct: all rows in one batch, padded only to the longest prompt / response.
@@ -238,7 +242,7 @@ def test_prm_scorer_matches_unpadded_logprobs(one_device_mesh):
         return (q * b[3]).sum(-1)
 
     np.testing.assert_allclose(got, np.asarray(direct(prm, ref, *batch)), atol=1e-4)
-    alone = eval_lib.PRMScorer(prm, None, mesh=one_device_mesh, batch_size=2)(prompts, responses)  # Σ log π_prm
+    alone = PRMScorer(prm, None, mesh=one_device_mesh, batch_size=2)(prompts, responses)  # Σ log π_prm
     want = nnx.jit(lambda m, *b: (response_logprobs(m, *b) * b[3]).sum(-1))(prm, *batch)
     np.testing.assert_allclose(alone, np.asarray(want), atol=1e-4)
 
@@ -256,7 +260,7 @@ def test_run_checkpoint_policy_prm_and_sampled_eval(tmp_path, one_device_mesh):
     run.mkdir()
     tok = build_tiny_tokenizer(run / "tokenizer")
     (run / "config.json").write_text(config.to_json_best_effort(indent=2))
-    arch = ev._architecture(dict(config.model.to_dict()), len(tok))
+    arch = model_config(dict(config.model.to_dict()), len(tok))
     opt = make_optimizer(1e-3)
     states = {}
     for which, seed in (("policy", 5), ("prm", 6)):
@@ -266,23 +270,23 @@ def test_run_checkpoint_policy_prm_and_sampled_eval(tmp_path, one_device_mesh):
     ckpt.save(3, {**states, "key": jax.random.PRNGKey(0)}, {"step": 3})
     ckpt.close()
 
-    spec = ev.resolve_checkpoint(str(run))
+    spec = checkpoints.resolve_checkpoint(str(run))
     assert (spec.kind, spec.step, spec.run_dir) == ("run", 3, run)
-    assert ev.resolve_checkpoint(str(run / "checkpoints" / "3")).step == 3
-    assert ev.resolve_tokenizer_path(config, spec, tmp_path / "out") == str(run / "tokenizer")
+    assert checkpoints.resolve_checkpoint(str(run / "checkpoints" / "3")).step == 3
+    assert checkpoints.resolve_tokenizer_path(config, spec, tmp_path / "out") == str(run / "tokenizer")
     for which in ("policy", "prm"):
-        model = ev.load_model(spec, config, one_device_mesh, vocab_size=len(tok), which=which)
+        model = checkpoints.load_model(spec, config, one_device_mesh, vocab_size=len(tok), which=which)
         _, restored = nnx.split(model, nnx.Param)
         for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(states[which].params)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileNotFoundError):
-        ev.resolve_checkpoint(str(tmp_path / "nowhere"))
+        checkpoints.resolve_checkpoint(str(tmp_path / "nowhere"))
 
     # No --checkpoint: the workdir is the run, so its latest policy is evaluated. The PRM's β for
     # prm_vote@n is the run's own (config.json), not the evaluation config's.
     eval_config = config.copy_and_resolve_references()
     eval_config.algo.beta = config.algo.beta / 4
-    scores = ev.evaluate(eval_config, run, benchmarks="synthetic", limit=3, n=2, temperature=1.0, max_new_tokens=8,
+    scores = evaluate(eval_config, run, benchmarks="synthetic", limit=3, n=2, temperature=1.0, max_new_tokens=8,
                          prm=str(run), mesh=one_device_mesh)
     assert scores["info"]["checkpoint"].endswith("checkpoints/3 (orbax run checkpoint)")
     assert scores["info"]["prm_beta"] == config.algo.beta
@@ -334,7 +338,7 @@ def test_prm_reference_is_what_the_run_trained_its_prm_against(tmp_path, monkeyp
     """--prm=RUN scores q against the run's frozen reference, or (algo.prm_ref "policy") the
     checkpoint's own policy."""
     (tmp_path / "config.json").write_text(json.dumps({"algo": {"prm_ref": prm_ref}}))
-    spec = ev.CheckpointSpec("run", path=str(tmp_path / "checkpoints"), step=7, run_dir=tmp_path)
-    monkeypatch.setattr(ev, "_run_reference", lambda run_dir, config, mesh, vocab: "frozen reference")
-    monkeypatch.setattr(ev, "load_model", lambda s, config, mesh, vocab_size, which="policy": f"{which} at step {s.step}")
-    assert ev.load_reference(ev.CheckpointSpec("config"), spec, None, None, vocab_size=10) == expected
+    spec = checkpoints.CheckpointSpec("run", path=str(tmp_path / "checkpoints"), step=7, run_dir=tmp_path)
+    monkeypatch.setattr(checkpoints, "run_reference", lambda run_dir, config, mesh, vocab: "frozen reference")
+    monkeypatch.setattr(checkpoints, "load_model", lambda s, config, mesh, vocab_size, which="policy": f"{which} at step {s.step}")
+    assert checkpoints.load_reference(checkpoints.CheckpointSpec("config"), spec, None, None, vocab_size=10) == expected

@@ -12,9 +12,9 @@ import pytest
 from test_cli_errors import unwritable_folder
 from test_evaluate import _config, _ground_truth_generate, _save_tiny_model, one_device_mesh, tiny_model_dir  # noqa: F401
 
-from prime_jax import eval_lib
-from prime_jax import evaluate as ev
 from prime_jax.data import build_tiny_tokenizer, eval_source_names
+from prime_jax.eval import lib as eval_lib
+from prime_jax.eval.run import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def test_interrupted_evaluation_keeps_its_records_and_resumes(tmp_path, monkeypa
                   tokenizer_path=str(tiny_model_dir.parent / "tok"), mesh=one_device_mesh)
     fail_on_call = 2
     with pytest.raises(_Interrupt):
-        ev.evaluate(_config(), tmp_path / "run", **kwargs)
+        evaluate(_config(), tmp_path / "run", **kwargs)
     progress = tmp_path / "run" / "eval" / "model_greedy" / "progress" / "math500.jsonl"
     lines = progress.read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[1])["chunk"] == 0  # header + the finished chunk, on disk
@@ -101,11 +101,11 @@ def test_interrupted_evaluation_keeps_its_records_and_resumes(tmp_path, monkeypa
 
     calls.clear()
     fail_on_call = 0
-    resumed = ev.evaluate(_config(), tmp_path / "run", **kwargs)
+    resumed = evaluate(_config(), tmp_path / "run", **kwargs)
     assert calls == [2, 2]  # chunks 1 and 2 only
     assert not progress.parent.exists()
     calls.clear()
-    fresh = ev.evaluate(_config(), tmp_path / "fresh", **kwargs)
+    fresh = evaluate(_config(), tmp_path / "fresh", **kwargs)
     assert calls == [2, 2, 2]
     strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time_")}  # noqa: E731
     assert strip(resumed["benchmarks"]["math500"]) == strip(fresh["benchmarks"]["math500"])
@@ -118,7 +118,7 @@ def test_interrupted_evaluation_keeps_its_records_and_resumes(tmp_path, monkeypa
     fail_on_call = 1
     calls.clear()
     with pytest.raises(_Interrupt):
-        ev.evaluate(_config(), tmp_path / "run", **dict(kwargs, max_new_tokens=5))
+        evaluate(_config(), tmp_path / "run", **dict(kwargs, max_new_tokens=5))
     other = tmp_path / "run" / "eval" / "model_greedy-2" / "progress" / "math500.jsonl"
     assert len(other.read_text().splitlines()) == 1
     assert json.loads((tmp_path / "run" / "eval" / "model_greedy" / "scores.json").read_text())["benchmarks"]

@@ -10,7 +10,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from prime_jax.plan import GIB, PROGRAMS, PlanDoesNotFit, PlanReport, check_fits, plan_memory, suggest
+from prime_jax.plan import GIB, PROGRAMS, PlanDoesNotFit, PlanReport, suggest
+from prime_jax.plan.memory import check_fits, plan_memory
 from prime_jax.train.builder import model_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +97,7 @@ def test_json_round_trip(report):
 
 
 def test_check_fits_refuses_and_suggests(report, monkeypatch):
-    import prime_jax.plan as plan
+    import prime_jax.plan.memory as plan
 
     monkeypatch.setattr(plan, "plan_memory", lambda *a, **k: PlanReport.from_dict(
         dict(report.to_dict(), targets=k["targets"])))

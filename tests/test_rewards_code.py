@@ -300,7 +300,7 @@ def test_reward_pool_mixed_batch(caps):
         (respond("print(0)"), ADD_TESTS, "code"),
     ]
     with RewardPool(num_workers=2, math_timeout=5.0, code_timeout=5.0, code_max_tests=4) as pool:
-        res = pool.score(items)
+        res = pool.grade(items)
         assert list(res) == [1.0, 1.0, 0.0, 0.25]  # print(0) passes only the "0 0" case
         assert res.timeouts == 0 and res.errors == 0
         assert pool.stats.graded == 4

@@ -294,7 +294,7 @@ def test_module_grade_batch_and_counts():
 
 def test_reward_pool_math_items():
     with RewardPool(num_workers=1, math_timeout=5.0) as pool:
-        res = pool.score([("\\boxed{\\frac12}", "0.5", "math"), ("\\boxed{3}", "4", "math")])
+        res = pool.grade([("\\boxed{\\frac12}", "0.5", "math"), ("\\boxed{3}", "4", "math")])
         assert list(res) == [1.0, 0.0]
         assert pool.stats.graded == 2 and pool.stats.timeouts == 0
     assert pool.closed

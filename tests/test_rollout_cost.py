@@ -4,7 +4,7 @@ slots, its length distribution, and the roofline arithmetic of one step by hand.
 import numpy as np
 import pytest
 
-from prime_jax import rollout_cost as rc
+from prime_jax.plan import rollout_cost as rc
 from prime_jax.models.config import Qwen2Config
 
 MODEL = rc.ModelShape(params=1_000_000, layers=2, kv_heads=2, head_size=8, query_heads=4, bytes_per_value=2)

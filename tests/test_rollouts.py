@@ -124,7 +124,7 @@ class _TextTokenizer:
 class _Pool:
     """Grades a response right when its text (the sample number 1..n) is in the ground truth."""
 
-    def score(self, items):
+    def grade(self, items):
         scores = [float(text in truth) for text, truth, _ in items]
         return dataclasses.make_dataclass("Graded", ["scores", "errors", "timeouts"])(scores, 0, 0)
 

@@ -214,6 +214,14 @@ def test_truncate_metrics_drops_later_and_partial_rows(tmp_path):
     assert read_metrics(path) == []
 
 
+def test_every_process_source_the_config_accepts_is_registered():
+    """algo.process_source is validated against config.PROCESS_SOURCES; each name has its source of q."""
+    from prime_jax.config import PROCESS_SOURCES
+    from prime_jax.train.process_rewards import PROCESS_SOURCES as REGISTERED
+
+    assert set(REGISTERED) == set(PROCESS_SOURCES)
+
+
 def test_process_reward_scale_follows_the_fresh_ranking():
     import ml_collections
 
@@ -263,18 +271,18 @@ def test_process_rewards_with_the_sft_log_probs(tmp_path, monkeypatch, source):
     import jax
 
     from prime_jax.parallel import mesh_from_config
-    from prime_jax.train import loop
+    from prime_jax.train import process_rewards
     from prime_jax.train.loop import Trainer
 
     given = []  # the q of each PRM phase (prm_logprob only)
-    real_phase = loop.run_prm_phase
+    real_phase = process_rewards.run_prm_phase
 
     def recording_phase(*args, **kwargs):
         out = real_phase(*args, **kwargs)
         given.append(out[1])
         return out
 
-    monkeypatch.setattr(loop, "run_prm_phase", recording_phase)
+    monkeypatch.setattr(process_rewards, "run_prm_phase", recording_phase)
     config = tiny_config(dict(SHORT, total_steps=2, eval_every=0, checkpoint_every=0,
                               **{"algo.process_source": source, "algo.prm_ref": "freeze"}))
     trainer = Trainer.create(config, tmp_path, mesh_from_config(config))

@@ -2,9 +2,8 @@
 (:data:`BENCHMARKS`) and Hugging Face datasets, into :class:`Problem` lists with a :class:`SkipStats`."""
 from __future__ import annotations
 
-from __future__ import annotations
-
 import collections
+import difflib
 import importlib.resources
 import itertools
 import json
@@ -57,7 +56,7 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # parquet files only (start-up cost)
 
     pf = pq.ParquetFile(path)
     i = 0
@@ -78,7 +77,7 @@ def _iter_file(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _iter_hf(name: str, split: str) -> Iterator[tuple[int, Any]]:
     try:
-        import datasets
+        import datasets  # hub datasets only (start-up cost)
     except ImportError as e:  # pragma: no cover - datasets is a dependency
         raise RuntimeError("reading a Hugging Face dataset needs the `datasets` package") from e
     try:
@@ -192,7 +191,6 @@ def check_source_name(s: str) -> None:
     client's retries."""
     if Path(s).expanduser().exists() or _benchmark_name(s) is not None or "/" in s.strip("/"):
         return
-    import difflib
 
     close = difflib.get_close_matches(s.lower(), [*BENCHMARKS, *_BENCH_ALIASES], n=2)
     hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
@@ -298,8 +296,8 @@ def _detect_rows_format(rows: Iterator, label: str) -> tuple[Iterator, str]:
 
 def write_verl_parquet(problems: Iterable[Problem], path: str | os.PathLike, split: str = "train") -> None:
     """Write problems as an Eurus-2-RL-Data / veRL parquet file (readable by read_problems)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # parquet files only (start-up cost)
+    import pyarrow.parquet as pq  # parquet files only (start-up cost)
 
     rows = [p.to_verl_row(split, i) for i, p in enumerate(problems)]
     pq.write_table(pa.Table.from_pylist(rows), path)

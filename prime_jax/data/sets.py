@@ -14,8 +14,8 @@ from .readers import read_problems
 from .sources import eval_source_names, is_messages_file, read_sft_pairs, source_format
 from .synthetic_tasks import make_task_problems, task_demonstration
 
-SYNTHETIC = "synthetic"  # the data source name of the synthetic task (prime_jax.config.SYNTHETIC)
-HELDOUT = "heldout"  # the eval source of data.holdout's problems (prime_jax.config.HELDOUT)
+SYNTHETIC = "synthetic"  # the data source name of the synthetic task
+HELDOUT = "heldout"  # the eval source of data.holdout's problems
 
 
 def system_prompt(config) -> str | None:

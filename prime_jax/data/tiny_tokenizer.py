@@ -43,7 +43,7 @@ def tiny_vocab() -> dict[str, int]:
 
 
 def _build_backend():
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers  # start-up cost: built once per run
 
     tok = Tokenizer(models.WordLevel(vocab=tiny_vocab(), unk_token=UNK_TOKEN))
     # Every character is its own piece, except "\boxed{" which stays whole.
@@ -63,7 +63,7 @@ def build_tiny_tokenizer(save_dir: str | os.PathLike | None = None):
     With ``save_dir`` it is also saved there (``tokenizer.json``, ``tokenizer_config.json``, the
     chat template), loadable with ``transformers.AutoTokenizer.from_pretrained(save_dir)``.
     """
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # start-up cost (seconds)
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=_build_backend(),

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def is_gguf_file(path: str | os.PathLike) -> bool:
 # ----------------------------------------------------------------------------------------------
 def open_gguf(path: str | os.PathLike):
     """A `gguf.GGUFReader` of `path`; a missing, truncated or corrupt file raises one line."""
-    import gguf
+    import gguf  # optional dependency (GGUF files only)
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -180,9 +181,7 @@ def _hf_name(gguf_name: str, path) -> str:
 def _check_dequantizable(reader, path) -> None:
     """Every tensor type dequantizes (tried on one row of the first tensor of each type), before
     any of the slow work."""
-    from importlib.metadata import version
-
-    import gguf
+    import gguf  # optional dependency (GGUF files only)
 
     tried = set()
     for tensor in reader.tensors:
@@ -212,14 +211,14 @@ def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
 
 def _tensor(reader_tensor, config: dict[str, Any]) -> np.ndarray:
     """One tensor dequantized, in transformers' layout (`Linear.weight` `[out, in]`)."""
-    import gguf
+    import gguf  # optional dependency (GGUF files only)
 
     kind = reader_tensor.tensor_type
     shape = tuple(int(d) for d in reversed(reader_tensor.shape))  # GGUF lists dims innermost first
     if kind == gguf.GGMLQuantizationType.F16:
         array = np.asarray(reader_tensor.data).view(np.float16)
     elif kind == gguf.GGMLQuantizationType.BF16:
-        import ml_dtypes
+        import ml_dtypes  # optional: bf16 tensors only
 
         array = gguf.quants.dequantize(reader_tensor.data, kind).astype(ml_dtypes.bfloat16)  # exact
     else:
@@ -242,7 +241,7 @@ def build_tokenizer(reader, path=""):
     `AutoTokenizer.from_pretrained(..., gguf_file=...)` runs) fed with the metadata as `gguf` reads
     it: transformers' GGUF file reader needs PyTorch, which prime-jax does not.
     """
-    from transformers import TokenizersBackend
+    from transformers import TokenizersBackend  # start-up cost (seconds)
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     if "tokenizer.ggml.model" not in reader.fields:
@@ -299,7 +298,7 @@ def convert(path: str | os.PathLike, folder: str | os.PathLike) -> Path:
 def _write_tensors(reader, hf: dict[str, Any], folder: Path, path) -> None:
     """model.safetensors, or shards of at most 2 GiB + the index: each shard is written as soon as
     it is full, so memory holds one shard of dequantized tensors at a time."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save_file  # conversion only
 
     shard_of: dict[str, int] = {}
     shard: dict[str, np.ndarray] = {}

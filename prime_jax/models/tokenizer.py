@@ -8,6 +8,7 @@ side that turns text into ids and back.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -36,7 +37,7 @@ _END_OF_RESPONSE_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 def _resolve_tokenizer_dir(path_or_repo_id: str | os.PathLike) -> Path:
-    from prime_jax.models.packaged import resolve_model_folder
+    from prime_jax.models.packaged import resolve_model_folder  # packaged imports this module back
 
     converted = resolve_model_folder(path_or_repo_id)  # a .gguf file or a packaged model: its tokenizer
     if converted is not None:
@@ -64,9 +65,7 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, padding_side: str = "l
     loaded from the local snapshot. `padding_side` defaults to "left": prompts are left-padded
     so that every row's next token lands in the same column. Extra kwargs go to AutoTokenizer.
     """
-    import json
-
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # start-up cost (seconds)
 
     folder = _resolve_tokenizer_dir(path_or_repo_id)
     config_file = folder / "tokenizer_config.json"
@@ -102,8 +101,6 @@ def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
     the declared class; with `trust_remote_code=True` it loads the three-line subclass written
     beside it, which changes nothing either.
     """
-    import json
-
     folder = Path(folder)
     tokenizer.save_pretrained(str(folder))
     config_file = folder / "tokenizer_config.json"

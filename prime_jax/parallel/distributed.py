@@ -39,6 +39,7 @@ import os
 from typing import Any, Mapping
 
 import jax
+from jax.experimental import multihost_utils
 
 from prime_jax.parallel import host_watch
 
@@ -205,8 +206,6 @@ def process_info() -> dict[str, int]:
 def sync_hosts(name: str) -> None:
     """Barrier across processes (no-op in a single-process run)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 

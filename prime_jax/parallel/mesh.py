@@ -6,6 +6,7 @@ those names to mesh axes. Change a rule here and every parameter, batch and KV c
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -51,7 +52,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
             f"but there are {len(devices)} devices"
         )
     try:
-        from jax.experimental import mesh_utils
+        from jax.experimental import mesh_utils  # optional: older jax
 
         grid = mesh_utils.create_device_mesh(sizes, devices=devices)
     except Exception:  # e.g. fake CPU devices without a physical topology
@@ -87,7 +88,7 @@ def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None] | None, shape:
 
 
 def _is_variable(x) -> bool:
-    from flax import nnx
+    from flax import nnx  # parallel/ sits below models/: flax only for this check
 
     return isinstance(x, nnx.Variable)
 
@@ -171,8 +172,6 @@ def constrain(x, logical_axes: Sequence[str | None]):
 def under_mesh(fn, mesh: Mesh):
     """`fn` traced with `mesh` as the abstract mesh, so `constrain` calls in model code (activation
     shardings) take effect inside a jitted program built from it."""
-    import functools
-
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -188,7 +187,7 @@ def under_mesh(fn, mesh: Mesh):
 # for v4/v5p megacore chips and v5e, one GPU).
 HBM_GIB: dict[str, float] = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "h100": 80.0, "cpu": 16.0}
 # Peak dense bf16 matmul FLOP/s and HBM bytes/s per device, from the vendors' spec sheets; only the
-# plan's rollout-time estimate (prime_jax/rollout_cost.py) reads them.
+# plan's rollout-time estimate (prime_jax/plan/rollout_cost.py) reads them.
 PEAK_FLOPS: dict[str, float] = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "h100": 989e12}
 HBM_BYTES_PER_S: dict[str, float] = {"v4": 1.2e12, "v5e": 0.819e12, "v5p": 2.765e12, "h100": 3.35e12}
 

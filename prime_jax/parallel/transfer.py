@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from prime_jax.parallel.mesh import batch_sharding, named_sharding, replicated
@@ -138,8 +139,6 @@ def to_host(tree: Any) -> Any:
     Fully replicated arrays (metrics) are read locally; sharded ones are all-gathered with
     `multihost_utils.process_allgather` (collective: every process must call it).
     """
-    from jax.experimental import multihost_utils
-
     def one(x):
         if not isinstance(x, jax.Array):
             return np.asarray(x)
@@ -199,7 +198,6 @@ def gather_shares(values: Sequence | np.ndarray, num_rows: int) -> np.ndarray:
     values = np.asarray(values)
     if jax.process_count() == 1:
         return values
-    from jax.experimental import multihost_utils
 
     most = -(-num_rows // jax.process_count())
     padded = np.zeros((most,) + values.shape[1:], values.dtype)
@@ -213,7 +211,6 @@ def any_process(flag: bool) -> bool:
     """True on every process when `flag` is true on at least one (a collective vote)."""
     if jax.process_count() == 1:
         return bool(flag)
-    from jax.experimental import multihost_utils
 
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
 

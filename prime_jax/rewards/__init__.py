@@ -18,9 +18,12 @@ from prime_jax.rewards.sandbox import SandboxCapabilities, capabilities as sandb
 
 __all__ = ["grade_response", "RewardPool", "BatchResult", "GradingPool", "GradingStats", "Task",
            "SandboxCapabilities", "sandbox_capabilities", "math_reward", "code_reward",
-           "ABILITIES"]
+           "ABILITIES", "CORRECT_THRESHOLD"]
 
 ABILITIES = ("math", "code")
+#: A score counts as correct from this on (math grades 1.0 / 0.0; a code score is the fraction of tests
+#: passed, so "correct" means all passed): pass@k in evaluation, the PRM's right/wrong rows in training.
+CORRECT_THRESHOLD = 1.0 - 1e-6
 
 
 def _ability(ability: str) -> str:
@@ -46,7 +49,7 @@ class RewardPool(GradingPool):
     """Process pool that grades mixed math/code batches for the trainer.
 
     >>> with RewardPool(num_workers=8) as pool:
-    ...     res = pool.score([(resp, gt, "math"), (resp2, tests_json, "code")])
+    ...     res = pool.grade([(resp, gt, "math"), (resp2, tests_json, "code")])
     ...     res.scores, res.statuses, res.timeouts, res.errors   # per batch
     ...     pool.stats                                           # cumulative GradingStats
 
@@ -74,12 +77,12 @@ class RewardPool(GradingPool):
                     max_tests=self.code_max_tests, total_timeout=self.code_total_timeout)
         return out
 
-    def score(self, items: Sequence[tuple[str, str, str]]) -> BatchResult:
-        """Scores for ``(response, ground_truth, ability)`` items, in order."""
+    def grade(self, items: Sequence[tuple[str, str, str]]) -> BatchResult:
+        """Scores (grades) for ``(response, ground_truth, ability)`` items, in order."""
         return self.run(self.tasks(items))
 
     def grade_math(self, responses: Sequence[str], ground_truths: Sequence[str]) -> BatchResult:
-        return self.score([(r, g, "math") for r, g in zip(responses, ground_truths, strict=True)])
+        return self.grade([(r, g, "math") for r, g in zip(responses, ground_truths, strict=True)])
 
     def grade_code(self, responses: Sequence[str], tests: Sequence[str]) -> BatchResult:
-        return self.score([(r, t, "code") for r, t in zip(responses, tests, strict=True)])
+        return self.grade([(r, t, "code") for r, t in zip(responses, tests, strict=True)])

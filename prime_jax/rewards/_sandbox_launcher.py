@@ -369,7 +369,7 @@ def _probe(cfg):
         _mount("tmpfs", cfg.get("probe_dir", "/tmp"), "tmpfs", MS_NOSUID | MS_NODEV, "size=1m")
 
     def t_seccomp():
-        import socket
+        import socket  # the seccomp self-test alone needs it
 
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
         _seccomp()

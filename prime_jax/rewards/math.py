@@ -311,7 +311,7 @@ def _risky(s: str) -> bool:
 
 # ------------------------------------------------------------------------------ equivalence
 def _mv_parse(expr: str):
-    from math_verify import parse
+    from math_verify import parse  # slow (sympy): loaded by the grading workers only
     from math_verify.parser import ExprExtractionConfig, LatexExtractionConfig
 
     cfg = [LatexExtractionConfig(), ExprExtractionConfig()]
@@ -323,7 +323,7 @@ def _mv_parse(expr: str):
 
 
 def _math_verify_equiv(pred: str, gt: str) -> bool:
-    import math_verify
+    import math_verify  # slow (sympy): loaded by the grading workers only
     import math_verify.grader
     import math_verify.parser
 

@@ -134,7 +134,7 @@ def _uid_mapped(uid: int, span: int) -> bool:
 
 def _allocate_uid() -> int | None:
     """A uid no other live grading process uses (held via an abstract unix socket name)."""
-    import pwd
+    import pwd  # POSIX only; the sandbox alone needs it
 
     with _uid_lock:
         if _uid_state.get("pid") == os.getpid():
@@ -184,7 +184,7 @@ def become_subreaper() -> bool:
     Only for processes whose every child is ours to reap: the grading workers call it."""
     global _reap_orphans
     try:
-        import ctypes
+        import ctypes  # optional: prctl where libc has it
 
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER

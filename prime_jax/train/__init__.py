@@ -1,4 +1,18 @@
-"""Training: train state, jitted score / PRM / policy steps, gradient accumulation."""
+"""Training: the PRIME run and everything it is built from.
+
+* ``builder``: the one builder of a run's parts (model config, tokenizer, optimizers, train steps,
+  sampler and its programs, batch shapes) and the run's file layout (``RunLayout``);
+* ``state``, ``steps``, ``accumulate``, ``batch``: train states, the jitted score / PRM / policy steps
+  with gradient accumulation and the NaN guard, and the typed batch they take (``PrimeBatch``);
+* ``run_data``, ``rollouts``: what a run reads (tokenizer, eval sets, prompts) and a step's rollouts
+  (draw → sample → grade → filter → batch, and their log-probs);
+* ``prm_phase``, ``process_rewards``: the implicit PRM's update and the step's q, and q → advantages;
+* ``loop``: the PRIME iteration (``Trainer.step``) and the run around it;
+* ``warm_start``, ``sft``: the SFT stage that makes the frozen reference;
+* ``evaluation``, ``report``, ``metrics``, ``checkpoint``, ``run_config``, ``preemption``: held-out
+  eval, the token-reward pages, metrics files, checkpoints and export, the config across restarts,
+  SIGTERM / Ctrl-C.
+"""
 
 from prime_jax.train.accumulate import accumulate_gradients, merge_micro_batches, split_micro_batches
 from prime_jax.train.state import (

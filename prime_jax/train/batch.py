@@ -1,7 +1,7 @@
 """`PrimeBatch`: the one form a step's rows take from the sampler to the updates.
 
 Rows are grouped by prompt (rows [g·n, (g+1)·n) are prompt g's n samples). Each field names its
-logical axes (`LOGICAL_AXES`), so `parallel/` decides how it is sharded; a field not computed
+logical axes (`FIELDS`, the schema), so `parallel/` decides how it is sharded; a field not computed
 yet is None (an empty pytree node: jit and the transfer functions skip it).
 
     prompt_ids    [B, P] int32  left-padded        prompt_mask   [B, P] int32
@@ -41,19 +41,29 @@ class PrimeBatch:
     advantages: Any = None
     group_scores: Any = None
 
-    LOGICAL_AXES: ClassVar[dict[str, tuple[str | None, ...]]] = {
-        "prompt_ids": ("batch", "seq"),
-        "prompt_mask": ("batch", "seq"),
-        "response_ids": ("batch", "seq"),
-        "response_mask": ("batch", "seq"),
-        "outcome": ("batch",),
-        "old_logprobs": ("batch", "seq"),
-        "ref_logprobs": ("batch", "seq"),
-        "advantages": ("batch", "seq"),
-        "group_scores": ("batch",),
+    #: The schema, one row per field: (its columns: "prompt" | "response" | None for one value per
+    #: row, dtype, logical axes). Shapes and shardings of abstract batches (`RunBuilder.abstract_batch`)
+    #: and the placement of device batches (`to_device`) are read from here.
+    FIELDS: ClassVar[dict[str, tuple[str | None, Any, tuple[str | None, ...]]]] = {
+        "prompt_ids": ("prompt", np.int32, ("batch", "seq")),
+        "prompt_mask": ("prompt", np.int32, ("batch", "seq")),
+        "response_ids": ("response", np.int32, ("batch", "seq")),
+        "response_mask": ("response", np.int32, ("batch", "seq")),
+        "outcome": (None, np.float32, ("batch",)),
+        "old_logprobs": ("response", np.float32, ("batch", "seq")),
+        "ref_logprobs": ("response", np.float32, ("batch", "seq")),
+        "advantages": ("response", np.float32, ("batch", "seq")),
+        "group_scores": (None, np.float32, ("batch",)),
     }
-    RESPONSE_FIELDS: ClassVar[tuple[str, ...]] = ("response_ids", "response_mask", "old_logprobs", "ref_logprobs",
-                                                   "advantages")
+    LOGICAL_AXES: ClassVar[dict[str, tuple[str | None, ...]]] = {name: f[2] for name, f in FIELDS.items()}
+    RESPONSE_FIELDS: ClassVar[tuple[str, ...]] = tuple(name for name, f in FIELDS.items() if f[0] == "response")
+    #: The fields each jitted step reads (`train/steps.py` selects them); the PRM step of the dpo / bon_*
+    #: losses also reads group_scores.
+    READS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "score": ("prompt_ids", "prompt_mask", "response_ids", "response_mask"),
+        "prm": ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "ref_logprobs", "outcome"),
+        "policy": ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "old_logprobs", "advantages"),
+    }
 
     @property
     def num_rows(self) -> int:

@@ -3,6 +3,7 @@ all build through it, so they cannot drift apart.
 
     builder = RunBuilder(config, mesh)          # a real mesh, or one over fake CPU devices (plan)
     builder.model_config(vocab_size)            # the Qwen2Config (checkpoint's config.json or shape fields)
+    builder.load_model(path, vocab_size=)       # a model on the mesh: a checkpoint, or the seeded random init
     builder.tokenizer(layout, is_main)          # the run's tokenizer (the tiny one built into WORKDIR)
     builder.policy_optimizer / prm_optimizer    # AdamW with the configured warm-up
     builder.train_steps(model)                  # make_train_steps(...) as the loop runs them
@@ -23,20 +24,22 @@ import functools
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from prime_jax import algo
 from prime_jax.config import RANDOM_MODEL, TINY_TOKENIZER
+from prime_jax.data import build_tiny_tokenizer
 from prime_jax.models import Qwen2Config, Qwen2ForCausalLM, from_pretrained, load_config
 from prime_jax.models.gguf_io import model_config as gguf_model_config
 from prime_jax.models.packaged import gguf_path, is_model_file_or_name
-from prime_jax.parallel import batch_sharding, replicated, shard_state, with_shardings
+from prime_jax.models.tokenizer import load_tokenizer
+from prime_jax.parallel import batch_sharding, replicated, shard_state, state_shardings, with_shardings
 from prime_jax.sampling import Sampler
 from prime_jax.train.batch import PrimeBatch
 from prime_jax.train.state import abstract_train_state, make_optimizer, split_params, train_state_shardings
@@ -44,13 +47,6 @@ from prime_jax.train.steps import TrainSteps, make_train_steps
 
 SCORE_MICRO_BATCHES = 1  # the loop scores each batch.score_batch chunk in one pass
 MIN_PROMPT_BUCKET = 16  # the sampler's smallest prompt-length bucket
-BATCH_FIELDS = {  # a training batch's arrays: (columns: "prompt" | "response" | None, dtype)
-    "prompt_ids": ("prompt", jnp.int32), "prompt_mask": ("prompt", jnp.int32),
-    "response_ids": ("response", jnp.int32), "response_mask": ("response", jnp.int32),
-    "old_logprobs": ("response", jnp.float32), "advantages": ("response", jnp.float32),
-    "ref_logprobs": ("response", jnp.float32), "outcome": (None, jnp.float32),
-    "group_scores": (None, jnp.float32),
-}
 
 
 # ==============================================================================================
@@ -136,8 +132,6 @@ def abstract_model(config: Qwen2Config) -> Qwen2ForCausalLM:
 
 def abstract_params(config: Qwen2Config, mesh):
     """(graphdef, params) of the model as sharded `ShapeDtypeStruct`s (restore targets, plans)."""
-    from prime_jax.parallel import state_shardings
-
     graphdef, params = split_params(abstract_model(config))
     return graphdef, with_shardings(params, state_shardings(params, mesh))
 
@@ -152,11 +146,14 @@ def optimizer(o) -> optax.GradientTransformation:
 # The builder
 # ==============================================================================================
 class RunBuilder:
-    """Builds a run's parts from `config` on `mesh` (see the module docstring)."""
+    """Builds a run's parts from `config` on `mesh` (see the module docstring). `model`: the model
+    section to build with, when not the config's own (`evaluate` of a training run: the run's, which
+    its checkpoints have the shapes of)."""
 
-    def __init__(self, config, mesh):
+    def __init__(self, config, mesh, model: Mapping[str, Any] | None = None):
         self.config = c = config
         self.mesh = mesh
+        self.model = config.model.to_dict() if model is None else dict(model)
         self.n = c.rollout.n
         self.data_parallel = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
         # Prompts sampled per attempt: oversampled, rounded up so the rows split evenly over the
@@ -167,30 +164,29 @@ class RunBuilder:
         self.prompts_per_attempt = prompts
         # Training batches hold prompts in a fixed number of columns (one compilation per program).
         self.prompt_width = -(-c.data.max_prompt_tokens // 8) * 8
-        self.uses_prm = algo.needs_prm(c.algo.estimator)  # process rewards: a PRM and a reference
-        self.updates_prm = self.uses_prm and c.algo.prm_update != "none"
+        # the estimator reads process rewards: the run scores the reference, and has a PRM unless its source is another
+        self.uses_process_rewards = algo.uses_process_rewards(c.algo.estimator)
+        self.updates_prm = self.uses_process_rewards and c.algo.prm_update != "none"
 
     # ------------------------------------------------------------------ model and tokenizer
     def model_config(self, vocab_size: int = 0, *, download: bool = True) -> Qwen2Config:
-        return model_config(self.config.model, vocab_size, download=download)
+        return model_config(self.model, vocab_size, download=download)
 
-    def initial_model(self, vocab_size: int) -> Qwen2ForCausalLM:
-        """The start model on the mesh: the checkpoint of model.path, or the seeded random init."""
-        m = self.config.model
-        if m.path != RANDOM_MODEL:
-            return from_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=self.mesh, remat=m.remat)
-        return random_model(self.model_config(vocab_size), self.mesh, self.config.seed)
+    def load_model(self, path: str = "", *, vocab_size: int, seed: int | None = None) -> Qwen2ForCausalLM:
+        """A model on the mesh in the model section's dtypes: the checkpoint at `path` (an HF folder or hub
+        id, a GGUF file or packaged model; default model.path, the run's start model), or for "random"
+        the seeded random init (`seed`, default the config's) of the section's shape."""
+        m = self.model
+        path = path or m["path"]
+        if path != RANDOM_MODEL:
+            return from_pretrained(path, dtype=m["dtype"], param_dtype=m["param_dtype"], mesh=self.mesh,
+                                   remat=m["remat"])
+        return random_model(self.model_config(vocab_size), self.mesh, self.config.seed if seed is None else seed)
 
     def tokenizer(self, layout: RunLayout, is_main: bool = True):
         """The run's tokenizer: tokenizer.path, else model.path; "tiny" is built into WORKDIR/tokenizer."""
-        from prime_jax.models.tokenizer import load_tokenizer
-
         path = self.config.tokenizer.path or self.config.model.path
         if path == TINY_TOKENIZER:
-            import tempfile
-
-            from prime_jax.data import build_tiny_tokenizer
-
             # Deterministic: process 0 writes it into the workdir (for users and the export), the
             # others build their own copy (a pod's hosts need not share a file system).
             folder = layout.tokenizer if is_main else Path(tempfile.mkdtemp(prefix="prime_tokenizer_"))
@@ -222,7 +218,7 @@ class RunBuilder:
         used, the frozen reference's when process rewards are on."""
         c = self.config
         return tuple(f for f, on in (("old_logprobs", c.algo.recompute_old_logprobs),
-                                     ("ref_logprobs", self.uses_prm)) if on)
+                                     ("ref_logprobs", self.uses_process_rewards)) if on)
 
     def score_calls(self) -> dict[str, tuple[int, tuple[bool, bool, bool]]]:
         """The scoring programs the loop runs, {name: (rows, which of (policy, PRM, reference) it
@@ -233,7 +229,7 @@ class RunBuilder:
         calls = {}
         if fields:
             calls["score"] = (c.batch.score_batch, ("old_logprobs" in fields, False, "ref_logprobs" in fields))
-        if self.uses_prm and c.algo.prm_update in ("before", "reverse", "none"):
+        if self.uses_process_rewards and c.algo.prm_update in ("before", "reverse", "none"):
             calls["prm_score"] = (c.batch.prm_mini_batch, (False, True, False))
         return calls
 
@@ -247,7 +243,7 @@ class RunBuilder:
         fields.append("old_logprobs")  # the sampler's, or scored (before any update)
         if program == "score":
             fields = [f for f in fields if f != "old_logprobs" or not c.algo.recompute_old_logprobs]
-        elif self.uses_prm:
+        elif self.uses_process_rewards:
             fields.append("ref_logprobs")
         if program == "policy":
             fields.append("advantages")
@@ -263,7 +259,7 @@ class RunBuilder:
         sharding = batch_sharding(self.mesh, 1)
         out = {}
         for k in self.batch_fields(program):
-            kind, dtype = BATCH_FIELDS[k]
+            kind, dtype, _ = PrimeBatch.FIELDS[k]
             out[k] = jax.ShapeDtypeStruct((rows, columns[kind]) if kind else (rows,), dtype, sharding=sharding)
         return PrimeBatch(**out)
 

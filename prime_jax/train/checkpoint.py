@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import os
 import sys
@@ -32,8 +33,14 @@ from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
+from huggingface_hub import try_to_load_from_cache
 
+from prime_jax.models import save_pretrained
+from prime_jax.models.packaged import resolve_model_folder
+from prime_jax.models.tokenizer import eos_token_ids, save_tokenizer
 from prime_jax.parallel import sync_hosts
+from prime_jax.train.builder import abstract_params, checkpoint_steps
 
 logger = logging.getLogger(__name__)
 
@@ -193,10 +200,6 @@ class RunCheckpointer:
 def restore_model(checkpoints_dir: str | Path, step: int, model_config, mesh, which: str = "policy"):
     """The `which` ("policy" | "prm") model of run checkpoint `step`, restoring only its params
     (no optimizer state), placed on `mesh`."""
-    from flax import nnx
-
-    from prime_jax.train.builder import abstract_params
-
     graphdef, target = abstract_params(model_config, mesh)
     item = {which: {"params": target}}
     path = (Path(checkpoints_dir) / str(step) / "state").absolute()
@@ -208,8 +211,6 @@ def restore_model(checkpoints_dir: str | Path, step: int, model_config, mesh, wh
 def restore_latest_model(checkpoints_dir: str | Path, model_config, mesh, which: str = "policy"):
     """(step, model) of the newest checkpoint whose `which` params restore; a damaged newer one is
     reported in one line and skipped; CheckpointError when none restores."""
-    from prime_jax.train.builder import checkpoint_steps
-
     errors = []
     for step in reversed(checkpoint_steps(Path(checkpoints_dir))):
         try:
@@ -246,17 +247,11 @@ def params_saved(directory: str | Path) -> bool:
 def _source_generation_config(source: str | None) -> dict:
     """The start checkpoint's generation_config.json (a local folder, a GGUF file or packaged model's
     converted folder, or a hub id in the HF cache), or {}."""
-    import json
-
-    from prime_jax.models.packaged import resolve_model_folder
-
     if not source:
         return {}
     path = (resolve_model_folder(source) or Path(source).expanduser()) / "generation_config.json"
     if not path.is_file():
         try:
-            from huggingface_hub import try_to_load_from_cache
-
             cached = try_to_load_from_cache(source, "generation_config.json")
         except Exception:  # noqa: BLE001 - not a hub id
             cached = None
@@ -276,8 +271,6 @@ def generation_config(model_config, tokenizer, *, source: str | None = None, max
     so it ends with <|im_end|> even where the base model's eos was <|endoftext|>); without one it
     says what our evaluation does: greedy (or `temperature`) for up to `max_new_tokens` tokens.
     """
-    from prime_jax.models.tokenizer import eos_token_ids
-
     stops = eos_token_ids(tokenizer)
     ids = {"bos_token_id": model_config.bos_token_id if model_config.bos_token_id is not None
            else tokenizer.bos_token_id,
@@ -304,9 +297,6 @@ def export_hf(model, tokenizer, directory: str | Path, *, dtype: str | None = No
     """The policy in Hugging Face format: config.json (with the special token ids) + safetensors +
     generation_config.json + tokenizer files, loadable with AutoTokenizer / AutoModelForCausalLM,
     whose plain `generate()` then stops where our sampler does (see `generation_config`)."""
-    from prime_jax.models import save_pretrained
-    from prime_jax.models.tokenizer import save_tokenizer
-
     directory = Path(directory)
     ids, gen = (generation_config(model.config, tokenizer, source=source, max_new_tokens=max_new_tokens,
                                   temperature=temperature) if tokenizer is not None else ({}, None))

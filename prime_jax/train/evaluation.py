@@ -1,5 +1,5 @@
 """The held-out evaluation during training: the evaluator of `python -m prime_jax.evaluate`
-(`eval_lib.evaluate_benchmark`) on every data.eval set with the current policy, and the page of
+(`eval.lib.evaluate_benchmark`) on every data.eval set with the current policy, and the page of
 held-out responses coloured by the PRM's token rewards (WORKDIR/rollouts/step_N.html).
 
 accuracy is the mean score of a set's problems (avg@1: greedy pass@1 on math; a prompt longer
@@ -18,9 +18,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from prime_jax import eval_lib
 from prime_jax.data.synthetic_tasks import is_task_problem, steps_right
-from prime_jax.eval_report import all_dropped
+from prime_jax.eval import lib as eval_lib
+from prime_jax.eval.prm_scorer import PRMScorer
+from prime_jax.eval.report import all_dropped
+from prime_jax.eval.results import settings_from_config
 from prime_jax.train.builder import RunLayout
 from prime_jax.train.report import mix_outcomes, write_rollouts_html
 
@@ -36,7 +38,7 @@ class TrainingEvaluator:
         self.eval_sets = eval_sets
         self.tokenizer, self.sampler, self.graphdef, self.mesh = tokenizer, sampler, graphdef, mesh
         self.stop_ids, self.layout, self.is_main = list(stop_ids), layout, is_main
-        self.settings = eval_lib.settings_from_config(config)  # n = 1, rollout.eval_temperature (greedy)
+        self.settings = settings_from_config(config)  # n = 1, rollout.eval_temperature (greedy)
 
     def __call__(self, step: int, policy_params, prm_params, ref_params, pool, ranking: float | None = None,
                  ranking_note: str = "") -> dict:
@@ -80,7 +82,7 @@ class TrainingEvaluator:
         """The token-reward pages: each response's q under the current PRM and its reference."""
         # raw logits for the PRM and its reference, as in training (PRIME_SPEC: no temperature)
         log = self.config.logging
-        scorer = eval_lib.PRMScorer((self.graphdef, prm_params), (self.graphdef, ref_params), mesh=self.mesh,
+        scorer = PRMScorer((self.graphdef, prm_params), (self.graphdef, ref_params), mesh=self.mesh,
                                     chunk_size=self.config.model.logprob_chunk,
                                     batch_size=max(1, min(log.html_samples, log.html_per_page or log.html_samples)))
         qs = scorer.token_rewards([s[0] for s in samples], [s[1] for s in samples])

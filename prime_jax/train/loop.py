@@ -1,35 +1,31 @@
-"""The PRIME training loop: one iteration of PRIME_SPEC.md per step, top to bottom.
+"""The PRIME training loop: one iteration of PRIME_SPEC.md per step (`Trainer.step`), and the run
+around it (evaluation, checkpoints, export).
 
-    draw prompts ─▶ sample n each ─▶ grade (process pool) ─▶ accuracy filter ──(too few? refill)
-        ─▶ score (old / ref log-probs) ─▶ PRM mini-batches ─▶ normalise q ─▶ advantages
-        ─▶ shuffled PPO mini-batches ─▶ metrics ─▶ (eval) ─▶ (checkpoint)
-
-`Trainer.step` is that list; each phase is a method below it, except the first four (draw to
-refill) and the rollouts' log-probs, which `train/rollouts.py` owns. Everything random derives from
-the config's seed: the base PRNG key (saved in checkpoints), `fold_in(key, step)` for sampling,
-and numpy generators seeded with `(seed, step)` for shuffles, so a resumed run repeats an
-uninterrupted one exactly. The sampler reads the policy's parameters in place (same arrays,
-same mesh); nothing is copied to another engine.
+`Trainer.step` lists the iteration's phases top to bottom; draw → sample → grade → filter → refill
+and the rollouts' log-probs are `train/rollouts.py`'s, q and the advantages `train/process_rewards.py`'s.
+The iteration's data flow, host and devices: docs/architecture.md ("One iteration, as data").
+Everything random derives from the config's seed: the base PRNG key (saved in checkpoints),
+`fold_in(key, step)` for sampling, and numpy generators seeded with `(seed, step)` for shuffles, so a
+resumed run repeats an uninterrupted one exactly. The sampler reads the policy's parameters in place
+(same arrays, same mesh); nothing is copied to another engine.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
-from prime_jax import algo
-from prime_jax.config import ORACLE_SOURCES, PRM_TRAINING_SOURCES, RANDOM_MODEL, SYNTHETIC
-from prime_jax.data import Problem, held_out, load_eval_sets, load_train_problems
+from prime_jax.config import PRM_TRAINING_SOURCES, RANDOM_MODEL
 from prime_jax.models import Qwen2ForCausalLM
 from prime_jax.models.tokenizer import eos_token_ids
 from prime_jax.parallel import is_logging_process, put_replicated, put_rows, to_host
@@ -41,60 +37,15 @@ from prime_jax.train.builder import RunBuilder, RunLayout, abstract_model
 from prime_jax.train.evaluation import TrainingEvaluator
 from prime_jax.train.metrics import MetricsLogger, masked_stats
 from prime_jax.train.preemption import PreemptionWatch
-from prime_jax.train.prm_phase import oracle_process_rewards, process_reward_scale, run_prm_phase
-from prime_jax.train.rollouts import Group, PromptSource, RolloutCollector, RolloutScorer, assemble_batch
+from prime_jax.train.prm_phase import process_reward_scale
+from prime_jax.train.process_rewards import (SourceContext, StepRows, process_rewards,
+                                             process_rewards_and_advantages)
+from prime_jax.train.rollouts import Group, RolloutCollector, RolloutScorer, assemble_batch
+from prime_jax.train.run_data import RunData
 from prime_jax.train.state import create_train_state, split_params
 from prime_jax.train.warm_start import reference_params
 
 logger = logging.getLogger(__name__)
-
-
-# ==============================================================================================
-# Data: the prompts of a step
-# ==============================================================================================
-@functools.partial(jax.jit, static_argnames=("estimator", "n", "process_coef", "outcome_coef", "normalize", "norm_floor"))
-def process_rewards_and_advantages(q, outcome, response_mask, process_scale=None, *, estimator: str, n: int,
-                                   process_coef: float, outcome_coef: float, normalize: bool = True,
-                                   norm_floor: float = 0.0):
-    """Normalised process rewards (times process_scale, the ramp's weight), advantages (estimator from
-    config) and their summary numbers. norm_floor > 0: algo.normalize_process_rewards_floored."""
-    if normalize:
-        q = (algo.normalize_process_rewards_floored(q, response_mask, norm_floor) if norm_floor
-             else algo.normalize_process_rewards(q, response_mask))
-    q_norm = q if process_scale is None else q * process_scale  # None: the spec (no ramp), the graph without it
-    advantages = algo.compute_advantages(estimator, process_rewards=q_norm, outcome=outcome,
-                                         response_mask=response_mask, n=n, process_coef=process_coef,
-                                         outcome_coef=outcome_coef)
-    mask = response_mask.astype(jnp.float32)
-    proc_returns = algo.revcumsum(algo.rloo(q_norm, mask, n) * mask) * mask
-    out_r, out_m = algo.outcome_token_rewards(outcome, response_mask)
-    out_returns = algo.revcumsum(algo.rloo(out_r, out_m, n) * mask) * mask
-    tokens = jnp.maximum(mask.sum(), 1.0)
-    stats = {
-        "returns/process_mean": (proc_returns * mask).sum() / tokens,
-        "returns/outcome_mean": (out_returns * mask).sum() / tokens,
-        "rewards/process_sum_mean": (q_norm * mask).sum(1).mean(),
-    }
-    return q_norm, advantages, stats
-
-
-@dataclasses.dataclass
-class RunData:
-    """What a run reads before it trains: the tokenizer, the eval sets, the training prompts."""
-
-    tokenizer: Any
-    eval_sets: dict[str, list[Problem]]
-    prompts: PromptSource
-
-    @classmethod
-    def load(cls, builder: RunBuilder, layout: RunLayout, is_main: bool) -> "RunData":
-        """Raises DataError for unusable data (no usable row, no prompt that fits)."""
-        c = builder.config
-        tokenizer = builder.tokenizer(layout, is_main)
-        eval_sets, _ = load_eval_sets(c)
-        exclude = held_out(eval_sets)  # the synthetic eval problems' expressions, which generation skips
-        prompts = PromptSource(load_train_problems(c, exclude), tokenizer, c.data.max_prompt_tokens, c.seed)
-        return cls(tokenizer, eval_sets, prompts)
 
 
 # ==============================================================================================
@@ -107,19 +58,15 @@ class Trainer:
     policy and PRM start from them. `Trainer.create` runs that stage first."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, mesh, reference,
-                 data: RunData | None = None):
+                 data: RunData | None = None, builder: RunBuilder | None = None):
         self.config = c = config
         self.layout = RunLayout(workdir)
         self.workdir = self.layout.workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mesh = mesh
-        self.builder = builder = RunBuilder(c, mesh)
+        self.builder = builder = builder or RunBuilder(c, mesh)
         self.n = c.rollout.n
         self.is_main = is_logging_process()
-        self.groups_per_step = c.batch.prompts_per_step
-        self.prompts_per_attempt = builder.prompts_per_attempt
-        self.uses_process_rewards = builder.uses_prm
-        self.prompt_width = builder.prompt_width
         self.ranking_ema = 0.5  # moving average of the PRM's fresh ranking (algo.process_ramp); chance at the start
 
         data = data or RunData.load(builder, self.layout, self.is_main)
@@ -128,8 +75,6 @@ class Trainer:
 
         self.graphdef, _ = split_params(abstract_model(builder.model_config(len(self.tokenizer))))
         self.ref_params = reference
-        self.policy_optimizer = builder.policy_optimizer
-        self.prm_optimizer = builder.prm_optimizer
         self.steps = builder.train_steps((self.graphdef, reference))
         self.sampler = builder.sampler()
         self.evaluator = TrainingEvaluator(c, self.eval_sets, tokenizer=self.tokenizer, sampler=self.sampler,
@@ -141,8 +86,8 @@ class Trainer:
         if self.checkpointer.latest_step():
             self._restore()
         else:
-            self.policy = create_train_state(reference, self.policy_optimizer, mesh)
-            self.prm = create_train_state(reference, self.prm_optimizer, mesh)
+            self.policy = create_train_state(reference, builder.policy_optimizer, mesh)
+            self.prm = create_train_state(reference, builder.prm_optimizer, mesh)
             self.key = put_replicated(jax.random.PRNGKey(c.seed), mesh)
         self.pool = None
         self.log = None
@@ -156,8 +101,10 @@ class Trainer:
     def create(cls, config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> "Trainer":
         """The run's data (bad data fails here, before any training), the SFT stage
         (`warm_start.reference_params`: trained once, then restored), then the trainer."""
-        data = RunData.load(RunBuilder(config, mesh), RunLayout(workdir), is_logging_process())
-        return cls(config, workdir, mesh, reference_params(config, workdir, mesh), data)
+        builder = RunBuilder(config, mesh)  # one builder and one tokenizer for the whole start-up
+        data = RunData.load(builder, RunLayout(workdir), is_logging_process())
+        reference = reference_params(config, workdir, mesh, builder=builder, tokenizer=data.tokenizer)
+        return cls(config, workdir, mesh, reference, data, builder)
 
     def _restore(self) -> None:
         """The newest intact checkpoint (damaged newer ones are reported and moved aside)."""
@@ -196,8 +143,6 @@ class Trainer:
             run_config.record(c, self.layout, self.start_step)  # config.json, and the changes kept in a history
         bar = None
         if c.logging.progress_bar and self.is_main:
-            from tqdm import tqdm
-
             bar = tqdm(total=c.total_steps, initial=self.start_step, desc=c.name, dynamic_ncols=True)
         last_eval, last_saved = {}, self.start_step
         try:
@@ -271,7 +216,7 @@ class Trainer:
                 batch = batch.replace(old_logprobs=jnp.full_like(batch.old_logprobs, jnp.nan))
             q, prm_metrics = self.update_prm(batch, groups, host_rows)  # PRM phase; q as algo.prm_update says
             self.ranking_ema, process_scale = process_reward_scale(c.algo, self.ranking_ema, prm_metrics)
-            if self.uses_process_rewards:
+            if self.builder.uses_process_rewards:
                 prm_metrics["prm/process_scale"] = process_scale
                 if c.algo.process_ramp != "none":
                     prm_metrics["prm/ranking_ema"] = self.ranking_ema
@@ -279,7 +224,7 @@ class Trainer:
                 q, batch.outcome, batch.response_mask,
                 None if c.algo.process_ramp == "none" else jnp.float32(process_scale), estimator=c.algo.estimator,
                 n=self.n, process_coef=float(c.algo.process_coef), outcome_coef=float(c.algo.outcome_coef),
-                normalize=self.uses_process_rewards, norm_floor=float(c.algo.process_norm_floor))
+                normalize=self.builder.uses_process_rewards, norm_floor=float(c.algo.process_norm_floor))
             row.update(prm_metrics)
             # PRM warm-up steps leave the policy as it is (their advantages are still logged: what it would get)
             if step > c.algo.prm_warmup_steps:
@@ -304,13 +249,13 @@ class Trainer:
     @functools.cached_property
     def scorer(self) -> RolloutScorer:
         return RolloutScorer(self.steps, self.mesh, self.config.batch.score_batch, self._mini_batch,
-                             self.uses_process_rewards)
+                             self.builder.scored_fields())
 
     @functools.cached_property
     def collector(self) -> RolloutCollector:
         return RolloutCollector(self.config, prompts=self.prompts, sampler=self.sampler, tokenizer=self.tokenizer,
                                 stop_ids=self.stop_ids, scorer=self.scorer,
-                                prompts_per_attempt=self.prompts_per_attempt, prompt_width=self.prompt_width,
+                                prompts_per_attempt=self.builder.prompts_per_attempt, prompt_width=self.builder.prompt_width,
                                 settings=self.builder.rollout_settings())
 
     def score(self, batch: PrimeBatch) -> PrimeBatch:
@@ -324,37 +269,16 @@ class Trainer:
 
     def update_prm(self, batch: PrimeBatch, groups: Sequence[Group], host_rows: PrimeBatch
                    ) -> tuple[jax.Array, dict]:
-        """The PRM phase (`prm_phase.run_prm_phase`, mode algo.prm_update); returns the q [B, R] the
-        policy gets (on the devices) and the metrics. algo.process_source "oracle": the task's own
-        step-level rewards instead (`prm_phase.oracle_process_rewards`, from `host_rows`, the host
-        copy of `batch`), no PRM update; "oracle_wrong_rows": the same on the rows the outcome calls wrong;
-        "ref_logprob": the frozen SFT model's log-prob of each token (no PRM update either); "prm_logprob":
-        the PRM phase as usual, and the policy gets q + log π_ref = log π_φ."""
-        if not self.uses_process_rewards:
+        """The step's process rewards q [B, R] the policy gets (on the devices) and their metrics, from
+        the source algo.process_source names (`process_rewards.PROCESS_SOURCES`: PRIME's PRM phase, the
+        synthetic task's oracle, the SFT model's log-probs, ...); a PRM source also updates the PRM.
+        `host_rows`: the host copy of `batch`."""
+        if not self.builder.uses_process_rewards:
             return put_rows(np.zeros(batch.response_mask.shape, np.float32), self.mesh), {}
-        if self.config.algo.process_source == "ref_logprob":
-            q = self._sft_logprobs(batch, host_rows)
-            mask = host_rows.response_mask
-            return put_rows(q, self.mesh), {"prm/ref_logprob_per_token": float(q.sum() / mask.sum())}
-        if self.config.algo.process_source in ORACLE_SOURCES:
-            q = oracle_process_rewards([g.problem for g in groups for _ in range(g.rows.num_rows)],
-                                       host_rows.response_ids, host_rows.response_mask, host_rows.outcome,
-                                       self.tokenizer, set(self.stop_ids),
-                                       wrong_rows_only=self.config.algo.process_source == "oracle_wrong_rows")
-            return put_rows(q, self.mesh), {"prm/oracle_marked_frac": float((q < 0).any(1).mean())}
-        self.prm, q, metrics = run_prm_phase(
-            self.steps, self.prm, batch, mode=self.config.algo.prm_update, mini_batch=self.config.batch.prm_mini_batch,
-            n=self.n, take_rows=functools.partial(self._mini_batch, batch),
-            group_scores=self.config.algo.prm_loss in algo.GROUP_SCORE_LOSS_TYPES)
-        if self.config.algo.process_source == "prm_logprob":  # the SFT model's confidence left in
-            q = q + self._sft_logprobs(batch, host_rows)
+        context = SourceContext(self.config, self.steps, self.n, self._mini_batch, self.tokenizer, self.stop_ids)
+        rows = StepRows(batch, host_rows, [g.problem for g in groups for _ in range(g.rows.num_rows)])
+        self.prm, q, metrics = process_rewards(self.config.algo.process_source, context, self.prm, rows)
         return put_rows(q, self.mesh), metrics
-
-    @staticmethod
-    def _sft_logprobs(batch: PrimeBatch, host_rows: PrimeBatch) -> np.ndarray:
-        """`[B, R]` float32 on the host: the scored reference (the frozen SFT model) log-probs of `batch`,
-        0 at padding (fetched whole: a pod's rows span processes)."""
-        return (to_host(batch.ref_logprobs) * host_rows.response_mask).astype(np.float32)
 
     @property
     def prm_reference_params(self):

@@ -134,13 +134,13 @@ class MetricsLogger:
                         resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # optional dependency
 
             purge = None if resume_step is None else resume_step + 1
             self._tb = SummaryWriter(str(self.workdir / "tb"), purge_step=purge)
         if wandb:
             try:
-                import wandb as wandb_lib
+                import wandb as wandb_lib  # optional dependency
             except ImportError:
                 logger.warning("logging.wandb is on but `wandb` is not installed; W&B logging is off")
             else:

@@ -30,7 +30,9 @@ import numpy as np
 
 from prime_jax import algo
 from prime_jax.config import PRM_UPDATE_MODES
+from prime_jax.data.synthetic_tasks import first_error_token
 from prime_jax.parallel import put_rows, to_host
+from prime_jax.rewards import CORRECT_THRESHOLD
 from prime_jax.train.batch import PrimeBatch
 from prime_jax.train.steps import TrainSteps
 
@@ -122,9 +124,6 @@ def oracle_process_rewards(problems: Sequence, response_ids: np.ndarray, respons
     credit within what an outcome label says).
     problems: one `Problem` per row; response_ids, response_mask `[B, R]`; outcome `[B]`; stop_ids: the
     tokens that end a response (not part of its text)."""
-    from prime_jax.data.synthetic_tasks import first_error_token
-    from prime_jax.eval_lib import CORRECT_THRESHOLD
-
     q = np.zeros(response_mask.shape, np.float32)
     for row, problem in enumerate(problems):
         tokens = response_ids[row][response_mask[row].astype(bool)]

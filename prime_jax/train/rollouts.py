@@ -196,7 +196,7 @@ def grade_rollouts(pool, tokenizer, rollouts: Rollouts, problems: Sequence[Probl
     rows = len(problems)
     share = host_share(rows)
     texts = response_texts(tokenizer, rollouts, share)
-    graded = pool.score([(text, problems[r].ground_truth, problems[r].ability) for r, text in zip(share, texts)])
+    graded = pool.grade([(text, problems[r].ground_truth, problems[r].ability) for r, text in zip(share, texts)])
     outcome = gather_shares(np.asarray(graded.scores, np.float32), rows)
     counts = gather_shares(np.asarray([[graded.errors, graded.timeouts]], np.int64), jax.process_count()).sum(0)
     return outcome, int(counts[0]), int(counts[1])
@@ -210,28 +210,25 @@ class RolloutScorer:
     rows (the last one padded with repeated rows, so one compilation).
 
     steps: the run's `TrainSteps` (its `score` program and row sharding); take_rows(batch, index):
-    rows of a device batch, kept on the devices; uses_process_rewards: whether the reference's
-    log-probs are needed (False for outcome-only estimators).
+    rows of a device batch, kept on the devices; scored_fields: the log-probs the run scores
+    (`RunBuilder.scored_fields`: old_logprobs unless the sampler's are used, ref_logprobs when
+    process rewards are on).
     """
 
-    def __init__(self, steps, mesh, score_batch: int, take_rows, uses_process_rewards: bool):
+    def __init__(self, steps, mesh, score_batch: int, take_rows, scored_fields: tuple[str, ...]):
         self.steps = steps
         self.mesh = mesh
         self.score_batch = int(score_batch)
         self.take_rows = take_rows
-        self.uses_process_rewards = uses_process_rewards
+        self.scored_fields = tuple(scored_fields)
         self._concat_rows = jax.jit(lambda parts, total: jax.tree.map(lambda *xs: jnp.concatenate(xs)[:total], *parts),
                                     static_argnums=1, out_shardings=steps.batch_sharding)
 
     def wanted(self, batch: PrimeBatch, policy_params, reference_params) -> dict:
-        """{field: params} of the log-probs still missing: the policy's old_logprobs unless the
-        sampler's are used, the PRM reference's unless outcome-only."""
-        wanted = {}
-        if batch.old_logprobs is None:
-            wanted["old_logprobs"] = policy_params
-        if batch.ref_logprobs is None and self.uses_process_rewards:
-            wanted["ref_logprobs"] = reference_params
-        return wanted
+        """{field: params} of the scored log-probs `batch` does not hold yet (the policy's for
+        old_logprobs, the PRM reference's for ref_logprobs)."""
+        params = {"old_logprobs": policy_params, "ref_logprobs": reference_params}
+        return {field: params[field] for field in self.scored_fields if getattr(batch, field) is None}
 
     def dispatch(self, batch: PrimeBatch, wanted: dict) -> tuple[list, int]:
         """Dispatches the `wanted` log-probs of a host or device batch; returns the pending device

@@ -40,12 +40,11 @@ from prime_jax.models import response_logprobs
 from prime_jax.parallel import batch_sharding, state_shardings, under_mesh
 from prime_jax.parallel import replicated as replicated_sharding
 from prime_jax.train.accumulate import accumulate_gradients, merge_micro_batches, split_micro_batches
+from prime_jax.train.batch import PrimeBatch
 from prime_jax.train.state import TrainState, split_params, train_state_shardings
 
-SCORE_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
-PRM_KEYS = SCORE_KEYS + ("ref_logprobs", "outcome")
+SCORE_KEYS, PRM_KEYS, POLICY_KEYS = (PrimeBatch.READS[program] for program in ("score", "prm", "policy"))
 GROUP_SCORES_KEY = "group_scores"  # read by the PRM step of the dpo / bon_* losses (algo.GROUP_SCORE_LOSS_TYPES)
-POLICY_KEYS = SCORE_KEYS + ("old_logprobs", "advantages")
 
 
 def _select(batch, keys):

@@ -40,19 +40,20 @@ from prime_jax.train.state import abstract_train_state, split_params, train_stat
 logger = logging.getLogger(__name__)
 
 
-def reference_params(config, workdir, mesh):
+def reference_params(config, workdir, mesh, *, builder: RunBuilder | None = None, tokenizer=None):
     """The run's frozen reference params on `mesh`: restored from WORKDIR/reference, else trained
-    (SFT) and saved there, else (sft.steps 0) the start model's."""
+    (SFT) and saved there, else (sft.steps 0) the start model's. `builder`, `tokenizer`: the run's,
+    when the caller has them already (`Trainer.create`)."""
     c = config
-    builder, layout = RunBuilder(c, mesh), RunLayout(workdir)
+    builder, layout = builder or RunBuilder(c, mesh), RunLayout(workdir)
     is_main = is_logging_process()
-    tokenizer = builder.tokenizer(layout, is_main)
+    tokenizer = tokenizer if tokenizer is not None else builder.tokenizer(layout, is_main)
     saved = Path(c.sft.reference_dir).expanduser() if c.sft.reference_dir else layout.reference
     if c.sft.reference_dir or (c.sft.steps and ckpt.params_saved(saved)):
         logger.info("reference (SFT) weights: restoring %s", saved)
         _, target = abstract_params(builder.model_config(len(tokenizer)), mesh)
         return ckpt.restore_or_raise(lambda: ckpt.restore_params(saved, target), f"reference {saved}")
-    model = builder.initial_model(len(tokenizer))
+    model = builder.load_model(vocab_size=len(tokenizer))
     if c.sft.steps == 0:
         return split_params(model)[1]
     exclude = held_out(load_eval_sets(c)[0])

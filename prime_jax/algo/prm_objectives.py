@@ -2,7 +2,7 @@
 
 Pure array functions (jax or numpy arrays in, float32 out), part of the contract in ``PRIME_SPEC.md``;
 ``prime_jax.algo`` re-exports every public name here, so ``from prime_jax.algo import prm_loss`` and
-the other contract imports keep working. Conventions as in ``prime_jax.algo``: ``[B, T]`` right-padded
+the other contract imports work. Conventions as in ``prime_jax.algo``: ``[B, T]`` right-padded
 rows, ``response_mask`` 1 on real tokens, groups of ``n`` contiguous rows, ``outcome`` in ``[0, 1]``.
 """
 
@@ -13,7 +13,8 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
-from prime_jax.masked_arrays import _F32, _bool, _check_groups, _f32, revcumsum
+from prime_jax.algo.masked_arrays import F32, as_f32, check_groups, revcumsum
+
 
 def implicit_token_rewards(prm_logprobs, ref_logprobs, response_mask) -> jax.Array:
     """Implicit process rewards ``q = (prm_logprobs - ref_logprobs) * mask``.
@@ -27,7 +28,7 @@ def implicit_token_rewards(prm_logprobs, ref_logprobs, response_mask) -> jax.Arr
     Returns:
       ``[B, T]`` float32 ``q``, 0 on padding.
     """
-    return (_f32(prm_logprobs) - _f32(ref_logprobs)) * _f32(response_mask)
+    return (as_f32(prm_logprobs) - as_f32(ref_logprobs)) * as_f32(response_mask)
 
 
 def normalize_process_rewards(q, response_mask) -> jax.Array:
@@ -44,8 +45,8 @@ def normalize_process_rewards(q, response_mask) -> jax.Array:
     Returns:
       ``[B, T]`` float32.
     """
-    q = _f32(q)
-    suffix = revcumsum(q * _f32(response_mask))
+    q = as_f32(q)
+    suffix = revcumsum(q * as_f32(response_mask))
     return q / (jnp.max(jnp.abs(suffix)) + 1e-6)
 
 
@@ -65,9 +66,9 @@ def normalize_process_rewards_floored(q, response_mask, floor: float) -> jax.Arr
     Returns:
       ``[B, T]`` float32.
     """
-    q = _f32(q)
-    suffix = revcumsum(q * _f32(response_mask))
-    return q / (jnp.maximum(jnp.max(jnp.abs(suffix)), jnp.asarray(floor, _F32)) + 1e-6)
+    q = as_f32(q)
+    suffix = revcumsum(q * as_f32(response_mask))
+    return q / (jnp.maximum(jnp.max(jnp.abs(suffix)), jnp.asarray(floor, F32)) + 1e-6)
 
 
 def ranking_ema(previous, ranking, decay: float) -> jax.Array:
@@ -75,7 +76,7 @@ def ranking_ema(previous, ranking, decay: float) -> jax.Array:
 
     ``decay * previous + (1 - decay) * ranking``; start ``previous`` at 0.5 (chance). Scalars.
     """
-    return (decay * _f32(previous) + (1.0 - decay) * _f32(ranking)).astype(_F32)
+    return (decay * as_f32(previous) + (1.0 - decay) * as_f32(ranking)).astype(F32)
 
 
 def process_ramp_gate(ranking, low: float, high: float) -> jax.Array:
@@ -91,7 +92,7 @@ def process_ramp_gate(ranking, low: float, high: float) -> jax.Array:
     Returns:
       scalar float32 in ``[0, 1]``.
     """
-    return jnp.clip((_f32(ranking) - low) / (high - low), 0.0, 1.0).astype(_F32)
+    return jnp.clip((as_f32(ranking) - low) / (high - low), 0.0, 1.0).astype(F32)
 
 
 def prm_loss(prm_logprobs, ref_logprobs, response_mask, outcome, beta: float = 0.05) -> jax.Array:
@@ -112,12 +113,12 @@ def prm_loss(prm_logprobs, ref_logprobs, response_mask, outcome, beta: float = 0
     Returns:
       scalar float32 loss.
     """
-    ref = jax.lax.stop_gradient(_f32(ref_logprobs))
-    y = jax.lax.stop_gradient(_f32(outcome))
+    ref = jax.lax.stop_gradient(as_f32(ref_logprobs))
+    y = jax.lax.stop_gradient(as_f32(outcome))
     q = implicit_token_rewards(prm_logprobs, ref, response_mask)
     s = beta * jnp.sum(q, axis=-1)  # [B]
     nll = -(y * jax.nn.log_sigmoid(s) + (1.0 - y) * jax.nn.log_sigmoid(-s))
-    return jnp.mean(nll).astype(_F32)
+    return jnp.mean(nll).astype(F32)
 
 
 def dpo_accuracy(q, response_mask, outcome, n: int) -> jax.Array:
@@ -141,19 +142,19 @@ def dpo_accuracy(q, response_mask, outcome, n: int) -> jax.Array:
     Returns:
       scalar float32 in ``[0, 1]``.
     """
-    qm = _f32(q) * _f32(response_mask)
-    o = _f32(outcome)
-    G, n = _check_groups(qm.shape[0], n, need_two=False)
+    qm = as_f32(q) * as_f32(response_mask)
+    o = as_f32(outcome)
+    G, n = check_groups(qm.shape[0], n, need_two=False)
     s = jnp.sum(qm, axis=-1).reshape(G, n)
     a = o.reshape(G, n)
     ds = s[:, :, None] - s[:, None, :]  # [G, n, n], [i, j] = s_i - s_j
     da = a[:, :, None] - a[:, None, :]
     upper = jnp.triu(jnp.ones((n, n), dtype=jnp.bool_), k=1)[None]
     w = jnp.where(upper, jnp.abs(da), 0.0)
-    right = ((ds > 0) == (da > 0)).astype(_F32)
+    right = ((ds > 0) == (da > 0)).astype(F32)
     wsum = jnp.sum(w, axis=(1, 2))
     acc = jnp.where(wsum == 0, 0.5, jnp.sum(right * w, axis=(1, 2)) / jnp.where(wsum == 0, 1.0, wsum))
-    return jnp.mean(acc).astype(_F32)
+    return jnp.mean(acc).astype(F32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,8 +174,8 @@ def _contrast_matrix(outcome, n: int) -> jax.Array:
     The reference's rule: for ``y_i > 0`` the rows with a lower score, otherwise the rows with a
     higher one; with 0/1 outcomes, exactly the rows of the opposite label.
     """
-    a = _f32(outcome)
-    G, n = _check_groups(a.shape[0], n, need_two=False)
+    a = as_f32(outcome)
+    G, n = check_groups(a.shape[0], n, need_two=False)
     a = a.reshape(G, n)
     ai, aj = a[:, :, None], a[:, None, :]
     return jnp.where(ai > 0, aj < ai, aj > ai)
@@ -231,26 +232,26 @@ def prm_dpo_loss(prm_logprobs, ref_logprobs, response_mask, outcome, group_score
     if bon_mode not in ("none", "bon_acc", "bon_rm"):
         raise ValueError(f"unknown bon_mode {bon_mode!r}; expected 'none', 'bon_acc' or 'bon_rm'")
     sg = jax.lax.stop_gradient
-    y = sg(_f32(outcome))
-    G, n = _check_groups(y.shape[0], n, need_two=False)
-    q = implicit_token_rewards(prm_logprobs, sg(_f32(ref_logprobs)), response_mask)
+    y = sg(as_f32(outcome))
+    G, n = check_groups(y.shape[0], n, need_two=False)
+    q = implicit_token_rewards(prm_logprobs, sg(as_f32(ref_logprobs)), response_mask)
     s = beta * jnp.sum(q, axis=-1)  # [B]
-    S = beta * sg(_f32(group_scores)).reshape(G, n)  # [G, n]
+    S = beta * sg(as_f32(group_scores)).reshape(G, n)  # [G, n]
     contrast = _contrast_matrix(y, n)  # [G, n, n]
-    count = jnp.sum(contrast, axis=-1).astype(_F32)  # [G, n]
+    count = jnp.sum(contrast, axis=-1).astype(F32)  # [G, n]
     other = jnp.sum(jnp.where(contrast, S[:, None, :], 0.0), axis=-1) / jnp.maximum(count, 1.0)  # 0 without any
     sign = jnp.where(y > 0, 1.0, -1.0)
     row_loss = -jax.nn.log_sigmoid((s - other.reshape(-1)) * sign)
     if bon_mode == "none":
-        return jnp.mean(row_loss).astype(_F32)
+        return jnp.mean(row_loss).astype(F32)
     if bon_mode == "bon_acc":
         a = y.reshape(G, n)
-        frac = jnp.mean((a[:, None, :] <= a[:, :, None]).astype(_F32), axis=-1)  # [G, n] over j
+        frac = jnp.mean((a[:, None, :] <= a[:, :, None]).astype(F32), axis=-1)  # [G, n] over j
     else:
         si = sg(s).reshape(G, n)
-        frac = jnp.mean((S[:, None, :] <= si[:, :, None]).astype(_F32), axis=-1)
+        frac = jnp.mean((S[:, None, :] <= si[:, :, None]).astype(F32), axis=-1)
     weight = n * frac.reshape(-1) ** (n - 1)
-    return jnp.mean(weight * row_loss).astype(_F32)
+    return jnp.mean(weight * row_loss).astype(F32)
 
 
 def prm_pair_weights(outcome, n: int) -> jax.Array:
@@ -258,8 +259,8 @@ def prm_pair_weights(outcome, n: int) -> jax.Array:
 
     The weights of ``prm_pairwise_loss``, the same as ``dpo_accuracy``'s ``|d_ij|`` over ordered pairs.
     """
-    y = _f32(outcome)
-    G, n = _check_groups(y.shape[0], n, need_two=False)
+    y = as_f32(outcome)
+    G, n = check_groups(y.shape[0], n, need_two=False)
     y = y.reshape(G, n)
     return jnp.maximum(y[:, :, None] - y[:, None, :], 0.0)
 
@@ -281,13 +282,13 @@ def prm_pairwise_loss(prm_logprobs, ref_logprobs, response_mask, outcome, n: int
     Returns:
       scalar float32 loss.
     """
-    y = jax.lax.stop_gradient(_f32(outcome))
-    G, n = _check_groups(y.shape[0], n, need_two=False)
-    q = implicit_token_rewards(prm_logprobs, jax.lax.stop_gradient(_f32(ref_logprobs)), response_mask)
+    y = jax.lax.stop_gradient(as_f32(outcome))
+    G, n = check_groups(y.shape[0], n, need_two=False)
+    q = implicit_token_rewards(prm_logprobs, jax.lax.stop_gradient(as_f32(ref_logprobs)), response_mask)
     s = (beta * jnp.sum(q, axis=-1)).reshape(G, n)
     w = prm_pair_weights(y, n)
     nll = -jax.nn.log_sigmoid(s[:, :, None] - s[:, None, :])
-    return (jnp.sum(w * nll) / jnp.maximum(jnp.sum(w), 1e-12)).astype(_F32)
+    return (jnp.sum(w * nll) / jnp.maximum(jnp.sum(w), 1e-12)).astype(F32)
 
 
 def dpo_abs_accuracy(q, response_mask, outcome) -> jax.Array:
@@ -301,8 +302,8 @@ def dpo_abs_accuracy(q, response_mask, outcome) -> jax.Array:
     Returns:
       scalar float32 in ``[0, 1]``.
     """
-    s = jnp.sum(_f32(q) * _f32(response_mask), axis=-1)
-    return jnp.mean((jnp.sign(s) == jnp.sign(2.0 * _f32(outcome) - 1.0)).astype(_F32))
+    s = jnp.sum(as_f32(q) * as_f32(response_mask), axis=-1)
+    return jnp.mean((jnp.sign(s) == jnp.sign(2.0 * as_f32(outcome) - 1.0)).astype(F32))
 
 
 def q_sums_by_outcome(q, response_mask, outcome, threshold: float = 0.5) -> Tuple[jax.Array, jax.Array]:
@@ -313,7 +314,7 @@ def q_sums_by_outcome(q, response_mask, outcome, threshold: float = 0.5) -> Tupl
     Returns:
       ``(mean correct, mean wrong)`` float32 scalars; 0 for a side without rows.
     """
-    s = jnp.sum(_f32(q) * _f32(response_mask), axis=-1)
-    right = _f32(outcome) >= threshold
+    s = jnp.sum(as_f32(q) * as_f32(response_mask), axis=-1)
+    right = as_f32(outcome) >= threshold
     mean = lambda m: jnp.sum(jnp.where(m, s, 0.0)) / jnp.maximum(jnp.sum(m), 1)
-    return mean(right).astype(_F32), mean(~right).astype(_F32)
+    return mean(right).astype(F32), mean(~right).astype(F32)

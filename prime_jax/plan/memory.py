@@ -1,40 +1,7 @@
-"""Memory plan: will a PRIME run fit on a slice? Answered before renting it, without weights.
-
-    python -m prime_jax.plan --config=configs/qwen7b.py:v4-64 --devices=32
-    python -m prime_jax.plan --config=configs/qwen7b.py --devices=64 --config.batch.micro_batches=4
-
-On a fake N-device CPU mesh (`--xla_force_host_platform_device_count=N`, set before jax starts)
-this lowers and compiles ahead of time, from abstract shapes only (`nnx.eval_shape`,
-`jax.ShapeDtypeStruct`; nothing is allocated), the five programs of one PRIME iteration, built
-by the run's own `train.builder.RunBuilder` and compiled through their public paths:
-
-  sample/prefill  `Sampler.compile`: prefill of one rollout attempt's prompts (KV cache out)
-  sample/decode   `Sampler.compile`: the while_loop decode over the sharded KV cache
-  score           `TrainSteps.score.lower`: the log-probs the loop scores (old and/or reference)
-  prm score       the same: the PRM's own scoring pass (algo.prm_update before / reverse / none)
-  prm update      `TrainSteps.prm.lower`: one PRM mini-batch (grad accumulation + AdamW)
-  policy update   `TrainSteps.policy.lower`: one PPO mini-batch
-
-and prints, per device, what each phase holds at its peak: params and optimizer state of every
-resident model (policy, PRM, frozen reference; exact, from their shardings), gradients, the KV
-cache, and activations/temporaries (the rest of XLA's `compiled.memory_analysis()`: argument +
-temp + non-aliased output bytes), against the HBM of each target (v4 32 GiB, v5e 16 GiB, v5p
-95 GiB, H100 80 GiB: `parallel.HBM_GIB`). A phase fits a target when its peak is at most `--headroom` (90%) of the
-HBM. What does not fit gets a suggestion (micro-batches, generate chunks, mesh), estimated by
-scaling the activation part linearly with the rows per device; rerun the plan to confirm it.
-
-Method and caveats (docs/scale_out.md has the details):
-* The decoder layers are a `lax.scan`, so compile time does not grow with depth: the full
-  28-layer 7B programs compile in 3-50 s each on one CPU core (1-2 minutes for the plan).
-* XLA:CPU is not XLA:TPU/GPU. It keeps bf16 matmul temporaries in float32 and fuses
-  differently, so activation numbers are an estimate (expected on the high side for TPU); the
-  params/optimizer/gradient/KV-cache columns are exact. `check_fits(config, jax.devices())` on
-  the real slice compiles with the real backend and the real HBM limit.
-* Activations are planned as the code shards them: the model constrains each decoder layer's
-  hidden states to the `batch` rule (`models/qwen2.py`), and the sampler and train steps trace
-  under their mesh (`parallel.under_mesh`), exactly as in the run.
-"""
-
+"""The memory plan's compiling half: the iteration's programs built by the run's `RunBuilder`, lowered
+and compiled from abstract weights, and their per-device peaks (`plan_memory`), the check that
+`prime_jax.main` runs before loading weights (`check_fits`), and the rollout-time estimate. See
+`prime_jax.plan` for the method and its caveats."""
 
 from __future__ import annotations
 
@@ -49,11 +16,14 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from prime_jax.plan_report import (DEFAULT_HEADROOM, GIB, PROGRAMS, TARGETS, Phase, PlanDoesNotFit, PlanReport,
-                                   suggest)
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["DEFAULT_HEADROOM", "GIB", "PROGRAMS", "TARGETS", "Phase", "PlanDoesNotFit", "PlanReport", "check_fits",
-           "plan_memory", "suggest"]
+from prime_jax.parallel import mesh_from_config, mesh_preset
+from prime_jax.plan import rollout_cost
+from prime_jax.plan.report import DEFAULT_HEADROOM, GIB, PROGRAMS, TARGETS, Phase, PlanDoesNotFit, PlanReport, suggest
+from prime_jax.train.builder import RunBuilder, abstract_params
 
 
 # =============================================================================================
@@ -61,9 +31,6 @@ __all__ = ["DEFAULT_HEADROOM", "GIB", "PROGRAMS", "TARGETS", "Phase", "PlanDoesN
 # =============================================================================================
 def _shard_bytes(tree) -> float:
     """Per-device bytes of a pytree of ShapeDtypeStructs carrying shardings (max over devices)."""
-    import jax
-    import numpy as np
-
     total = 0
     for x in jax.tree.leaves(tree):
         shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
@@ -103,8 +70,6 @@ def plan_memory(config, devices: Any = None, *, targets: dict | None = None, hea
     the real devices' memory limit when compiling for TPU/GPU). sample_prompts: prompts per
     generate call (0: the loop's, `RunBuilder.prompts_per_attempt`).
     """
-    import jax
-
     unknown = set(programs) - set(PROGRAMS)
     if unknown:
         raise ValueError(f"unknown programs {sorted(unknown)}; choose from {PROGRAMS}")
@@ -132,8 +97,6 @@ def plan_memory(config, devices: Any = None, *, targets: dict | None = None, hea
     return report
 
 
-
-
 class _Ledger:
     """The phases' per-device peaks: the resident states outside a program plus what XLA says the
     program holds (arguments + temporaries + outputs not aliased to inputs)."""
@@ -157,7 +120,7 @@ def _resident(builder, params) -> dict:
 
     params_b = _shard_bytes(params)
     resident = {"policy_params": params_b, "policy_opt": opt_bytes(builder.abstract_train_state(params, "policy"))}
-    if builder.uses_prm:
+    if builder.uses_process_rewards:
         resident["prm_params"] = params_b
         if builder.updates_prm:
             resident["prm_opt"] = opt_bytes(builder.abstract_train_state(params, "prm"))
@@ -166,12 +129,6 @@ def _resident(builder, params) -> dict:
 
 
 def _build_and_compile(config, devices, targets, headroom, programs, sample_prompts, title, log) -> PlanReport:
-    import jax
-    import jax.numpy as jnp
-
-    from prime_jax.parallel import mesh_from_config, mesh_preset
-    from prime_jax.train.builder import RunBuilder, abstract_params
-
     c = config
     mesh = mesh_from_config(c, devices)
     builder = RunBuilder(c, mesh)
@@ -218,9 +175,6 @@ def _build_and_compile(config, devices, targets, headroom, programs, sample_prom
 def _sampler_phases(builder, model, programs, sample_prompts, ledger, log) -> None:
     """The rollout's prefill and decode programs, compiled by `Sampler.compile` from the abstract
     policy weights with the run's settings (exactly what its first `generate` call compiles)."""
-    import jax
-    import numpy as np
-
     sampler = builder.sampler()
     compiled = builder.compile_rollout(sampler, model, key=jax.ShapeDtypeStruct((2,), np.uint32),
                                        num_prompts=sample_prompts)
@@ -289,7 +243,6 @@ def check_fits(config, devices: Any = None, *, target: str | None = None, hbm_gi
         preset = config.mesh.get("preset", "") if "mesh" in config else ""
         if not preset:
             raise ValueError("check_fits with a device count needs target=, hbm_gib= or config.mesh.preset")
-        from prime_jax.parallel import mesh_preset
 
         accel = mesh_preset(preset)["accelerator"]
         targets = {accel: TARGETS[accel]}
@@ -320,43 +273,12 @@ def _plan_in_subprocess(config, devices: int, **kwargs) -> PlanReport:
         env = dict(os.environ)
         env.pop("XLA_FLAGS", None)
         env["JAX_PLATFORMS"] = "cpu"
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])  # the folder holding prime_jax/
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not out_path.exists():
             raise RuntimeError(f"plan subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         return PlanReport.from_dict(json.loads(out_path.read_text()))
-
-
-# =============================================================================================
-# CLI
-# =============================================================================================
-def _parse_targets(text: str) -> dict:
-    if not text:
-        return dict(TARGETS)
-    out = {}
-    for item in text.split(","):
-        item = item.strip()
-        if "=" in item:
-            name, gib = item.split("=", 1)
-            out[name.strip()] = float(gib)
-        else:
-            out[item] = TARGETS[item]
-    return out
-
-
-def _set_fake_devices(n: int) -> None:
-    """Must run before the first jax backend use: N fake CPU devices, CPU only."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")
-    try:
-        jax.config.update("jax_num_cpu_devices", n)
-    except Exception:  # older jax: the XLA flag does it
-        pass
 
 
 def rollout_estimate(builder, *, sample_prompts: int = 0, p50: float = 0, p90: float = 0,
@@ -365,8 +287,6 @@ def rollout_estimate(builder, *, sample_prompts: int = 0, p50: float = 0, p90: f
     sampling attempt as the loop makes it (the sampler's prompt buckets), response lengths
     lognormal with median `p50` and 90th percentile `p90` (0: a sixth and a half of
     `rollout.max_new_tokens`)."""
-    from prime_jax import rollout_cost
-
     c = builder.config
     tensor = builder.mesh.shape["tensor"]
     prompts = sample_prompts or builder.prompts_per_attempt
@@ -378,108 +298,3 @@ def rollout_estimate(builder, *, sample_prompts: int = 0, p50: float = 0, p90: f
         prompts=prompts, n=builder.n, prompt_tokens=prompt_tokens, max_new_tokens=max_new,
         shards=builder.data_parallel, tensor=tensor, slots=c.rollout.decode_slots, accelerators=list(accelerators),
         p50=p50 or max(1, max_new // 6), p90=p90 or max(1, max_new // 2), bucket_prompts=bucket)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from absl import flags
-    from ml_collections import config_flags
-
-    from prime_jax import cli
-
-    FLAGS = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/qwen7b.py:v4-64", flag_values=FLAGS,
-                                    lock_config=False)
-    flags.DEFINE_string("config_json", "", "a config as JSON (used by check_fits' subprocess)", flag_values=FLAGS)
-    flags.DEFINE_integer("devices", 0, "fake CPU devices to plan for (0: the preset's device count)", flag_values=FLAGS)
-    flags.DEFINE_string("targets", "", "comma list of targets (v4,v5e,v5p,h100) or name=GiB; default all four",
-                        flag_values=FLAGS)
-    flags.DEFINE_float("headroom", DEFAULT_HEADROOM, "fraction of HBM a phase may use", flag_values=FLAGS)
-    flags.DEFINE_string("programs", ",".join(PROGRAMS), "which programs to compile", flag_values=FLAGS)
-    flags.DEFINE_integer("sample_prompts", 0, "prompts per generate call (0: oversample * prompts_per_step)",
-                         flag_values=FLAGS)
-    flags.DEFINE_string("json_out", "", "also write the report as JSON here", flag_values=FLAGS)
-    flags.DEFINE_string("title", "", "title of the table", flag_values=FLAGS)
-    flags.DEFINE_bool("quiet", False, "no progress lines on stderr", flag_values=FLAGS)
-    flags.DEFINE_bool("strict", False, "exit with status 1 when some target does not fit", flag_values=FLAGS)
-    flags.DEFINE_float("response_p50", 0, "median response length of the rollout estimate "
-                       "(0: rollout.max_new_tokens / 6)", flag_values=FLAGS)
-    flags.DEFINE_float("response_p90", 0, "90th-percentile response length of the rollout estimate "
-                       "(0: rollout.max_new_tokens / 2)", flag_values=FLAGS)
-    flags.DEFINE_bool("list_fields", False, "print every field of --config and exit", flag_values=FLAGS)
-    argv = list(sys.argv if argv is None else argv)
-    if any(a in cli.HELP_ARGS for a in argv[1:]):
-        cli.print_text(cli.help_text("plan", __doc__, [name for name in FLAGS if name != "config_json"],
-                                     flag_values=FLAGS))
-        return 0
-
-    def error(message: str) -> int:
-        print(f"prime_jax.plan: error: {message}", file=sys.stderr)
-        return 2
-
-    try:
-        FLAGS(argv)
-        config = FLAGS.config
-        if config is not None:
-            config.name  # noqa: B018 - raises for the placeholder of a config file that did not load
-    except flags.Error as e:
-        return error(cli.flag_error(e, argv))
-    except cli.FLAG_ERRORS as e:
-        return error(cli.flag_error(e, argv))
-    if FLAGS.config_json:
-        import ml_collections
-
-        config = ml_collections.ConfigDict(json.loads(Path(FLAGS.config_json).read_text()))
-        title = FLAGS.title
-    elif config is not None:
-        title = FLAGS.title or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
-    else:
-        return error("--config is required (e.g. --config=configs/qwen7b.py:v4-64); --help says more")
-    if FLAGS.list_fields:
-        cli.list_fields(config, argv, "")
-        return 0
-    devices = FLAGS.devices
-    preset = config.mesh.get("preset", "") if "mesh" in config else ""
-    if not devices:
-        if not preset:
-            return error("--devices is required when the config has no mesh.preset")
-        from prime_jax.parallel import mesh_preset
-
-        devices = mesh_preset(preset)["devices"]
-    _set_fake_devices(devices)
-
-    from prime_jax.config import ConfigError, validate
-
-    try:
-        validate(config, num_devices=devices)
-    except ConfigError as e:
-        msg = str(e)
-        if not msg.startswith(("model.path", "tokenizer.path", "data.")):  # plan needs no weights or data
-            return error(f"config {msg}")
-    import jax
-
-    from prime_jax.models.config import UnsupportedModelError
-
-    try:
-        report = plan_memory(config, jax.devices(), targets=_parse_targets(FLAGS.targets), headroom=FLAGS.headroom,
-                             programs=[p for p in FLAGS.programs.split(",") if p],
-                             sample_prompts=FLAGS.sample_prompts, title=title, verbose=not FLAGS.quiet)
-    except (UnsupportedModelError, FileNotFoundError) as e:  # the model's architecture could not be read
-        print(f"plan: model.path: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(report.format())
-    if not FLAGS.config_json:  # check_fits' subprocess wants the memory report only
-        from prime_jax.parallel import mesh_from_config
-        from prime_jax.train.builder import RunBuilder
-
-        builder = RunBuilder(config, mesh_from_config(config, jax.devices()))
-        print("\n".join(rollout_estimate(builder, sample_prompts=FLAGS.sample_prompts, p50=FLAGS.response_p50,
-                                          p90=FLAGS.response_p90)))
-    if FLAGS.json_out:
-        Path(FLAGS.json_out).write_text(json.dumps(report.to_dict()))
-    if FLAGS.strict and not all(report.fits(t) for t in report.targets):
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Small masked-array helpers shared by ``prime_jax.algo`` and ``prime_jax.prm_objectives``.
+"""Small masked-array helpers shared by the formulas of ``prime_jax.algo`` (policy, PRM, estimators).
 
 Conventions as in ``prime_jax.algo``: ``[B, T]`` right-padded rows, groups of ``n`` contiguous rows.
 """
@@ -11,21 +11,21 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
-_F32 = jnp.float32
+F32 = jnp.float32
 
 
-def _f32(x) -> jax.Array:
+def as_f32(x) -> jax.Array:
     """Any array-like (numpy, jax, bool) as a float32 jax array."""
-    return jnp.asarray(x).astype(_F32)
+    return jnp.asarray(x).astype(F32)
 
 
-def _bool(x) -> jax.Array:
+def as_bool(x) -> jax.Array:
     """Any mask-like array (bool, int, float 0/1) as a bool jax array."""
     x = jnp.asarray(x)
     return x if x.dtype == jnp.bool_ else x != 0
 
 
-def _check_groups(batch: int, n, need_two: bool = True) -> Tuple[int, int]:
+def check_groups(batch: int, n, need_two: bool = True) -> Tuple[int, int]:
     """Validate the static group size ``n`` against the batch size; returns ``(G, n)``."""
     try:
         n = operator.index(n)  # python / numpy int; a traced n is refused here
@@ -48,13 +48,13 @@ def revcumsum(x) -> jax.Array:
     Returns:
       ``[B, T]`` float32, ``out[b, t] = sum_{s >= t} x[b, s]``.
     """
-    x = _f32(x)
+    x = as_f32(x)
     return jnp.flip(jnp.cumsum(jnp.flip(x, axis=-1), axis=-1), axis=-1)
 
 
-def _last_token_onehot(response_mask) -> jax.Array:
+def last_token_onehot(response_mask) -> jax.Array:
     """``[B, T]`` bool, True at the last real token of every row (none for an empty row)."""
-    m = _bool(response_mask)
+    m = as_bool(response_mask)
     T = m.shape[-1]
     # argmax returns the first True of the flipped row, i.e. the last True of the row.
     last = (T - 1) - jnp.argmax(jnp.flip(m, axis=-1), axis=-1)  # [B]

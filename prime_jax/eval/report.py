@@ -1,6 +1,6 @@
 """Benchmark evaluation output: the per-benchmark headline, averages, ``scores.md`` beside the
 published PRIME results, ``scores.json`` and ``<benchmark>.jsonl`` (used by `prime_jax.evaluate`;
-the metrics themselves are `prime_jax.eval_lib`'s). Host-side only (no jax)."""
+the metrics themselves are `prime_jax.eval.results`'). Host-side only (no jax)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from prime_jax.eval_lib import BenchmarkResult, EvalSettings, k_values
+from prime_jax.eval.results import BenchmarkResult, EvalSettings, k_values
 
 #: Published greedy pass@1 (%) from PRIME_SPEC.md (Cui et al., 2025), by model and benchmark.
 PUBLISHED: dict[str, dict[str, float]] = {
