@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -41,8 +42,8 @@ from benchmarks.smollm2_gpu import run_summary  # noqa: E402
 from prime_jax.train.metrics import read_metrics  # noqa: E402
 
 ESTIMATORS = ("prime_rloo", "outcome_rloo")
-RAW_EVAL = ["--checkpoint=smollm2-135m-instruct", "--tag=greedy32", "--benchmarks=heldout,gsm8k",
-            "--limit=32"]  # the first 32 of the in-run eval's GSM8K sets
+RAW_EVAL = ["--checkpoint=smollm2-135m-instruct", "--tag=greedy32", "--benchmarks=heldout,synthetic,gsm8k",
+            "--limit=32"]  # the in-run eval's problems: the first 32 of each set (data.eval_max_problems)
 
 
 class Stopped(Exception):
@@ -56,11 +57,19 @@ def _on_term(signum, frame):  # the child got the same signal (timeout signals t
     STOP["requested"] = True
 
 
-def run(cmd: list[str], log: Path) -> None:
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def run(cmd: list[str], log: Path, env: dict) -> None:
     with open(log, "a") as f:
-        f.write(f"\n[{time.strftime('%H:%M:%S')}] $ {' '.join(cmd)}\n")
+        f.write(f"\n[{time.strftime('%H:%M:%S')} load {load_average()}] $ {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        f.write(f"[{time.strftime('%H:%M:%S')} load {load_average()}] exit {proc.returncode}\n")
     if proc.returncode != 0:
         raise SystemExit(f"failed (exit {proc.returncode}): {' '.join(cmd)}; see {log}")
     if STOP["requested"]:
@@ -95,7 +104,9 @@ def pieces(args, out: Path):
             return
         done, seed, index = min(runs)  # the run furthest behind; PRIME first
         estimator = ESTIMATORS[index]
-        target = min(args.steps, (done // args.chunk + 1) * args.chunk)
+        # up to the leader (a piece stopped early by SIGTERM is caught up), else `chunk` more steps
+        leader = max(steps_done(out / f"{e}_s{seed}") for e in ESTIMATORS)
+        target = min(args.steps, leader if leader > done else done + args.chunk)
         workdir = out / f"{estimator}_s{seed}"
         yield f"{workdir.name} to step {target}", [
             *main, f"--workdir={workdir}", f"--config.algo.estimator={estimator}", f"--config.seed={seed}",
@@ -122,7 +133,30 @@ def report(out: Path, args) -> str:
                 lines.append(f"- {workdir.name}: {s['steps']} steps; reward {s['reward']}; kept groups "
                              f"{s['kept_group_frac']}; dpo_accuracy {s['dpo_accuracy']}; median s {s['time_s']}; "
                              f"rollout tokens/s {s['rollout_tokens_per_s']}; eval {s['eval']}")
+    lines += step_table(out, args)
     return "\n".join(lines) + "\n"
+
+
+STEP_COLUMNS = (("reward", "train/reward", "{:.3f}"), ("kept", "filter/kept_group_frac", "{:.2f}"),
+                ("trained", "filter/groups_trained", "{:.0f}"), ("attempts", "filter/attempts", "{:.0f}"),
+                ("dpo_acc", "prm/dpo_accuracy", "{:.2f}"), ("len", "response/length_kept_mean", "{:.0f}"),
+                ("step s", "time/step_s", "{:.0f}"), ("sample s", "time/sample_s", "{:.0f}"),
+                ("grade s", "time/grade_s", "{:.1f}"), ("score s", "time/score_s", "{:.0f}"),
+                ("prm s", "time/prm_s", "{:.0f}"), ("policy s", "time/policy_s", "{:.0f}"))
+
+
+def step_table(out: Path, args) -> list[str]:
+    """One row per RL step of every run: reward, filter, PRM ranking and where the step's time went."""
+    lines = ["", "| run | step | " + " | ".join(c[0] for c in STEP_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(STEP_COLUMNS)]
+    for seed in args.seeds:
+        for e in ESTIMATORS:
+            path = out / f"{e}_s{seed}" / "metrics.jsonl"
+            for r in (read_metrics(path) if path.exists() else []):
+                if "train/reward" in r:
+                    cells = [f.format(r[k]) if isinstance(r.get(k), (int, float)) else "-" for _, k, f in STEP_COLUMNS]
+                    lines.append(f"| {e}_s{seed} | {r['step']} | " + " | ".join(cells) + " |")
+    return lines if len(lines) > 3 else []
 
 
 def main(argv=None) -> None:
@@ -130,24 +164,38 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="runs/smollm2_cpu")
     parser.add_argument("--config", default="configs/smollm2_135m.py")
     parser.add_argument("--steps", type=int, default=30, help="RL steps per run")
-    parser.add_argument("--chunk", type=int, default=5, help="RL steps per piece (runs kept level)")
+    parser.add_argument("--chunk", type=int, default=5,
+                        help="RL steps per piece when the runs are level (a run behind is brought level first)")
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
-    parser.add_argument("--next", action="store_true", help="do only the next piece of work, then exit")
+    parser.add_argument("--next", action="store_true", help="do only the next piece of work, then exit (--pieces=1)")
+    parser.add_argument("--pieces", type=int, default=0, help="do at most this many pieces, then exit (0: all)")
+    parser.add_argument("--start_within", type=float, default=0.0,
+                        help="start no new piece once this many seconds have passed since the start (0: no limit); "
+                             "with a time slot of T, T minus the longest piece")
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args(argv)
+    if args.next:
+        args.pieces = 1
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
+    # Every piece is a new process: the persistent compilation cache spares each one the compiles of the last
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", str(out / "jax_cache")))
     if not args.report_only:
         signal.signal(signal.SIGTERM, _on_term)
+        t0, done, last = time.monotonic(), 0, None
         try:
-            last = None
             for name, cmd in pieces(args, out):
                 if name == last:
                     raise SystemExit(f"{name}: made no progress; see {out / 'log.txt'}")
+                if args.start_within and done and time.monotonic() - t0 > args.start_within:
+                    print(f"[{time.strftime('%H:%M:%S')}] {args.start_within:.0f} s passed: not starting {name}",
+                          flush=True)
+                    break
                 last = name
-                print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
-                run(cmd, out / "log.txt")
-                if args.next:
+                print(f"[{time.strftime('%H:%M:%S')} load {load_average()}] {name}", flush=True)
+                run(cmd, out / "log.txt", env)
+                done += 1
+                if args.pieces and done >= args.pieces:
                     break
             else:
                 print("all done", flush=True)
