@@ -42,8 +42,8 @@ from benchmarks.smollm2_gpu import run_summary  # noqa: E402
 from prime_jax.train.metrics import read_metrics  # noqa: E402
 
 ESTIMATORS = ("prime_rloo", "outcome_rloo")
-RAW_EVAL = ["--checkpoint=smollm2-135m-instruct", "--tag=greedy32", "--benchmarks=heldout,synthetic,gsm8k",
-            "--limit=32"]  # the in-run eval's problems: the first 32 of each set (data.eval_max_problems)
+RAW_EVAL = ["--checkpoint=smollm2-135m-instruct", "--tag=greedy32", "--limit=32"]  # the in-run eval's problems:
+# the first 32 of each set (data.eval_max_problems), greedy, rollout.eval_max_new_tokens
 
 
 class Stopped(Exception):
@@ -94,9 +94,11 @@ def pieces(args, out: Path):
         yield "sft", [*main, f"--workdir={out / 'sft'}", "--sft_only", "--config.sft.checkpoint_every=5"]
     if not (out / "sft" / "hf_export" / "config.json").exists():
         yield "sft eval + export", [*main, f"--workdir={out / 'sft'}", "--config.total_steps=0"]
-    if not any((out / "raw" / "eval").rglob("scores.json")):
+    if not any((out / "raw" / "eval").rglob("scores.json")) and "raw" not in args.skip:
         yield "raw eval", [sys.executable, "-m", "prime_jax.evaluate", f"--config={args.config}",
-                           f"--workdir={out / 'raw'}", *RAW_EVAL]
+                           f"--workdir={out / 'raw'}", *RAW_EVAL, f"--benchmarks={args.raw_benchmarks}"]
+    if "rl" in args.skip:
+        return
     while True:
         runs = [(steps_done(out / f"{e}_s{s}"), s, i) for s in args.seeds for i, e in enumerate(ESTIMATORS)
                 if not finished(out / f"{e}_s{s}", args.steps)]
@@ -172,6 +174,10 @@ def main(argv=None) -> None:
     parser.add_argument("--start_within", type=float, default=0.0,
                         help="start no new piece once this many seconds have passed since the start (0: no limit); "
                              "with a time slot of T, T minus the longest piece")
+    parser.add_argument("--skip", type=lambda s: set(s.split(",")) - {""}, default=set(),
+                        help="pieces to leave for a later invocation: raw (the raw model's eval), rl")
+    parser.add_argument("--raw_benchmarks", default="heldout,synthetic,gsm8k",
+                        help="the sets the raw model is evaluated on (the SFT model's in-run eval: data.eval)")
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args(argv)
     if args.next:
