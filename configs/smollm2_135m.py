@@ -33,12 +33,14 @@ GFLOP/s, so a training token costs ~0.8 GFLOP / 35 GFLOP/s ~ 23 ms forward and b
 SFT step of 8 demonstrations ~66 s: 20 SFT steps take ~22 minutes, leaving ~3 minutes per RL step.
 A PRIME step trains every kept row ~7 forward passes' worth (reference log-probs 1, PRM forward
 and backward 3, policy forward and backward 3; outcome-only: the policy's 3), over the row's
-prompt columns plus its response columns; the rollout is cheap beside it (a decode step of 32
-rows ~0.4 s). Hence, per step: 2 prompt groups of n = 4 (8 responses; paper 256 x 4), prompts in
+prompt columns plus its response columns; the rollout adds a decode step per new token (~0.55 s
+for 32 rows, until the longest row stops). Hence, per step: 2 prompt groups of n = 4 (8 responses; paper 256 x 4), prompts in
 192 columns and rollouts cut at 128 tokens (paper 1024 / 3072), 8 prompts sampled per attempt,
 PPO and PRM mini-batches of one group; 20 SFT steps of 8; held-out sets of their first 32
-problems, evaluated at the start and the end only. What a step then costs, measured: the RL
-section of benchmarks/README.md. `:full` restores the paper's batch and lengths (an
+problems, evaluated at the start and the end only. Measured at these sizes (2026-12-05, load
+average ~2): a PRIME step takes ~3 min (rollout of 32 rows ~70 s, PRM phase with the reference
+log-probs ~62 s, policy update ~52 s), an outcome-only step ~1.9 min; SFT (~22 min) plus 30 PRIME
+steps ~1 h 52 min. `:full` restores the paper's batch and lengths (an
 accelerator), `:gpu` fits ten minutes of one GPU; any single size is also a plain
 `--config.<field>=` override, and sizes that do not fit together (mini-batches that split a
 group or do not divide the step's rows) are refused by name when the config is loaded.
@@ -110,8 +112,9 @@ def get_config(size: str | None = None):
     r.eval_max_new_tokens = 256  # GSM8K answers to the end (evaluate --max_new_tokens=512: a longer limit for the raw model)
     r.eval_batch = 32
     # 8 prompts (32 rows) sampled per attempt for the 2 groups trained: on this CPU a decode step of 32 rows costs
-    # little more than one of 16 (the weights are read once a step), while a row trained costs ~7 forward passes;
-    # the filter keeps about a third of the groups (measured: benchmarks/README.md), so one attempt usually does
+    # far less than twice one of 16 (benchmarks/README.md, issue 28: 16 rows ~0.3 s, 64 rows ~0.58 s), while a row
+    # trained costs ~7 forward passes; the SFT model's groups survive the filter at ~25% (2 of 8 in each of the first
+    # steps, measured), so one attempt usually does
     r.oversample = 4.0
     r.max_refill = 1
     r.decode_slots = 0  # one static batch per attempt
