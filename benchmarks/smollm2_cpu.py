@@ -118,9 +118,9 @@ def pieces(args, out: Path):
 
 def report(out: Path, args) -> str:
     lines = [f"### {out}", ""]
-    for f in sorted((out / "raw" / "eval").rglob("scores.json")):
-        s = json.loads(f.read_text())
-        lines.append("- raw model, greedy: " + ", ".join(
+    index = out / "raw" / "eval" / "scores.json"  # prime_jax.evaluate's index of every evaluation in the folder
+    for tag, s in (json.loads(index.read_text())["evaluations"].items() if index.exists() else []):
+        lines.append(f"- raw model ({tag}), greedy: " + ", ".join(
             f"{k} {b.get('avg@1', float('nan')):.3f}" for k, b in s["benchmarks"].items()))
     sft = read_metrics(out / "sft" / "metrics.jsonl") if (out / "sft" / "metrics.jsonl").exists() else []
     for r in sft:
