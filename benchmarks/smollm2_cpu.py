@@ -5,6 +5,8 @@ kept at the same step count.
     python benchmarks/smollm2_cpu.py --out=runs/smollm2_cpu                 # everything, to the end (hours)
     python benchmarks/smollm2_cpu.py --out=runs/smollm2_cpu --next          # only the next piece of work
     python benchmarks/smollm2_cpu.py --out=runs/smollm2_cpu --report_only   # the numbers so far
+    # a 12-minute slot: 2 PRIME + 2 outcome-only steps (~3 + ~1.9 min each on a 2-core CPU)
+    timeout -s TERM -k 150 750 python benchmarks/smollm2_cpu.py --chunk=2 --pieces=2 --start_within=450
 
 Pieces, in order (each one is skipped once done; a SIGTERM stops the one running at its next step
 with its state saved, so `timeout -s TERM 900 python benchmarks/smollm2_cpu.py --next` repeated
@@ -13,14 +15,19 @@ makes the run continue in 15-minute slots on a shared box):
 1. SFT (`main --sft_only`, its state saved every 5 steps) -> OUT/sft/reference;
 2. the SFT model: `main --config.total_steps=0` (the in-run held-out eval of the start, the
    token-reward page, and the export OUT/sft/hf_export);
-3. the raw model: `prime_jax.evaluate` on the same GSM8K problems (heldout, gsm8k) -> OUT/raw/eval;
+3. the raw model: `prime_jax.evaluate` on the same problems (`--raw_benchmarks`, default the three
+   in-run sets) -> OUT/raw/eval;
 4. for each seed, PRIME and outcome-only (OUT/<estimator>_s<seed>, benchmarks/ablation.py's
    layout, `--config.sft.reference_dir=OUT/sft/reference --config.eval_at_start=false`), `--chunk`
-   steps at a time (`main --stop_after`), the run that is behind first; the last piece of a run
-   finishes it (the end eval and its export).
+   steps at a time (`main --stop_after`), the run that is behind first and brought level with the
+   other; the last piece of a run finishes it (the end eval and its export).
+
+`--pieces=N` stops after N pieces, `--start_within=S` starts no piece once S seconds have passed,
+`--skip=raw` leaves the raw model's eval for later. Every piece is logged in OUT/log.txt with the
+load average at its start and end; the pieces share a compilation cache (OUT/jax_cache).
 
 Prints (and writes OUT/report.md) each run's reward, PRM ranking (`prm/dpo_accuracy`), where a step's
-time goes and the held-out accuracies of the raw, SFT and RL models. Same config for every piece:
+time goes (medians, and a table of every step) and the held-out accuracies of the raw, SFT and RL models. Same config for every piece:
 configs/smollm2_135m.py unless `--config`.
 """
 
