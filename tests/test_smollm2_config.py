@@ -19,7 +19,8 @@ CUT_DOWN = {
     "total_steps": 1, "eval_every": 1, "checkpoint_every": 0,
     "sft.steps": 2, "sft.batch": 8, "sft.num_examples": 8, "sft.warmup_steps": 1,
     "data.synthetic.num_train": 32, "data.synthetic.num_eval": 2, "data.eval_max_problems": 2,
-    "rollout.max_new_tokens": 96, "rollout.eval_max_new_tokens": 8,  # 96: SFT keeps demonstrations that fit "rollout.eval_batch": 8, "rollout.max_refill": 0,
+    "rollout.max_new_tokens": 96, "rollout.eval_max_new_tokens": 8,  # 96: SFT keeps demonstrations that fit
+    "rollout.eval_batch": 8, "rollout.max_refill": 0, "rollout.oversample": 1.0,
     "batch.prompts_per_step": 2, "batch.mini_batch": 8, "batch.prm_mini_batch": 8, "batch.score_batch": 8,
     "algo.filter": False,  # an untrained model is never right: keep every group so the step trains
     "reward.workers": 1, "logging.progress_bar": False, "checkpoint.export_hf": False,
@@ -38,6 +39,22 @@ def test_smollm2_config_validates_as_shipped_and_in_its_presets():
         assert (config.algo.filter_low, config.algo.filter_high) == (0.2, 0.8)
     with pytest.raises(ValueError, match="'gpu' or 'full'"):
         config_module("smollm2_135m").get_config("tpu")
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"batch.prompts_per_step": 3, "batch.mini_batch": 8}, "batch.mini_batch"),  # 12 rows: no whole mini-batches of 8
+    ({"batch.mini_batch": 6}, "batch.mini_batch"),  # not whole groups of n = 4
+    ({"batch.prm_mini_batch": 16}, "batch.prm_mini_batch"),  # larger than the step's 8 rows
+    ({"rollout.n": 3}, "batch.mini_batch"),  # n = 3 without new batch sizes: groups split across mini-batches
+    ({"rollout.oversample": 0.5}, "rollout.oversample"),
+])
+def test_smollm2_config_refuses_bad_sizes_at_load(overrides, field):
+    """The CPU sizing is one override away from other sizes; a size that cannot run is refused by name
+    when the config is loaded, before any model is built."""
+    from prime_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        validate(load_config("smollm2_135m", overrides), num_devices=1)
 
 
 def test_smollm2_config_runs_a_step_on_a_cut_down_llama_with_the_real_tokenizer(tmp_path):
