@@ -43,10 +43,19 @@ def register_advantage_estimator(name: str, *, uses_process_rewards: bool = True
     return deco
 
 
+def _registered(name: str) -> AdvantageEstimator:
+    """The estimator registered as ``name``; a KeyError listing the registered names otherwise."""
+    try:
+        return ADVANTAGE_ESTIMATORS[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown advantage estimator {name!r}; registered: {sorted(ADVANTAGE_ESTIMATORS)}"
+        ) from None
+
+
 def uses_process_rewards(name: str) -> bool:
     """Whether the registered estimator ``name`` reads process rewards (an implicit PRM)."""
-    if name not in ADVANTAGE_ESTIMATORS:
-        raise KeyError(f"unknown advantage estimator {name!r}; registered: {sorted(ADVANTAGE_ESTIMATORS)}")
+    _registered(name)
     return name not in OUTCOME_ONLY_ESTIMATORS
 
 
@@ -72,13 +81,7 @@ def compute_advantages(
     Returns:
       ``[B, T]`` float32 advantages, 0 on padding.
     """
-    try:
-        fn = ADVANTAGE_ESTIMATORS[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown advantage estimator {name!r}; registered: {sorted(ADVANTAGE_ESTIMATORS)}"
-        ) from None
-    return fn(
+    return _registered(name)(
         process_rewards=process_rewards,
         outcome=outcome,
         response_mask=response_mask,
