@@ -15,6 +15,7 @@
 """
 
 from prime_jax.train.accumulate import accumulate_gradients, merge_micro_batches, split_micro_batches
+from prime_jax.train.batch import PrimeBatch
 from prime_jax.train.state import (
     TrainState,
     create_train_state,
@@ -27,6 +28,7 @@ from prime_jax.train.state import (
 from prime_jax.train.steps import TrainSteps, apply_update, make_train_steps, sequence_logprobs
 
 __all__ = [
+    "PrimeBatch",
     "TrainState",
     "TrainSteps",
     "accumulate_gradients",
