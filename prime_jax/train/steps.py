@@ -156,6 +156,39 @@ def _prm_step_fn(raw_logprobs, split, merge, param_sh, optimizer, prm_loss_type:
     return prm_step
 
 
+def _score_programs(logprobs, raw_logprobs, k: int, n: int, mesh: Mesh, param_sh, rows_sh) -> Callable:
+    """`score(policy_params, prm_params, ref_params, batch)`: the jitted scoring pass (`TrainSteps.score`),
+    one program per combination of the models given, in `k` micro-batches."""
+
+    def score_fn(policy_params, prm_params, ref_params, batch: PrimeBatch) -> dict[str, jax.Array]:
+        mbs = split_micro_batches(batch.only(PrimeBatch.needs("score")), k, n, mesh)
+        named = {"old_logprobs": policy_params, "prm_logprobs": prm_params, "ref_logprobs": ref_params}
+
+        def one(mb: PrimeBatch):
+            mask = mb.response_mask.astype(jnp.float32)
+            return {key: (logprobs if key == "old_logprobs" else raw_logprobs)(p, mb) * mask
+                    for key, p in named.items() if p is not None}
+
+        return merge_micro_batches(jax.lax.map(one, mbs), k, n, mesh)
+
+    score_variants = {}
+
+    def score_program(policy_params, prm_params, ref_params):
+        """The jitted scoring program of the models given (None: not scored), one per combination."""
+        variant = (policy_params is None, prm_params is None, ref_params is None)
+        if variant not in score_variants:
+            shardings = tuple(None if skip else param_sh for skip in variant)
+            score_variants[variant] = jax.jit(under_mesh(score_fn, mesh), in_shardings=(*shardings, rows_sh), out_shardings=rows_sh)
+        return score_variants[variant]
+
+    def score(policy_params, prm_params, ref_params, batch):
+        return score_program(policy_params, prm_params, ref_params)(policy_params, prm_params, ref_params, batch)
+
+    # `steps.score.lower(...)` lowers the program a call with these arguments runs (like a jit's).
+    score.lower = lambda *args: score_program(*args[:3]).lower(*args)
+    return score
+
+
 def make_train_steps(model, policy_optimizer: optax.GradientTransformation,
                      prm_optimizer: optax.GradientTransformation | None, mesh: Mesh, *, n: int,
                      micro_batches: int = 1, score_micro_batches: int | None = None, beta: float = 0.05,
@@ -184,33 +217,7 @@ def make_train_steps(model, policy_optimizer: optax.GradientTransformation,
     split = functools.partial(split_micro_batches, k=k, n=n, mesh=mesh)
     merge = functools.partial(merge_micro_batches, k=k, n=n, mesh=mesh)
 
-    def score_fn(policy_params, prm_params, ref_params, batch: PrimeBatch) -> dict[str, jax.Array]:
-        mbs = split_micro_batches(batch.only(PrimeBatch.needs("score")), k_score, n, mesh)
-        named = {"old_logprobs": policy_params, "prm_logprobs": prm_params, "ref_logprobs": ref_params}
-
-        def one(mb: PrimeBatch):
-            mask = mb.response_mask.astype(jnp.float32)
-            return {key: (logprobs if key == "old_logprobs" else raw_logprobs)(p, mb) * mask
-                    for key, p in named.items() if p is not None}
-
-        return merge_micro_batches(jax.lax.map(one, mbs), k_score, n, mesh)
-
-    score_variants = {}
-
-    def score_program(policy_params, prm_params, ref_params):
-        """The jitted scoring program of the models given (None: not scored), one per combination."""
-        variant = (policy_params is None, prm_params is None, ref_params is None)
-        if variant not in score_variants:
-            shardings = tuple(None if skip else param_sh for skip in variant)
-            score_variants[variant] = jax.jit(under_mesh(score_fn, mesh), in_shardings=(*shardings, rows_sh), out_shardings=rows_sh)
-        return score_variants[variant]
-
-    def score(policy_params, prm_params, ref_params, batch):
-        return score_program(policy_params, prm_params, ref_params)(policy_params, prm_params, ref_params, batch)
-
-    # `steps.score.lower(...)` lowers the program a call with these arguments runs (like a jit's).
-    score.lower = lambda *args: score_program(*args[:3]).lower(*args)
-
+    score = _score_programs(logprobs, raw_logprobs, k_score, n, mesh, param_sh, rows_sh)
     policy_step = _policy_step_fn(logprobs, split, param_sh, policy_optimizer, clip_eps, agg)
     prm_step = _prm_step_fn(raw_logprobs, split, merge, param_sh, prm_optimizer, prm_loss_type, n, beta)
 
