@@ -72,20 +72,20 @@ class Trainer:
     `state` (a `RunState`), which `step` takes and returns.
 
     `reference`: the frozen reference params (the SFT stage's, `warm_start.reference_params`);
-    policy and PRM start from them. `Trainer.create` runs that stage first."""
+    policy and PRM start from them. `Trainer.create` runs that stage first, with the run's data and its
+    one builder."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, mesh, reference,
-                 data: RunData | None = None, builder: RunBuilder | None = None):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, mesh, reference, data: RunData,
+                 builder: RunBuilder):
         self.config = c = config
         self.layout = RunLayout(workdir)
         self.workdir = self.layout.workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mesh = mesh
-        self.builder = builder = builder or RunBuilder(c, mesh)
+        self.builder = builder  # the run's one builder (`create`: the SFT stage and the data share it)
         self.n = c.rollout.n
         self.is_main = is_logging_process()
 
-        data = data or RunData.load(builder, self.layout, self.is_main)
         self.tokenizer, self.eval_sets, self.prompts = data.tokenizer, data.eval_sets, data.prompts
         self.stop_ids = eos_token_ids(self.tokenizer)
 
