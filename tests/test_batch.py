@@ -26,7 +26,8 @@ def test_every_program_gets_what_it_reads(overlap, recompute, process_rewards, g
 
 def test_the_schema_is_read_from_the_annotations():
     assert list(PrimeBatch.FIELDS) == [f.name for f in dataclasses.fields(PrimeBatch)]
-    assert PrimeBatch.LOGICAL_AXES["outcome"] == ("batch",) and PrimeBatch.LOGICAL_AXES["advantages"] == ("batch", "seq")
+    assert PrimeBatch.LOGICAL_AXES["outcome"] == ("batch",)
+    assert PrimeBatch.LOGICAL_AXES["advantages"] == ("batch", "seq")
     assert PrimeBatch.RESPONSE_FIELDS == ("response_ids", "response_mask", "old_logprobs", "ref_logprobs", "advantages")
     with pytest.raises(ValueError, match="unknown program"):
         PrimeBatch.needs("prm_score")

@@ -28,7 +28,8 @@ from prime_jax.parallel import put_rows
 PHASES = ("rollout", "grade", "score", "prm_phase", "advantages")
 #: The phases done when the loop calls each jitted program (before the overlap_scoring exception).
 _DONE_BEFORE = {"score": ("rollout", "grade"), "prm_score": ("rollout", "grade", "score"),
-                "prm": ("rollout", "grade", "score", "prm_phase"), "policy": ("rollout", "grade", "score", "advantages")}
+                "prm": ("rollout", "grade", "score", "prm_phase"),
+                "policy": ("rollout", "grade", "score", "advantages")}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -211,7 +211,8 @@ class Trainer:
             run_config.record(c, self.layout, self.start_step)  # config.json, and the changes kept in a history
 
     def _stopping(self, step: int, preemption: PreemptionWatch, stop_after: int | None) -> bool:
-        """Whether the run leaves before `step` (preempted, or past stop_after), with a checkpoint of the step before."""
+        """Whether the run leaves before `step` (preempted, or past stop_after), with a checkpoint of the step
+        before."""
         if not (preemption.should_stop() or (stop_after is not None and step > stop_after)):
             return False
         preemption.saving = True
