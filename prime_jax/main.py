@@ -50,15 +50,32 @@ def fail(message: str, code: int = 2) -> None:
 def main(argv) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    # The program's modules are imported in here, not at the top: `--help` and flag errors answer
-    # without loading jax and the model code (seconds), and `cli.quiet_startup` runs before jax loads.
-    from prime_jax.config import ConfigError, validate
-    from prime_jax.parallel import host_watch, initialize_distributed, mesh_from_config
-
     config = cli.config_value("main", _CONFIG)
     if _LIST_FIELDS.value:
         cli.list_fields(config, sys.argv, DEFAULT_CONFIG)
         return
+    mesh, workdir = _start(config)
+    _quiet_logs(workdir, mesh)
+    if not (_SKIP_MEMORY_CHECK.value or _EXPORT_HF.value or _SFT_ONLY.value):
+        _check_memory_plan(config)
+    # the training code, imported here for the reason said in `_start`
+    from prime_jax.train.builder import RunLayout
+
+    layout = RunLayout(workdir)
+    _check_resume(config, layout)
+    ran = _run(config, layout, mesh)
+    if ran is not None:
+        _report_end(config, workdir, *ran)
+
+
+def _start(config):
+    """Validates `config` (after the multi-host start-up) and checks the workdir can be written;
+    returns the run's one mesh and the workdir."""
+    # The program's modules are imported in the phases, not at the top: `--help` and flag errors answer
+    # without loading jax and the model code (seconds), and `cli.quiet_startup` runs before jax loads.
+    from prime_jax.config import ConfigError, validate
+    from prime_jax.parallel import initialize_distributed, mesh_from_config
+
     try:
         initialize_distributed(config)  # multi-host start-up; a no-op on one host
         validate(config)
@@ -72,59 +89,82 @@ def main(argv) -> None:
         cli.ensure_writable(workdir, "workdir")
     except PermissionError as e:
         fail(str(e))
+    return mesh, workdir
+
+
+def _quiet_logs(workdir: Path, mesh) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax/absl chatter
-    import jax
+    import jax  # see `_start`
 
     # Several processes: process 0 logs progress; the others only warnings and errors.
     py_logging.getLogger("prime_jax").setLevel(py_logging.INFO if jax.process_index() == 0 else py_logging.WARNING)
     py_logging.getLogger("prime_jax.data").setLevel(py_logging.WARNING)  # per-batch rendering stats
     logging.info("workdir %s, mesh %s", workdir, dict(mesh.shape))
 
-    if jax.default_backend() != "cpu" and not (_SKIP_MEMORY_CHECK.value or _EXPORT_HF.value or _SFT_ONLY.value):
-        # Compile every program of an iteration from abstract shapes and refuse a run that cannot
-        # fit in device memory, before minutes of weight loading (see prime_jax/plan/).
-        from prime_jax.plan import PlanDoesNotFit
-        from prime_jax.plan.memory import check_fits
 
-        try:
-            check_fits(config, jax.devices())
-        except PlanDoesNotFit as e:
-            fail(f"memory plan does not fit (rerun with a bigger mesh or more micro-batches):\n{e}")
+def _check_memory_plan(config) -> None:
+    """Compiles every program of an iteration from abstract shapes and refuses a run that cannot fit in
+    device memory, before minutes of weight loading (see prime_jax/plan/). CPU runs skip it."""
+    import jax  # see `_start`
 
-    # the training code, imported here for the reason said at the top of `main`
-    from prime_jax.data import DataError
-    from prime_jax.models.config import UnsupportedModelError
+    if jax.default_backend() == "cpu":
+        return
+    from prime_jax.plan import PlanDoesNotFit  # see `_start`
+    from prime_jax.plan.memory import check_fits
+
+    try:
+        check_fits(config, jax.devices())
+    except PlanDoesNotFit as e:
+        fail(f"memory plan does not fit (rerun with a bigger mesh or more micro-batches):\n{e}")
+
+
+def _check_resume(config, layout) -> None:
+    """A resume may change settings, not the shapes of the weights it holds; the changes are logged."""
+    import jax  # see `_start`
+
+    from prime_jax.parallel import host_watch
     from prime_jax.train import run_config
-    from prime_jax.train.checkpoint import CheckpointError, params_saved
-    from prime_jax.train.builder import RunLayout
-    from prime_jax.train.loop import Trainer, export_latest
-    from prime_jax.train.sft import SFTPreempted
-    from prime_jax.train.warm_start import reference_params
-    from prime_jax.train.metrics import last_eval_row
+    from prime_jax.train.checkpoint import params_saved
 
-    layout = RunLayout(workdir)
     host_watch.configure("main", lambda: _resume_hint(layout))  # what a lost host's line says (several hosts)
-    try:  # a resume may change settings, not the shapes of the weights it holds
+    try:
         changes = run_config.check_resume(config, layout, has_weights=bool(layout.checkpoint_steps())
                                           or params_saved(layout.reference))
     except run_config.ResumeConfigError as e:
         fail(str(e))
     if jax.process_index() == 0 and not _EXPORT_HF.value:
         run_config.log_changes(changes, layout, max(layout.checkpoint_steps(), default=0))
+
+
+def _run(config, layout, mesh):
+    """The run the flags ask for: export, the SFT stage alone, or training (its `Trainer` and last
+    evaluation row are returned; None when there is nothing more to report). A failure it can explain prints one line and exits."""
+    import jax  # see `_start`
+
+    from prime_jax.data import DataError
+    from prime_jax.models.config import UnsupportedModelError
+    from prime_jax.parallel import host_watch
+    from prime_jax.train import run_config
+    from prime_jax.train.checkpoint import CheckpointError
+    from prime_jax.train.loop import Trainer, export_latest
+    from prime_jax.train.sft import SFTPreempted
+    from prime_jax.train.warm_start import reference_params
+
+    workdir = layout.workdir
     try:
         if _EXPORT_HF.value:
             folder = export_latest(config, workdir, mesh)
             print(f"exported {folder}")
-            return
+            return None
         if _SFT_ONLY.value:
             reference_params(config, workdir, mesh)
             if jax.process_index() == 0:
                 run_config.record(config, layout, max(layout.checkpoint_steps(), default=0))
-            print(f"SFT stage done: {RunLayout(workdir).reference}" if config.sft.steps else
+            print(f"SFT stage done: {layout.reference}" if config.sft.steps else
                   "sft.steps is 0: the reference is the start model; nothing to train")
-            return
+            return None
         trainer = Trainer.create(config, workdir, mesh)
-        last_eval = trainer.run(stop_after=_STOP_AFTER.value)
+        return trainer, trainer.run(stop_after=_STOP_AFTER.value)
     except (DataError, CheckpointError, FileNotFoundError, PermissionError, UnsupportedModelError) as e:
         fail(" ".join(str(e).split()))
     except SFTPreempted as e:  # SIGTERM (exit 0) or Ctrl-C (exit 130) during the SFT stage: its state was saved
@@ -133,12 +173,16 @@ def main(argv) -> None:
         if e.signal_name == "SIGINT":
             cli.interrupted("main", stopped)
         print(f"preempted: {stopped}")
-        return
+        return None
     except KeyboardInterrupt:  # a second Ctrl-C in the loop, or Ctrl-C before it or during SFT / export
         cli.interrupted("main", _nothing_saved_since(config, layout))
     except Exception as e:  # noqa: BLE001 - a collective that failed because a host died: said in one line
         host_watch.explain_failure(e)
         raise
+
+
+def _report_end(config, workdir: Path, trainer, last_eval: dict) -> None:
+    """How the training run ended: stopped early (a checkpoint saved; Ctrl-C exits 130) or finished."""
     if trainer.preempted_at is not None:  # a signal on some host, or --stop_after: a checkpoint was saved
         saved = f"after step {trainer.preempted_at} with a checkpoint in {workdir}" if trainer.preempted_at else \
             f"before step 1 (no checkpoint yet) in {workdir}"
@@ -151,6 +195,8 @@ def main(argv) -> None:
             print(f"preempted: stopped {saved}; rerun the same command to resume")  # SIGTERM: exit 0
         return
     if not last_eval:  # a finished run rerun: nothing new was evaluated; report its last evaluation
+        from prime_jax.train.metrics import last_eval_row  # see `_start`
+
         last_eval = last_eval_row(workdir / "metrics.jsonl") or {}
         print(f"run already finished (total_steps {config.total_steps}); nothing to do", flush=True)
     if last_eval:
@@ -168,7 +214,7 @@ def _resume_hint(layout) -> str:
 
 def _nothing_saved_since(config, layout) -> str:
     """What an interruption outside the loop's step boundaries leaves to resume from."""
-    from prime_jax.train.checkpoint import params_saved  # orbax: loaded in `main` only, see there
+    from prime_jax.train.checkpoint import params_saved  # orbax: loaded in the phases only, see `_start`
 
     steps = layout.checkpoint_steps()
     if steps:
