@@ -1,9 +1,9 @@
 """The config's fields as a user looks them up: each field's one-line documentation (the comment
-beside it in `prime_jax/config.py`), the listing `--list_fields` prints (grouped by section, with
+beside it in `prime_jax/config/schema.py`), the listing `--list_fields` prints (grouped by section, with
 the loaded config's value and the default), and the "did you mean" of a misspelt
 `--config.section.field`.
 
-The documentation is read from config.py's own source (the comment on the line that sets the
+The documentation is read from schema.py's own source (the comment on the line that sets the
 field), so the listing cannot drift from the schema; `tests/test_config.py` checks that every
 field has one.
 """
@@ -27,7 +27,7 @@ _OPTIMIZER_SECTIONS = ("policy_optim", "prm_optim")  # built by config.base_conf
 @functools.lru_cache(maxsize=1)
 def _documentation() -> tuple[dict[str, str], dict[str, str]]:
     """({dotted field: its comment}, {section: the comment above or beside its ConfigDict()})."""
-    source = (Path(__file__).with_name("config.py")).read_text()
+    source = (Path(__file__).parent / "config" / "schema.py").read_text()
     comments: dict[int, str] = {}
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
@@ -88,11 +88,11 @@ def format_fields(config=None, *, config_name: str = "") -> str:
     values = _flatten(config) if config is not None else defaults
     docs, sections = _documentation()
     groups: dict[str, list[str]] = {}
-    for name in [*docs, *(n for n in defaults if n not in docs)]:  # in config.py's order
+    for name in [*docs, *(n for n in defaults if n not in docs)]:  # in schema.py's order
         groups.setdefault(name.rsplit(".", 1)[0] if "." in name else "", []).append(name)
     source = f" of {config_name}" if config_name else ""
     out = [f"Config fields{source}, set with --config.<field>=<value> (lists: comma-separated; "
-           "booleans: true/false). 'default' is prime_jax/config.py base_config()'s where the config changes it."]
+           "booleans: true/false). 'default' is prime_jax/config/schema.py base_config()'s where the config changes it."]
     for section, names in groups.items():
         title = section or "run"
         about = sections.get(section, "") if section else "the run as a whole"

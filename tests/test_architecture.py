@@ -18,7 +18,7 @@ FLOORS = {  # docs/architecture.md's table, the ground floor first
 FLOOR = {part: floor for floor, parts in FLOORS.items() for part in parts}
 UPWARD = {  # (file, part it imports from a higher floor): said in docs/architecture.md
     ("train/evaluation.py", "eval"),  # the trainer's held-out eval uses eval/'s library files
-    ("config.py", "train"),  # sft.reference_dir's check reads train/checkpoint.params_saved (imported lazily)
+    ("config/checks.py", "train"),  # sft.reference_dir's check reads train/checkpoint.params_saved (imported lazily)
 }
 EVAL_LIBRARY = ("lib.py", "results.py", "prm_scorer.py", "progress.py", "report.py")
 

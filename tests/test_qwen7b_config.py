@@ -89,9 +89,9 @@ def test_every_departure_is_off_and_set_in_the_file():
         "policy_optim.warmup_steps": 0, "prm_optim.warmup_steps": 0, "prm_optim.lr": 1e-6, "policy_optim.lr": 5e-7,
         "rollout.oversample": 1.5, "rollout.max_refill": 3,
     }
-    from prime_jax.config import _flatten
+    from prime_jax.config import flatten
 
-    values = _flatten(c)
+    values = flatten(c)
     assert {k: values[k] for k in pinned} == pinned
     rows = c.batch.prompts_per_step * c.rollout.n
     assert rows == 1024 and rows // c.batch.prm_mini_batch == 4 and rows // c.batch.mini_batch == 4
@@ -105,9 +105,9 @@ def test_every_departure_is_off_and_set_in_the_file():
 
 def test_all_fields_are_the_schema():
     c = load_qwen7b().get_config()
-    from prime_jax.config import _flatten
+    from prime_jax.config import flatten
 
-    assert set(_flatten(c)) == set(_flatten(base_config()))
+    assert set(flatten(c)) == set(flatten(base_config()))
 
 
 @pytest.mark.parametrize("preset", sorted(MESH_PRESETS))
