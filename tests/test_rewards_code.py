@@ -17,7 +17,8 @@ import pytest
 
 from prime_jax.rewards import RewardPool, grade_response
 from prime_jax.rewards.code import CodeGrader, extract_code, grade, grade_batch, grade_detailed, parse_tests
-from prime_jax.rewards.sandbox import _UID_RANGES, capabilities, get_sandbox
+from prime_jax.rewards.sandbox import capabilities, get_sandbox
+from prime_jax.rewards.sandbox_procs import UID_RANGES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +116,7 @@ def _sandbox_uid_processes(include_zombies: bool = True, uid_only: int | None = 
         try:
             uid = os.stat(f"/proc/{name}").st_uid if name.isdigit() else -1
             if uid == uid_only if uid_only is not None else any(
-                    base <= uid < base + span for base, span in _UID_RANGES):
+                    base <= uid < base + span for base, span in UID_RANGES):
                 state = open(f"/proc/{name}/stat").read().rsplit(")", 1)[1].split()[0]
                 if include_zombies or state != "Z":
                     out.append(f"{name}:{state}")

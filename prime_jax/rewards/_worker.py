@@ -31,9 +31,9 @@ def main(rfd: int, wfd: int, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="[grading worker %(process)d] %(levelname)s %(name)s: %(message)s")
-    from prime_jax.rewards.sandbox import become_subreaper  # in the worker process only
+    from prime_jax.rewards.sandbox_procs import become_subreaper  # in the worker process only
 
-    become_subreaper()  # reap what code sandboxes leave behind (see sandbox.become_subreaper)
+    become_subreaper()  # reap what code sandboxes leave behind (see sandbox_procs.become_subreaper)
     inbox = Connection(rfd, writable=False)
     outbox = Connection(wfd, readable=False)
     cache: dict = {}

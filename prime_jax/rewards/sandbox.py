@@ -27,6 +27,9 @@ then execs the program), so no Python code runs between fork and exec here and i
 call from a threaded process (the one fork, to sweep a uid, happens only when single-threaded).
 Every capability (bounding set included) is dropped, whether or not the uid could be changed.  Features that are not available are recorded in
 ``capabilities().missing`` and logged once; nothing here imports jax or model code.
+
+The uid and the killing of what a run leaves live in ``sandbox_procs.py``, the file-system helpers
+(the Python installation, who can enter a directory) in ``sandbox_paths.py``.
 """
 from __future__ import annotations
 
@@ -38,14 +41,14 @@ import os
 import select
 import shutil
 import signal
-import socket
-import stat
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
+
+from prime_jax.rewards.sandbox_paths import others_can_traverse, prune_nested, python_paths, under
+from prime_jax.rewards.sandbox_procs import allocate_uid, count_user_processes, kill_group, sweep_uid
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +56,6 @@ _LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_l
 _WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/var/crash")
 _SYSTEM_READ_PATHS = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin", "/etc",
                       "/dev", "/proc", "/sys")
-_UID_RANGES = ((1_600_000_000, 4096), (45_000, 4096))
 _PROGRAM_ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
@@ -114,177 +116,8 @@ def _tail(path: str, n: int) -> str:
         return ""
 
 
-# ---------------------------------------------------------------------------- uid allocation
-_uid_lock = threading.Lock()
+# ---------------------------------------------------------------------------- the runner
 _run_lock = threading.Lock()  # one sandbox run at a time per process (they share the uid)
-_uid_state: dict = {}
-
-
-def _uid_mapped(uid: int, span: int) -> bool:
-    try:
-        with open("/proc/self/uid_map") as f:
-            for line in f:
-                inside, _outside, count = (int(x) for x in line.split())
-                if inside <= uid and uid + span <= inside + count:
-                    return True
-    except (OSError, ValueError):
-        return False
-    return False
-
-
-def _allocate_uid() -> int | None:
-    """A uid no other live grading process uses (held via an abstract unix socket name)."""
-    import pwd  # POSIX only; the sandbox alone needs it
-
-    with _uid_lock:
-        if _uid_state.get("pid") == os.getpid():
-            return _uid_state["uid"]
-        for base, span in _UID_RANGES:
-            if not _uid_mapped(base, span):
-                continue
-            for uid in range(base, base + span):
-                try:
-                    pwd.getpwuid(uid)
-                    continue  # a real account: never run as (or sweep) it
-                except KeyError:
-                    pass
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    s.bind(b"\0prime-jax-sandbox-uid-%d" % uid)
-                except OSError:
-                    s.close()
-                    continue
-                _uid_state.update(pid=os.getpid(), uid=uid, sock=s)
-                return uid
-        return None
-
-
-def _single_threaded() -> bool:
-    try:
-        return len(os.listdir("/proc/self/task")) == 1
-    except OSError:
-        return False
-
-
-def _kill_binary() -> str | None:
-    for path in ("/bin/kill", "/usr/bin/kill"):
-        if os.access(path, os.X_OK) and _others_can_traverse(path) is None:
-            return path
-    return None
-
-
-_reap_orphans = False
-
-
-def become_subreaper() -> bool:
-    """Make this process the reaper of its orphaned descendants (PR_SET_CHILD_SUBREAPER), so
-    sandbox leftovers killed by a uid sweep are reaped here, not left as zombies for an init
-    that may never reap them (they would count against the sandbox uid's RLIMIT_NPROC).
-
-    Only for processes whose every child is ours to reap: the grading workers call it."""
-    global _reap_orphans
-    try:
-        import ctypes  # optional: prctl where libc has it
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
-            return False
-    except (OSError, AttributeError):
-        return False
-    _reap_orphans = True
-    return True
-
-
-def _reap_children(max_wait: float = 2.0) -> None:
-    deadline = time.monotonic() + max_wait
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            if time.monotonic() >= deadline:
-                return
-            time.sleep(0.01)
-
-
-def _sweep_uid(uid: int) -> None:
-    """SIGKILL every process of ``uid``: ``kill(-1, SIGKILL)`` issued as that uid signals
-    exactly that uid's processes (except the sender).
-
-    Forks a helper when this process is single-threaded (a grading worker); otherwise (a caller
-    with native threads, where forking is unsafe) runs ``kill -9 -1`` as that uid."""
-    if _single_threaded():
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.setgroups([])
-                os.setresgid(uid, uid, uid)
-                os.setresuid(uid, uid, uid)
-                for _ in range(3):
-                    os.kill(-1, signal.SIGKILL)
-            except BaseException:  # noqa: BLE001 - ProcessLookupError: nothing left
-                pass
-            os._exit(0)
-        os.waitpid(pid, 0)
-        if _reap_orphans:
-            _reap_children()
-        return
-    kill = _kill_binary()
-    if kill is None:
-        logger.warning("cannot sweep sandbox uid %d from a threaded process without a kill binary", uid)
-        return
-    for _ in range(2):
-        try:
-            subprocess.run([kill, "-9", "-1"], user=uid, group=uid, extra_groups=[], env={}, cwd="/",
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=30, check=False)
-        except (OSError, subprocess.SubprocessError) as e:
-            logger.warning("could not sweep sandbox uid %d: %r", uid, e)
-            return
-
-
-# ---------------------------------------------------------------------------- probing
-def _python_paths() -> list[str]:
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-             os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable))}
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-        p = sysconfig.get_paths().get(key)
-        if p:
-            paths.add(p)
-    out = []
-    for p in sorted({os.path.realpath(p) for p in paths} | paths):
-        if os.path.isdir(p):
-            out.append(p)
-    return out
-
-
-def _others_can_traverse(path: str) -> str | None:
-    """First directory on the way to ``path`` that others cannot enter, or None if all can."""
-    cur = "/"
-    for part in os.path.abspath(path).strip("/").split("/"):
-        if not part:
-            continue
-        cur = os.path.join(cur, part)
-        try:
-            st = os.stat(cur)
-        except OSError:
-            return None
-        if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IXOTH:
-            return cur
-    return None
-
-
-def _prune_nested(paths: list[str]) -> list[str]:
-    out: list[str] = []
-    for p in sorted(set(paths), key=lambda x: (x.count("/"), x)):
-        if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
-            out.append(p)
-    return out
-
-
-def _under(path: str, roots: list[str]) -> bool:
-    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
 class Sandbox:
@@ -301,7 +134,7 @@ class Sandbox:
         self._want = dict(restrict_reads=restrict_reads, setuid=use_setuid, netns=use_netns,
                           pidns=use_pidns, mntns=use_mntns, landlock=use_landlock, seccomp=use_seccomp)
         self._python = sys.executable
-        self._python_paths = _python_paths()
+        self._python_paths = python_paths()
         self._caps: SandboxCapabilities | None = None
         self._lock = threading.Lock()
         self._swept = False
@@ -317,9 +150,14 @@ class Sandbox:
             return self._caps
 
     def _probe(self) -> SandboxCapabilities:
+        return self._first_that_runs(self._probe_features())
+
+    def _probe_features(self) -> SandboxCapabilities:
+        """What the launcher finds the kernel permits, less what was turned off; `missing` says why
+        each wanted layer is not there."""
         w = self._want
         root = os.geteuid() == 0
-        uid = _allocate_uid() if (root and w["setuid"]) else None
+        uid = allocate_uid() if (root and w["setuid"]) else None
         missing: list[str] = []
         try:
             out = subprocess.run(
@@ -343,7 +181,7 @@ class Sandbox:
         elif not setuid:
             missing.append("setuid not permitted")
         if setuid and not mntns:
-            blocked = [p for p in self._python_paths if _others_can_traverse(p)]
+            blocked = [p for p in self._python_paths if others_can_traverse(p)]
             if blocked:
                 setuid = False
                 missing.append(f"python installation not reachable by other users ({blocked[0]}) "
@@ -358,18 +196,21 @@ class Sandbox:
             missing.append("Landlock unavailable")
         if w["seccomp"] and not seccomp:
             missing.append("seccomp filter unavailable")
-        caps = SandboxCapabilities(
+        return SandboxCapabilities(
             setuid=setuid, uid=uid if setuid else None, netns=netns, pidns=pidns, mntns=mntns,
             landlock_abi=landlock, restrict_reads=bool(landlock and w["restrict_reads"]),
             seccomp=seccomp, missing=tuple(missing))
-        # smoke run; fall back step by step if a layer breaks the interpreter here
+
+    def _first_that_runs(self, caps: SandboxCapabilities) -> SandboxCapabilities:
+        """A smoke run with `caps`; falls back step by step if a layer breaks the interpreter here
+        (`usable` False when even resource limits alone fail)."""
         attempts = [caps]
         if caps.restrict_reads:
             attempts.append(dataclasses.replace(
                 caps, restrict_reads=False, missing=caps.missing + ("read restriction broke the smoke run",)))
         attempts.append(dataclasses.replace(
             caps, mntns=False, landlock_abi=0, restrict_reads=False,
-            setuid=caps.setuid and not any(_others_can_traverse(p) for p in self._python_paths),
+            setuid=caps.setuid and not any(others_can_traverse(p) for p in self._python_paths),
             missing=caps.missing + ("mount namespace/Landlock broke the smoke run",)))
         attempts.append(SandboxCapabilities(
             setuid=False, uid=None, netns=False, pidns=False, mntns=False, landlock_abi=0,
@@ -404,7 +245,7 @@ class Sandbox:
         fsize = self.fsize_mb * 1024 * 1024
         nproc = self.nproc
         if not caps.setuid:  # RLIMIT_NPROC counts every process of the (shared) real uid
-            nproc = _count_user_processes(os.getuid()) + self.nproc
+            nproc = count_user_processes(os.getuid()) + self.nproc
         cover: list[str] = []
         binds: list[list] = []
         if caps.mntns:
@@ -412,12 +253,12 @@ class Sandbox:
             for d in _WORLD_WRITABLE:
                 if os.path.isdir(d) and not os.path.islink(d):
                     ww.append(os.path.realpath(d))
-            hidden = [h for h in (_others_can_traverse(p) for p in self._python_paths + [workdir]) if h]
-            cover = _prune_nested(ww + (hidden if caps.setuid else []))
-            for p in _prune_nested(self._python_paths):
-                if _under(p, cover):
+            hidden = [h for h in (others_can_traverse(p) for p in self._python_paths + [workdir]) if h]
+            cover = prune_nested(ww + (hidden if caps.setuid else []))
+            for p in prune_nested(self._python_paths):
+                if under(p, cover):
                     binds.append([p, False])
-            if _under(workdir, cover):
+            if under(workdir, cover):
                 binds.append([workdir, True])
         read_paths = list(_SYSTEM_READ_PATHS) + self._python_paths
         return {
@@ -471,7 +312,7 @@ class Sandbox:
                 cfg = self._config(caps, workdir, timeout, status_w)
                 with open(in_path, "rb") as fin, open(out_path, "wb") as fout, open(err_path, "wb") as ferr:
                     if uid is not None and not caps.pidns and not self._swept:
-                        _sweep_uid(uid)  # leftovers of an earlier process that held this uid
+                        sweep_uid(uid)  # leftovers of an earlier process that held this uid
                         self._swept = True
                     proc = subprocess.Popen(
                         [self._python, "-I", "-S", _LAUNCHER, json.dumps(cfg)],
@@ -497,7 +338,7 @@ class Sandbox:
             return RunResult("sandbox_error", None, b"", time.monotonic() - t0, f"{type(e).__name__}: {e}")
         finally:
             if uid is not None and not caps.pidns:
-                _sweep_uid(uid)
+                sweep_uid(uid)
             shutil.rmtree(base, ignore_errors=True)
 
     def _supervise(self, proc: subprocess.Popen, status_r: int, timeout: float, uid, pidns: bool,
@@ -508,7 +349,7 @@ class Sandbox:
         while True:
             left = setup_deadline - time.monotonic()
             if left <= 0:
-                _kill_group(proc, uid, pidns)
+                kill_group(proc, uid, pidns)
                 return RunResult("sandbox_error", None, b"", time.monotonic() - t0, "launcher did not start")
             r, _, _ = select.select([status_r], [], [], left)
             if r:
@@ -525,9 +366,9 @@ class Sandbox:
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(proc, uid, pidns)
+            kill_group(proc, uid, pidns)
             return RunResult("timeout", None, b"", time.monotonic() - start, f"wall time > {timeout:.3g}s")
-        _kill_group(proc, uid, pidns)  # stragglers left in the group
+        kill_group(proc, uid, pidns)  # stragglers left in the group
         elapsed = time.monotonic() - start
         if rc == -signal.SIGXCPU or rc == -signal.SIGKILL and elapsed >= timeout:
             return RunResult("timeout", rc, b"", elapsed, "CPU time limit")
@@ -535,44 +376,6 @@ class Sandbox:
             return RunResult("output_limit", rc, b"", elapsed, "file size limit")
         return RunResult("ok" if rc == 0 else "runtime_error", rc, b"", elapsed,
                          "" if rc == 0 else f"exit status {rc}")
-
-
-def _kill_group(proc: subprocess.Popen, uid, pidns: bool) -> None:
-    """Kill the program and everything it started; reap the launcher."""
-    if pidns and proc.poll() is None:
-        # the launcher (grader's uid) SIGKILLs its child, the namespace's init, and reaps it; the
-        # kernel kills and reaps the rest of the namespace: no zombie is left anywhere
-        try:
-            proc.terminate()
-            proc.wait(timeout=3.0)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    if uid is not None and not pidns:
-        _sweep_uid(uid)  # anything that left the process group
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def _count_user_processes(uid: int) -> int:
-    n = 0
-    try:
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    if os.stat(f"/proc/{name}").st_uid == uid:
-                        n += 1
-                except OSError:
-                    pass
-    except OSError:
-        return 256
-    return n
 
 
 _sandboxes: dict = {}
