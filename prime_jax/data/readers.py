@@ -231,33 +231,41 @@ def read_problems(
       ``(problems, stats)``; malformed rows are skipped and counted by reason in ``stats``
       (also logged), never raised.
     """
+    rows, label, fmt, source = _open_rows(path_or_name, fmt, split, source)
+    rows = iter(rows)
+    if fmt is None:
+        rows, fmt = _detect_rows_format(rows, label)
+    fmt = _canonical_fmt(fmt)
+    stats = SkipStats(source=source or label)
     suffix = MATH_TASK_SUFFIX if task_suffix is None else task_suffix
+    problems = _parse_rows(rows, _PARSERS[fmt], source or fmt, suffix, system_prompt, stats)
+    stats.log()
+    return problems, stats
+
+
+def _open_rows(path_or_name: str | os.PathLike, fmt: str | None, split: str,
+               source: str | None) -> tuple[Iterable, str, str | None, str | None]:
+    """(numbered rows, the label logs use, fmt, source) of a file, directory, packaged benchmark
+    or HF dataset (see `read_problems`); a benchmark sets its own format and source by default."""
     s = os.fspath(path_or_name)
     p = Path(s).expanduser()
     if p.exists():
         if p.is_dir():
             p = _resolve_dir(p, split)
-        rows, label = _iter_file(p), str(p)
-    elif isinstance(path_or_name, os.PathLike) or _looks_like_path(s):
+        return _iter_file(p), str(p), fmt, source
+    if isinstance(path_or_name, os.PathLike) or _looks_like_path(s):
         raise FileNotFoundError(f"no such data file or directory: {s}")
-    elif _benchmark_name(s) is not None:
-        n = _benchmark_name(s)
-        if fmt is None:
-            fmt = BENCHMARKS[n][1]
-        source = source or n
-        rows, label = _iter_file(benchmark_path(n)), f"benchmark {n}"
-    else:
-        check_source_name(s)
-        rows, label = _iter_hf(s, split), f"hf:{s}[{split}]"
+    n = _benchmark_name(s)
+    if n is not None:
+        return (_iter_file(benchmark_path(n)), f"benchmark {n}", BENCHMARKS[n][1] if fmt is None else fmt,
+                source or n)
+    check_source_name(s)
+    return _iter_hf(s, split), f"hf:{s}[{split}]", fmt, source
 
-    rows = iter(rows)
-    if fmt is None:
-        rows, fmt = _detect_rows_format(rows, label)
-    fmt = _canonical_fmt(fmt)
-    parse = _PARSERS[fmt]
-    src = source or fmt
 
-    stats = SkipStats(source=source or label)
+def _parse_rows(rows: Iterator, parse, src: str, suffix: str, system_prompt: str | None,
+                stats: SkipStats) -> list[Problem]:
+    """The rows' problems; a malformed row is counted in `stats` by reason and skipped."""
     problems: list[Problem] = []
     for i, row in rows:
         where = f"row {i}"
@@ -276,8 +284,7 @@ def read_problems(
         prob.messages = apply_system_prompt(prob.messages, system_prompt)
         problems.append(prob)
         stats.keep()
-    stats.log()
-    return problems, stats
+    return problems
 
 
 def _detect_rows_format(rows: Iterator, label: str) -> tuple[Iterator, str]:
