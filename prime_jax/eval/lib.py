@@ -142,19 +142,29 @@ def evaluate_benchmark(name: str, problems: Sequence, *, tokenizer, pool, settin
             "extracted_answer": None, "ground_truth": p.ground_truth, "score": 0.0, "correct": False,
             "dropped": "prompt_too_long"}]
     records = [dict(rec, problem_index=k) for k, p in enumerate(problems) for rec in records_by_problem[id(p)]]
+    metrics = _benchmark_metrics([records_by_problem[id(p)] for p in kept], kept, records, n,
+                                 num_problems=len(problems), num_dropped=len(dropped), timing=timing, t0=t0)
+    logger.info("%s: pass@1 %.4f over %d problems (n=%d) in %.1fs", name, metrics["pass@1"], len(problems), n,
+                metrics["time_total_s"])
+    return BenchmarkResult(name=name, metrics=metrics, records=records)
+
+
+def _benchmark_metrics(kept_records: list[list[dict]], kept: Sequence, records: list[dict], n: int, *,
+                       num_problems: int, num_dropped: int, timing: collections.Counter, t0: float) -> dict[str, Any]:
+    """A benchmark's metrics from its records (`kept_records[i]`: the n records of `kept[i]`, a problem
+    whose prompt fitted; `records`: every record, dropped problems' too)."""
     sampled = [r for r in records if r["sample"] is not None]
     per_problem = [problem_metrics([r["score"] for r in recs],
                                    [answer_key(r["extracted_answer"]) for r in recs] if p.ability == "math" else None,
                                    [r["prm_reward"] for r in recs] if "prm_reward" in recs[0] else None,
                                    [r["prm_p_correct"] for r in recs] if "prm_p_correct" in recs[0] else None)
-                   for p in kept for recs in [records_by_problem[id(p)]]]
-
-    metrics: dict[str, Any] = aggregate(per_problem, len(dropped))
+                   for p, recs in zip(kept, kept_records)]
+    metrics: dict[str, Any] = aggregate(per_problem, num_dropped)
     if not per_problem:
         metrics.update({k: 0.0 for k in (f"pass@{k}" for k in k_values(n))})
     statuses = collections.Counter(r["grading_status"] for r in sampled)
     metrics.update({
-        "num_problems": len(problems), "num_dropped": len(dropped), "n": n,
+        "num_problems": num_problems, "num_dropped": num_dropped, "n": n,
         "response_length": float(np.mean([r["num_tokens"] for r in sampled])) if sampled else 0.0,
         "truncated_frac": float(1.0 - np.mean([r["finished"] for r in sampled])) if sampled else 0.0,
         "no_answer_frac": float(np.mean([r["extracted_answer"] is None for r in sampled])) if sampled else 0.0,
@@ -162,9 +172,7 @@ def evaluate_benchmark(name: str, problems: Sequence, *, tokenizer, pool, settin
         "time_generate_s": timing["generate"], "time_grade_s": timing["grade"], "time_prm_s": timing["prm"],
         "time_total_s": time.perf_counter() - t0,
     })
-    logger.info("%s: pass@1 %.4f over %d problems (n=%d) in %.1fs", name, metrics["pass@1"], len(problems), n,
-                metrics["time_total_s"])
-    return BenchmarkResult(name=name, metrics=metrics, records=records)
+    return metrics
 
 
 def _chunk_records(name: str, problems: Sequence, ids: Sequence[Sequence[int]], chunk: int, *, tokenizer, pool,
