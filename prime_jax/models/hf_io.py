@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -215,11 +216,31 @@ def save_pretrained(model: Qwen2ForCausalLM, path, *, max_shard_bytes: int = 2 *
     if writer:
         folder.mkdir(parents=True, exist_ok=True)
     out_dtype = jnp.dtype(dtype or config.param_dtype)
+    count, weight_map, total = _write_shards(_hf_tensors(model, out_dtype), folder, writer, max_shard_bytes)
+    if not writer:
+        return
+    _name_shards(folder, count, weight_map, total)
+    hf_config = config.to_hf_dict()
+    for key, value in (token_ids or {}).items():
+        if value is not None:
+            hf_config.setdefault(key, value)
+    # The dtype the tensors were written in (transformers 5 reads `dtype`, older readers and vLLM
+    # `torch_dtype`); `dtype="auto"` loaders pick it from here.
+    hf_config["torch_dtype"] = hf_config["dtype"] = out_dtype.name
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    if generation_config is not None:
+        (folder / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+
+
+def _hf_tensors(model: Qwen2ForCausalLM, out_dtype) -> list[tuple[str, Callable[[], np.ndarray]]]:
+    """(Hugging Face name, a function that gathers the tensor to the host in `out_dtype`), in file order."""
+    config = model.config
 
     def host(x) -> np.ndarray:  # collective on several processes: every process calls save_pretrained
         return to_host(jnp.asarray(x, out_dtype))
 
-    tensors: list[tuple[str, callable]] = [("model.embed_tokens.weight", lambda: host(model.embed_tokens.get_value()))]
+    tensors: list[tuple[str, Callable[[], np.ndarray]]] = [
+        ("model.embed_tokens.weight", lambda: host(model.embed_tokens.get_value()))]
     layer_names = _layer_tensors(config)
     for i in range(config.num_hidden_layers):
         for name, (pattern, _) in layer_names.items():
@@ -228,7 +249,13 @@ def save_pretrained(model: Qwen2ForCausalLM, path, *, max_shard_bytes: int = 2 *
     tensors.append(("model.norm.weight", lambda: host(model.final_norm.get_value())))
     if not config.tie_word_embeddings:
         tensors.append(("lm_head.weight", lambda: host(model.lm_head.get_value()).T))
+    return tensors
 
+
+def _write_shards(tensors, folder: Path, writer: bool, max_shard_bytes: int) -> tuple[int, dict[str, int], int]:
+    """Fetches the tensors one at a time into shards of at most `max_shard_bytes` (one tensor may
+    exceed it), written as `tmp-<k>.safetensors` when `writer`; returns (shard count, {name: shard
+    index}, total bytes)."""
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     weight_map: dict[str, int] = {}
@@ -254,9 +281,12 @@ def save_pretrained(model: Qwen2ForCausalLM, path, *, max_shard_bytes: int = 2 *
         size += nbytes
         total += nbytes
     flush()
-    if not writer:
-        return
-    count = len(files)
+    return len(files), weight_map, total
+
+
+def _name_shards(folder: Path, count: int, weight_map: dict[str, int], total: int) -> None:
+    """Renames the written shards to their final names (replacing an earlier export's) and writes
+    the index when there is more than one."""
     names = [_SINGLE_FILE] if count == 1 else [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
     for old in folder.glob("model*.safetensors"):
         old.unlink()
@@ -269,13 +299,3 @@ def save_pretrained(model: Qwen2ForCausalLM, path, *, max_shard_bytes: int = 2 *
                                      "weight_map": {n: names[s] for n, s in weight_map.items()}}, indent=2))
     elif index.exists():
         index.unlink()
-    hf_config = config.to_hf_dict()
-    for key, value in (token_ids or {}).items():
-        if value is not None:
-            hf_config.setdefault(key, value)
-    # The dtype the tensors were written in (transformers 5 reads `dtype`, older readers and vLLM
-    # `torch_dtype`); `dtype="auto"` loaders pick it from here.
-    hf_config["torch_dtype"] = hf_config["dtype"] = out_dtype.name
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
-    if generation_config is not None:
-        (folder / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
