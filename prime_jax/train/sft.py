@@ -142,26 +142,9 @@ def run_sft(model: nnx.Module, examples: Sequence[tuple[Sequence[int], Sequence[
     optimizer = sft_optimizer(lr, steps, warmup_steps, weight_decay, clip_norm)
     first, state = resume if resume is not None else (0, create_train_state(params, optimizer, mesh))
     step_fn = make_sft_step(graphdef, optimizer, chunk_size=chunk_size)
-    longest_prompt = max(len(p) for p, _ in examples)
-    longest_response = max(len(r) for _, r in examples)
-
-    def bucket(length: int, longest: int) -> int:
-        return min(-(-length // pad_multiple) * pad_multiple, longest)
-    rng = np.random.default_rng([int(seed), 7_001])
-    order, pos = rng.permutation(len(examples)), 0
     start, acc = time.time(), []
-    for k in range(1, steps + 1):
-        if pos + batch_size > len(order):
-            order, pos = rng.permutation(len(examples)), 0
-        idx = order[pos:pos + batch_size] if batch_size <= len(order) else rng.choice(len(order), batch_size)
-        pos += batch_size
-        if k <= first:  # resumed: these batches were trained on before
-            continue
-        rows = [examples[i] for i in idx]
-        batch = pad_examples(rows, pad_id, bucket(max(len(p) for p, _ in rows), longest_prompt),
-                             bucket(max(len(r) for _, r in rows), longest_response))
-        batch = put_rows(batch, mesh)
-        state, metrics = step_fn(state, batch)
+    for k, batch in _sft_batches(examples, steps, batch_size, seed, first, pad_id, pad_multiple):
+        state, metrics = step_fn(state, put_rows(batch, mesh))
         acc.append(metrics)
         if log_fn is not None and (k % log_every == 0 or k == steps):
             host = to_host(acc)
@@ -180,3 +163,25 @@ def run_sft(model: nnx.Module, examples: Sequence[tuple[Sequence[int], Sequence[
             if stop:
                 raise SFTPreempted(k)
     return nnx.merge(graphdef, state.params)
+
+
+def _sft_batches(examples, steps: int, batch_size: int, seed: int, first: int, pad_id: int, pad_multiple: int):
+    """(k, padded numpy batch) for steps k = first+1 .. steps (see `run_sft`): the batches of steps up to
+    `first` are drawn and skipped, so a resumed run trains on what an uninterrupted one would."""
+    longest_prompt = max(len(p) for p, _ in examples)
+    longest_response = max(len(r) for _, r in examples)
+
+    def bucket(length: int, longest: int) -> int:
+        return min(-(-length // pad_multiple) * pad_multiple, longest)
+    rng = np.random.default_rng([int(seed), 7_001])
+    order, pos = rng.permutation(len(examples)), 0
+    for k in range(1, steps + 1):
+        if pos + batch_size > len(order):
+            order, pos = rng.permutation(len(examples)), 0
+        idx = order[pos:pos + batch_size] if batch_size <= len(order) else rng.choice(len(order), batch_size)
+        pos += batch_size
+        if k <= first:  # resumed: these batches were trained on before
+            continue
+        rows = [examples[i] for i in idx]
+        yield k, pad_examples(rows, pad_id, bucket(max(len(p) for p, _ in rows), longest_prompt),
+                              bucket(max(len(r) for _, r in rows), longest_response))
