@@ -56,6 +56,11 @@ def reference_params(config, workdir, mesh, *, builder: RunBuilder | None = None
     model = builder.load_model(vocab_size=len(tokenizer))
     if c.sft.steps == 0:
         return split_params(model)[1]
+    return _train_reference(c, model, tokenizer, layout, mesh, is_main)
+
+
+def _sft_examples(c, tokenizer) -> tuple[list, int]:
+    """(the encoded demonstrations of sft.data, less the held-out problems; how many were too long)."""
     exclude = held_out(load_eval_sets(c)[0])
     examples, dropped = encode_examples(tokenizer, sft_pairs(c, exclude), max_prompt_tokens=c.data.max_prompt_tokens,
                                         max_response_tokens=c.rollout.max_new_tokens)
@@ -63,6 +68,13 @@ def reference_params(config, workdir, mesh, *, builder: RunBuilder | None = None
         raise DataError(f"sft.data: all {dropped} demonstrations are longer than data.max_prompt_tokens="
                         f"{c.data.max_prompt_tokens} (prompt) or rollout.max_new_tokens={c.rollout.max_new_tokens} "
                         "(response); raise them or use shorter demonstrations")
+    return examples, dropped
+
+
+def _train_reference(c, model, tokenizer, layout: RunLayout, mesh, is_main: bool):
+    """Runs the SFT stage from `model` (resumable from WORKDIR/sft_checkpoints), saves the params in
+    WORKDIR/reference and returns them."""
+    examples, dropped = _sft_examples(c, tokenizer)
     layout.workdir.mkdir(parents=True, exist_ok=True)
     folder = layout.workdir / "sft_checkpoints"
     checkpointer = ckpt.RunCheckpointer(folder, keep=1, async_save=False)
