@@ -15,7 +15,8 @@ slots, and prints the length distribution, tokens/s ratios and the slot utilisat
 With a real model (`--model=PATH-or-name`, see `real_workload`), both sides run its own weights
 (ours from `from_pretrained`, transformers from the same HF folder: for a GGUF or the packaged
 name, the converted one), on the first `--prompts` GSM8K problems in the model's chat template with
-the paper's instruction, stopping at the tokenizer's end-of-response ids.
+the paper's instruction, stopping at the tokenizer's end-of-response ids; transformers runs in a
+child process (`--hf-child`, a fresh interpreter without jax), so neither side slows the other.
 
 Model: a random Qwen2 built with transformers (hidden 256, 4 layers, 4 query / 2 kv heads of 64,
 MLP 1024, vocab 4096, untied; q/k/v biases randomised), saved with `save_pretrained` and loaded
