@@ -34,7 +34,7 @@ from flax import nnx  # noqa: E402
 
 from prime_jax.models import Qwen2Config, Qwen2ForCausalLM, load_config  # noqa: E402
 from prime_jax.parallel import make_mesh  # noqa: E402
-from prime_jax.train import create_train_state, make_train_steps, policy_optimizer  # noqa: E402
+from prime_jax.train import PrimeBatch, create_train_state, make_train_steps, policy_optimizer  # noqa: E402
 
 
 def clock(fn) -> tuple[float, float]:
@@ -109,7 +109,8 @@ def main():
     steps = make_train_steps(model, optimizer, None, mesh, n=args.n, micro_batches=args.micro_batches,
                              chunk_size=args.chunk_size)
     state = create_train_state(model, optimizer, mesh)
-    batch = jax.device_put(make_batch(config, args.batch, args.prompt_len, args.response_len), steps.batch_sharding)
+    batch = PrimeBatch(**jax.device_put(make_batch(config, args.batch, args.prompt_len, args.response_len),
+                                        steps.batch_sharding))
 
     start = time.perf_counter()
     state, metrics = steps.policy(state, batch)

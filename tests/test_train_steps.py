@@ -20,6 +20,7 @@ from prime_jax.train import (
     split_micro_batches,
     split_params,
 )
+from prime_jax.train.batch import PrimeBatch
 
 CFG = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -86,7 +87,7 @@ def assert_trees_close(a, b, atol=1e-5):
 def run(model, mesh, step_name, opt=SGD, batch=None, k=1, **kw):
     steps = steps_for(model, mesh, opt, k, **kw)
     state = create_train_state(model, opt, mesh)
-    state, metrics = getattr(steps, step_name)(state, make_batch() if batch is None else batch)
+    state, metrics = getattr(steps, step_name)(state, PrimeBatch(**(make_batch() if batch is None else batch)))
     return state, jax.device_get(metrics)
 
 
@@ -134,12 +135,12 @@ def test_policy_gradient_at_ratio_one(model, meshes):
     steps = steps_for(model, mesh, SGD, 2)
     graphdef, params = split_params(model)
     batch = make_batch()
-    batch["old_logprobs"] = np.asarray(steps.score(params, None, None, batch)["old_logprobs"])
-    new_state, metrics = steps.policy(create_train_state(model, SGD, mesh), batch)
+    batch["old_logprobs"] = np.asarray(steps.score(params, None, None, PrimeBatch(**batch))["old_logprobs"])
+    new_state, metrics = steps.policy(create_train_state(model, SGD, mesh), PrimeBatch(**batch))
     step_grad = jax.tree.map(lambda p, q: p - q, params, new_state.params)
 
     def explicit(p):  # -mean_b (1/|b|) sum_t A * log pi  (seq-mean-token-mean)
-        lp = sequence_logprobs(graphdef, p, batch, temperature=1.0, chunk_size=128)
+        lp = sequence_logprobs(graphdef, p, PrimeBatch(**batch), temperature=1.0, chunk_size=128)
         mask = batch["response_mask"]
         return -jnp.mean(jnp.sum(batch["advantages"] * lp * mask, -1) / jnp.sum(mask, -1))
 
@@ -152,8 +153,9 @@ def test_score_matches_direct_logprobs(model, meshes):
     steps = steps_for(model, meshes["8dev"], SGD, 2)
     _, params = split_params(model)
     batch = make_batch()
-    out = jax.device_get(steps.score(params, params, params, batch))
-    direct = jax.jit(sequence_logprobs, static_argnums=(0, 4))(nnx.graphdef(model), params, batch, 1.0, 128)
+    out = jax.device_get(steps.score(params, params, params, PrimeBatch(**batch)))
+    direct = jax.jit(sequence_logprobs, static_argnums=(0, 4))(nnx.graphdef(model), params, PrimeBatch(**batch),
+                                                               1.0, 128)
     direct = np.asarray(direct) * batch["response_mask"]
     for key in ("old_logprobs", "prm_logprobs", "ref_logprobs"):
         np.testing.assert_allclose(out[key], direct, atol=1e-5)
@@ -166,12 +168,12 @@ def test_prm_learns_outcomes(model, meshes, prm_loss_type):
     _, params = split_params(model)
     batch = make_batch()
     score = steps_for(model, mesh, SGD, 2).score
-    batch["ref_logprobs"] = np.asarray(score(params, None, params, batch)["ref_logprobs"])
+    batch["ref_logprobs"] = np.asarray(score(params, None, params, PrimeBatch(**batch))["ref_logprobs"])
     batch["group_scores"] = np.zeros(B, np.float32)  # the scoring pass of a PRM equal to its reference
     state = create_train_state(model, ADAM, mesh)  # PRM == reference: q = 0, loss = log 2
     losses, accs = [], []
     for _ in range(15):
-        state, metrics = steps.prm(state, batch)
+        state, metrics = steps.prm(state, PrimeBatch(**batch))
         losses.append(float(metrics["loss"]))
         accs.append(float(metrics["dpo_accuracy"]))
     assert abs(losses[0] - math.log(2)) < 1e-5
@@ -186,14 +188,14 @@ def test_prm_and_reference_logprobs_ignore_the_temperature(model, meshes):
     mesh = meshes["8dev"]
     hot = steps_for(model, mesh, SGD, 2, temperature=0.5)
     _, params = split_params(model)
-    batch = make_batch()
+    batch = PrimeBatch(**make_batch())
     raw = jax.device_get(steps_for(model, mesh, SGD, 2).score(params, None, None, batch))["old_logprobs"]
     out = jax.device_get(hot.score(params, params, params, batch))
     np.testing.assert_allclose(out["prm_logprobs"], raw, atol=1e-5)
     np.testing.assert_allclose(out["ref_logprobs"], raw, atol=1e-5)
     assert np.abs(out["old_logprobs"] - raw).max() > 1e-2  # the policy's do use it
     state, metrics = hot.prm(create_train_state(model, SGD, mesh), batch)
-    np.testing.assert_allclose(np.asarray(metrics["q"]), (raw - batch["ref_logprobs"]) * batch["response_mask"],
+    np.testing.assert_allclose(np.asarray(metrics["q"]), (raw - batch.ref_logprobs) * batch.response_mask,
                                atol=1e-5)
 
 
@@ -207,12 +209,12 @@ def test_nan_batch_is_skipped(model, meshes, step_name, key):
     bad = make_batch()
     bad[key] = bad[key].copy()
     bad[key][1, 0] = np.nan
-    state, metrics = getattr(steps, step_name)(state, bad)
+    state, metrics = getattr(steps, step_name)(state, PrimeBatch(**bad))
     assert int(metrics["nan_skipped"]) == 1
     assert int(state.nan_skips) == 1 and int(state.step) == 0
     for x, y in zip(before, host((state.params, state.opt_state)), strict=True):
         np.testing.assert_array_equal(x, y)
-    state, metrics = getattr(steps, step_name)(state, make_batch())  # a clean batch still trains
+    state, metrics = getattr(steps, step_name)(state, PrimeBatch(**make_batch()))  # a clean batch still trains
     assert int(metrics["nan_skipped"]) == 0 and int(state.step) == 1 and int(state.nan_skips) == 1
     assert not np.array_equal(host(state.params)[0], before[0])
 
@@ -235,7 +237,6 @@ def test_prm_phase_modes(model, meshes, mode):
     """prm_phase.run_prm_phase: which q the policy gets (and which are 'fresh') in each algo.prm_update mode,
     two PRM mini-batches per phase."""
     from prime_jax import algo
-    from prime_jax.train.batch import PrimeBatch
     from prime_jax.train.prm_phase import run_prm_phase
 
     mesh = meshes["8dev"]
@@ -245,7 +246,7 @@ def test_prm_phase_modes(model, meshes, mode):
     take_rows = lambda rows: prime_batch.rows(rows).to_device(mesh)
     state = create_train_state(model, ADAM, mesh)
     start = host(state.params)
-    q_of = lambda params: (np.asarray(steps.score(None, params, None, batch)["prm_logprobs"])
+    q_of = lambda params: (np.asarray(steps.score(None, params, None, prime_batch)["prm_logprobs"])
                            - batch["ref_logprobs"]) * batch["response_mask"]
     q_start = q_of(state.params)
     state, q_given, metrics = run_prm_phase(steps, state, prime_batch, mode=mode, mini_batch=B // 2, n=N,
@@ -280,7 +281,6 @@ def test_reverse_gives_dpo_the_first_pass_group_scores(model, meshes):
     loss is the numpy twin of veRL's loss on those scores (one row per micro-batch)."""
     from test_algo import np_prm_dpo_loss
 
-    from prime_jax.train.batch import PrimeBatch
     from prime_jax.train.prm_phase import run_prm_phase
 
     mesh = meshes["1dev"]
@@ -290,7 +290,7 @@ def test_reverse_gives_dpo_the_first_pass_group_scores(model, meshes):
     prime_batch = PrimeBatch(**batch)
     take_rows = lambda rows: prime_batch.rows(rows).to_device(mesh)
     state = create_train_state(model, ADAM, mesh)
-    prm_lp = np.asarray(steps.score(None, state.params, None, batch)["prm_logprobs"])
+    prm_lp = np.asarray(steps.score(None, state.params, None, prime_batch)["prm_logprobs"])
     q_start = (prm_lp - batch["ref_logprobs"]) * batch["response_mask"]
     state, q_given, metrics = run_prm_phase(steps, state, prime_batch, mode="reverse", mini_batch=B // 2, n=N,
                                             take_rows=take_rows, group_scores=True)
@@ -299,7 +299,7 @@ def test_reverse_gives_dpo_the_first_pass_group_scores(model, meshes):
     scores = q_start.sum(1)
     twin_q, losses = [], []
     for rows in (np.arange(B // 2), np.arange(B // 2, B)):
-        twin, m = steps.prm(twin, {**{k: v[rows] for k, v in batch.items()}, "group_scores": scores[rows]})
+        twin, m = steps.prm(twin, prime_batch.rows(rows).replace(group_scores=scores[rows]))
         twin_q.append(np.asarray(m["q"]))
         losses.append(float(m["loss"]))
     assert_trees_close(state.params, twin.params)

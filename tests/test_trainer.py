@@ -290,9 +290,9 @@ def test_process_rewards_with_the_sft_log_probs(tmp_path, monkeypatch, source):
     seen = []  # per step: (the q the policy gets, the SFT log-probs of the batch)
     real_update = trainer.update_prm
 
-    def recording_update(batch, *args):
-        out = real_update(batch, *args)
-        seen.append((np.asarray(jax.device_get(out[0])),
+    def recording_update(prm, batch, *args):  # -> (prm state, q, metrics)
+        out = real_update(prm, batch, *args)
+        seen.append((np.asarray(jax.device_get(out[1])),
                      np.asarray(jax.device_get(batch.ref_logprobs * batch.response_mask))))
         return out
 

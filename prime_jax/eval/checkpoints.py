@@ -21,9 +21,10 @@ logger = logging.getLogger("prime_jax.evaluate")
 @dataclasses.dataclass
 class CheckpointSpec:
     """A resolved --checkpoint / --prm / --reference: an HF folder or hub id, a run checkpoint
-    (orbax, WORKDIR/checkpoints/<step>), or the config's own model ("config")."""
+    (orbax, WORKDIR/checkpoints/<step>), a run's SFT weights (WORKDIR/reference), or the config's
+    own model ("config")."""
 
-    kind: str  # "hf" | "run" | "config"
+    kind: str  # "hf" | "run" | "sft" | "config"
     path: str = ""  # hf: folder or hub id; run: the checkpoints/ folder
     step: int | None = None
     run_dir: Path | None = None  # the training workdir a run checkpoint (or hf_export) belongs to
@@ -33,6 +34,8 @@ class CheckpointSpec:
             return f"{self.path}/{self.step} (orbax run checkpoint)"
         if self.kind == "hf":
             return f"{self.path} ({'GGUF' if is_model_file_or_name(self.path) else 'Hugging Face'})"
+        if self.kind == "sft":
+            return f"{self.path} (the run's SFT weights: its frozen reference)"
         return "config.model.path"
 
 
@@ -56,6 +59,8 @@ def resolve_checkpoint(spec: str) -> CheckpointSpec:
         return CheckpointSpec("run", str(run.checkpoints), steps[-1], run_dir=p)
     if (run.hf_export / "config.json").exists():
         return CheckpointSpec("hf", str(run.hf_export), run_dir=p)
+    if ckpt.params_saved(p) and (p.parent / "config.json").exists():
+        return CheckpointSpec("sft", str(p), run_dir=p.parent)  # WORKDIR/reference: the RL start
     if p.name.isdigit() and (p / "state").is_dir():
         return CheckpointSpec("run", str(p.parent), int(p.name), run_dir=p.parent.parent)
     steps = checkpoint_steps(p)
@@ -63,7 +68,7 @@ def resolve_checkpoint(spec: str) -> CheckpointSpec:
         return CheckpointSpec("run", str(p), steps[-1], run_dir=p.parent)
     raise FileNotFoundError(
         f"checkpoint {spec!r} is neither an HF folder (config.json + *.safetensors), a training workdir with "
-        f"checkpoints/<step>/ or hf_export/, a checkpoints/ folder nor a step folder")
+        f"checkpoints/<step>/ or hf_export/, a checkpoints/ folder, a step folder nor a run's reference/ folder")
 
 
 def run_config(run_dir: Path | None) -> dict:
@@ -86,6 +91,8 @@ def run_builder(config, mesh, run_dir: Path | None = None) -> RunBuilder:
 
 def load_model(spec: CheckpointSpec, config, mesh, *, vocab_size: int, which: str = "policy"):
     """The model a CheckpointSpec names, on `mesh`, in the config's dtypes (through `RunBuilder`)."""
+    if spec.kind == "sft":
+        return run_reference(spec.run_dir, config, mesh, vocab_size)
     builder = run_builder(config, mesh, spec.run_dir if spec.kind == "run" else None)
     if spec.kind == "hf":
         return builder.load_model(spec.path, vocab_size=vocab_size)

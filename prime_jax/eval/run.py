@@ -189,6 +189,8 @@ def _checkpoint_tag(spec: CheckpointSpec, config) -> str:
     folder's name for an HF one, the model path's last part for the config's model."""
     if spec.kind == "run":
         return f"step{spec.step}"
+    if spec.kind == "sft":
+        return "sft"
     if spec.kind == "hf":
         return Path(spec.path).name
     return Path(config.model.path).name or "model"

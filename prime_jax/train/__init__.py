@@ -7,7 +7,8 @@
 * ``run_data``, ``rollouts``: what a run reads (tokenizer, eval sets, prompts) and a step's rollouts
   (draw → sample → grade → filter → batch, and their log-probs);
 * ``prm_phase``, ``process_rewards``: the implicit PRM's update and the step's q, and q → advantages;
-* ``loop``: the PRIME iteration (``Trainer.step``) and the run around it;
+* ``run_state``, ``loop``: what an iteration reads and writes (``RunState``, checkpointed whole), the PRIME
+  iteration as a transition (``Trainer.step(state, step) -> (state, row)``) and the run around it (its hooks);
 * ``warm_start``, ``sft``: the SFT stage that makes the frozen reference;
 * ``evaluation``, ``report``, ``metrics``, ``checkpoint``, ``run_config``, ``preemption``: held-out
   eval, the token-reward pages, metrics files, checkpoints and export, the config across restarts,
@@ -15,6 +16,7 @@
 """
 
 from prime_jax.train.accumulate import accumulate_gradients, merge_micro_batches, split_micro_batches
+from prime_jax.train.batch import PrimeBatch
 from prime_jax.train.state import (
     TrainState,
     create_train_state,
@@ -27,6 +29,7 @@ from prime_jax.train.state import (
 from prime_jax.train.steps import TrainSteps, apply_update, make_train_steps, sequence_logprobs
 
 __all__ = [
+    "PrimeBatch",
     "TrainState",
     "TrainSteps",
     "accumulate_gradients",

@@ -9,7 +9,7 @@ all build through it, so they cannot drift apart.
     builder.train_steps(model)                  # make_train_steps(...) as the loop runs them
     builder.sampler()                           # the rollout Sampler (buckets, decode slots)
     builder.compile_rollout(sampler, model, key)  # the rollout's prefill/decode programs, abstract or real
-    builder.abstract_batch(rows, keys)          # a training batch's shapes and shardings
+    builder.abstract_batch(program, rows)       # the batch a program takes (PrimeBatch.present), as shapes
     builder.abstract_run_state(params)          # what a run checkpoint holds (policy, PRM, key)
     RunLayout(workdir)                          # where a run keeps its files
 
@@ -235,21 +235,10 @@ class RunBuilder:
 
     def batch_fields(self, program: str) -> tuple[str, ...]:
         """The `PrimeBatch` fields set when the loop calls `program` ("score", "prm_score", "prm",
-        "policy"): they are the program's inputs (a field not set yet is an empty pytree node)."""
+        "policy"): they are the program's inputs (`PrimeBatch.present`)."""
         c = self.config
-        fields = ["prompt_ids", "prompt_mask", "response_ids", "response_mask"]
-        if program != "score" or not c.rollout.overlap_scoring:  # overlapped: scored before grading
-            fields.append("outcome")
-        fields.append("old_logprobs")  # the sampler's, or scored (before any update)
-        if program == "score":
-            fields = [f for f in fields if f != "old_logprobs" or not c.algo.recompute_old_logprobs]
-        elif self.uses_process_rewards:
-            fields.append("ref_logprobs")
-        if program == "policy":
-            fields.append("advantages")
-        if program == "prm" and c.algo.prm_loss in algo.GROUP_SCORE_LOSS_TYPES:
-            fields.append("group_scores")  # from the scoring pass before the updates (algo.prm_update "reverse")
-        return tuple(fields)
+        return PrimeBatch.present(program, scored=self.scored_fields(), overlap_scoring=c.rollout.overlap_scoring,
+                                  group_scores=c.algo.prm_loss in algo.GROUP_SCORE_LOSS_TYPES)
 
     def abstract_batch(self, program: str, rows: int, response_len: int | None = None) -> PrimeBatch:
         """The batch of `rows` rows the loop passes to `program` (`batch_fields`), as sharded
@@ -258,9 +247,10 @@ class RunBuilder:
         columns = {"prompt": self.prompt_width, "response": response_len or self.config.rollout.max_new_tokens}
         sharding = batch_sharding(self.mesh, 1)
         out = {}
-        for k in self.batch_fields(program):
-            kind, dtype, _ = PrimeBatch.FIELDS[k]
-            out[k] = jax.ShapeDtypeStruct((rows, columns[kind]) if kind else (rows,), dtype, sharding=sharding)
+        for name in self.batch_fields(program):
+            f = PrimeBatch.FIELDS[name]
+            shape = (rows, columns[f.columns]) if f.columns else (rows,)
+            out[name] = jax.ShapeDtypeStruct(shape, f.dtype, sharding=sharding)
         return PrimeBatch(**out)
 
     def abstract_train_state(self, params, which: str):

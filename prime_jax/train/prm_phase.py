@@ -54,14 +54,14 @@ def ranking_metrics(q_fresh: np.ndarray, q_given: np.ndarray, response_mask: np.
     }
 
 
-def score_q(steps: TrainSteps, prm_params, host: dict, chunks: Sequence[np.ndarray],
+def score_q(steps: TrainSteps, prm_params, host: PrimeBatch, chunks: Sequence[np.ndarray],
             take_rows: Callable[[np.ndarray], PrimeBatch]) -> np.ndarray:
     """`[B, R]` q of every row under `prm_params` (raw-logit log-probs against the batch's
     ref_logprobs, `host` holding them and the response mask), one scoring call per chunk of rows,
     all dispatched before the one fetch."""
     pending = [steps.score(None, prm_params, None, take_rows(rows))["prm_logprobs"] for rows in chunks]
     prm_logprobs = np.concatenate(to_host(pending))
-    return np.asarray(algo.implicit_token_rewards(prm_logprobs, host["ref_logprobs"], host["response_mask"]),
+    return np.asarray(algo.implicit_token_rewards(prm_logprobs, host.ref_logprobs, host.response_mask),
                       np.float32)
 
 
@@ -82,7 +82,7 @@ def run_prm_phase(steps: TrainSteps, prm_state, batch: PrimeBatch, *, mode: str,
         raise ValueError(f"the dpo / bon_* PRM losses read the group scores of a scoring pass before the updates, "
                          f"which only mode 'reverse' runs, got {mode!r}")
     t = time.perf_counter()
-    host = to_host(batch.select(("ref_logprobs", "response_mask", "outcome")))
+    host = to_host(batch.only(("ref_logprobs", "response_mask", "outcome")))
     chunks = [np.arange(start, start + mini_batch) for start in range(0, batch.num_rows, mini_batch)]
     q_first = score_q(steps, prm_state.params, host, chunks, take_rows) if mode in ("reverse", "none") else None
     scores = q_first.sum(axis=1, dtype=np.float32) if group_scores else None  # veRL's Q_bc, one per row
@@ -104,7 +104,7 @@ def run_prm_phase(steps: TrainSteps, prm_state, batch: PrimeBatch, *, mode: str,
     if updates:
         metrics = {f"prm/{k}": float(np.mean([m[k] for m in updates])) for k in ("loss", "grad_norm")}
         metrics["prm/nan_skipped"] = int(sum(int(m["nan_skipped"]) for m in updates))
-    metrics.update(ranking_metrics(q_fresh, q_given, host["response_mask"], host["outcome"], n))
+    metrics.update(ranking_metrics(q_fresh, q_given, host.response_mask, host.outcome, n))
     metrics["time/prm_s"] = time.perf_counter() - t
     return prm_state, q_given, metrics
 

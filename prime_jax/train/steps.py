@@ -1,16 +1,11 @@
 """The jitted programs of one PRIME iteration: score, PRM update, policy (PPO) update.
 
 All three are pure functions of `(state or params, batch)` compiled with explicit shardings on
-a `(data, fsdp, tensor)` mesh. Batch (dict of arrays, rows grouped by prompt, n contiguous):
-
-    prompt_ids [B,P] int (left-padded)   prompt_mask [B,P]
-    response_ids [B,R] int (right-padded) response_mask [B,R]
-    old_logprobs [B,R]  advantages [B,R]  ref_logprobs [B,R]  outcome [B] float
-    group_scores [B] float (sum of q per row from the scoring pass before the PRM's updates)
-
-Each step reads only the keys it needs (score: the four id/mask arrays; prm: + ref_logprobs,
-outcome, and group_scores for the dpo / bon_* losses; policy: + old_logprobs, advantages). Rows
-are sharded over the mesh's data axes, so B (and B/micro_batches) should be a multiple of data*fsdp.
+a `(data, fsdp, tensor)` mesh. The batch is a `PrimeBatch` (train/batch.py: its fields, shapes and
+dtypes; rows grouped by prompt, n contiguous), and each step reads only the fields
+`PrimeBatch.needs(program)` names (score: the four id/mask arrays; prm: + ref_logprobs, outcome, and
+group_scores for the dpo / bon_* losses; policy: + old_logprobs, advantages). Rows are sharded over
+the mesh's data axes, so B (and B/micro_batches) should be a multiple of data*fsdp.
 
 Gradient accumulation: a mini-batch is split into `micro_batches` micro-batches of whole prompt
 groups and gradients are summed in a `lax.scan`. Each micro-batch's loss is weighted by its
@@ -43,24 +38,11 @@ from prime_jax.train.accumulate import accumulate_gradients, merge_micro_batches
 from prime_jax.train.batch import PrimeBatch
 from prime_jax.train.state import TrainState, split_params, train_state_shardings
 
-SCORE_KEYS, PRM_KEYS, POLICY_KEYS = (PrimeBatch.READS[program] for program in ("score", "prm", "policy"))
-GROUP_SCORES_KEY = "group_scores"  # read by the PRM step of the dpo / bon_* losses (algo.GROUP_SCORE_LOSS_TYPES)
-
-
-def _select(batch, keys):
-    if not isinstance(batch, dict):  # a PrimeBatch
-        return batch.select(keys)
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise KeyError(f"batch is missing {missing}")
-    return {k: batch[k] for k in keys}
-
-
-def sequence_logprobs(graphdef, params, batch, temperature: float, chunk_size: int) -> jax.Array:
+def sequence_logprobs(graphdef, params, batch: PrimeBatch, temperature: float, chunk_size: int) -> jax.Array:
     """`[B,R]` log-probs of the response tokens under `params` (the shared chunked function)."""
     model = nnx.merge(graphdef, params)
-    return response_logprobs(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
-                             batch["response_mask"], temperature=temperature, chunk_size=chunk_size)
+    return response_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
+                             temperature=temperature, chunk_size=chunk_size)
 
 
 def apply_update(state: TrainState, grads, loss, optimizer: optax.GradientTransformation):
@@ -109,15 +91,15 @@ class TrainSteps(NamedTuple):
 def _policy_step_fn(logprobs, split, param_sh, optimizer, clip_eps: float, agg: str):
     """The PPO-clip policy step `(TrainState, batch) -> (TrainState, metrics)` (not jitted)."""
 
-    def policy_step(state: TrainState, batch):
-        batch = _select(batch, POLICY_KEYS)
-        tokens = jnp.sum(batch["response_mask"].astype(jnp.float32))
+    def policy_step(state: TrainState, batch: PrimeBatch) -> tuple[TrainState, dict[str, jax.Array]]:
+        batch = batch.only(PrimeBatch.needs("policy"))
+        tokens = jnp.sum(batch.response_mask.astype(jnp.float32))
         units = lambda mask: jnp.sum(mask) if agg == "token-mean" else jnp.sum(jnp.any(mask, axis=-1))
-        total_units = jnp.maximum(units(batch["response_mask"].astype(bool)).astype(jnp.float32), 1.0)
+        total_units = jnp.maximum(units(batch.response_mask.astype(bool)).astype(jnp.float32), 1.0)
 
-        def loss_fn(params, mb):
-            mask = mb["response_mask"]
-            loss, m = policy_loss(logprobs(params, mb), mb["old_logprobs"], mb["advantages"], mask, clip_eps, agg)
+        def loss_fn(params, mb: PrimeBatch):
+            mask = mb.response_mask
+            loss, m = policy_loss(logprobs(params, mb), mb.old_logprobs, mb.advantages, mask, clip_eps, agg)
             token_share = jnp.sum(mask.astype(jnp.float32)) / jnp.maximum(tokens, 1.0)
             aux = {"clip_frac": m["clip_frac"] * token_share, "approx_kl": m["approx_kl"] * token_share,
                    "ratio_max": m["ratio_max"]}
@@ -135,7 +117,7 @@ def _policy_step_fn(logprobs, split, param_sh, optimizer, clip_eps: float, agg: 
 def _prm_step_fn(raw_logprobs, split, merge, param_sh, optimizer, prm_loss_type: str, n: int, beta: float):
     """The implicit PRM step `(TrainState, batch) -> (TrainState, metrics with q)` (not jitted)."""
 
-    keys = PRM_KEYS + ((GROUP_SCORES_KEY,) if prm_loss_type in GROUP_SCORE_LOSS_TYPES else ())
+    reads = PrimeBatch.needs("prm", group_scores=prm_loss_type in GROUP_SCORE_LOSS_TYPES)
 
     def prm_units(outcome):
         """What the PRM loss averages over: the rows (ce, dpo, bon_*), the summed pair weights (pairwise)."""
@@ -143,35 +125,68 @@ def _prm_step_fn(raw_logprobs, split, merge, param_sh, optimizer, prm_loss_type:
             return jnp.sum(prm_pair_weights(outcome, n))
         return outcome.shape[0]
 
-    def prm_loss_fn(lp, mb):
+    def prm_loss_fn(lp, mb: PrimeBatch):
         """The configured PRM loss of one micro-batch."""
-        mask, outcome = mb["response_mask"], mb["outcome"]
+        mask, outcome = mb.response_mask, mb.outcome
         if prm_loss_type == "ce":
-            return prm_loss(lp, mb["ref_logprobs"], mask, outcome, beta)
+            return prm_loss(lp, mb.ref_logprobs, mask, outcome, beta)
         if prm_loss_type == "pairwise":
-            return prm_pairwise_loss(lp, mb["ref_logprobs"], mask, outcome, n, beta)
+            return prm_pairwise_loss(lp, mb.ref_logprobs, mask, outcome, n, beta)
         bon_mode = "none" if prm_loss_type == "dpo" else prm_loss_type
-        return prm_dpo_loss(lp, mb["ref_logprobs"], mask, outcome, mb[GROUP_SCORES_KEY], n, beta, bon_mode)
+        return prm_dpo_loss(lp, mb.ref_logprobs, mask, outcome, mb.group_scores, n, beta, bon_mode)
 
-    def prm_step(state: TrainState, batch):
-        batch = _select(batch, keys)
-        total_units = prm_units(batch["outcome"])
+    def prm_step(state: TrainState, batch: PrimeBatch) -> tuple[TrainState, dict[str, jax.Array]]:
+        batch = batch.only(reads)
+        total_units = prm_units(batch.outcome)
 
-        def loss_fn(params, mb):
+        def loss_fn(params, mb: PrimeBatch):
             lp = raw_logprobs(params, mb)
-            units = prm_units(mb["outcome"])
+            units = prm_units(mb.outcome)
             share = units / jnp.maximum(total_units, 1e-12)
-            q = implicit_token_rewards(jax.lax.stop_gradient(lp), mb["ref_logprobs"], mb["response_mask"])
+            q = implicit_token_rewards(jax.lax.stop_gradient(lp), mb.ref_logprobs, mb.response_mask)
             return prm_loss_fn(lp, mb) * share, q
 
         loss, grads, q = accumulate_gradients(loss_fn, state.params, split(batch), param_sh)
         q = merge(q)
         state, update_metrics = apply_update(state, grads, loss, optimizer)
         metrics = {"loss": loss, **update_metrics,
-                   "dpo_accuracy": dpo_accuracy(q, batch["response_mask"], batch["outcome"], n), "q": q}
+                   "dpo_accuracy": dpo_accuracy(q, batch.response_mask, batch.outcome, n), "q": q}
         return state, metrics
 
     return prm_step
+
+
+def _score_programs(logprobs, raw_logprobs, k: int, n: int, mesh: Mesh, param_sh, rows_sh) -> Callable:
+    """`score(policy_params, prm_params, ref_params, batch)`: the jitted scoring pass (`TrainSteps.score`),
+    one program per combination of the models given, in `k` micro-batches."""
+
+    def score_fn(policy_params, prm_params, ref_params, batch: PrimeBatch) -> dict[str, jax.Array]:
+        mbs = split_micro_batches(batch.only(PrimeBatch.needs("score")), k, n, mesh)
+        named = {"old_logprobs": policy_params, "prm_logprobs": prm_params, "ref_logprobs": ref_params}
+
+        def one(mb: PrimeBatch):
+            mask = mb.response_mask.astype(jnp.float32)
+            return {key: (logprobs if key == "old_logprobs" else raw_logprobs)(p, mb) * mask
+                    for key, p in named.items() if p is not None}
+
+        return merge_micro_batches(jax.lax.map(one, mbs), k, n, mesh)
+
+    score_variants = {}
+
+    def score_program(policy_params, prm_params, ref_params):
+        """The jitted scoring program of the models given (None: not scored), one per combination."""
+        variant = (policy_params is None, prm_params is None, ref_params is None)
+        if variant not in score_variants:
+            shardings = tuple(None if skip else param_sh for skip in variant)
+            score_variants[variant] = jax.jit(under_mesh(score_fn, mesh), in_shardings=(*shardings, rows_sh), out_shardings=rows_sh)
+        return score_variants[variant]
+
+    def score(policy_params, prm_params, ref_params, batch):
+        return score_program(policy_params, prm_params, ref_params)(policy_params, prm_params, ref_params, batch)
+
+    # `steps.score.lower(...)` lowers the program a call with these arguments runs (like a jit's).
+    score.lower = lambda *args: score_program(*args[:3]).lower(*args)
+    return score
 
 
 def make_train_steps(model, policy_optimizer: optax.GradientTransformation,
@@ -202,33 +217,7 @@ def make_train_steps(model, policy_optimizer: optax.GradientTransformation,
     split = functools.partial(split_micro_batches, k=k, n=n, mesh=mesh)
     merge = functools.partial(merge_micro_batches, k=k, n=n, mesh=mesh)
 
-    def score_fn(policy_params, prm_params, ref_params, batch):
-        mbs = split_micro_batches(_select(batch, SCORE_KEYS), k_score, n, mesh)
-        named = {"old_logprobs": policy_params, "prm_logprobs": prm_params, "ref_logprobs": ref_params}
-
-        def one(mb):
-            mask = mb["response_mask"].astype(jnp.float32)
-            return {key: (logprobs if key == "old_logprobs" else raw_logprobs)(p, mb) * mask
-                    for key, p in named.items() if p is not None}
-
-        return merge_micro_batches(jax.lax.map(one, mbs), k_score, n, mesh)
-
-    score_variants = {}
-
-    def score_program(policy_params, prm_params, ref_params):
-        """The jitted scoring program of the models given (None: not scored), one per combination."""
-        variant = (policy_params is None, prm_params is None, ref_params is None)
-        if variant not in score_variants:
-            shardings = tuple(None if skip else param_sh for skip in variant)
-            score_variants[variant] = jax.jit(under_mesh(score_fn, mesh), in_shardings=(*shardings, rows_sh), out_shardings=rows_sh)
-        return score_variants[variant]
-
-    def score(policy_params, prm_params, ref_params, batch):
-        return score_program(policy_params, prm_params, ref_params)(policy_params, prm_params, ref_params, batch)
-
-    # `steps.score.lower(...)` lowers the program a call with these arguments runs (like a jit's).
-    score.lower = lambda *args: score_program(*args[:3]).lower(*args)
-
+    score = _score_programs(logprobs, raw_logprobs, k_score, n, mesh, param_sh, rows_sh)
     policy_step = _policy_step_fn(logprobs, split, param_sh, policy_optimizer, clip_eps, agg)
     prm_step = _prm_step_fn(raw_logprobs, split, merge, param_sh, prm_optimizer, prm_loss_type, n, beta)
 
