@@ -15,7 +15,8 @@ slots, and prints the length distribution, tokens/s ratios and the slot utilisat
 With a real model (`--model=PATH-or-name`, see `real_workload`), both sides run its own weights
 (ours from `from_pretrained`, transformers from the same HF folder: for a GGUF or the packaged
 name, the converted one), on the first `--prompts` GSM8K problems in the model's chat template with
-the paper's instruction, stopping at the tokenizer's end-of-response ids.
+the paper's instruction, stopping at the tokenizer's end-of-response ids; transformers runs in a
+child process (`--hf-child`, a fresh interpreter without jax), so neither side slows the other.
 
 Model: a random Qwen2 built with transformers (hidden 256, 4 layers, 4 query / 2 kv heads of 64,
 MLP 1024, vocab 4096, untied; q/k/v biases randomised), saved with `save_pretrained` and loaded
@@ -44,6 +45,65 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+
+def timed(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def hf_generate(hf, prompts, n, **generate_kwargs):
+    """transformers `generate` on the left-padded batch, `n` samples per prompt at temperature 1:
+    (output ids `[B, width + new]`, width)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                          num_return_sequences=n, pad_token_id=0, **generate_kwargs)
+    return out, width
+
+
+def hf_child(job_path: str, result_path: str):
+    """`--hf-child JOB RESULT`: transformers `generate` timed in a fresh interpreter that never imports
+    jax (the parent's XLA thread pools and allocations do not slow it, nor it ours). JOB (JSON):
+    folder, dtype, threads, prompts (token ids), n, new_tokens, stop_ids. RESULT (JSON): lengths
+    (up to and including the first stop id), wall/cpu seconds of the timed call, prefill seconds
+    (one new token), steps, torch/transformers versions and the load average around the run."""
+    import json
+
+    import torch
+    import transformers
+
+    job = json.loads(Path(job_path).read_text())
+    torch.set_num_threads(job["threads"])
+    load_start = os.getloadavg()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(job["folder"], dtype=getattr(torch, job["dtype"])).eval()
+    prompts, n, stop_ids = job["prompts"], job["n"], job["stop_ids"]
+    hf_generate(hf, prompts[:2], n, max_new_tokens=2, eos_token_id=stop_ids)  # warm-up
+    (ids, width), wall, cpu = timed(lambda: hf_generate(hf, prompts, n, max_new_tokens=job["new_tokens"],
+                                                         eos_token_id=stop_ids))
+    prefill = timed(lambda: hf_generate(hf, prompts, n, max_new_tokens=1, eos_token_id=stop_ids))[1]
+    tokens = ids[:, width:].numpy()
+    is_stop = np.isin(tokens, stop_ids)
+    lengths = np.where(is_stop.any(axis=1), is_stop.argmax(axis=1) + 1, tokens.shape[1])
+    Path(result_path).write_text(json.dumps(dict(
+        lengths=lengths.tolist(), wall=wall, cpu=cpu, prefill=prefill, steps=int(tokens.shape[1]) - 1,
+        threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
+        jax_imported="jax" in sys.modules, load_start=load_start, load_end=os.getloadavg())))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--hf-child"]:
+    import numpy as np
+
+    hf_child(*sys.argv[2:4])
+    sys.exit(0)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -52,12 +112,6 @@ from prime_jax.models import from_pretrained  # noqa: E402
 from prime_jax.sampling import Sampler  # noqa: E402
 
 from forward import cpu_model  # noqa: E402  (benchmarks/, the script's folder, is on sys.path)
-
-
-def timed(fn):
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def memory_bandwidth(num_bytes: int = 256 * 2**20, reps: int = 5) -> dict[str, float]:
@@ -100,21 +154,34 @@ def build_model(path: Path, args):
 
 
 def real_model(args):
-    """(ours, transformers', GSM8K chat prompts, end-of-response ids) of `--model`."""
-    import torch
-    import transformers
-
+    """(ours, the HF folder transformers loads, GSM8K chat prompts, end-of-response ids) of `--model`."""
     from prime_jax.data import instruction_suffix, load_benchmark
     from prime_jax.models.packaged import resolve_model_folder
     from prime_jax.models.tokenizer import encode_chat, eos_token_ids, load_tokenizer
 
-    folder = resolve_model_folder(args.model) or args.model  # a GGUF: the converted HF folder
+    folder = str(resolve_model_folder(args.model) or args.model)  # a GGUF: the converted HF folder
     model = from_pretrained(folder, dtype=args.dtype, param_dtype=args.dtype)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
     tokenizer = load_tokenizer(folder)
     problems, _ = load_benchmark("gsm8k", task_suffix=instruction_suffix("step_by_step"))
     prompts = [encode_chat(tokenizer, p.messages) for p in problems[:args.prompts]]
-    return model, hf, prompts, eos_token_ids(tokenizer)
+    return model, folder, prompts, eos_token_ids(tokenizer)
+
+
+def hf_in_child(folder, prompts, n: int, new_tokens: int, stop_ids, dtype: str = "float32", threads: int = 2) -> dict:
+    """`hf_child`'s result for this job, run as `python benchmarks/sampler.py --hf-child` in a fresh
+    interpreter (this process waits; nothing else of ours runs meanwhile)."""
+    import json
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job.write_text(json.dumps(dict(folder=str(folder), dtype=dtype, threads=threads, prompts=prompts, n=n,
+                                       new_tokens=new_tokens, stop_ids=list(stop_ids))))
+        proc = subprocess.run([sys.executable, __file__, "--hf-child", str(job), str(result)], capture_output=True, check=False,
+                              text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"transformers child process failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        return json.loads(result.read_text())
 
 
 def main():
@@ -141,8 +208,10 @@ def main():
                              "otherwise) with long-tailed lengths, static vs decode slots vs transformers")
     parser.add_argument("--slots", default=None,
                         help="decode slots of the rl workload (comma list: each timed; default 64) or of a real "
-                             "model's (default 16)")
-    parser.add_argument("--no-hf", action="store_true", help="rl workload: skip transformers (ours only)")
+                             "model's (default 16; 0: the static batch only)")
+    parser.add_argument("--no-hf", action="store_true", help="rl workload or a real model: skip transformers")
+    parser.add_argument("--hf-threads", type=int, default=0,
+                        help="a real model: torch threads of the transformers child process (default: usable cores)")
     parser.add_argument("--stop-tokens", type=int, default=40, help="stop token ids of the rl workload")
     parser.add_argument("--refill", choices=("loop", "chunks", "both"), default="loop",
                         help="rl workload: how slots are refilled (both: time the two side by side)")
@@ -253,22 +322,6 @@ def main():
           f"tokens/s; ours reaches {tokens / our_wall / roofline_compute:.1%}")
 
 
-def hf_generate(hf, prompts, args, **generate_kwargs):
-    """transformers `generate` on the left-padded batch: (output ids `[B, width + new]`, width)."""
-    import torch
-
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    with torch.no_grad():
-        out = hf.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                          num_return_sequences=args.n, pad_token_id=0, **generate_kwargs)
-    return out, width
-
-
 def length_summary(lengths) -> str:
     lengths = np.asarray(lengths)
     return (f"mean {lengths.mean():.0f}, p50 {np.percentile(lengths, 50):.0f}, p90 {np.percentile(lengths, 90):.0f}, "
@@ -308,7 +361,7 @@ def rl_workload(args, model, hf, prompts):
 
     run_ours()
     if not args.no_hf:
-        hf_out, hf_wall, hf_cpu = timed(lambda: hf_generate(hf, prompts, args, max_new_tokens=new,
+        hf_out, hf_wall, hf_cpu = timed(lambda: hf_generate(hf, prompts, args.n, max_new_tokens=new,
                                                             eos_token_id=stop_ids))
     run_ours()
     load_end = os.getloadavg()
@@ -361,23 +414,24 @@ def real_workload(args):
     step_by_step`), rendered with the checkpoint's own chat template; `--n` (4) samples each at
     temperature 1 with no top-k/top-p, stopping at the tokenizer's end-of-response ids, at most
     `--new-tokens` (256). In one run: ours with one slot per row (static) and with `--slots` decode
-    slots (16), same key, so the script asserts identical tokens; transformers `generate` on the
-    left-padded batch (2 torch threads), credited with its own lengths. Each side is timed once warm
+    slots (16), same key, so the script asserts identical tokens; then transformers `generate` on the
+    left-padded batch, credited with its own lengths, in a child process (`hf_in_child`: a fresh
+    interpreter that never imports jax, `--hf-threads` torch threads, default one per usable core;
+    in the same process it ran ~1.5x slower after ours). Each side is timed once warm
     (ours compiled ahead with `Sampler.compile`, HF after a 2-token warm-up), and once with one new
     token (its prefill), so a decode step's time is (whole call - prefill) / steps. The step is
     compared with its matmul FLOPs at the 2048^3 float32 matmul rate measured in the same run.
     Lines are printed as each part is measured, so a run cut short still reports what it timed.
     """
-    import torch
-    import transformers
+    from importlib.metadata import version
 
     load_start = os.getloadavg()
-    torch.set_num_threads(2)
+    threads = args.hf_threads or len(os.sched_getaffinity(0))
     new, n = args.new_tokens or 256, args.n
-    model, hf, prompts, stop_ids = real_model(args)
+    model, folder, prompts, stop_ids = real_model(args)
     config, rows = model.config, len(prompts) * n
     print(f"machine: {cpu_model()}, nproc {os.cpu_count()}, jax {jax.__version__} ({jax.default_backend()}), "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
+          f"torch {version('torch')} ({threads} threads, in a child process), transformers {version('transformers')}")
     print(f"load average at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f} (1/5/15 min)")
     d, head = config.hidden_size, config.num_attention_heads * config.head_size
     print(f"model: {args.model}: {config.model_type}, hidden {d}, {config.num_hidden_layers} layers, "
@@ -389,8 +443,8 @@ def real_workload(args):
 
     kwargs = dict(max_new_tokens=new, n=n, temperature=1.0, stop_token_ids=stop_ids)
     one_token = dict(kwargs, max_new_tokens=1)  # prefill (and its one sampled token)
-    slots = int(str(args.slots or 16).split(",")[0])
-    samplers = {"static": Sampler(), f"{slots} slots": Sampler(decode_slots=slots)}
+    slots = int(str(16 if args.slots is None else args.slots).split(",")[0])
+    samplers = {"static": Sampler(), **({f"{slots} slots": Sampler(decode_slots=slots)} if slots > 0 else {})}
     key, width = jax.random.key(1), max(map(len, prompts))
     compile_s = {name: timed(lambda: s.compile(model, num_prompts=len(prompts), prompt_len=width, key=key, **kwargs))[1]
                  for name, s in samplers.items()}
@@ -428,28 +482,24 @@ def real_workload(args):
     for name, out in results.items():  # static and slots: the same tokens, log-probs to rounding
         assert np.array_equal(out.tokens, reference.tokens) and np.array_equal(out.lengths, reference.lengths), name
         assert np.abs(out.logprobs - reference.logprobs).max() <= 1e-4, name
-    print("static and slot tokens identical: yes", flush=True)
+    if len(results) > 1:
+        print("static and slot tokens identical: yes", flush=True)
     tokens = int(reference.lengths.sum())
     if args.no_hf:
         return
-    with torch.no_grad():
-        hf_generate(hf, prompts[:2], args, max_new_tokens=2, eos_token_id=stop_ids)  # warm-up
-        hf_out, hf_wall, hf_cpu = timed(lambda: hf_generate(hf, prompts, args, max_new_tokens=new,
-                                                            eos_token_id=stop_ids))
-        _, hf_prefill, _ = timed(lambda: hf_generate(hf, prompts, args, max_new_tokens=1, eos_token_id=stop_ids))
-    load_end = os.getloadavg()
-    ids, width = hf_out
-    hf_tokens = ids[:, width:].numpy()
-    is_stop = np.isin(hf_tokens, stop_ids)
-    hf_lengths = np.where(is_stop.any(axis=1), is_stop.argmax(axis=1) + 1, hf_tokens.shape[1])
-    hf_rate = hf_lengths.sum() / hf_wall
-    hf_step_ms = (hf_wall - hf_prefill) / max(1, hf_tokens.shape[1] - 1) * 1e3
+    hf = hf_in_child(folder, prompts, n, new, stop_ids, args.dtype, threads=threads)
+    hf_lengths = np.asarray(hf["lengths"])
+    hf_rate = hf_lengths.sum() / hf["wall"]
+    hf_step_ms = (hf["wall"] - hf["prefill"]) / max(1, hf["steps"]) * 1e3
     print(f"lengths, HF:   {length_summary(hf_lengths)}; {int(hf_lengths.sum())} tokens")
-    print(f"HF generate   : {hf_rate:6.1f} tokens/s ({hf_wall:.1f} s, {hf_cpu:.1f} CPU s; prefill {hf_prefill:.1f} s, "
-          f"{hf_tokens.shape[1] - 1} steps, {hf_step_ms:.0f} ms/step = {bound_ms / hf_step_ms:.0%} of the matmul rate "
-          "bound)")
+    print(f"HF generate   : {hf_rate:6.1f} tokens/s ({hf['wall']:.1f} s, {hf['cpu']:.1f} CPU s; prefill "
+          f"{hf['prefill']:.1f} s, {hf['steps']} steps, {hf_step_ms:.0f} ms/step = {bound_ms / hf_step_ms:.0%} of the "
+          f"matmul rate bound); in a child process (fresh interpreter, jax not imported: "
+          f"{not hf['jax_imported']}), {hf['threads']} torch threads, load average "
+          f"{hf['load_start'][0]:.1f} -> {hf['load_end'][0]:.1f}")
     for name, (wall, _) in times.items():
         print(f"RATIO ours {name} / HF: {tokens / wall / hf_rate:.2f}x tokens/s")
+    load_end = os.getloadavg()
     print(f"load average at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} (1/5/15 min)")
 
 

@@ -173,9 +173,14 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_blocks,
     kv_heads, block = k_blocks[0].shape[1], k_blocks[0].shape[3]
     q = q.reshape(batch, kv_heads, heads // kv_heads, head_size)
     rows = jnp.arange(batch)
+    # A power-of-two scale (head size 64: 1/8) is exact on q, so it is applied once to q instead of
+    # to every block's scores (one pass over the scores less per block and layer, same bits).
+    exact = math.frexp(scale)[0] == 0.5
+    q, score_scale = (q * jnp.asarray(scale, q.dtype), None) if exact else (q, scale)
 
     def softmax_part(q, k, v, mask, running_max):  # (max, sum, values) of one block, float32
-        scores = jnp.einsum("bkgh,bkhc->bkgc", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+        scores = jnp.einsum("bkgh,bkhc->bkgc", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores if score_scale is None else scores * score_scale
         scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
         new_max = jnp.maximum(running_max, scores.max(axis=-1))
         probs = jnp.exp(scores - new_max[..., None])
