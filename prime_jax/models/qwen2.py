@@ -209,17 +209,25 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_blocks,
     if prefix is None:
         stats = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
                  jnp.zeros((*shape, head_size), jnp.float32))
-    else:  # [B, K, G, ...] <-> [P, K, n G, ...]: a prefix's n rows as one group of query rows
-        prefix_k, prefix_v, prefix_valid = prefix
-        num_prefixes = prefix_k.shape[0]
-        group = lambda x: jnp.swapaxes(x.reshape(num_prefixes, -1, *x.shape[1:]), 1, 2).reshape(
-            num_prefixes, kv_heads, -1, *x.shape[3:])
-        ungroup = lambda x: jnp.swapaxes(x.reshape(num_prefixes, kv_heads, -1, *shape[2:], *x.shape[3:]), 1, 2
-                                         ).reshape(*shape, *x.shape[3:])
-        no_max = jnp.full((num_prefixes, kv_heads, batch // num_prefixes * shape[2]), -jnp.inf, jnp.float32)
-        stats = tuple(map(ungroup, softmax_part(group(q), prefix_k, prefix_v, prefix_valid, no_max)))
+    else:
+        stats = _prefix_stats(q, prefix, softmax_part)
     (_, total, acc), k_blocks, v_blocks = attend(0, stats, tuple(k_blocks), tuple(v_blocks))
     return (acc / total[..., None]).astype(q.dtype).reshape(batch, heads, head_size), k_blocks, v_blocks
+
+
+def _prefix_stats(q: jax.Array, prefix, softmax_part) -> tuple:
+    """`decode_attention`'s online-softmax statistics after the shared prefixes: q `[B, K, G, H]`,
+    prefix (keys `[P, K, H, C']`, values `[P, K, C', H]`, valid `[P, C']`); the B / P rows of a prefix
+    are read as one group of n G query rows ([B, K, G, ...] <-> [P, K, n G, ...])."""
+    shape, kv_heads = q.shape[:3], q.shape[1]
+    prefix_k, prefix_v, prefix_valid = prefix
+    num_prefixes = prefix_k.shape[0]
+    group = lambda x: jnp.swapaxes(x.reshape(num_prefixes, -1, *x.shape[1:]), 1, 2).reshape(  # noqa: E731
+        num_prefixes, kv_heads, -1, *x.shape[3:])
+    ungroup = lambda x: jnp.swapaxes(x.reshape(num_prefixes, kv_heads, -1, *shape[2:], *x.shape[3:]), 1, 2  # noqa: E731
+                                     ).reshape(*shape, *x.shape[3:])
+    no_max = jnp.full((num_prefixes, kv_heads, shape[0] // num_prefixes * shape[2]), -jnp.inf, jnp.float32)
+    return tuple(map(ungroup, softmax_part(group(q), prefix_k, prefix_v, prefix_valid, no_max)))
 
 
 def _write_chunk(blocks, new: jax.Array, start, column_axis: int) -> tuple[jax.Array, tuple]:
@@ -375,31 +383,7 @@ class Qwen2ForCausalLM(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), bool)
         attention_mask = attention_mask.astype(bool)
-        new_positions = jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1
-        decode = None
-        if cache is None:
-            positions = jnp.maximum(new_positions, 0)
-            key_valid, query_slot = attention_mask, jnp.arange(length)
-            num_slots, end = length, None
-        elif length == 1:  # one token per row, each at its own column
-            positions = jnp.maximum(cache.next_position[:, None] + new_positions, 0)
-            end = cache.end
-            key_valid = jax.vmap(lambda row, column, real: row.at[column].set(real))(
-                cache.valid, end, attention_mask[:, 0])
-            decode = (key_valid, jnp.max(end) + 1, None)  # and each layer's prefix, below
-        else:
-            positions = jnp.maximum(cache.next_position[:, None] + new_positions, 0)
-            end = cache.end[0]  # prompts are left-padded to a common length: every row is at the same column
-            key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, end, axis=1)
-            query_slot = end + jnp.arange(length)
-            num_slots = cache.valid.shape[1]
-        if decode is None:
-            slots = jnp.arange(num_slots)
-            causal = slots[None, :] <= query_slot[:, None]  # [T, S]
-            own_slot = slots[None, :] == query_slot[:, None]  # padding queries attend to themselves (no NaN)
-            mask = ((causal[None] & key_valid[:, None, :]) | own_slot[None])[:, None]  # [B, 1, T, S]
-        else:
-            mask = None
+        positions, mask, key_valid, end, decode = _positions_and_mask(attention_mask, cache)
 
         x = self.embed_tokens.get_value()[input_ids].astype(dt)
         graphdef, stacked = nnx.split(self.layers)
@@ -449,3 +433,33 @@ class Qwen2ForCausalLM(nnx.Module):
         """Prefill or decode: logits `[B, T, V]` of the new tokens and the cache holding them."""
         hidden, cache = self.hidden_states(input_ids, attention_mask, cache, layer_params, prefix)
         return self.logits_from_hidden(hidden), cache
+
+
+def _positions_and_mask(attention_mask, cache: KVCache | None):
+    """(positions [B, T], mask [B, 1, T, S] or None, the keys' validity [B, S], the write column(s),
+    decode) of a forward over `attention_mask [B, T]` (bool) with or without `cache` (see
+    `Qwen2ForCausalLM.hidden_states`). One-token decoding gets no dense mask: `decode` = (validity,
+    columns to read, prefix slot) tells the attention which cache blocks and columns are live."""
+    length = attention_mask.shape[1]
+    new_positions = jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1
+    if cache is None:
+        positions = jnp.maximum(new_positions, 0)
+        key_valid, query_slot = attention_mask, jnp.arange(length)
+        num_slots, end = length, None
+    elif length == 1:  # one token per row, each at its own column
+        positions = jnp.maximum(cache.next_position[:, None] + new_positions, 0)
+        end = cache.end
+        key_valid = jax.vmap(lambda row, column, real: row.at[column].set(real))(
+            cache.valid, end, attention_mask[:, 0])
+        return positions, None, key_valid, end, (key_valid, jnp.max(end) + 1, None)  # prefix: per layer
+    else:
+        positions = jnp.maximum(cache.next_position[:, None] + new_positions, 0)
+        end = cache.end[0]  # prompts are left-padded to a common length: every row is at the same column
+        key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, end, axis=1)
+        query_slot = end + jnp.arange(length)
+        num_slots = cache.valid.shape[1]
+    slots = jnp.arange(num_slots)
+    causal = slots[None, :] <= query_slot[:, None]  # [T, S]
+    own_slot = slots[None, :] == query_slot[:, None]  # padding queries attend to themselves (no NaN)
+    mask = ((causal[None] & key_valid[:, None, :]) | own_slot[None])[:, None]  # [B, 1, T, S]
+    return positions, mask, key_valid, end, None
