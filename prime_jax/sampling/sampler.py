@@ -238,8 +238,8 @@ class Sampler:
 
     def _compile_programs(self, programs: SamplerPrograms, spec: DecodeSpec, prefill_args, decode_args, start: float):
         """Compiles a call's prefill and decode programs into `programs` (timed from `start`), with
-        the decode state's shardings and the shapes the call-cache keys on."""
-        state, (batch, length), rows = prefill_args[0], prefill_args[1].shape, prefill_args[3].shape[0]
+        the decode state's shardings."""
+        state = prefill_args[0]
         shardings = self._shardings(spec, prefill_args)
         programs.prefill = self._compile(prefill_fn(spec), prefill_args, shardings and shardings[0], donate=())
         programs.compile_seconds["prefill"] = time.perf_counter() - start
@@ -251,8 +251,6 @@ class Sampler:
         programs.compile_seconds["decode"] = time.perf_counter() - start - programs.compile_seconds["prefill"]
         programs.decode_state = decode_example[1] if shardings is None else jax.tree.map(
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), decode_example[1], shardings[2])
-        programs.num_prompts, programs.prompt_len, programs.rows = batch, length, rows
-        programs.num_slots, programs.capacity = spec.num_slots, spec.capacity
 
     def _prepare(self, model, prompts, max_new_tokens, n, temperature, top_p, top_k, stop_token_ids, key) -> _Call:
         """Checks the arguments, lays the prompts out in buckets and compiles (or reuses) the programs."""
@@ -309,6 +307,8 @@ class Sampler:
         decode_args = (state, stop_ids, key, *scalars)
         if programs.prefill is None:
             self._compile_programs(programs, spec, prefill_args, decode_args, start)
+            programs.num_prompts, programs.prompt_len, programs.rows = batch, length, rows
+            programs.num_slots, programs.capacity = spec.num_slots, spec.capacity
         compile_seconds = time.perf_counter() - start
         return _Call(programs=programs, prefill_args=prefill_args, decode_args=decode_args, prompt_ids=host_prompt_ids,
                      prompt_mask=host_prompt_mask, position=position, n=n, temperature=float(temperature),
