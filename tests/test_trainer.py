@@ -202,6 +202,19 @@ def test_stop_after_leaves_with_a_checkpoint_and_eval_at_start_false_skips_the_s
     assert Trainer.create(config, tmp_path, mesh_from_config(config)).start_step == 1
 
 
+def test_a_stop_right_after_a_periodic_checkpoint_does_not_save_that_step_again(tmp_path):
+    """SIGTERM or --stop_after just after a checkpoint_every step: the step is already saved (orbax refuses a
+    second save of a step: this once crashed a preempted SmolLM2 run with exit 1 instead of leaving cleanly)."""
+    from prime_jax.parallel import mesh_from_config
+    from prime_jax.train.loop import Trainer
+
+    config = tiny_config(dict(SHORT, total_steps=3, eval_every=0, checkpoint_every=1, eval_at_start=False))
+    trainer = Trainer.create(config, tmp_path, mesh_from_config(config))
+    assert trainer.run(stop_after=1) == {} and trainer.preempted_at == 1
+    assert _finalized_checkpoints(tmp_path) == [1]
+    assert Trainer.create(config, tmp_path, mesh_from_config(config)).start_step == 1
+
+
 def test_truncate_metrics_drops_later_and_partial_rows(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": 0, "eval/accuracy": 0.1}, {"step": 1, "x": 1}, {"step": 2, "x": 2}, {"step": 2, "eval/accuracy": 0.2},

@@ -138,6 +138,7 @@ class Trainer:
         # everything a step reads besides the config: the run state, whole (RunState: the train states, the key,
         # the process_ramp average, the prompt buffer and iterator)
         self.checkpointer.save(step, self.state.arrays(), self.state.meta(step))
+        self.last_saved = step  # a stop right after a periodic checkpoint must not save the same step again
 
     def _use_cursor(self, state: RunState) -> None:
         """Puts the prompt source at `state`'s data cursor, unless it is there already (the state the last
