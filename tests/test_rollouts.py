@@ -162,8 +162,9 @@ class _ScriptedSampler:
             yield self._rollouts(prompts, [i])
 
 
-def _collector(tokenizer, *, truths, slots=0, per_step=4, oversample=6, max_refill=2):
-    """A collector over 60 problems whose k-th drawn prompt has ground truth `truths[k % len(truths)]`."""
+def _collector(tokenizer, *, truths, slots=0, per_step=4, oversample=6, max_refill=2, sources=None):
+    """A collector over 60 problems whose k-th drawn prompt has ground truth `truths[k % len(truths)]`
+    (and source `sources[k % len(sources)]` when given)."""
     c = base_config()
     c.rollout.n, c.rollout.decode_slots, c.rollout.max_refill = 2, slots, max_refill
     c.rollout.overlap_scoring = False
@@ -173,6 +174,9 @@ def _collector(tokenizer, *, truths, slots=0, per_step=4, oversample=6, max_refi
     order = [p.id for p, _ in PromptSource(problems, tokenizer, 200, seed=0).take(60)]
     truth = {i: truths[k % len(truths)] for k, i in enumerate(order)}
     problems = [dataclasses.replace(p, ground_truth=truth[p.id]) for p in problems]
+    if sources:
+        source_of = {i: sources[k % len(sources)] for k, i in enumerate(order)}
+        problems = [dataclasses.replace(p, source=source_of[p.id]) for p in problems]
     source = PromptSource(problems, tokenizer, max_prompt_tokens=200, seed=0)
     sampler = _ScriptedSampler(n=2, slots=slots)
     collector = RolloutCollector(c, prompts=source, sampler=sampler, tokenizer=_TextTokenizer(), stop_ids=[],
@@ -232,3 +236,25 @@ def test_streamed_collector_runs_another_attempt_when_the_stream_ends_short(toke
     assert sorted(g.problem.id for g in groups) == sorted(order[k] for k in (0, 4, 8, 12))  # finishing order
     # the first stream ran to its end; the second was left once the 4th group survived
     assert row["rollout/groups_cut"] == 16 - sampler.yielded == len(source.buffer)
+
+
+@pytest.mark.parametrize("slots", [0, 4])
+def test_a_mixed_training_set_reports_each_sources_reward_and_groups(tokenizer, slots):
+    """Which source the training signal comes from (issue 32: GSM8K train beside word problems): the
+    step's reward, groups sampled, kept and trained, split by problem source; none for one source."""
+    # drawn prompt k: source "gsm8k train" when k is even, "synthetic" when odd; only odd ones (a mixed
+    # group: sample 1 right, 2 wrong) survive the filter, every even one is all wrong
+    collector, _, sampler, _ = _collector(tokenizer, truths=["", "1"], sources=["gsm8k train", "synthetic"],
+                                          slots=slots, per_step=2, oversample=6)
+    groups, row = collector.collect(1, jax.random.PRNGKey(0), None, None, _Pool())
+    assert [g.problem.source for g in groups] == ["synthetic", "synthetic"]
+    assert row["by_source/synthetic/groups_trained"] == 2 and row["by_source/gsm8k_train/groups_trained"] == 0
+    assert row["by_source/gsm8k_train/groups_kept"] == 0 and row["by_source/gsm8k_train/reward"] == 0.0
+    graded = 6 if slots == 0 else sampler.yielded
+    assert row["by_source/gsm8k_train/groups_sampled"] + row["by_source/synthetic/groups_sampled"] == graded
+    assert row["by_source/synthetic/reward"] == pytest.approx(0.5)
+    assert row["by_source/synthetic/groups_kept"] == row["filter/kept_group_frac"] * graded
+
+    _, row = _collector(tokenizer, truths=["", "1"], per_step=2)[0].collect(1, jax.random.PRNGKey(0), None, None,
+                                                                           _Pool())
+    assert not any(key.startswith("by_source/") for key in row)

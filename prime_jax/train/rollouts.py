@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import logging
 import math
+import re
 import time
 from typing import Sequence
 
@@ -61,6 +62,8 @@ class PromptSource:
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
         self.buffer: list[Problem] = []
+        # the training set's sources (gsm8k_train, synthetic, ...): a step's metrics split by them when it mixes a few
+        self.sources = sorted({p.source for p in problems})
         self.dropped = 0
         self._dropped_in_a_row = 0  # prompts dropped since the last kept one (None: the pool was checked)
         sample = [problems[i] for i in self.iterator.host_indices(0)[:256]]
@@ -271,14 +274,18 @@ class _Tally:
     timeouts: int = 0
     groups_sampled: int = 0  # groups graded (streamed: only the ones that finished)
     groups_cut: int = 0  # streamed: groups in flight or waiting when sampling stopped
+    row_sources: list = dataclasses.field(default_factory=list)  # the problem source of every graded row
     seconds: dict = dataclasses.field(default_factory=lambda: {"sample": 0.0, "grade": 0.0, "score": 0.0})
 
     def add_sampler_stats(self, stats: dict) -> None:
         self.decoded_tokens += int(stats["decoded_tokens"])
         self.slot_steps += int(stats["slot_steps"])
 
-    def add_graded(self, rollouts: Rollouts, outcome: np.ndarray, errors: int, timeouts: int) -> None:
+    def add_graded(self, rollouts: Rollouts, outcome: np.ndarray, errors: int, timeouts: int,
+                   problems: Sequence[Problem]) -> None:
+        """`problems`: the problem of each row of `rollouts`."""
         self.outcomes.append(outcome)
+        self.row_sources.extend(p.source for p in problems)
         self.lengths.append(rollouts.lengths)
         self.truncated += int((~rollouts.finished).sum())
         self.tokens += int(rollouts.lengths.sum())
@@ -286,7 +293,11 @@ class _Tally:
         self.timeouts += timeouts
         self.groups_sampled += rollouts.num_prompts
 
-    def metrics(self, survivors: int, trained: Sequence[Group], surplus: int, streamed: bool) -> dict:
+    def metrics(self, kept: Sequence[Group], trained: Sequence[Group], surplus: int, streamed: bool,
+                sources: Sequence[str] = ()) -> dict:
+        """The step's rollout metrics; split by problem source (`by_source/<source>/...`) when the training
+        set has 2 to `MAX_SOURCE_METRICS` `sources`."""
+        survivors = len(kept)
         outcomes, lengths = np.concatenate(self.outcomes), np.concatenate(self.lengths)
         sample_s = max(self.seconds["sample"], 1e-9)
         row = {
@@ -311,7 +322,31 @@ class _Tally:
         }
         if streamed:
             row["rollout/groups_cut"] = self.groups_cut
+        if 2 <= len(sources) <= MAX_SOURCE_METRICS:
+            row.update(self.source_metrics(outcomes, kept, trained, sources))
         return row
+
+    def source_metrics(self, outcomes: np.ndarray, kept: Sequence[Group], trained: Sequence[Group],
+                       sources: Sequence[str]) -> dict:
+        """Per training source: mean outcome of its sampled rows (NaN when the step drew none), groups
+        sampled, kept by the filter and trained; which source the training signal comes from."""
+        row_sources = np.asarray(self.row_sources)
+        row = {}
+        for source in sources:
+            name, rows = metric_name(source), row_sources == source
+            row[f"by_source/{name}/reward"] = float(outcomes[rows].mean()) if rows.any() else float("nan")
+            row[f"by_source/{name}/groups_sampled"] = int(rows.sum()) // (len(outcomes) // self.groups_sampled)
+            row[f"by_source/{name}/groups_kept"] = sum(g.problem.source == source for g in kept)
+            row[f"by_source/{name}/groups_trained"] = sum(g.problem.source == source for g in trained)
+        return row
+
+
+MAX_SOURCE_METRICS = 8  # more sources than this (e.g. Eurus-2's data_source values): no per-source metrics
+
+
+def metric_name(source: str) -> str:
+    """`source` as one metric-name component (TensorBoard tags: letters, digits, `_`, `-`, `.`)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", source) or "_"
 
 
 class RolloutCollector:
@@ -373,7 +408,7 @@ class RolloutCollector:
                          step, min(len(kept), self.groups_per_step), self.groups_per_step, tally.attempts,
                          len(trained))
             self.prompts.put_back([g.problem for g in untrained])
-        return trained, tally.metrics(len(kept), trained, len(surplus), self.streamed)
+        return trained, tally.metrics(kept, trained, len(surplus), self.streamed, self.prompts.sources)
 
     def _survivors(self, outcome: np.ndarray) -> np.ndarray:
         """Indices of the groups (of `outcome [G*n]`) that pass the accuracy filter."""
@@ -401,7 +436,7 @@ class RolloutCollector:
             t = time.perf_counter()
             rows = rows.replace(**to_host(self.scorer.gather(*pending)))
             tally.seconds["score"] += time.perf_counter() - t
-        tally.add_graded(rollouts, outcome, errors, timeouts)
+        tally.add_graded(rollouts, outcome, errors, timeouts, [problems[r // self.n] for r in range(rows.num_rows)])
         for g in self._survivors(outcome):
             kept.append(Group(problems[g], rows.rows(slice(g * self.n, (g + 1) * self.n))))
 
@@ -418,7 +453,7 @@ class RolloutCollector:
             outcome, errors, timeouts = grade_rollouts(pool, self.tokenizer, part,
                                                        [problems[i] for i in part.prompt_index])
             tally.seconds["grade"] += time.perf_counter() - t
-            tally.add_graded(part, outcome, errors, timeouts)
+            tally.add_graded(part, outcome, errors, timeouts, [problems[i] for i in part.prompt_index])
             done[index] = True
             rows = rollout_rows(part, self.prompt_width, not self.config.algo.recompute_old_logprobs)
             rows = rows.replace(outcome=outcome)
