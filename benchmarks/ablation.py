@@ -212,7 +212,7 @@ def _probe(workdir: Path) -> dict | None:
 
 def _band(ax, steps, table, label, scale=100.0):
     """Mean line and min-max band over the rows (seeds) of `table`."""
-    line, = ax.plot(steps, scale * table.mean(0), label=label)
+    line, = ax.plot(steps, scale * table.mean(0), label=label, marker="o" if len(steps) < 3 else None)  # one eval: a dot
     if len(table) > 1:
         ax.fill_between(steps, scale * table.min(0), scale * table.max(0), color=line.get_color(), alpha=0.2)
 

@@ -40,9 +40,10 @@ PPO and PRM mini-batches of one group; 20 SFT steps of 8; held-out sets of their
 problems, evaluated at the start and the end only. Measured at these sizes (2026-12-05, load
 average ~2): a PRIME step takes ~3 min when one sampling attempt keeps its 2 groups (rollout of
 32 rows ~70 s, PRM phase with the reference log-probs ~62 s, policy update ~52 s), ~5.4 min with a
-second attempt; an outcome-only step ~1.9 min. SFT (~22 min) plus 30 PRIME steps: 1 h 52 min at the
-first rate, ~2 h 23 min at the average of the measured steps: at the issue's limit, not safely
-inside it (`--config.rollout.max_refill=0` drops the second attempts). `:full` restores the paper's batch and lengths (an
+second attempt; an outcome-only step ~1.9 min. The whole run, measured on the quiet box (seed 0,
+2026-12-05/06; benchmarks/README.md): PRIME steps took 149 s (median: rollout 50, PRM phase 56,
+policy 44), so SFT + 30 PRIME steps + the end eval came to about 1 h 55 min, and outcome-only's 30
+steps to 58 min (`--config.rollout.max_refill=0` drops the second attempts). `:full` restores the paper's batch and lengths (an
 accelerator), `:gpu` fits ten minutes of one GPU; any single size is also a plain
 `--config.<field>=` override, and sizes that do not fit together (mini-batches that split a
 group or do not divide the step's rows) are refused by name when the config is loaded.
