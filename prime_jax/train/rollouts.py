@@ -428,15 +428,15 @@ class RolloutCollector:
         # Device work dispatched before grading runs in the pool: the two overlap.
         pending = (self.scorer.dispatch(rows, self.scorer.wanted(rows, *score_params))
                    if self.config.rollout.overlap_scoring else None)
-        outcome, errors, timeouts = grade_rollouts(pool, self.tokenizer, rollouts,
-                                                   [problems[r // self.n] for r in range(rows.num_rows)])
+        row_problems = [problems[r // self.n] for r in range(rows.num_rows)]
+        outcome, errors, timeouts = grade_rollouts(pool, self.tokenizer, rollouts, row_problems)
         rows = rows.replace(outcome=outcome)
         tally.seconds["grade"] += time.perf_counter() - t
         if pending is not None:
             t = time.perf_counter()
             rows = rows.replace(**to_host(self.scorer.gather(*pending)))
             tally.seconds["score"] += time.perf_counter() - t
-        tally.add_graded(rollouts, outcome, errors, timeouts, [problems[r // self.n] for r in range(rows.num_rows)])
+        tally.add_graded(rollouts, outcome, errors, timeouts, row_problems)
         for g in self._survivors(outcome):
             kept.append(Group(problems[g], rows.rows(slice(g * self.n, (g + 1) * self.n))))
 
@@ -450,10 +450,10 @@ class RolloutCollector:
             tally.seconds["sample"] += time.perf_counter() - t
             t = time.perf_counter()
             index = part.prompt_index[:: self.n]
-            outcome, errors, timeouts = grade_rollouts(pool, self.tokenizer, part,
-                                                       [problems[i] for i in part.prompt_index])
+            row_problems = [problems[i] for i in part.prompt_index]
+            outcome, errors, timeouts = grade_rollouts(pool, self.tokenizer, part, row_problems)
             tally.seconds["grade"] += time.perf_counter() - t
-            tally.add_graded(part, outcome, errors, timeouts, [problems[i] for i in part.prompt_index])
+            tally.add_graded(part, outcome, errors, timeouts, row_problems)
             done[index] = True
             rows = rollout_rows(part, self.prompt_width, not self.config.algo.recompute_old_logprobs)
             rows = rows.replace(outcome=outcome)
