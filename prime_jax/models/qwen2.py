@@ -157,9 +157,9 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_blocks,
     q `[B, N, H]`, k_new and v_new `[B, K, H]`; k_blocks: the layer's key blocks `[B, K, H, C]`,
     v_blocks its value blocks `[B, K, C, H]`; columns `[B]` (each < num_columns); valid `[B, S]`;
     num_columns `[]` traced. Blocks are written and read in order, straight from their buffers (no
-    slice is copied), each one inside a `lax.cond` on the previous one that runs only when the
-    block starts before `num_columns` (no row writes to a later block): a step runs one
-    conditional per live block, whatever the capacity. Online softmax in float32 over the blocks
+    slice is copied); a block after the first is read inside a `lax.cond` that runs only when the
+    block starts before `num_columns` (no row writes to a later block), so a step reads only the
+    live blocks, whatever the capacity. Online softmax in float32 over the blocks
     (running max, sum and weighted values): a block that is not read, or fully masked for a row,
     leaves that row's result bit for bit unchanged, so a row's output does not depend on how many
     blocks the longest row in the batch needs. Returns the attention `[B, N, H]` in q's dtype and
@@ -188,30 +188,35 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_blocks,
                             preferred_element_type=jnp.float32)
         return new_max, probs.sum(axis=-1), values
 
-    def attend(i, stats, k_blocks, v_blocks):  # block i (the first of k_blocks) and, if live, the next ones
-        k, v = k_blocks[0], v_blocks[0]
+    def write(i, k, v):  # the new column into block i; rows writing to another block are dropped
         local = columns - i * block
-        local = jnp.where((local >= 0) & (local < block), local, block)  # rows writing elsewhere: dropped
-        k = k.at[rows, :, :, local].set(k_new.astype(k.dtype), mode="drop")
-        v = v.at[rows, :, local, :].set(v_new.astype(v.dtype), mode="drop")
+        local = jnp.where((local >= 0) & (local < block), local, block)
+        return (k.at[rows, :, :, local].set(k_new.astype(k.dtype), mode="drop"),
+                v.at[rows, :, local, :].set(v_new.astype(v.dtype), mode="drop"))
+
+    def attend(i, stats, k, v):  # stats after block i
         running_max, total, acc = stats
         new_max, block_sum, values = softmax_part(q, k, v, valid[:, i * block:(i + 1) * block], running_max)
         correction = jnp.exp(running_max - new_max)
-        stats = (new_max, total * correction + block_sum, acc * correction[..., None] + values)
-        if len(k_blocks) == 1:
-            return stats, (k,), (v,)
-        stats, k_rest, v_rest = jax.lax.cond(
-            (i + 1) * block < num_columns, functools.partial(attend, i + 1),
-            lambda stats, k_rest, v_rest: (stats, k_rest, v_rest), stats, k_blocks[1:], v_blocks[1:])
-        return stats, (k, *k_rest), (v, *v_rest)
+        return new_max, total * correction + block_sum, acc * correction[..., None] + values
 
+    # Every block takes its write outside any conditional (a scatter that drops rows writing
+    # elsewhere: in place, the loop carries the buffers), and a block after the first is read under a
+    # `lax.cond` whose operands are the block and the small statistics and whose result is the
+    # statistics alone. A conditional that returned the blocks made XLA copy each of them in and
+    # out, every layer and step, whether the branch ran or not.
+    k_blocks, v_blocks = zip(*(write(i, k, v) for i, (k, v) in enumerate(zip(k_blocks, v_blocks))))
     shape = (batch, kv_heads, heads // kv_heads)
     if prefix is None:
         stats = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
                  jnp.zeros((*shape, head_size), jnp.float32))
     else:
         stats = _prefix_stats(q, prefix, softmax_part)
-    (_, total, acc), k_blocks, v_blocks = attend(0, stats, tuple(k_blocks), tuple(v_blocks))
+    stats = attend(0, stats, k_blocks[0], v_blocks[0])
+    for i in range(1, len(k_blocks)):
+        stats = jax.lax.cond(i * block < num_columns, functools.partial(attend, i), lambda stats, k, v: stats,
+                             stats, k_blocks[i], v_blocks[i])
+    _, total, acc = stats
     return (acc / total[..., None]).astype(q.dtype).reshape(batch, heads, head_size), k_blocks, v_blocks
 
 
