@@ -44,6 +44,9 @@ def deterministic(row: dict) -> dict:
 
 
 def _env(cache_dir: Path) -> dict:
+    """A subprocess run's environment: one CPU device, and the session's compilation cache (conftest)
+    or else `cache_dir`."""
+    cache_dir = os.environ.get("PRIME_TESTS_XLA_CACHE", cache_dir)
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                 JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
