@@ -157,8 +157,8 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_blocks,
     q `[B, N, H]`, k_new and v_new `[B, K, H]`; k_blocks: the layer's key blocks `[B, K, H, C]`,
     v_blocks its value blocks `[B, K, C, H]`; columns `[B]` (each < num_columns); valid `[B, S]`;
     num_columns `[]` traced. Blocks are written and read in order, straight from their buffers (no
-    slice is copied); a block after the first is read inside a `lax.cond` that runs only when the
-    block starts before `num_columns` (no row writes to a later block), so a step reads only the
+    slice is copied), each one after the first inside a loop on the previous one that runs only when
+    the block starts before `num_columns` (no row writes to a later block): a step visits only the
     live blocks, whatever the capacity. Online softmax in float32 over the blocks
     (running max, sum and weighted values): a block that is not read, or fully masked for a row,
     leaves that row's result bit for bit unchanged, so a row's output does not depend on how many
@@ -200,22 +200,29 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_blocks,
         correction = jnp.exp(running_max - new_max)
         return new_max, total * correction + block_sum, acc * correction[..., None] + values
 
-    # Every block takes its write outside any conditional (a scatter that drops rows writing
-    # elsewhere: in place, the loop carries the buffers), and a block after the first is read under a
-    # `lax.cond` whose operands are the block and the small statistics and whose result is the
-    # statistics alone. A conditional that returned the blocks made XLA copy each of them in and
-    # out, every layer and step, whether the branch ran or not.
-    k_blocks, v_blocks = zip(*(write(i, k, v) for i, (k, v) in enumerate(zip(k_blocks, v_blocks))))
+    def from_block(i, stats, k_blocks, v_blocks):  # blocks i, i + 1, ...: write, read, then the next if live
+        k, v = write(i, k_blocks[0], v_blocks[0])
+        stats = attend(i, stats, k, v)
+        if len(k_blocks) == 1:
+            return stats, (k,), (v,)
+        # The next block runs inside a `while_loop` that runs once or not at all: its carry (the
+        # remaining blocks) is updated in place. A `lax.cond` returning the blocks made XLA:CPU copy
+        # each of them in and out, every layer and step, whether the branch ran or not.
+        def next_blocks(carry):
+            _, stats, k_rest, v_rest = carry
+            return (jnp.bool_(False), *from_block(i + 1, stats, k_rest, v_rest))
+
+        _, stats, k_rest, v_rest = jax.lax.while_loop(
+            lambda carry: carry[0], next_blocks, ((i + 1) * block < num_columns, stats, k_blocks[1:], v_blocks[1:]))
+        return stats, (k, *k_rest), (v, *v_rest)
+
     shape = (batch, kv_heads, heads // kv_heads)
     if prefix is None:
         stats = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
                  jnp.zeros((*shape, head_size), jnp.float32))
     else:
         stats = _prefix_stats(q, prefix, softmax_part)
-    stats = attend(0, stats, k_blocks[0], v_blocks[0])
-    for i in range(1, len(k_blocks)):
-        stats = jax.lax.cond(i * block < num_columns, functools.partial(attend, i), lambda stats, k, v: stats,
-                             stats, k_blocks[i], v_blocks[i])
+    stats, k_blocks, v_blocks = from_block(0, stats, tuple(k_blocks), tuple(v_blocks))
     _, total, acc = stats
     return (acc / total[..., None]).astype(q.dtype).reshape(batch, heads, head_size), k_blocks, v_blocks
 
