@@ -43,13 +43,17 @@ def deterministic(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith(WALL_CLOCK_PREFIXES)}
 
 
+def xla_cache_env(cache_dir: Path) -> dict:
+    """The environment that gives a subprocess run a persistent compilation cache holding every
+    program: the session's (conftest's `PRIME_TESTS_XLA_CACHE`), or else `cache_dir`."""
+    return dict(JAX_COMPILATION_CACHE_DIR=str(os.environ.get("PRIME_TESTS_XLA_CACHE", cache_dir)),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
+
 def _env(cache_dir: Path) -> dict:
-    """A subprocess run's environment: one CPU device, and the session's compilation cache (conftest)
-    or else `cache_dir`."""
-    cache_dir = os.environ.get("PRIME_TESTS_XLA_CACHE", cache_dir)
+    """A subprocess run's environment: one CPU device and `xla_cache_env(cache_dir)`."""
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+                **xla_cache_env(cache_dir))
 
 
 def _command(workdir: Path, values: dict = SHORT) -> list[str]:

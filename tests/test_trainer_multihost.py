@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from prime_jax.train.metrics import read_metrics, truncate_metrics
-from test_trainer import SHORT
+from test_trainer import SHORT, xla_cache_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,8 +53,7 @@ def _launch(args: list[str], topology: str, log_prefix: Path, cache: Path, heart
     procs = []
     for pid in range(processes):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                   JAX_COMPILATION_CACHE_DIR=os.environ.get("PRIME_TESTS_XLA_CACHE", str(cache)), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", PRIME_HEARTBEAT_TIMEOUT=str(heartbeat))
+                   PRIME_HEARTBEAT_TIMEOUT=str(heartbeat), **xla_cache_env(cache))
         for k in ("PRIME_COORDINATOR_ADDRESS", "PRIME_NUM_PROCESSES", "PRIME_PROCESS_ID", "PRIME_DISTRIBUTED"):
             env.pop(k, None)
         if processes > 1:

@@ -15,7 +15,6 @@ F MLP width, V vocabulary, L layers.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
