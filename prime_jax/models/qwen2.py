@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from prime_jax.kernels import cpu_attention
 from prime_jax.models.config import Qwen2Config
 from prime_jax.parallel import constrain
 
@@ -167,6 +168,9 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_blocks,
     prefix: optional (keys `[P, K, H, C']`, values `[P, K, C', H]`, valid `[P, C']`) of P shared
     prefixes, each attended by B / P consecutive rows before their own columns (the sampler's n
     samples of a prompt: the prompt's keys are read once for its n rows, as n x G query rows).
+
+    On one CPU device the step runs as a hand-written kernel (`kernels.cpu_attention`: same
+    results to float rounding, the cache read about as fast as memory allows) when it builds.
     """
     batch, heads, head_size = q.shape
     kv_heads, block = k_blocks[0].shape[1], k_blocks[0].shape[3]
@@ -175,6 +179,10 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_blocks,
     # A power-of-two scale (head size 64: 1/8) is exact on q, so it is applied once to q instead of
     # to every block's scores (one pass over the scores less per block and layer, same bits).
     exact = math.frexp(scale)[0] == 0.5
+    if cpu_attention.applies(q, k_blocks, prefix):  # one CPU device: the hand-written kernel
+        attention, k_blocks, v_blocks = cpu_attention.decode_attention(
+            q * jnp.asarray(scale, q.dtype), k_new, v_new, k_blocks, v_blocks, columns, valid, num_columns, prefix)
+        return attention.astype(q.dtype).reshape(batch, heads, head_size), k_blocks, v_blocks
     q, score_scale = (q * jnp.asarray(scale, q.dtype), None) if exact else (q, scale)
 
     def softmax_part(q, k, v, mask, running_max):  # (max, sum, values) of one block, float32
@@ -309,8 +317,9 @@ class DecoderLayers(nnx.Module):
         """
         c, dt = self.config, self.config.compute_dtype
         h = rms_norm(x, self.input_norm.get_value(), c.rms_norm_eps, dt)
-        def proj(kernel, bias):
-            out = jnp.einsum("btd,dnh->btnh", h, kernel.get_value().astype(dt))
+        def proj(kernel, bias):  # [D, N, H] as one [D, N H] product (a bitcast; no transposed copy)
+            kernel = kernel.get_value().astype(dt)
+            out = jnp.dot(h, kernel.reshape(kernel.shape[0], -1)).reshape(*h.shape[:2], *kernel.shape[1:])
             return out if bias is None else out + bias.get_value().astype(dt)
 
         q = apply_rope(proj(self.q_kernel, self.q_bias), positions, c.rope_theta)
@@ -333,7 +342,10 @@ class DecoderLayers(nnx.Module):
         else:
             attn = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
             new_kv = None
-        x = x + jnp.einsum("btnh,nhd->btd", attn, self.o_kernel.get_value().astype(dt)).astype(x.dtype)
+        # [B, T, N H] by [N H, D]: the einsum over (n, h) made XLA:CPU copy the kernel transposed every step.
+        o_kernel = self.o_kernel.get_value().astype(dt)
+        attn = attn.reshape(*attn.shape[:2], -1)
+        x = x + jnp.dot(attn, o_kernel.reshape(-1, o_kernel.shape[-1])).astype(x.dtype)
         h = rms_norm(x, self.post_norm.get_value(), c.rms_norm_eps, dt)
         gate = jnp.einsum("btd,df->btf", h, self.gate_kernel.get_value().astype(dt))
         up = jnp.einsum("btd,df->btf", h, self.up_kernel.get_value().astype(dt))
