@@ -317,9 +317,17 @@ class DecoderLayers(nnx.Module):
         """
         c, dt = self.config, self.config.compute_dtype
         h = rms_norm(x, self.input_norm.get_value(), c.rms_norm_eps, dt)
-        def proj(kernel, bias):  # [D, N, H] as one [D, N H] product (a bitcast; no transposed copy)
+        # With a cache (the sampler), the projections are 2-D products over [D, N H] and [N H, D] (bitcasts
+        # of the kernels): the einsums over (n, h) made XLA:CPU copy o_kernel transposed every decode step.
+        # Training keeps the einsums, so its numbers keep their bits.
+        flat = kv is not None
+
+        def proj(kernel, bias):
             kernel = kernel.get_value().astype(dt)
-            out = jnp.dot(h, kernel.reshape(kernel.shape[0], -1)).reshape(*h.shape[:2], *kernel.shape[1:])
+            if flat:
+                out = jnp.dot(h, kernel.reshape(kernel.shape[0], -1)).reshape(*h.shape[:2], *kernel.shape[1:])
+            else:
+                out = jnp.einsum("btd,dnh->btnh", h, kernel)
             return out if bias is None else out + bias.get_value().astype(dt)
 
         q = apply_rope(proj(self.q_kernel, self.q_bias), positions, c.rope_theta)
@@ -342,10 +350,12 @@ class DecoderLayers(nnx.Module):
         else:
             attn = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
             new_kv = None
-        # [B, T, N H] by [N H, D]: the einsum over (n, h) made XLA:CPU copy the kernel transposed every step.
         o_kernel = self.o_kernel.get_value().astype(dt)
-        attn = attn.reshape(*attn.shape[:2], -1)
-        x = x + jnp.dot(attn, o_kernel.reshape(-1, o_kernel.shape[-1])).astype(x.dtype)
+        if flat:
+            out = jnp.dot(attn.reshape(*attn.shape[:2], -1), o_kernel.reshape(-1, o_kernel.shape[-1]))
+        else:
+            out = jnp.einsum("btnh,nhd->btd", attn, o_kernel)
+        x = x + out.astype(x.dtype)
         h = rms_norm(x, self.post_norm.get_value(), c.rms_norm_eps, dt)
         gate = jnp.einsum("btd,df->btf", h, self.gate_kernel.get_value().astype(dt))
         up = jnp.einsum("btd,df->btf", h, self.up_kernel.get_value().astype(dt))
