@@ -6,8 +6,8 @@ a third of the step. The kernel streams each block once for all of a row's query
 prompt once for its n samples), so the step reads the cache about as fast as memory allows.
 
 It is compiled from its C++ source on first use with the machine's C++ compiler (`c++`, `g++` or
-`$CXX`) against jaxlib's FFI headers, cached under `$PRIME_KERNEL_CACHE` (default
-`~/.cache/prime_jax/kernels`), and used only when the program runs on one CPU device (no mesh, or a mesh of one). Without a
+`$CXX`) against jaxlib's FFI headers, cached under the project's cache (`~/.cache/prime_jax/kernels`;
+`$PRIME_JAX_CACHE` moves it), and used only when the program runs on one CPU device (no mesh, or a mesh of one). Without a
 compiler, or with `PRIME_CPU_ATTENTION=0`, `qwen2.decode_attention` keeps its XLA path, which is
 also the reference the tests compare the kernel with (equal to float rounding).
 """
@@ -49,7 +49,11 @@ def _compiler() -> str | None:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("PRIME_KERNEL_CACHE") or Path.home() / ".cache" / "prime_jax" / "kernels")
+    """`kernels/` in the project's cache (as `models/gguf_io.cache_root`: `$PRIME_JAX_CACHE`, else
+    `$XDG_CACHE_HOME/prime_jax`, else `~/.cache/prime_jax`)."""
+    if os.environ.get("PRIME_JAX_CACHE"):
+        return Path(os.environ["PRIME_JAX_CACHE"]).expanduser() / "kernels"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "prime_jax" / "kernels"
 
 
 def build(compiler: str, cache_dir: Path) -> Path:
