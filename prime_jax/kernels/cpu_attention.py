@@ -7,9 +7,9 @@ prompt once for its n samples), so the step reads the cache about as fast as mem
 
 It is compiled from its C++ source on first use with the machine's C++ compiler (`c++`, `g++` or
 `$CXX`) against jaxlib's FFI headers, cached under the project's cache (`~/.cache/prime_jax/kernels`;
-`$PRIME_JAX_CACHE` moves it), and used only when the program runs on one CPU device (no mesh, or a mesh of one). Without a
-compiler, or with `PRIME_CPU_ATTENTION=0`, `qwen2.decode_attention` keeps its XLA path, which is
-also the reference the tests compare the kernel with (equal to float rounding).
+`$PRIME_JAX_CACHE` moves it), and used only when the program runs on one CPU device (no mesh, or a
+mesh of one). Without a compiler, or with `PRIME_CPU_ATTENTION=0`, `qwen2.decode_attention` keeps
+its XLA path, which is also the reference the tests compare the kernel with (equal to float rounding).
 """
 
 from __future__ import annotations
@@ -128,13 +128,11 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_blocks,
     if prefix is None:  # no prefix: empty arrays (P = 0)
         prefix = (jnp.zeros((0, kv_heads, head_size, 1), q.dtype), jnp.zeros((0, kv_heads, 1, head_size), q.dtype),
                   jnp.zeros((0, 1), bool))
-    blocks = len(k_blocks)
-    first_block = 9  # index of the first key block among the operands
-    outputs = [jax.ShapeDtypeStruct(q.shape, jnp.float32)]
-    outputs += [jax.ShapeDtypeStruct(b.shape, b.dtype) for b in (*k_blocks, *v_blocks)]
-    call = jax.ffi.ffi_call(TARGET, outputs, input_output_aliases={first_block + i: 1 + i for i in range(2 * blocks)})
-    attention, *new_blocks = call(
-        q, k_new.astype(q.dtype), v_new.astype(q.dtype), columns.astype(jnp.int32), valid.astype(bool),
-        jnp.asarray(num_columns, jnp.int32).reshape(1), prefix[0], prefix[1], prefix[2].astype(bool),
-        *k_blocks, *v_blocks)
-    return attention, tuple(new_blocks[:blocks]), tuple(new_blocks[blocks:])
+    blocks = (*k_blocks, *v_blocks)
+    operands = (q, k_new.astype(q.dtype), v_new.astype(q.dtype), columns.astype(jnp.int32), valid.astype(bool),
+                jnp.asarray(num_columns, jnp.int32).reshape(1), prefix[0], prefix[1], prefix[2].astype(bool))
+    outputs = [jax.ShapeDtypeStruct(q.shape, jnp.float32), *(jax.ShapeDtypeStruct(b.shape, b.dtype) for b in blocks)]
+    # Block i among the operands is output 1 + i: written in place.
+    aliases = {len(operands) + i: 1 + i for i in range(len(blocks))}
+    attention, *new_blocks = jax.ffi.ffi_call(TARGET, outputs, input_output_aliases=aliases)(*operands, *blocks)
+    return attention, tuple(new_blocks[:len(k_blocks)]), tuple(new_blocks[len(k_blocks):])

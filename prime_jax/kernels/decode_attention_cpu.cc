@@ -194,8 +194,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       std::memcpy(v_blocks[j], v_in->untyped_data(), v_in->size_bytes());
   }
   const int64_t rows_per_group = num_prefixes > 0 ? batch / num_prefixes : 1;
-  if (group * rows_per_group > kMaxQueries || block > kMaxColumns || prefix_len > kMaxColumns || head > kMaxHead || head % 16 != 0 ||
-      num_blocks * block != capacity || (num_prefixes > 0 && batch % num_prefixes != 0))
+  if (group * rows_per_group > kMaxQueries || block > kMaxColumns || prefix_len > kMaxColumns || head > kMaxHead ||
+      head % 16 != 0 || num_blocks * block != capacity || (num_prefixes > 0 && batch % num_prefixes != 0))
     return ffi::Error::InvalidArgument("decode_attention_cpu: shapes out of the kernel's range");
   const int64_t live_columns = std::min<int64_t>(num_columns.typed_data()[0], capacity);
   const float* q_data = q.typed_data();
@@ -236,16 +236,16 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
         for (int64_t h = 0; h < head; ++h) kb[h * block + local] = kn[h];
         std::memcpy(vb, vn, head * sizeof(float));
       }
-      const int64_t row_end = live_columns;  // columns past the row's own are masked by `valid`, as in XLA's path
-      // The row's own columns, block by block, on its G query rows of the stats.
+      // The row's own columns, block by block up to `num_columns` (columns past the row's own are masked
+      // by `valid`, as in XLA's path), on its G query rows of the stats.
       static thread_local Stats local_stats;
       for (int g = 0; g < group; ++g) {
         local_stats.max[g] = stats.max[r * group + g];
         local_stats.sum[g] = stats.sum[r * group + g];
         std::copy(stats.acc[r * group + g], stats.acc[r * group + g] + head, local_stats.acc[g]);
       }
-      for (int64_t j = 0; j * block < row_end; ++j) {
-        const int width = static_cast<int>(std::min<int64_t>(block, row_end - j * block));
+      for (int64_t j = 0; j * block < live_columns; ++j) {
+        const int width = static_cast<int>(std::min<int64_t>(block, live_columns - j * block));
         attend_chunk(q_rows + r * group, static_cast<int>(group), k_blocks[j] + (b * kv_heads + kv) * head * block,
                      block, v_blocks[j] + (b * kv_heads + kv) * block * head,
                      valid_data + b * capacity + j * block, width, static_cast<int>(head), local_stats);

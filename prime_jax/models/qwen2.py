@@ -176,13 +176,13 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_blocks,
     kv_heads, block = k_blocks[0].shape[1], k_blocks[0].shape[3]
     q = q.reshape(batch, kv_heads, heads // kv_heads, head_size)
     rows = jnp.arange(batch)
-    # A power-of-two scale (head size 64: 1/8) is exact on q, so it is applied once to q instead of
-    # to every block's scores (one pass over the scores less per block and layer, same bits).
-    exact = math.frexp(scale)[0] == 0.5
     if cpu_attention.applies(q, k_blocks, prefix):  # one CPU device: the hand-written kernel
         attention, k_blocks, v_blocks = cpu_attention.decode_attention(
             q * jnp.asarray(scale, q.dtype), k_new, v_new, k_blocks, v_blocks, columns, valid, num_columns, prefix)
         return attention.astype(q.dtype).reshape(batch, heads, head_size), k_blocks, v_blocks
+    # A power-of-two scale (head size 64: 1/8) is exact on q, so it is applied once to q instead of
+    # to every block's scores (one pass over the scores less per block and layer, same bits).
+    exact = math.frexp(scale)[0] == 0.5
     q, score_scale = (q * jnp.asarray(scale, q.dtype), None) if exact else (q, scale)
 
     def softmax_part(q, k, v, mask, running_max):  # (max, sum, values) of one block, float32
