@@ -132,12 +132,17 @@ void attend_chunk(const float* const* q, int queries, const float* k, int64_t ld
   else if (qt == 3) products<3>(q, queries, k, ld_k, head, padded, scores, ld_s);
   else if (qt == 2) products<2>(q, queries, k, ld_k, head, padded, scores, ld_s);
   else products<1>(q, queries, k, ld_k, head, padded, scores, ld_s);
+  // live[] as floats (1 or 0): loops that test a bool per column do not vectorize (GCC has no vector
+  // type for it beside floats), and the softmax below ran scalar.
+  alignas(64) static thread_local float keep[kMaxColumns];
+  const unsigned char* live_bytes = reinterpret_cast<const unsigned char*>(live);
+  for (int c = 0; c < columns; ++c) keep[c] = static_cast<float>(live_bytes[c] != 0);
   bool any = false;
   for (int i = 0; i < queries; ++i) {
     float* row = scores + i * ld_s;
     float chunk_max = -INFINITY;
 #pragma omp simd reduction(max : chunk_max)
-    for (int c = 0; c < columns; ++c) chunk_max = std::max(chunk_max, live[c] ? row[c] : -INFINITY);
+    for (int c = 0; c < columns; ++c) chunk_max = std::max(chunk_max, keep[c] != 0.0f ? row[c] : -INFINITY);
     if (chunk_max == -INFINITY) {  // nothing live here: the stats stay as they are
       for (int c = 0; c < columns; ++c) row[c] = 0.0f;
       continue;
@@ -147,7 +152,7 @@ void attend_chunk(const float* const* q, int queries, const float* k, int64_t ld
     float total = 0.0f;
 #pragma omp simd reduction(+ : total)
     for (int c = 0; c < columns; ++c) {
-      const float p = live[c] ? exp_nonpositive(row[c] - new_max) : 0.0f;
+      const float p = keep[c] != 0.0f ? exp_nonpositive(row[c] - new_max) : 0.0f;
       row[c] = p;
       total += p;
     }
