@@ -95,7 +95,7 @@ def available() -> bool:
     return True
 
 
-def _one_device() -> bool:
+def one_device() -> bool:
     """Whether the program being traced runs on one device: under a mesh (`parallel.under_mesh`, as
     the sampler and trainer trace), a mesh of one; without one, plain `jit` on one device's arrays.
     A custom call has no sharding rule, so on a larger mesh the XLA path (which GSPMD splits) runs."""
@@ -104,12 +104,12 @@ def _one_device() -> bool:
 
 
 def applies(q: jax.Array, k_blocks, prefix) -> bool:
-    """Whether `decode_attention` can run this call: enabled, on CPU, one device (`_one_device`),
+    """Whether `decode_attention` can run this call: enabled, on CPU, one device (`one_device`),
     float32, shapes within the kernel's limits, and the kernel built."""
     kv_heads, head_size, block = k_blocks[0].shape[1:]
     rows_per_prefix = q.shape[0] // prefix[0].shape[0] if prefix is not None else 1
     arrays = (q, *k_blocks) + (tuple(prefix[:2]) if prefix is not None else ())
-    return (enabled() and jax.default_backend() == "cpu" and _one_device()
+    return (enabled() and jax.default_backend() == "cpu" and one_device()
             and all(a.dtype == jnp.float32 for a in arrays)
             and head_size % 16 == 0 and head_size <= MAX_HEAD and block <= MAX_COLUMNS
             and (prefix is None or prefix[0].shape[3] <= MAX_COLUMNS)

@@ -440,9 +440,13 @@ class Qwen2ForCausalLM(nnx.Module):
             return rms_norm(x, self.final_norm.get_value(), c.rms_norm_eps, dt), None
 
         layer_params = self.layer_params() if layer_params is None else layer_params
-        # The angles' cos and sin once for all layers, in buffers: left to fusion, XLA:CPU recomputed
-        # them inside every layer's rotation, for every head (12 ms of a 270-ms SmolLM2 decode step).
-        rope = jax.lax.optimization_barrier(rope_tables(positions, c.head_size, c.rope_theta))
+        rope = rope_tables(positions, c.head_size, c.rope_theta)
+        if jax.default_backend() == "cpu" and cpu_attention.one_device():
+            # XLA:CPU fuses cos and sin into every layer's rotation and computes them there for every head
+            # (12 ms of a 250-ms SmolLM2 decode step; an optimization barrier is removed before fusion).
+            # A conditional's result is a buffer: computed once here, the same bits.
+            rope = jax.lax.cond(positions[0, 0] >= 0, lambda tables: tables,
+                                lambda tables: jax.tree.map(jnp.zeros_like, tables), rope)
         new_k, new_v = [], []
         for layer, (params, k_blocks, v_blocks) in enumerate(zip(layer_params, cache.k, cache.v)):
             if decode is not None and prefix is not None:  # a prefix is one block a layer
