@@ -12,13 +12,11 @@ import jax
 import jax.numpy as jnp
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "vocab_major"))
-def chunked_token_logprobs(hidden, output_kernel, targets, temperature=1.0, chunk_size: int = 128,
-                           vocab_major: bool = False):
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def chunked_token_logprobs(hidden, output_kernel, targets, temperature=1.0, chunk_size: int = 128):
     """log softmax(hidden @ output_kernel / temperature)[targets], chunk by chunk over the sequence.
 
-    hidden `[B, T, D]`, output_kernel `[D, V]` (`[V, D]` with `vocab_major`: a tied embedding as it
-    is stored, which spares a transposed copy of it), targets `[B, T]` int -> `[B, T]` float32.
+    hidden `[B, T, D]`, output_kernel `[D, V]`, targets `[B, T]` int -> `[B, T]` float32.
     Each chunk's logits `[B, chunk, V]` are recomputed in the backward pass (jax.checkpoint), so
     neither direction holds more than one chunk of logits.
     """
@@ -33,8 +31,7 @@ def chunked_token_logprobs(hidden, output_kernel, targets, temperature=1.0, chun
 
     @jax.checkpoint
     def one_chunk(hidden_chunk, target_chunk):
-        logits = jnp.einsum("btd,vd->btv" if vocab_major else "btd,dv->btv", hidden_chunk, output_kernel,
-                            preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btd,dv->btv", hidden_chunk, output_kernel, preferred_element_type=jnp.float32)
         logits = logits / temperature
         target_logits = jnp.take_along_axis(logits, target_chunk[..., None], axis=-1)[..., 0]
         return target_logits - jax.nn.logsumexp(logits, axis=-1)
@@ -66,8 +63,4 @@ def response_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mas
     prompt_len = prompt_ids.shape[1]
     # The hidden state at position i predicts token i + 1.
     predicting = hidden[:, prompt_len - 1 : -1]
-    if model.config.tie_word_embeddings:  # the embedding as stored: its transpose was copied (113 MB at SmolLM2)
-        kernel, vocab_major = model.embed_tokens.get_value().astype(model.config.compute_dtype), True
-    else:
-        kernel, vocab_major = model.output_kernel(), False
-    return chunked_token_logprobs(predicting, kernel, response_ids, temperature, chunk_size, vocab_major=vocab_major)
+    return chunked_token_logprobs(predicting, model.output_kernel(), response_ids, temperature, chunk_size)
