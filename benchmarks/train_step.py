@@ -87,6 +87,7 @@ def main():
     p.add_argument("--micro-batches", type=int, default=1)
     p.add_argument("--dtype", default=None, help="compute dtype (default: float32 on CPU, else bfloat16)")
     p.add_argument("--remat", default="none")
+    p.add_argument("--fused-mlp", type=int, default=1, help="gate and up as one product (model.fused_mlp): 1 or 0")
     p.add_argument("--chunk-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--matmul-size", type=int, default=2048)
@@ -98,11 +99,13 @@ def main():
     backend = jax.default_backend()
     dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
     if args.model:
-        config = load_config(args.model, dtype=dtype, param_dtype="float32", remat=args.remat)
+        config = load_config(args.model, dtype=dtype, param_dtype="float32", remat=args.remat,
+                             fused_mlp=bool(args.fused_mlp))
     else:
         config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                              num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                             num_key_value_heads=args.kv_heads, dtype=dtype, param_dtype="float32", remat=args.remat)
+                             num_key_value_heads=args.kv_heads, dtype=dtype, param_dtype="float32", remat=args.remat,
+                             fused_mlp=bool(args.fused_mlp))
     mesh = make_mesh(data=-1)
     model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(0))
     optimizer = policy_optimizer()
@@ -152,6 +155,7 @@ def main():
         "params": config.num_params(),
         "dtype": dtype,
         "remat": args.remat,
+        "fused_mlp": bool(args.fused_mlp),
         "batch": f"B={args.batch} P={args.prompt_len} R={args.response_len} micro_batches={args.micro_batches}",
         "compile_s": round(compile_s, 2),
         "step_s_median": round(step_s, 4),

@@ -37,6 +37,7 @@ def test_smollm2_config_validates_as_shipped_and_in_its_presets():
             "smollm2-135m-instruct", "step_by_step", 0.05, 4)
         assert (config.algo.prm_loss, config.algo.prm_update, config.algo.prm_ref) == ("ce", "after", "freeze")
         assert (config.algo.filter_low, config.algo.filter_high) == (0.2, 0.8)
+        assert config.model.fused_mlp  # gate and up as one product: the faster backward on CPU
     with pytest.raises(ValueError, match="'gpu' or 'full'"):
         config_module("smollm2_135m").get_config("tpu")
 
@@ -97,3 +98,13 @@ def test_smollm2_config_runs_a_step_on_a_cut_down_llama_with_the_real_tokenizer(
     same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), jax.device_get(reused),
                         jax.device_get(trainer.ref_params))
     assert all(jax.tree.leaves(same))
+
+
+def test_model_fused_mlp_reaches_the_model_config():
+    from prime_jax.config import base_config
+    from prime_jax.train.builder import model_config
+
+    config = base_config()
+    assert not model_config(config.model, vocab_size=64).fused_mlp  # the default keeps the demo's numbers
+    config.model.fused_mlp = True
+    assert model_config(config.model, vocab_size=64).fused_mlp

@@ -42,7 +42,7 @@ def model_type_of(hf: dict[str, Any]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
-    """Shapes of a Qwen2/Qwen2.5 or Llama-family decoder plus how to run it (dtypes, remat).
+    """Shapes of a Qwen2/Qwen2.5 or Llama-family decoder plus how to run it (dtypes, remat, fused_mlp).
 
     `model_type` picks the architecture ("qwen2" or "llama", `ARCHITECTURES`); the one structural
     difference, q/k/v biases, is `attention_bias` (None: the type's own, on for Qwen2, off for Llama).
@@ -70,6 +70,10 @@ class Qwen2Config:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # master copy of the weights
     remat: str = "none"  # per-layer rematerialisation: none | full | dots | dots_no_batch
+    # Gate and up projections as one product over the two kernels stacked [D, 2, F] (same weights and
+    # checkpoints): on CPU the backward pass of two products wrote their gradients transposed (about a
+    # tenth of a train step at SmolLM2's shape). Moves training numbers by float rounding.
+    fused_mlp: bool = False
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:

@@ -142,7 +142,7 @@ def load_config(path_or_repo_id, **overrides) -> Qwen2Config:
 
 
 def from_pretrained(path_or_repo_id, *, dtype: str | None = None, param_dtype: str | None = None,
-                    mesh=None, remat: str | None = None) -> Qwen2ForCausalLM:
+                    mesh=None, remat: str | None = None, fused_mlp: bool | None = None) -> Qwen2ForCausalLM:
     """Loads a Qwen2 or Llama checkpoint: a local HF folder, a `.gguf` file, a packaged model's short
     name (`prime_jax.models.packaged`, e.g. "smollm2-135m-instruct") or a Hugging Face hub id.
 
@@ -151,6 +151,8 @@ def from_pretrained(path_or_repo_id, *, dtype: str | None = None, param_dtype: s
     """
     folder = _resolve(path_or_repo_id)
     overrides = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype, remat=remat).items() if v}
+    if fused_mlp is not None:
+        overrides["fused_mlp"] = fused_mlp
     config = load_config(folder, **overrides)
     reader = _CheckpointReader(folder)
     abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0)))

@@ -99,7 +99,8 @@ def model_config(model: Mapping[str, Any], vocab_size: int = 0, *, download: boo
     config.json, else the shape fields ("random"). vocab_size: the tokenizer's size, used when
     model.vocab_size is 0. download=False (the plan) reads only a local config.json or GGUF's
     metadata (a packaged model is fetched: it is small) and falls back to the shape fields for a hub id."""
-    run = dict(dtype=model["dtype"], param_dtype=model["param_dtype"], remat=model["remat"])
+    run = dict(dtype=model["dtype"], param_dtype=model["param_dtype"], remat=model["remat"],
+               fused_mlp=model["fused_mlp"])
     path = model["path"]
     if path != RANDOM_MODEL:
         if is_model_file_or_name(path) and not download:  # the GGUF's metadata: no conversion
@@ -180,7 +181,7 @@ class RunBuilder:
         path = path or m["path"]
         if path != RANDOM_MODEL:
             return from_pretrained(path, dtype=m["dtype"], param_dtype=m["param_dtype"], mesh=self.mesh,
-                                   remat=m["remat"])
+                                   remat=m["remat"], fused_mlp=m["fused_mlp"])
         return random_model(self.model_config(vocab_size), self.mesh, self.config.seed if seed is None else seed)
 
     def tokenizer(self, layout: RunLayout, is_main: bool = True):
