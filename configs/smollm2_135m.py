@@ -67,7 +67,7 @@ def get_config(size: str | None = None):
     m.dtype = "float32"  # DEPARTURE (paper: bf16 compute): XLA:CPU runs float32 faster than bfloat16
     m.param_dtype = "float32"
     m.remat = "none"  # 135M parameters: activations fit in memory without recomputation
-    m.fused_mlp = True  # gate and up as one product: the train step's backward runs ~10% faster on CPU
+    m.fused_mlp = True  # gate and up as one product: a train step ~18% shorter on CPU (moves numbers by float rounding)
     m.logprob_chunk = 128
     m.max_position_embeddings = 8192  # SmolLM2's (only used for a random model of this shape)
 
