@@ -7,7 +7,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "prime_jax"
 
 FLOORS = {  # docs/architecture.md's table, the ground floor first
-    1: ("algo", "parallel", "rewards", "data", "kernels"),
+    1: ("algo", "parallel", "rewards", "data", "kernels", "cache"),
     2: ("models",),
     3: ("sampling", "config"),
     4: ("config_fields", "train"),

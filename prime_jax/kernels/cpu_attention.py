@@ -27,6 +27,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from prime_jax.cache import cache_root
+
 SOURCE = Path(__file__).with_name("decode_attention_cpu.cc")
 TARGET = "prime_decode_attention"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp-simd", "-shared", "-fPIC", "-w")
@@ -46,14 +48,6 @@ def _compiler() -> str | None:
         if name and shutil.which(name):
             return shutil.which(name)
     return None
-
-
-def _cache_dir() -> Path:
-    """`kernels/` in the project's cache (as `models/gguf_io.cache_root`: `$PRIME_JAX_CACHE`, else
-    `$XDG_CACHE_HOME/prime_jax`, else `~/.cache/prime_jax`)."""
-    if os.environ.get("PRIME_JAX_CACHE"):
-        return Path(os.environ["PRIME_JAX_CACHE"]).expanduser() / "kernels"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "prime_jax" / "kernels"
 
 
 def build(compiler: str, cache_dir: Path) -> Path:
@@ -87,7 +81,7 @@ def available() -> bool:
         log.info("no C++ compiler: the decode attention runs as XLA ops")
         return False
     try:
-        library = ctypes.cdll.LoadLibrary(str(build(compiler, _cache_dir())))
+        library = ctypes.cdll.LoadLibrary(str(build(compiler, cache_root() / "kernels")))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.PrimeDecodeAttention), platform="cpu")
     except (OSError, RuntimeError) as error:
         log.warning("the CPU decode-attention kernel did not build; XLA ops instead: %s", error)

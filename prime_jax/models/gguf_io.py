@@ -15,7 +15,8 @@ plan, export) then reads an ordinary HF folder, and the second load skips the co
 
 Weights are stored in float32 (a dequantized block is exact in float32, not in 16 bits; F16 and
 BF16 tensors keep their dtype), so a converted model takes 4 bytes per parameter on disk.
-The cache is `$PRIME_JAX_CACHE`, else `$XDG_CACHE_HOME/prime_jax`, else `~/.cache/prime_jax`.
+The cache is `prime_jax.cache.cache_root()`: `$PRIME_JAX_CACHE`, else `$XDG_CACHE_HOME/prime_jax`, else
+`~/.cache/prime_jax`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from prime_jax.cache import cache_root
 from prime_jax.models.config import Qwen2Config, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -63,14 +65,6 @@ _PER_LAYER = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-
-
-def cache_root() -> Path:
-    """Where prime-jax keeps fetched and converted models (see the module docstring)."""
-    if os.environ.get("PRIME_JAX_CACHE"):
-        return Path(os.environ["PRIME_JAX_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "prime_jax"
 
 
 def is_gguf_file(path: str | os.PathLike) -> bool:

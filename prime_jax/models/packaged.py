@@ -23,6 +23,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from prime_jax.cache import cache_root
 from prime_jax.models import gguf_io
 from prime_jax.models.config import UnsupportedModelError
 
@@ -74,7 +75,7 @@ def _sha256(path: Path) -> str:
 
 def packaged_path(name: str, cache: str | os.PathLike | None = None) -> Path:
     """Where the packaged model `name`'s GGUF file lives once fetched."""
-    root = Path(cache).expanduser() if cache else gguf_io.cache_root()
+    root = Path(cache).expanduser() if cache else cache_root()
     return root / "packages" / PACKAGED_MODELS[name].filename
 
 
